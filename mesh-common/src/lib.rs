@@ -1,0 +1,97 @@
+//! Types shared by the kernel programs (`mesh-ebpf`) and the node daemon (`mesh-node`).
+//!
+//! Every type here is `#[repr(C)]` and plain old data: the kernel and user side read the same
+//! bytes out of BPF maps. Addresses are stored as the kernel hands them to us (network byte
+//! order, as a native `u32`), ports in host byte order.
+#![no_std]
+
+/// Port of the node proxy's outbound listener (captured pod connections land here).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Port of the node proxy's inbound tunnel listener (other node proxies connect here).
+pub const INBOUND_PORT: u16 = 15008;
+/// `SO_MARK` the proxy puts on its own sockets; the capture never redirects a marked socket.
+pub const PROXY_MARK: u32 = 0x539;
+
+/// Index into the `CONFIG` array map.
+pub const CONFIG_INDEX: u32 = 0;
+
+/// Where captured connections are sent. Written by the daemon before it attaches the programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureConfig {
+    /// IPv4 address of the node proxy as seen from pods (network byte order).
+    pub proxy_ip4: u32,
+    /// Outbound listener port (host byte order).
+    pub proxy_port: u16,
+    pub _pad: u16,
+    /// Sockets carrying this mark belong to the proxy and are never captured.
+    pub proxy_mark: u32,
+}
+
+/// Value of the `ENROLLED` map, keyed by the cgroup id (inode) of a pod's cgroup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodEntry {
+    /// The pod's IPv4 address (network byte order); informational, for `bpftool map dump`.
+    pub ip4: u32,
+    pub _pad: u32,
+}
+
+/// Value of the `MESH_DESTS` map, keyed by an IPv4 address (network byte order).
+pub const DEST_SERVICE_VIP: u8 = 1;
+pub const DEST_POD_IP: u8 = 2;
+
+/// Where a captured socket was really going. Keyed first by socket cookie (at connect time,
+/// when the source port is not yet known), then by the connection's 4-tuple once established.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Network byte order.
+    pub ip4: u32,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// A TCP connection as the proxy sees it after accept: the pod's address is the source,
+/// the proxy's listener the destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FourTuple {
+    /// Network byte order.
+    pub src_ip4: u32,
+    /// Network byte order.
+    pub dst_ip4: u32,
+    /// Host byte order.
+    pub src_port: u16,
+    /// Host byte order.
+    pub dst_port: u16,
+}
+
+/// Slots of the `COUNTERS` per-CPU array.
+pub mod counter {
+    /// Connects redirected to the node proxy.
+    pub const CAPTURED: u32 = 0;
+    /// Connects from enrolled pods to destinations outside the mesh, left alone.
+    pub const PASSED: u32 = 1;
+    /// Connects the capture wanted to redirect but could not (map full, missing config).
+    pub const ERRORS: u32 = 2;
+    /// Connects made by the proxy itself (marked sockets), never redirected.
+    pub const PROXY_SKIPPED: u32 = 3;
+    /// Connects from cgroups that are not enrolled pods.
+    pub const NOT_ENROLLED: u32 = 4;
+    /// Established captured connections whose original destination was recorded by 4-tuple.
+    pub const TRACKED: u32 = 5;
+    pub const COUNT: u32 = 6;
+    pub const NAMES: [&str; COUNT as usize] =
+        ["captured", "passed", "errors", "proxy_skipped", "not_enrolled", "tracked"];
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    use super::*;
+    unsafe impl aya::Pod for CaptureConfig {}
+    unsafe impl aya::Pod for PodEntry {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for FourTuple {}
+}

@@ -1,0 +1,2 @@
+#![no_std]
+//! Build-dependency anchor: lets cargo rebuild mesh-node when the eBPF programs change.
