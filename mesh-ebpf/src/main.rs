@@ -1,11 +1,138 @@
+//! Socket-level capture of pod traffic.
+//!
+//! `cgroup/connect4` runs when a process in an enrolled pod calls `connect()`. If the destination
+//! is a mesh address (a Service VIP or a mesh pod IP), the connect is rewritten to the node
+//! proxy's outbound listener and the original destination is remembered under the socket cookie.
+//! The source stays the pod's own address: the pod reaches the proxy through its normal route.
+//!
+//! `sock_ops` runs when that connection is established; by then the source port is known, so
+//! the original destination is re-keyed by the 4-tuple the proxy sees after `accept()`. The
+//! proxy reads it from `ORIG_DST` (and deletes it).
+//!
+//! The proxy's own sockets carry `PROXY_MARK` and are never redirected, so even a proxy placed
+//! under the attach cgroup cannot loop back into itself.
 #![no_std]
 #![no_main]
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+
+use aya_ebpf::{
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, SockOpsContext},
+    EbpfContext,
+};
+use aya_log_ebpf::{debug, warn};
+use mesh_common::{CaptureConfig, FourTuple, OrigDst, PodEntry, counter};
+
+const IPPROTO_TCP: u32 = 6;
+/// Return values of cgroup sock_addr programs: 1 lets the syscall proceed.
+const ALLOW: i32 = 1;
+
+#[map]
+static CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
+
+/// Enrolled pods, keyed by cgroup id. Only their connects are considered for capture.
+#[map]
+static ENROLLED: HashMap<u64, PodEntry> = HashMap::with_max_entries(4096, 0);
+
+/// Mesh destinations (Service VIPs and mesh pod IPs), keyed by IPv4 address.
+#[map]
+static MESH_DESTS: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
+
+/// Original destination by socket cookie, between connect and establishment. LRU so that
+/// connects that never complete do not fill the map.
+#[map]
+static SOCK_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+
+/// Original destination by the 4-tuple the proxy sees; the proxy deletes entries it reads.
+#[map]
+static ORIG_DST: LruHashMap<FourTuple, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[inline(always)]
+fn count(slot: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(slot) {
+        // Per-CPU slot: no other writer can race with us.
+        unsafe { *c += 1 };
+    }
+}
+
 #[cgroup_sock_addr(connect4)]
-pub fn mesh_connect4(_ctx: SockAddrContext) -> i32 { 1 }
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.protocol != IPPROTO_TCP {
+        return ALLOW;
+    }
+    let sk: *mut bpf_sock = unsafe { sa.__bindgen_anon_1.sk };
+    let Some(cfg) = CONFIG.get(mesh_common::CONFIG_INDEX) else {
+        count(counter::ERRORS);
+        return ALLOW;
+    };
+    if !sk.is_null() && unsafe { (*sk).mark } == cfg.proxy_mark {
+        count(counter::PROXY_SKIPPED);
+        return ALLOW;
+    }
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    if unsafe { ENROLLED.get(&cgroup) }.is_none() {
+        count(counter::NOT_ENROLLED);
+        return ALLOW;
+    }
+    let dst_ip = sa.user_ip4;
+    if unsafe { MESH_DESTS.get(&dst_ip) }.is_none() {
+        count(counter::PASSED);
+        return ALLOW;
+    }
+    let dst_port = u16::from_be(sa.user_port as u16);
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst { ip4: dst_ip, port: dst_port, _pad: 0 };
+    if SOCK_ORIG.insert(&cookie, &orig, 0).is_err() {
+        count(counter::ERRORS);
+        warn!(&ctx, "capture: cannot record original destination for cookie {}", cookie);
+        return ALLOW;
+    }
+    let sa = unsafe { &mut *ctx.sock_addr };
+    sa.user_ip4 = cfg.proxy_ip4;
+    sa.user_port = u32::from(cfg.proxy_port.to_be());
+    count(counter::CAPTURED);
+    debug!(&ctx, "capture: cgroup {} -> port {} redirected", cgroup, dst_port);
+    ALLOW
+}
+
+#[sock_ops]
+pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || ctx.family() != 2 {
+        return 0;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(orig) = (unsafe { SOCK_ORIG.get(&cookie) }).copied() else {
+        return 0;
+    };
+    // remote_port holds the big-endian port in its upper 16 bits on little-endian hosts.
+    let remote_port = u16::from_be((ctx.remote_port() >> 16) as u16);
+    let key = FourTuple {
+        src_ip4: ctx.local_ip4(),
+        dst_ip4: ctx.remote_ip4(),
+        src_port: ctx.local_port() as u16,
+        dst_port: remote_port,
+    };
+    if ORIG_DST.insert(&key, &orig, 0).is_err() {
+        count(counter::ERRORS);
+    } else {
+        count(counter::TRACKED);
+    }
+    let _ = SOCK_ORIG.remove(&cookie);
+    0
+}
+
 #[cfg(not(test))]
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! { loop {} }
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,1 +1,123 @@
-fn main(){ let _ = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf")); }
+//! `mesh-node`: the node daemon (`run`) and config checker (`validate`).
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use mesh_node::{config::Cluster, daemon};
+
+#[derive(Parser)]
+#[command(name = "mesh-node", version, about = "mesh node daemon: eBPF capture and node proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach the capture to this node's pod cgroup and run the node proxy.
+    Run(RunArgs),
+    /// Check a config directory; prints every problem and exits non-zero if there are any.
+    Validate {
+        /// Directory of Kubernetes-style YAML (Namespaces, Nodes, Pods, Services, Istio policies).
+        dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Config directory, watched for changes.
+    #[arg(long, env = "MESH_CONFIG_DIR")]
+    config: PathBuf,
+    /// This node's name (a v1 Node in the config).
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    /// Parent cgroup of this node's pods (absolute, or relative to the cgroup2 mount).
+    #[arg(long, env = "MESH_CGROUP")]
+    cgroup: PathBuf,
+    /// Address pods are redirected to [default: the node's InternalIP].
+    #[arg(long)]
+    proxy_ip: Option<std::net::IpAddr>,
+    #[arg(long, default_value_t = mesh_common::OUTBOUND_PORT)]
+    outbound_port: u16,
+    #[arg(long, default_value_t = mesh_common::INBOUND_PORT)]
+    inbound_port: u16,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness: SocketAddr,
+    /// Upstream connect timeout, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    connect_timeout_ms: u64,
+    /// Log level of the eBPF programs: off, error, warn, info, debug, trace.
+    #[arg(long, default_value = "warn", value_parser = parse_bpf_level)]
+    bpf_log_level: u8,
+    /// How often the config directory is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    config_poll_ms: u64,
+}
+
+fn parse_bpf_level(s: &str) -> Result<u8, String> {
+    Ok(match s {
+        "off" => 0,
+        "error" => 1,
+        "warn" => 2,
+        "info" => 3,
+        "debug" => 4,
+        "trace" => 5,
+        _ => return Err(format!("{s:?} is not one of off, error, warn, info, debug, trace")),
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Validate { dir } => match Cluster::load_dir(&dir) {
+            Ok(cluster) => {
+                println!(
+                    "{}: ok ({} nodes, {} pods, {} services)",
+                    dir.display(),
+                    cluster.nodes().count(),
+                    cluster.pods().count(),
+                    cluster.services().count()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run(args) => {
+            let opts = daemon::Options {
+                config_dir: args.config,
+                node: args.node,
+                cgroup: args.cgroup,
+                proxy_ip: args.proxy_ip,
+                outbound_port: args.outbound_port,
+                inbound_port: args.inbound_port,
+                admin: args.admin,
+                readiness: args.readiness,
+                connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+                bpf_log_level: args.bpf_log_level,
+                config_poll: Duration::from_millis(args.config_poll_ms),
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("mesh-node: starting the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(daemon::run(opts)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mesh-node: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

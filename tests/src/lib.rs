@@ -1,1 +1,6 @@
+//! The simulated cluster the end-to-end tests, the demo and the benchmark run on.
+pub mod bins;
+pub mod cluster;
+pub mod sys;
 
+pub use cluster::{ClusterSpec, SimCluster};

@@ -1,1 +1,371 @@
-fn main(){}
+//! `mesh-probe`: the client and server processes that run inside simulated pods.
+//!
+//! The server answers a one-line command per connection: `WHO` (its name and the caller's
+//! address), `ECHO` (echo until the client half-closes), `RR <size>` (fixed-size
+//! request/response until EOF) and `SINK` (count bytes until EOF, then report the count).
+use std::{
+    io::{self, BufRead as _, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs as _},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use sha2::{Digest as _, Sha256};
+
+#[derive(Parser)]
+#[command(name = "mesh-probe")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve WHO/ECHO/RR/SINK on a port.
+    Serve {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+    },
+    /// Wait until ADDR accepts connections.
+    Wait {
+        addr: String,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// Ask ADDR who it is, COUNT times on fresh connections; one line per answer.
+    Who {
+        addr: String,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
+    /// One connection attempt; prints {"result": ok|refused|reset|eof|timeout|error, "ms": ..}.
+    Connect {
+        addr: String,
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
+    /// Send BYTES pseudo-random bytes to an ECHO server, half-close, check what comes back.
+    Echo {
+        addr: String,
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// Request/response latency at a fixed rate.
+    Rr {
+        addr: String,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 4)]
+        conns: u64,
+    },
+    /// Bulk throughput to a SINK server.
+    Bulk {
+        addr: String,
+        #[arg(long)]
+        bytes: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Cmd::Serve { name, port } => serve(&name, port),
+        Cmd::Wait { addr, timeout_ms } => wait(&addr, Duration::from_millis(timeout_ms)),
+        Cmd::Who { addr, count, interval_ms, timeout_ms } => who(&addr, count, interval_ms, timeout_ms),
+        Cmd::Connect { addr, timeout_ms } => connect_once(&addr, timeout_ms),
+        Cmd::Echo { addr, bytes } => echo(&addr, bytes),
+        Cmd::Rr { addr, size, rate, seconds, conns } => rr(&addr, size, rate, seconds, conns),
+        Cmd::Bulk { addr, bytes } => bulk(&addr, bytes),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("mesh-probe: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn resolve(addr: &str) -> io::Result<SocketAddr> {
+    addr.to_socket_addrs()?.next().ok_or_else(|| io::Error::other(format!("cannot resolve {addr}")))
+}
+
+fn dial(addr: &str, timeout: Duration) -> io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&resolve(addr)?, timeout)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(timeout))?;
+    Ok(s)
+}
+
+// ---------- server ----------
+
+fn serve(name: &str, port: u16) -> io::Result<bool> {
+    let listener = TcpListener::bind(("0.0.0.0", port))?;
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let name = name.to_string();
+        std::thread::spawn(move || {
+            let _ = handle(conn, &name);
+        });
+    }
+    Ok(true)
+}
+
+fn handle(conn: TcpStream, name: &str) -> io::Result<()> {
+    conn.set_nodelay(true)?;
+    let peer = conn.peer_addr()?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut line = String::new();
+    reader.by_ref().take(128).read_line(&mut line)?;
+    let mut words = line.split_whitespace();
+    let mut out = conn;
+    match words.next() {
+        Some("WHO") => {
+            writeln!(out, "{name} {}", peer.ip())?;
+            out.shutdown(Shutdown::Write)?;
+        }
+        Some("ECHO") => {
+            io::copy(&mut reader, &mut out)?;
+            out.shutdown(Shutdown::Write)?;
+        }
+        Some("RR") => {
+            let size: usize = words.next().and_then(|s| s.parse().ok()).unwrap_or(1024);
+            let mut buf = vec![0u8; size];
+            while reader.read_exact(&mut buf).is_ok() {
+                out.write_all(&buf)?;
+            }
+        }
+        Some("SINK") => {
+            let n = io::copy(&mut reader, &mut io::sink())?;
+            writeln!(out, "{n}")?;
+            out.shutdown(Shutdown::Write)?;
+        }
+        _ => {
+            writeln!(out, "unknown command {line:?}")?;
+        }
+    }
+    Ok(())
+}
+
+// ---------- clients ----------
+
+fn wait(addr: &str, timeout: Duration) -> io::Result<bool> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if TcpStream::connect_timeout(&resolve(addr)?, Duration::from_millis(200)).is_ok() {
+            return Ok(true);
+        }
+        if Instant::now() > deadline {
+            eprintln!("{addr} not accepting after {timeout:?}");
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ask_who(addr: &str, timeout: Duration) -> io::Result<String> {
+    let mut s = dial(addr, timeout)?;
+    s.write_all(b"WHO\n")?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    if answer.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed without an answer"));
+    }
+    Ok(answer.trim().to_string())
+}
+
+fn who(addr: &str, count: u64, interval_ms: u64, timeout_ms: u64) -> io::Result<bool> {
+    let mut ok = true;
+    let stdout = io::stdout();
+    for i in 0..count {
+        let line = match ask_who(addr, Duration::from_millis(timeout_ms)) {
+            Ok(answer) => answer,
+            Err(e) => {
+                ok = false;
+                format!("error {}", classify(&e))
+            }
+        };
+        let mut out = stdout.lock();
+        writeln!(out, "{line}")?;
+        out.flush()?;
+        if interval_ms > 0 && i + 1 < count {
+            std::thread::sleep(Duration::from_millis(interval_ms));
+        }
+    }
+    Ok(ok)
+}
+
+fn classify(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => "refused",
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe => "reset",
+        io::ErrorKind::UnexpectedEof => "eof",
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "timeout",
+        _ if e.raw_os_error() == Some(libc_ehostunreach()) => "unreachable",
+        _ if e.raw_os_error() == Some(libc_enetunreach()) => "unreachable",
+        _ => "error",
+    }
+}
+
+const fn libc_ehostunreach() -> i32 {
+    113
+}
+const fn libc_enetunreach() -> i32 {
+    101
+}
+
+fn connect_once(addr: &str, timeout_ms: u64) -> io::Result<bool> {
+    let start = Instant::now();
+    let (result, answer) = match ask_who(addr, Duration::from_millis(timeout_ms)) {
+        Ok(a) => ("ok", a),
+        Err(e) => (classify(&e), e.to_string()),
+    };
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    println!("{}", serde_json::json!({"result": result, "ms": ms, "answer": answer}));
+    Ok(true)
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so both ends can be checked by hash.
+struct Pattern(u64);
+
+impl Pattern {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            let b = self.0.to_le_bytes();
+            chunk.copy_from_slice(&b[..chunk.len()]);
+        }
+    }
+}
+
+fn echo(addr: &str, bytes: u64) -> io::Result<bool> {
+    let mut s = dial(addr, Duration::from_secs(10))?;
+    s.write_all(b"ECHO\n")?;
+    let mut writer = s.try_clone()?;
+    let sender = std::thread::spawn(move || -> io::Result<String> {
+        let mut pattern = Pattern(0x9E37_79B9_7F4A_7C15);
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            pattern.fill(&mut buf[..n]);
+            hash.update(&buf[..n]);
+            writer.write_all(&buf[..n])?;
+            left -= n as u64;
+        }
+        writer.shutdown(Shutdown::Write)?;
+        Ok(format!("{:x}", hash.finalize()))
+    });
+    let mut hash = Sha256::new();
+    let mut received = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+        received += n as u64;
+    }
+    let sent_sha = sender.join().map_err(|_| io::Error::other("sender panicked"))??;
+    let received_sha = format!("{:x}", hash.finalize());
+    let ok = received == bytes && sent_sha == received_sha;
+    println!(
+        "{}",
+        serde_json::json!({"sent": bytes, "received": received, "sent_sha256": sent_sha, "received_sha256": received_sha, "ok": ok})
+    );
+    Ok(ok)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+fn rr(addr: &str, size: usize, rate: u64, seconds: u64, conns: u64) -> io::Result<bool> {
+    let per_conn_interval = Duration::from_secs_f64(conns as f64 / rate as f64);
+    let total_per_conn = rate * seconds / conns;
+    let mut threads = Vec::new();
+    for c in 0..conns {
+        let addr = addr.to_string();
+        threads.push(std::thread::spawn(move || -> io::Result<(Vec<f64>, u64)> {
+            let mut s = dial(&addr, Duration::from_secs(5))?;
+            s.write_all(format!("RR {size}\n").as_bytes())?;
+            let req = vec![0x5au8; size];
+            let mut resp = vec![0u8; size];
+            let mut lat = Vec::with_capacity(total_per_conn as usize);
+            let mut errors = 0;
+            // Stagger connections so the aggregate rate is smooth.
+            let start = Instant::now() + per_conn_interval.mul_f64(c as f64 / conns as f64);
+            for i in 0..total_per_conn {
+                let due = start + per_conn_interval * i as u32;
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let t = Instant::now();
+                if s.write_all(&req).and_then(|_| s.read_exact(&mut resp)).is_err() {
+                    errors += 1;
+                    break;
+                }
+                lat.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            Ok((lat, errors))
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in threads {
+        let (lat, e) = t.join().map_err(|_| io::Error::other("worker panicked"))??;
+        all.extend(lat);
+        errors += e;
+    }
+    all.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "{}",
+        serde_json::json!({
+            "requests": all.len(), "errors": errors,
+            "p50_us": percentile(&all, 0.50), "p90_us": percentile(&all, 0.90), "p99_us": percentile(&all, 0.99),
+        })
+    );
+    Ok(errors == 0)
+}
+
+fn bulk(addr: &str, bytes: u64) -> io::Result<bool> {
+    let mut s = dial(addr, Duration::from_secs(30))?;
+    s.write_all(b"SINK\n")?;
+    let buf = vec![0xa5u8; 256 * 1024];
+    let start = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    s.shutdown(Shutdown::Write)?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    let secs = start.elapsed().as_secs_f64();
+    let counted: u64 = answer.trim().parse().unwrap_or(0);
+    println!(
+        "{}",
+        serde_json::json!({"bytes": bytes, "counted": counted, "seconds": secs, "mbit_per_s": bytes as f64 * 8.0 / secs / 1e6})
+    );
+    Ok(counted == bytes)
+}

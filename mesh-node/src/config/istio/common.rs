@@ -1,0 +1,209 @@
+//! Model types and field checks shared by the Istio kinds.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use super::raw;
+use crate::config::duration::{check_min_1ms, parse_duration};
+use crate::config::error::Reporter;
+use crate::config::field_path::FieldPath;
+use crate::config::kube::port_number;
+
+/// Istio `StringMatch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    /// RE2 syntax, kept as written (not compiled here).
+    Regex(String),
+    /// `{}` in a header or query-parameter map: the key only has to be present.
+    Present,
+}
+
+impl StringMatch {
+    /// Whether `value` satisfies the match. Regexes are not evaluated here (no
+    /// regex engine in this crate) and never match.
+    pub fn matches(&self, value: &str, ignore_case: bool) -> bool {
+        let eq = |a: &str, b: &str| if ignore_case { a.eq_ignore_ascii_case(b) } else { a == b };
+        match self {
+            StringMatch::Exact(want) => eq(value, want),
+            StringMatch::Prefix(prefix) => value
+                .get(..prefix.len())
+                .is_some_and(|head| eq(head, prefix)),
+            StringMatch::Regex(_) => false,
+            StringMatch::Present => true,
+        }
+    }
+}
+
+/// Where traffic goes: a host (as written), optional subset and port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    /// As written; resolve with `Cluster::service_by_host(host, vs.namespace)`.
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: Option<u16>,
+}
+
+pub(crate) fn destination(r: &mut Reporter<'_>, path: &FieldPath, d: &raw::Destination) -> Destination {
+    if d.host.trim().is_empty() {
+        r.at(&path.key("host"), "is required");
+    }
+    if let Some(subset) = &d.subset
+        && !is_dns_label(subset)
+    {
+        r.at(&path.key("subset"), format!("{subset:?} is not a valid subset name (DNS-1123 label)"));
+    }
+    Destination {
+        host: d.host.clone(),
+        subset: d.subset.clone(),
+        port: d.port.and_then(|p| port(r, &path.key("port").key("number"), p.number)),
+    }
+}
+
+pub(crate) fn string_match(
+    r: &mut Reporter<'_>,
+    path: &FieldPath,
+    m: &raw::StringMatch,
+    allow_presence: bool,
+) -> Option<StringMatch> {
+    let set: Vec<StringMatch> = [
+        m.exact.clone().map(StringMatch::Exact),
+        m.prefix.clone().map(StringMatch::Prefix),
+        m.regex.clone().map(StringMatch::Regex),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    match set.len() {
+        0 if allow_presence => Some(StringMatch::Present),
+        0 => {
+            r.at(path, "one of exact, prefix or regex is required");
+            None
+        }
+        1 => {
+            if let Some(StringMatch::Regex(re)) = set.first()
+                && re.is_empty()
+            {
+                r.at(&path.key("regex"), "must not be empty");
+            }
+            set.into_iter().next()
+        }
+        _ => {
+            r.at(path, "only one of exact, prefix or regex may be set");
+            None
+        }
+    }
+}
+
+/// A duration field that Istio requires to be at least 1ms.
+pub(crate) fn duration(r: &mut Reporter<'_>, path: &FieldPath, text: Option<&String>) -> Option<Duration> {
+    let text = text?;
+    match parse_duration(text).and_then(|d| check_min_1ms(text, d)) {
+        Ok(d) => Some(d),
+        Err(message) => {
+            r.at(path, message);
+            None
+        }
+    }
+}
+
+/// An integer field limited to `lo..=hi` (Istio's int32 fields are non-negative).
+pub(crate) fn int_in(r: &mut Reporter<'_>, path: &FieldPath, value: Option<i64>, lo: i64, hi: i64) -> Option<u32> {
+    let v = value?;
+    if v < lo || v > hi {
+        r.at(path, format!("{v} is out of range ({lo}-{hi})"));
+        return None;
+    }
+    u32::try_from(v).ok()
+}
+
+pub(crate) const INT32_MAX: i64 = i32::MAX as i64;
+
+pub(crate) fn non_negative(r: &mut Reporter<'_>, path: &FieldPath, value: Option<i64>) -> Option<u32> {
+    int_in(r, path, value, 0, INT32_MAX)
+}
+
+pub(crate) fn port(r: &mut Reporter<'_>, path: &FieldPath, value: i64) -> Option<u16> {
+    let p = port_number(value);
+    if p.is_none() {
+        r.at(path, format!("{value} is not a valid port (1-65535)"));
+    }
+    p
+}
+
+pub(crate) fn percent(r: &mut Reporter<'_>, path: &FieldPath, value: Option<raw::Percent>) -> Option<f64> {
+    let v = value?.value;
+    if !(0.0..=100.0).contains(&v) {
+        r.at(&path.key("value"), format!("{v} is out of range (0-100)"));
+        return None;
+    }
+    Some(v)
+}
+
+/// `exportTo`: `.` (this namespace), `*` (all), `~` (none) or namespace names.
+pub(crate) fn export_to(r: &mut Reporter<'_>, path: &FieldPath, entries: &[String]) -> Vec<String> {
+    for (i, entry) in entries.iter().enumerate() {
+        if !(matches!(entry.as_str(), "." | "*" | "~") || is_dns_label(entry)) {
+            r.at(&path.index(i), format!("{entry:?} is not ., *, ~ or a namespace name"));
+        }
+    }
+    entries.to_vec()
+}
+
+/// Whether an object exported with `export_to` from `owner_namespace` is visible in `namespace`.
+pub(crate) fn exported_to(export_to: &[String], owner_namespace: &str, namespace: &str) -> bool {
+    export_to.is_empty()
+        || export_to
+            .iter()
+            .any(|e| e == "*" || (e == "." && owner_namespace == namespace) || e == namespace)
+}
+
+/// RFC 1123 label: what Kubernetes requires of namespace names and Istio of subset names.
+pub(crate) fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// `10.0.0.0/8`, `fd00::/8` or a bare IP.
+pub(crate) fn is_cidr(s: &str) -> bool {
+    let (addr, prefix) = match s.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (s, None),
+    };
+    let Ok(ip) = addr.parse::<IpAddr>() else { return false };
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    prefix.is_none_or(|p| p.parse::<u8>().is_ok_and(|n| n <= max))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_and_labels() {
+        assert!(is_cidr("10.0.0.0/8"));
+        assert!(is_cidr("10.1.2.3"));
+        assert!(is_cidr("fd00::/8"));
+        assert!(!is_cidr("10.0.0.0/33"));
+        assert!(!is_cidr("ten/8"));
+        assert!(is_dns_label("v1"));
+        assert!(!is_dns_label("V1"));
+        assert!(!is_dns_label("-v1"));
+        assert!(!is_dns_label(""));
+    }
+
+    #[test]
+    fn string_match_semantics() {
+        assert!(StringMatch::Prefix("/api".into()).matches("/api/x", false));
+        assert!(StringMatch::Prefix("/API".into()).matches("/api/x", true));
+        assert!(!StringMatch::Exact("canary".into()).matches("Canary", false));
+        assert!(StringMatch::Present.matches("", false));
+        assert!(exported_to(&[], "a", "b"));
+        assert!(exported_to(&[".".into()], "a", "a"));
+        assert!(!exported_to(&[".".into()], "a", "b"));
+    }
+}

@@ -1,0 +1,270 @@
+//! Converts the k8s-openapi core kinds into the compact model, reporting
+//! every missing or malformed field the mesh depends on.
+
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1 as k8s;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::error::Reporter;
+use super::field_path::FieldPath;
+use super::model::{Namespace, Node, Pod, Service, ServicePort, TargetPort};
+
+/// Name and namespace as already established by the loader.
+pub(crate) struct Ident<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+}
+
+pub(crate) fn namespace(ns: k8s::Namespace, id: &Ident<'_>) -> Namespace {
+    Namespace { name: id.name.to_string(), labels: ns.metadata.labels.unwrap_or_default() }
+}
+
+pub(crate) fn node(node: k8s::Node, id: &Ident<'_>, r: &mut Reporter<'_>) -> Option<Node> {
+    let path = FieldPath::of(&["status", "addresses"]);
+    let addresses = node.status.and_then(|s| s.addresses).unwrap_or_default();
+    let Some((index, internal)) = addresses.iter().enumerate().find(|(_, a)| a.type_ == "InternalIP") else {
+        r.at(&path, "no InternalIP address (required for every node)");
+        return None;
+    };
+    let ip = parse_ip(&internal.address, &path.index(index).key("address"), r)?;
+    Some(Node { name: id.name.to_string(), ip })
+}
+
+pub(crate) fn pod(pod: k8s::Pod, id: &Ident<'_>, r: &mut Reporter<'_>) -> Option<Pod> {
+    let spec = pod.spec.unwrap_or_default();
+    let status = pod.status.unwrap_or_default();
+    let mut ok = true;
+
+    let node = match spec.node_name.filter(|n| !n.is_empty()) {
+        Some(n) => n,
+        None => {
+            r.at(&FieldPath::of(&["spec", "nodeName"]), "is required");
+            ok = false;
+            String::new()
+        }
+    };
+
+    let ip_path = FieldPath::of(&["status", "podIP"]);
+    let ip = match status.pod_ip.as_deref().filter(|s| !s.is_empty()) {
+        Some(text) => parse_ip(text, &ip_path, r),
+        None => {
+            r.at(&ip_path, "is required");
+            None
+        }
+    };
+
+    let mut ips = Vec::new();
+    let ips_path = FieldPath::of(&["status", "podIPs"]);
+    for (i, entry) in status.pod_ips.unwrap_or_default().iter().enumerate() {
+        if let Some(parsed) = parse_ip(&entry.ip, &ips_path.index(i).key("ip"), r) {
+            ips.push(parsed);
+        } else {
+            ok = false;
+        }
+    }
+    // Kubernetes guarantees podIPs[0] == podIP; a manifest that breaks that is
+    // hand-written and most likely wrong about one of them.
+    if let (Some(ip), Some(first)) = (ip, ips.first())
+        && *first != ip
+    {
+        r.at(&ips_path.index(0).key("ip"), format!("{first} must equal status.podIP ({ip})"));
+        ok = false;
+    }
+    if ips.is_empty()
+        && let Some(ip) = ip
+    {
+        ips.push(ip);
+    }
+
+    let mut container_ports = Vec::new();
+    for (c, container) in spec.containers.iter().enumerate() {
+        for (p, port) in container.ports.iter().flatten().enumerate() {
+            let path = FieldPath::of(&["spec", "containers"]).index(c).key("ports").index(p).key("containerPort");
+            match port_number(i64::from(port.container_port)) {
+                Some(n) => container_ports.push((port.name.clone(), n)),
+                None => {
+                    r.at(&path, format!("{} is not a valid port (1-65535)", port.container_port));
+                    ok = false;
+                }
+            }
+        }
+    }
+
+    let namespace = id.namespace.to_string();
+    let name = id.name.to_string();
+    let uid = pod
+        .metadata
+        .uid
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| derived_uid(&namespace, &name));
+    #[allow(deprecated)]
+    let service_account = spec
+        .service_account_name
+        .or(spec.service_account)
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".to_string());
+
+    let ip = ip?;
+    ok.then(|| Pod {
+        namespace,
+        name,
+        uid,
+        ip,
+        ips,
+        node,
+        service_account,
+        labels: pod.metadata.labels.unwrap_or_default(),
+        container_ports,
+        host_network: spec.host_network.unwrap_or(false),
+    })
+}
+
+pub(crate) fn service(svc: k8s::Service, id: &Ident<'_>, r: &mut Reporter<'_>) -> Option<Service> {
+    let Some(spec) = svc.spec else {
+        r.at(&FieldPath::of(&["spec"]), "is required");
+        return None;
+    };
+    let before = r.count();
+
+    let cip_path = FieldPath::of(&["spec", "clusterIP"]);
+    let mut cluster_ips = Vec::new();
+    match spec.cluster_ip.as_deref() {
+        None | Some("") => r.at(&cip_path, "is required (an IP, or None for a headless Service)"),
+        Some("None") => {}
+        Some(text) => {
+            if let Some(ip) = parse_ip(text, &cip_path, r) {
+                cluster_ips.push(ip);
+            }
+        }
+    }
+    let cips_path = FieldPath::of(&["spec", "clusterIPs"]);
+    let listed: Vec<String> = spec.cluster_ips.unwrap_or_default();
+    let headless = spec.cluster_ip.as_deref() == Some("None");
+    for (i, text) in listed.iter().enumerate() {
+        let path = cips_path.index(i);
+        if headless {
+            if text != "None" {
+                r.at(&path, format!("{text:?} must be None for a headless Service"));
+            }
+            continue;
+        }
+        let Some(ip) = parse_ip(text, &path, r) else { continue };
+        match (i, cluster_ips.first()) {
+            (0, Some(first)) if *first != ip => {
+                r.at(&path, format!("{ip} must equal spec.clusterIP ({first})"));
+            }
+            (0, _) => {}
+            _ if cluster_ips.contains(&ip) => r.at(&path, format!("{ip} is listed twice")),
+            _ => cluster_ips.push(ip),
+        }
+    }
+
+    let ports_path = FieldPath::of(&["spec", "ports"]);
+    let raw_ports = spec.ports.unwrap_or_default();
+    let mut ports: Vec<ServicePort> = Vec::new();
+    for (i, p) in raw_ports.iter().enumerate() {
+        let path = ports_path.index(i);
+        let Some(port) = port_number(i64::from(p.port)) else {
+            r.at(&path.key("port"), format!("{} is not a valid port (1-65535)", p.port));
+            continue;
+        };
+        let target_port = match &p.target_port {
+            None => TargetPort::Number(port),
+            Some(IntOrString::Int(n)) => match port_number(i64::from(*n)) {
+                Some(n) => TargetPort::Number(n),
+                None => {
+                    r.at(&path.key("targetPort"), format!("{n} is not a valid port (1-65535)"));
+                    continue;
+                }
+            },
+            Some(IntOrString::String(s)) if s.is_empty() => {
+                r.at(&path.key("targetPort"), "must be a port number or a container port name");
+                continue;
+            }
+            // "8080" as a string is how some tools write numbers; Kubernetes
+            // accepts it as a number too.
+            Some(IntOrString::String(s)) => match s.parse::<i64>().ok().and_then(port_number) {
+                Some(n) => TargetPort::Number(n),
+                None => TargetPort::Name(s.clone()),
+            },
+        };
+        let protocol = p.protocol.clone().unwrap_or_else(|| "TCP".to_string());
+        if !matches!(protocol.as_str(), "TCP" | "UDP" | "SCTP") {
+            r.at(&path.key("protocol"), format!("{protocol:?} is not one of TCP, UDP, SCTP"));
+        }
+        let name = p.name.clone().filter(|n| !n.is_empty());
+        if raw_ports.len() > 1 && name.is_none() {
+            r.at(&path.key("name"), "is required when a Service has more than one port");
+        }
+        if let Some(n) = &name
+            && ports.iter().any(|q| q.name.as_ref() == Some(n))
+        {
+            r.at(&path.key("name"), format!("{n:?} is used by another port"));
+        }
+        if ports.iter().any(|q| q.port == port && q.protocol == protocol) {
+            r.at(&path.key("port"), format!("{port}/{protocol} is listed twice"));
+        }
+        ports.push(ServicePort { name, port, target_port, protocol, app_protocol: p.app_protocol.clone() });
+    }
+
+    let selector = spec.selector.filter(|s| !s.is_empty());
+    (r.count() == before).then(|| Service {
+        namespace: id.namespace.to_string(),
+        name: id.name.to_string(),
+        cluster_ips,
+        ports,
+        selector,
+        labels: svc.metadata.labels.unwrap_or_default(),
+    })
+}
+
+fn parse_ip(text: &str, path: &FieldPath, r: &mut Reporter<'_>) -> Option<IpAddr> {
+    match text.trim().parse() {
+        Ok(ip) => Some(ip),
+        Err(_) => {
+            r.at(path, format!("{text:?} is not an IP address"));
+            None
+        }
+    }
+}
+
+pub(crate) fn port_number(n: i64) -> Option<u16> {
+    u16::try_from(n).ok().filter(|p| *p != 0)
+}
+
+/// A UUID-shaped FNV-1a-128 hash of `namespace/name`: stable across runs,
+/// builds and Rust versions, unlike `DefaultHasher`.
+pub(crate) fn derived_uid(namespace: &str, name: &str) -> String {
+    const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
+    let mut hash = OFFSET;
+    for byte in namespace.bytes().chain(std::iter::once(b'/')).chain(name.bytes()) {
+        hash ^= u128::from(byte);
+        hash = hash.wrapping_mul(PRIME);
+    }
+    let h = format!("{hash:032x}");
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_uid_is_stable_and_distinct() {
+        let a = derived_uid("lemo-dev", "recall-0");
+        assert_eq!(a, derived_uid("lemo-dev", "recall-0"));
+        assert_ne!(a, derived_uid("lemo-dev", "recall-1"));
+        assert_eq!(a.len(), 36);
+        assert_eq!(a.matches('-').count(), 4);
+    }
+
+    #[test]
+    fn port_numbers() {
+        assert_eq!(port_number(0), None);
+        assert_eq!(port_number(65535), Some(65535));
+        assert_eq!(port_number(65536), None);
+        assert_eq!(port_number(-1), None);
+    }
+}

@@ -1,0 +1,135 @@
+//! The compact, validated model of the Kubernetes core kinds the mesh uses.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use super::host::fqdn;
+
+/// Label that enrolls a namespace (`ambient`) or opts a pod out (`none`), as in Istio ambient.
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    /// The node's `InternalIP` (the first one when several are listed).
+    pub ip: IpAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    /// `metadata.uid`, or a stable UUID-shaped hash of `namespace/name` when absent.
+    pub uid: String,
+    /// `status.podIP`.
+    pub ip: IpAddr,
+    /// `status.podIPs`, or just `ip` when the list is absent. The first is always `ip`.
+    pub ips: Vec<IpAddr>,
+    pub node: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    /// `(name, containerPort)` of every container port, in spec order.
+    pub container_ports: Vec<(Option<String>, u16)>,
+    /// Host-network pods share their node's IP, so they are exempt from the
+    /// unique-IP check and are never mesh workloads of their own.
+    pub host_network: bool,
+}
+
+impl Pod {
+    /// The container port a Service `targetPort` refers to, if this pod has it.
+    pub fn resolve_target_port(&self, target: &TargetPort) -> Option<u16> {
+        match target {
+            TargetPort::Number(n) => Some(*n),
+            TargetPort::Name(name) => self
+                .container_ports
+                .iter()
+                .find(|(n, _)| n.as_deref() == Some(name.as_str()))
+                .map(|(_, port)| *port),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    /// Empty for headless Services (`clusterIP: None`).
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// `None` when the Service has no selector (or an empty one): Kubernetes
+    /// then derives no endpoints for it.
+    pub selector: Option<BTreeMap<String, String>>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Service {
+    /// `name.namespace.svc.cluster.local`.
+    pub fn fqdn(&self) -> String {
+        fqdn(&self.name, &self.namespace)
+    }
+
+    pub fn port(&self, port: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+
+    pub fn is_headless(&self) -> bool {
+        self.cluster_ips.is_empty()
+    }
+
+    /// Whether the selector picks `pod` (same namespace, all selector labels equal).
+    pub fn selects(&self, pod: &Pod) -> bool {
+        match &self.selector {
+            Some(selector) => pod.namespace == self.namespace && labels_match(selector, &pod.labels),
+            None => false,
+        }
+    }
+}
+
+/// Every `selector` entry is present with the same value in `labels`.
+pub fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    /// Defaults to `port` when the manifest omits it, as Kubernetes does.
+    pub target_port: TargetPort,
+    /// `TCP` (default), `UDP` or `SCTP`.
+    pub protocol: String,
+    pub app_protocol: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum TargetPort {
+    Number(u16),
+    /// A container port name, resolved per pod.
+    Name(String),
+}
+
+impl fmt::Display for TargetPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TargetPort::Number(n) => write!(f, "{n}"),
+            TargetPort::Name(name) => f.write_str(name),
+        }
+    }
+}
+
+/// One backend of a Service port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub pod_namespace: String,
+    pub pod_name: String,
+    pub node: String,
+    /// Pod IP and resolved target port.
+    pub addr: SocketAddr,
+}

@@ -1,0 +1,126 @@
+//! Wires the node daemon together: config, capture, proxy listeners, admin.
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use tokio::{net::TcpListener, signal::unix::SignalKind};
+use tracing::{info, warn};
+
+use crate::{
+    admin::{self, AdminState},
+    balance::Balancer,
+    capture::{Capture, CaptureOptions},
+    config::{self, Cluster},
+    listener::{self, ProxyContext},
+    stats::ProxyStats,
+};
+
+/// Everything `mesh-node run` is told.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub config_dir: PathBuf,
+    pub node: String,
+    pub cgroup: PathBuf,
+    /// Address pods are redirected to; defaults to the node's InternalIP from the config.
+    pub proxy_ip: Option<IpAddr>,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub admin: SocketAddr,
+    pub readiness: SocketAddr,
+    pub connect_timeout: Duration,
+    pub bpf_log_level: u8,
+    pub config_poll: Duration,
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr).with_context(|| format!("binding the {what} listener to {addr}"))?;
+    Ok(sock.listen(1024)?)
+}
+
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    let cluster = Cluster::load_dir(&opts.config_dir)
+        .map_err(|e| anyhow::anyhow!("config {}:\n{e}", opts.config_dir.display()))?;
+    let Some(node) = cluster.node(&opts.node) else {
+        bail!("node {:?} is not defined in the config (add a v1 Node with an InternalIP)", opts.node);
+    };
+    let proxy_ip = opts.proxy_ip.unwrap_or(node.ip);
+    let cluster = Arc::new(cluster);
+
+    let mut capture = Capture::attach(&CaptureOptions {
+        cgroup: opts.cgroup.clone(),
+        proxy_ip,
+        proxy_port: opts.outbound_port,
+        bpf_log_level: opts.bpf_log_level,
+    })?;
+    capture.sync(&cluster, &opts.node);
+
+    let mut config_rx = config::spawn_watcher(opts.config_dir.clone(), cluster, opts.config_poll);
+    let stats = Arc::new(ProxyStats::default());
+    let ctx = Arc::new(ProxyContext {
+        node: opts.node.clone(),
+        config: config_rx.clone(),
+        orig_dst: capture.orig_dst(),
+        balancer: Balancer::default(),
+        stats: stats.clone(),
+        connect_timeout: opts.connect_timeout,
+        inbound_port: opts.inbound_port,
+    });
+    let admin_state = Arc::new(AdminState {
+        node: opts.node.clone(),
+        ready: AtomicBool::new(false),
+        config: config_rx.clone(),
+        capture_counters: capture.counters(),
+        capture_state: capture.state(),
+        proxy_stats: stats,
+    });
+
+    let unspecified: IpAddr = if proxy_ip.is_ipv4() { [0, 0, 0, 0].into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() };
+    let outbound = bind(SocketAddr::new(unspecified, opts.outbound_port), "outbound").await?;
+    let inbound = bind(SocketAddr::new(unspecified, opts.inbound_port), "inbound").await?;
+    let admin_listener = bind(opts.admin, "admin").await?;
+    let readiness = bind(opts.readiness, "readiness").await?;
+    let tasks = [
+        tokio::spawn(listener::outbound::serve(outbound, ctx.clone())),
+        tokio::spawn(listener::inbound::serve(inbound, ctx.clone())),
+        tokio::spawn(admin::serve_admin(admin_listener, admin_state.clone())),
+        tokio::spawn(admin::serve_readiness(readiness, admin_state.clone())),
+    ];
+    admin_state.set_ready();
+    info!(node = %opts.node, outbound = opts.outbound_port, inbound = opts.inbound_port, "node proxy ready");
+
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    // Pods appear in cgroupfs after the config names them, so rescan on a timer as well.
+    let mut rescan = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            changed = config_rx.changed() => {
+                if changed.is_err() {
+                    warn!("config watcher stopped");
+                    break;
+                }
+                let cluster = config_rx.borrow_and_update().clone();
+                capture.sync(&cluster, &opts.node);
+            }
+            _ = rescan.tick() => {
+                let cluster = config_rx.borrow().clone();
+                capture.sync(&cluster, &opts.node);
+            }
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+        }
+    }
+    for task in tasks {
+        task.abort();
+    }
+    // Dropping the capture closes its bpf_links: the programs detach from the cgroup now.
+    drop(capture);
+    info!("capture detached; bye");
+    Ok(())
+}

@@ -1,0 +1,16 @@
+//! mesh node daemon: captures pod connections with eBPF and proxies them between nodes.
+//!
+//! A connection's path through the modules: [`capture`] (eBPF redirect and original
+//! destination) -> [`listener`] (outbound accept) -> [`route`] (Service and endpoints) ->
+//! [`balance`] (pick one) -> [`tunnel`] (to another node's proxy) or [`upstream`] (to a local
+//! pod), and on the far node [`listener::inbound`] -> [`upstream`].
+pub mod admin;
+pub mod balance;
+pub mod capture;
+pub mod config;
+pub mod daemon;
+pub mod listener;
+pub mod route;
+pub mod stats;
+pub mod tunnel;
+pub mod upstream;

@@ -1,0 +1,27 @@
+//! The proxy's listening sockets: outbound (captured pod connections) and inbound (tunnels
+//! from other node proxies).
+pub mod inbound;
+pub mod outbound;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::watch;
+
+use crate::{balance::Balancer, capture::OrigDstTable, config::Cluster, stats::ProxyStats};
+
+/// What every connection handler needs: the live config, this node's name, and shared state.
+pub struct ProxyContext {
+    pub node: String,
+    pub config: watch::Receiver<Arc<Cluster>>,
+    pub orig_dst: Arc<OrigDstTable>,
+    pub balancer: Balancer,
+    pub stats: Arc<ProxyStats>,
+    pub connect_timeout: Duration,
+    pub inbound_port: u16,
+}
+
+impl ProxyContext {
+    pub fn cluster(&self) -> Arc<Cluster> {
+        self.config.borrow().clone()
+    }
+}

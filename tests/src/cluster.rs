@@ -1,0 +1,498 @@
+//! A simulated cluster: nodes and pods are network namespaces, joined by veth pairs and bridges;
+//! each pod's processes run in their own cgroup under their node's cgroup; each node runs a real
+//! `mesh-node` with real eBPF attached to that node cgroup.
+//!
+//! Layout (`<id>` is unique per cluster):
+//! - `<id>-net`: the "switch", a bridge joining the nodes' underlay interfaces (172.30.0.0/24).
+//! - `<id>-n<i>`: node i, underlay 172.30.0.<i+1>, pod bridge 10.244.<i>.1/24, routes to the
+//!   other nodes' pod subnets. No default route: nothing here can reach the outside world.
+//! - `<id>-p<k>`: a pod, 10.244.<node>.<k+10>, default route via its node.
+//!
+//! Everything is torn down on drop (also when a test panics): processes killed, namespaces
+//! deleted, cgroups removed.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    bins,
+    sys::{self, EnterExt as _},
+};
+
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub name: String,
+    pub namespace: String,
+    pub node: usize,
+    pub labels: BTreeMap<String, String>,
+    /// (port name, container port)
+    pub ports: Vec<(String, u16)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub namespace: String,
+    pub vip: Ipv4Addr,
+    /// (port name, service port, target port)
+    pub ports: Vec<(String, u16, u16)>,
+    pub selector: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ClusterSpec {
+    pub nodes: usize,
+    /// (namespace, enrolled in the mesh)
+    pub namespaces: Vec<(String, bool)>,
+    pub pods: Vec<PodSpec>,
+    pub services: Vec<ServiceSpec>,
+    /// Start a node proxy on every node (false for "without the mesh" baselines).
+    pub start_proxies: bool,
+}
+
+impl ClusterSpec {
+    pub fn new(nodes: usize) -> Self {
+        Self { nodes, start_proxies: true, ..Default::default() }
+    }
+
+    pub fn namespace(mut self, name: &str, enrolled: bool) -> Self {
+        self.namespaces.push((name.into(), enrolled));
+        self
+    }
+
+    /// A pod labelled `app=<app>` listening on `port` (named "tcp").
+    pub fn pod(mut self, name: &str, namespace: &str, node: usize, app: &str, port: u16) -> Self {
+        self.pods.push(PodSpec {
+            name: name.into(),
+            namespace: namespace.into(),
+            node,
+            labels: [("app".to_string(), app.to_string())].into(),
+            ports: vec![("tcp".into(), port)],
+        });
+        self
+    }
+
+    /// A Service selecting `app=<app>`, port `port` -> `target`.
+    pub fn service(mut self, name: &str, namespace: &str, vip: [u8; 4], app: &str, port: u16, target: u16) -> Self {
+        self.services.push(ServiceSpec {
+            name: name.into(),
+            namespace: namespace.into(),
+            vip: vip.into(),
+            ports: vec![("tcp".into(), port, target)],
+            selector: [("app".to_string(), app.to_string())].into(),
+        });
+        self
+    }
+}
+
+pub struct SimPod {
+    pub spec: PodSpec,
+    pub ip: Ipv4Addr,
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub uid: String,
+}
+
+pub struct SimNode {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub netns: String,
+    pub cgroup: PathBuf,
+    proxy: Mutex<Option<Child>>,
+}
+
+pub struct SimCluster {
+    pub id: String,
+    pub nodes: Vec<SimNode>,
+    pub pods: Vec<SimPod>,
+    pub config_dir: PathBuf,
+    pub root_cgroup: PathBuf,
+    spec: ClusterSpec,
+    namespaces: Vec<String>,
+    children: Mutex<Vec<Child>>,
+    log_dir: PathBuf,
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+pub fn node_name(i: usize) -> String {
+    format!("node-{}", (b'a' + i as u8) as char)
+}
+
+impl SimCluster {
+    pub fn start(spec: ClusterSpec) -> anyhow::Result<Self> {
+        preflight()?;
+        let id = format!("me{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let root_cgroup = sys::cgroup2_mount()?.join(format!("mesh-e2e-{id}"));
+        let base = std::env::temp_dir().join(format!("mesh-e2e-{id}"));
+        let config_dir = base.join("config");
+        let log_dir = base.join("logs");
+        let mut cluster = SimCluster {
+            id: id.clone(),
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            config_dir: config_dir.clone(),
+            root_cgroup: root_cgroup.clone(),
+            spec: spec.clone(),
+            namespaces: Vec::new(),
+            children: Mutex::new(Vec::new()),
+            log_dir: log_dir.clone(),
+        };
+        // From here on, Drop cleans up whatever was built, also if building fails half way.
+        fs::create_dir_all(&config_dir)?;
+        fs::create_dir_all(&log_dir)?;
+        fs::create_dir(&root_cgroup).with_context(|| format!("creating cgroup {}", root_cgroup.display()))?;
+        cluster.build_network()?;
+        cluster.write_config()?;
+        if spec.start_proxies {
+            for i in 0..cluster.nodes.len() {
+                cluster.start_proxy(i)?;
+            }
+        }
+        Ok(cluster)
+    }
+
+    fn add_netns(&mut self, name: &str) -> anyhow::Result<()> {
+        sys::ip(&["netns", "add", name])?;
+        self.namespaces.push(name.to_string());
+        sys::ip_in(name, &["link", "set", "lo", "up"])
+    }
+
+    fn build_network(&mut self) -> anyhow::Result<()> {
+        let net = format!("{}-net", self.id);
+        self.add_netns(&net)?;
+        sys::ip_in(&net, &["link", "add", "br0", "type", "bridge"])?;
+        sys::ip_in(&net, &["link", "set", "br0", "up"])?;
+        for i in 0..self.spec.nodes {
+            let ns = format!("{}-n{i}", self.id);
+            self.add_netns(&ns)?;
+            let ip = Ipv4Addr::new(172, 30, 0, i as u8 + 1);
+            // veth between the switch and the node.
+            sys::ip_in(&net, &["link", "add", &format!("n{i}"), "type", "veth", "peer", "name", "up0", "netns", &ns])?;
+            sys::ip_in(&net, &["link", "set", &format!("n{i}"), "master", "br0", "up"])?;
+            sys::ip_in(&ns, &["addr", "add", &format!("{ip}/24"), "dev", "up0"])?;
+            sys::ip_in(&ns, &["link", "set", "up0", "up"])?;
+            sys::ip_in(&ns, &["link", "add", "cbr0", "type", "bridge"])?;
+            sys::ip_in(&ns, &["addr", "add", &format!("10.244.{i}.1/24"), "dev", "cbr0"])?;
+            sys::ip_in(&ns, &["link", "set", "cbr0", "up"])?;
+            sys::sysctl_in(&ns, "net.ipv4.ip_forward", "1")?;
+            let cgroup = self.root_cgroup.join(node_name(i));
+            fs::create_dir(&cgroup)?;
+            self.nodes.push(SimNode { name: node_name(i), ip, netns: ns, cgroup, proxy: Mutex::new(None) });
+        }
+        for i in 0..self.spec.nodes {
+            for j in (0..self.spec.nodes).filter(|j| *j != i) {
+                let via = self.nodes[j].ip.to_string();
+                sys::ip_in(&self.nodes[i].netns, &["route", "add", &format!("10.244.{j}.0/24"), "via", &via])?;
+            }
+        }
+        let pods = self.spec.pods.clone();
+        for (k, spec) in pods.into_iter().enumerate() {
+            let node = &self.nodes[spec.node];
+            let (node_ns, node_cgroup) = (node.netns.clone(), node.cgroup.clone());
+            let ns = format!("{}-p{k}", self.id);
+            self.add_netns(&ns)?;
+            let ip = Ipv4Addr::new(10, 244, spec.node as u8, k as u8 + 10);
+            let host_if = format!("vp{k}");
+            sys::ip_in(&node_ns, &["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            sys::ip_in(&node_ns, &["link", "set", &host_if, "master", "cbr0", "up"])?;
+            sys::ip_in(&ns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+            sys::ip_in(&ns, &["link", "set", "eth0", "up"])?;
+            sys::ip_in(&ns, &["route", "add", "default", "via", &format!("10.244.{}.1", spec.node)])?;
+            let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), k);
+            let cgroup = node_cgroup.join(format!("pod{uid}"));
+            fs::create_dir(&cgroup)?;
+            self.pods.push(SimPod { spec, ip, netns: ns, cgroup, uid });
+        }
+        Ok(())
+    }
+
+    /// The cluster as Kubernetes YAML: what the node daemons read.
+    pub fn cluster_yaml(&self) -> String {
+        let mut y = String::new();
+        for (ns, enrolled) in &self.spec.namespaces {
+            let labels = if *enrolled { "\n  labels:\n    istio.io/dataplane-mode: ambient" } else { "" };
+            let _ = write!(y, "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}{labels}\n---\n");
+        }
+        for node in &self.nodes {
+            let _ = write!(
+                y,
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {}\n---\n",
+                node.name, node.ip
+            );
+        }
+        for pod in &self.pods {
+            let s = &pod.spec;
+            let mut labels = String::new();
+            for (k, v) in &s.labels {
+                let _ = write!(labels, "\n    {k}: {v:?}");
+            }
+            let mut ports = String::new();
+            for (name, port) in &s.ports {
+                let _ = write!(ports, "\n    - name: {name}\n      containerPort: {port}");
+            }
+            let _ = write!(
+                y,
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\n  labels:{labels}\nspec:\n  nodeName: {}\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: mesh-probe\n    ports:{ports}\nstatus:\n  podIP: {}\n---\n",
+                s.name, s.namespace, pod.uid, self.nodes[s.node].name, s.labels.get("app").map_or("default", |a| a.as_str()), pod.ip
+            );
+        }
+        for svc in &self.spec.services {
+            let mut sel = String::new();
+            for (k, v) in &svc.selector {
+                let _ = write!(sel, "\n    {k}: {v:?}");
+            }
+            let mut ports = String::new();
+            for (name, port, target) in &svc.ports {
+                let _ = write!(ports, "\n  - name: {name}\n    port: {port}\n    targetPort: {target}");
+            }
+            let _ = write!(
+                y,
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  clusterIP: {}\n  selector:{sel}\n  ports:{ports}\n---\n",
+                svc.name, svc.namespace, svc.vip
+            );
+        }
+        y
+    }
+
+    fn write_config(&self) -> anyhow::Result<()> {
+        fs::write(self.config_dir.join("cluster.yaml"), self.cluster_yaml())?;
+        Ok(())
+    }
+
+    /// Writes (or replaces) one file of the config directory the node daemons watch.
+    pub fn write_config_file(&self, name: &str, contents: &str) -> anyhow::Result<()> {
+        // Write then rename, so a daemon never reads half a file.
+        let tmp = self.config_dir.join(format!(".{name}.tmp"));
+        fs::write(&tmp, contents)?;
+        fs::rename(&tmp, self.config_dir.join(name))?;
+        Ok(())
+    }
+
+    pub fn node(&self, i: usize) -> &SimNode {
+        &self.nodes[i]
+    }
+
+    pub fn pod(&self, name: &str) -> &SimPod {
+        self.pods.iter().find(|p| p.spec.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    pub fn proxy_log(&self, node: usize) -> String {
+        fs::read_to_string(self.log_dir.join(format!("{}.log", self.nodes[node].name))).unwrap_or_default()
+    }
+
+    /// Starts node i's proxy, in the node's network namespace and in a cgroup under the node's
+    /// pod cgroup (as a DaemonSet pod would be), then waits for it to be ready.
+    pub fn start_proxy(&self, i: usize) -> anyhow::Result<()> {
+        let node = &self.nodes[i];
+        let cgroup = node.cgroup.join("mesh-node");
+        if !cgroup.exists() {
+            fs::create_dir(&cgroup)?;
+        }
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.log_dir.join(format!("{}.log", node.name)))?;
+        let child = Command::new(bins::path("mesh-node"))
+            .args(["run", "--node", &node.name, "--config-poll-ms", "200"])
+            .arg("--config")
+            .arg(&self.config_dir)
+            .arg("--cgroup")
+            .arg(&node.cgroup)
+            .env("MESH_LOG", std::env::var("MESH_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .enter(Some(&node.netns), Some(&cgroup))?
+            .spawn()
+            .context("starting mesh-node")?;
+        *node.proxy.lock().unwrap() = Some(child);
+        self.wait_ready(i)
+    }
+
+    fn wait_ready(&self, i: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(child) = self.nodes[i].proxy.lock().unwrap().as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("mesh-node on {} exited with {status}:\n{}", self.nodes[i].name, self.proxy_log(i));
+            }
+            if self.meshctl(i, &["ready"]).is_ok_and(|o| o.status.success()) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("mesh-node on {} not ready after 20s:\n{}", self.nodes[i].name, self.proxy_log(i))
+    }
+
+    /// Stops node i's proxy with SIGTERM and returns its exit status.
+    pub fn stop_proxy(&self, i: usize) -> anyhow::Result<std::process::ExitStatus> {
+        let Some(mut child) = self.nodes[i].proxy.lock().unwrap().take() else { bail!("no proxy running on node {i}") };
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        wait_timeout(&mut child, Duration::from_secs(10)).context("mesh-node did not exit after SIGTERM")
+    }
+
+    /// Runs `meshctl` in node i's network namespace (the admin port is node-local loopback).
+    pub fn meshctl(&self, i: usize, args: &[&str]) -> anyhow::Result<Output> {
+        let mut cmd = Command::new(bins::path("meshctl"));
+        cmd.args(args).enter(Some(&self.nodes[i].netns), None)?;
+        run_with_timeout(cmd, Duration::from_secs(5))
+    }
+
+    /// Capture and proxy counters of node i.
+    pub fn stats(&self, i: usize) -> anyhow::Result<serde_json::Value> {
+        let out = self.meshctl(i, &["stats"])?;
+        if !out.status.success() {
+            bail!("meshctl stats: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    pub fn counter(&self, node: usize, group: &str, name: &str) -> u64 {
+        self.stats(node).ok().and_then(|s| s[group][name].as_u64()).unwrap_or(0)
+    }
+
+    fn pod_command(&self, pod: &str, program: &Path, args: &[&str]) -> anyhow::Result<Command> {
+        let pod = self.pod(pod);
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null()).enter(Some(&pod.netns), Some(&pod.cgroup))?;
+        Ok(cmd)
+    }
+
+    /// Starts a long-running process in a pod (killed when the cluster is dropped).
+    pub fn spawn_in_pod(&self, pod: &str, program: &Path, args: &[&str]) -> anyhow::Result<()> {
+        let child = self.pod_command(pod, program, args)?.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn()?;
+        self.children.lock().unwrap().push(child);
+        Ok(())
+    }
+
+    /// Starts a process in a pod whose stdout the caller reads (killed when the cluster is dropped
+    /// if the caller has not waited for it).
+    pub fn spawn_piped(&self, pod: &str, program: &Path, args: &[&str]) -> anyhow::Result<Child> {
+        Ok(self.pod_command(pod, program, args)?.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?)
+    }
+
+    /// Runs a process in a pod to completion (killed after `timeout`).
+    pub fn run_in_pod(&self, pod: &str, program: &Path, args: &[&str], timeout: Duration) -> anyhow::Result<Output> {
+        run_with_timeout(self.pod_command(pod, program, args)?, timeout)
+    }
+
+    /// Starts `mesh-probe serve` in every pod, named after the pod, on each of its ports.
+    pub fn start_servers(&self) -> anyhow::Result<()> {
+        let probe = bins::path("mesh-probe");
+        for pod in &self.pods {
+            for (_, port) in &pod.spec.ports {
+                let port = port.to_string();
+                self.spawn_in_pod(&pod.spec.name, &probe, &["serve", "--name", &pod.spec.name, "--port", &port])?;
+            }
+        }
+        // Wait until each server accepts (connecting from inside its own pod: not captured,
+        // the pod's own address is not a remote destination... and loopback is not in the mesh).
+        for pod in &self.pods {
+            for (_, port) in &pod.spec.ports {
+                let addr = format!("127.0.0.1:{port}");
+                let out = self.run_in_pod(&pod.spec.name, &probe, &["wait", &addr, "--timeout-ms", "5000"], Duration::from_secs(10))?;
+                if !out.status.success() {
+                    bail!("server in {} did not start: {}", pod.spec.name, String::from_utf8_lossy(&out.stderr));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `mesh-probe` with `args` in a pod and returns its stdout; fails on a non-zero exit.
+    pub fn probe(&self, pod: &str, args: &[&str], timeout: Duration) -> anyhow::Result<String> {
+        let out = self.run_in_pod(pod, &bins::path("mesh-probe"), args, timeout)?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!("mesh-probe {} in {pod}: {}\n{}{}", args.join(" "), out.status, stdout, String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(stdout)
+    }
+}
+
+impl Drop for SimCluster {
+    fn drop(&mut self) {
+        for node in &self.nodes {
+            if let Some(mut child) = node.proxy.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                if wait_timeout(&mut child, Duration::from_secs(5)).is_err() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+        }
+        for mut child in self.children.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        sys::remove_cgroup_tree(&self.root_cgroup);
+        for ns in self.namespaces.iter().rev() {
+            let _ = sys::ip(&["netns", "del", ns]);
+        }
+        if std::env::var_os("MESH_E2E_KEEP_LOGS").is_none() {
+            let _ = fs::remove_dir_all(self.config_dir.parent().unwrap_or(&self.config_dir));
+        }
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            bail!("process {} still running after {timeout:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> anyhow::Result<Output> {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    // Drain pipes on threads so a chatty child cannot block on a full pipe.
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let out_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stdout, &mut b);
+        b
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stderr, &mut b);
+        b
+    });
+    let status = match wait_timeout(&mut child, timeout) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e.context(format!("{cmd:?} timed out")));
+        }
+    };
+    Ok(Output { status, stdout: out_t.join().unwrap_or_default(), stderr: err_t.join().unwrap_or_default() })
+}
+
+/// What the simulated cluster needs from the machine; fails with what is missing.
+pub fn preflight() -> anyhow::Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the simulated cluster needs root (network namespaces, cgroups, eBPF)");
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        bail!("`ip` (iproute2) is not installed: run `cargo xtask setup`");
+    }
+    sys::cgroup2_mount()?;
+    Ok(())
+}
