@@ -115,6 +115,16 @@ impl Capture {
             Err(e) => debug!("eBPF logs unavailable: {e}"),
         }
 
+        let cgroup_file = std::fs::File::open(&cgroup_path).map_err(|e| CaptureError::Cgroup {
+            path: cgroup_path.clone(),
+            reason: e.to_string(),
+        })?;
+        // Load both programs before taking maps out of the object: loading resolves map
+        // references through the object's own map fds.
+        let connect4: &mut CgroupSockAddr = program(&mut ebpf, "mesh_connect4")?;
+        connect4.load().map_err(|source| CaptureError::Program { name: "mesh_connect4", source })?;
+        let sockops: &mut SockOps = program(&mut ebpf, "mesh_sockops")?;
+        sockops.load().map_err(|source| CaptureError::Program { name: "mesh_sockops", source })?;
         let mut config: Array<MapData, CaptureConfig> = take_map(&mut ebpf, "CONFIG")?;
         let cfg = CaptureConfig {
             proxy_ip4: u32::from_ne_bytes(proxy_ip4.octets()),
@@ -129,24 +139,18 @@ impl Capture {
         let dests = take_map(&mut ebpf, "MESH_DESTS")?;
         let counters = Arc::new(Counters(take_map(&mut ebpf, "COUNTERS")?));
         let orig_dst = Arc::new(OrigDstTable::new(take_map(&mut ebpf, "ORIG_DST")?));
-        // Keep CONFIG alive with the object: dropping the handle does not unload the map, the
-        // programs reference it.
+        // The loaded programs hold their own references to CONFIG.
         drop(config);
 
-        let cgroup_file = std::fs::File::open(&cgroup_path).map_err(|e| CaptureError::Cgroup {
-            path: cgroup_path.clone(),
-            reason: e.to_string(),
-        })?;
-        // Multi-attach so we coexist with the CNI's and the host's own cgroup programs.
+        // bpf_link attachments are always multi-attach in the kernel (flags must be 0), so we
+        // coexist with the CNI's and the host's own cgroup programs.
         let connect4: &mut CgroupSockAddr = program(&mut ebpf, "mesh_connect4")?;
-        connect4.load().map_err(|source| CaptureError::Program { name: "mesh_connect4", source })?;
         connect4
-            .attach(cgroup_file.as_fd(), CgroupAttachMode::AllowMultiple)
+            .attach(cgroup_file.as_fd(), CgroupAttachMode::Single)
             .map_err(|source| CaptureError::Program { name: "mesh_connect4", source })?;
         let sockops: &mut SockOps = program(&mut ebpf, "mesh_sockops")?;
-        sockops.load().map_err(|source| CaptureError::Program { name: "mesh_sockops", source })?;
         sockops
-            .attach(cgroup_file.as_fd(), CgroupAttachMode::AllowMultiple)
+            .attach(cgroup_file.as_fd(), CgroupAttachMode::Single)
             .map_err(|source| CaptureError::Program { name: "mesh_sockops", source })?;
         info!(cgroup = %cgroup_path.display(), proxy = %format!("{proxy_ip4}:{}", opts.proxy_port), "capture attached");
 

@@ -8,8 +8,10 @@
 
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, SeqAccess, Unexpected, Visitor};
 use serde::Deserialize;
+use serde::de::{
+    self, DeserializeSeed, IntoDeserializer, MapAccess, SeqAccess, Unexpected, Visitor,
+};
 use serde_yaml::Value;
 
 use super::field_path::FieldPath;
@@ -35,13 +37,19 @@ impl std::error::Error for DeError {}
 
 impl de::Error for DeError {
     fn custom<T: fmt::Display>(msg: T) -> Self {
-        Self { path: FieldPath::root(), message: msg.to_string() }
+        Self {
+            path: FieldPath::root(),
+            message: msg.to_string(),
+        }
     }
 
     // The derive reports the missing field from the parent struct; putting the
     // field into the path makes the message point at it.
     fn missing_field(field: &'static str) -> Self {
-        Self { path: FieldPath::root().key(field), message: "is required".into() }
+        Self {
+            path: FieldPath::root().key(field),
+            message: "is required".into(),
+        }
     }
 
     fn unknown_field(field: &str, expected: &'static [&'static str]) -> Self {
@@ -113,8 +121,14 @@ impl<'de> de::Deserializer<'de> for ValueDe<'de> {
                 }
             }
             Value::String(s) => visitor.visit_borrowed_str(s),
-            Value::Sequence(items) => visitor.visit_seq(SeqDe { iter: items.iter().enumerate() }),
-            Value::Mapping(map) => visitor.visit_map(MapDe { iter: Some(map.iter()), value: None, key: String::new() }),
+            Value::Sequence(items) => visitor.visit_seq(SeqDe {
+                iter: items.iter().enumerate(),
+            }),
+            Value::Mapping(map) => visitor.visit_map(MapDe {
+                iter: Some(map.iter()),
+                value: None,
+                key: String::new(),
+            }),
             Value::Tagged(tagged) => ValueDe(&tagged.value).deserialize_any(visitor),
         }
     }
@@ -130,14 +144,20 @@ impl<'de> de::Deserializer<'de> for ValueDe<'de> {
     // empty, so lists and maps do too.
     fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
         match self.0 {
-            Value::Null => visitor.visit_seq(SeqDe { iter: [].iter().enumerate() }),
+            Value::Null => visitor.visit_seq(SeqDe {
+                iter: [].iter().enumerate(),
+            }),
             _ => self.deserialize_any(visitor),
         }
     }
 
     fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
         match self.0 {
-            Value::Null => visitor.visit_map(MapDe { iter: None, value: None, key: String::new() }),
+            Value::Null => visitor.visit_map(MapDe {
+                iter: None,
+                value: None,
+                key: String::new(),
+            }),
             _ => self.deserialize_any(visitor),
         }
     }
@@ -158,8 +178,12 @@ impl<'de> de::Deserializer<'de> for ValueDe<'de> {
         visitor: V,
     ) -> Result<V::Value, DeError> {
         match self.0 {
-            Value::String(s) => visitor.visit_enum(IntoDeserializer::<DeError>::into_deserializer(s.as_str())),
-            Value::Tagged(tagged) => ValueDe(&tagged.value).deserialize_enum(_name, _variants, visitor),
+            Value::String(s) => {
+                visitor.visit_enum(IntoDeserializer::<DeError>::into_deserializer(s.as_str()))
+            }
+            Value::Tagged(tagged) => {
+                ValueDe(&tagged.value).deserialize_enum(_name, _variants, visitor)
+            }
             other => Err(de::Error::invalid_type(unexpected(other), &visitor)),
         }
     }
@@ -189,7 +213,10 @@ struct SeqDe<'de> {
 impl<'de> SeqAccess<'de> for SeqDe<'de> {
     type Error = DeError;
 
-    fn next_element_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>, DeError> {
+    fn next_element_seed<T: DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, DeError> {
         match self.iter.next() {
             None => Ok(None),
             Some((index, value)) => seed.deserialize(ValueDe(value)).map(Some).map_err(|mut e| {
@@ -213,7 +240,10 @@ struct MapDe<'de> {
 impl<'de> MapAccess<'de> for MapDe<'de> {
     type Error = DeError;
 
-    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, DeError> {
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, DeError> {
         let Some((key, value)) = self.iter.as_mut().and_then(Iterator::next) else {
             return Ok(None);
         };
@@ -290,14 +320,24 @@ mod tests {
     #[test]
     fn names_the_path_of_each_error_kind() {
         let e = parse("name: a\nitems:\n  - {}\n  - maxCount: x\n").unwrap_err();
-        assert_eq!(e.to_string(), "items[1].maxCount: invalid type: string \"x\", expected u32");
+        assert_eq!(
+            e.to_string(),
+            "items[1].maxCount: invalid type: string \"x\", expected u32"
+        );
         let e = parse("name: a\nitems:\n  - maxCont: 1\n").unwrap_err();
         assert_eq!(e.path.to_string(), "items[0].maxCont");
-        assert!(e.message.starts_with("unknown field (expected one of: maxCount"), "{e}");
+        assert!(
+            e.message
+                .starts_with("unknown field (expected one of: maxCount"),
+            "{e}"
+        );
         let e = parse("items: []\n").unwrap_err();
         assert_eq!(e.to_string(), "name: is required");
         let e = parse("name: a\nmode: LOOSE\n").unwrap_err();
-        assert_eq!(e.to_string(), "mode: \"LOOSE\" is not one of STRICT, PERMISSIVE");
+        assert_eq!(
+            e.to_string(),
+            "mode: \"LOOSE\" is not one of STRICT, PERMISSIVE"
+        );
         let e = parse("name: a\nlabels:\n  app: 3\n").unwrap_err();
         assert_eq!(e.path.to_string(), "labels.app");
     }

@@ -107,8 +107,14 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for text in ["ten", "", "10", "s", "1.5", "-1s", "1x", "1.2.3s", "10 s", "1d", ".s"] {
-            assert_eq!(parse_duration(text), Err(format!("{text:?} is not a duration")), "{text}");
+        for text in [
+            "ten", "", "10", "s", "1.5", "-1s", "1x", "1.2.3s", "10 s", "1d", ".s",
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Err(format!("{text:?} is not a duration")),
+                "{text}"
+            );
         }
     }
 

@@ -20,7 +20,11 @@ impl FieldPath {
 
     /// Shorthand for a path of plain keys, e.g. `FieldPath::of(&["spec", "host"])`.
     pub fn of(keys: &[&str]) -> Self {
-        Self(keys.iter().map(|k| Segment::Key((*k).to_string())).collect())
+        Self(
+            keys.iter()
+                .map(|k| Segment::Key((*k).to_string()))
+                .collect(),
+        )
     }
 
     pub fn key(&self, key: impl Into<String>) -> Self {

@@ -39,7 +39,11 @@ pub fn service_ref<'a>(
 
 /// The form used to compare hosts: Service hosts become their FQDN, anything
 /// else (external names, wildcards) is kept, lower-cased and without a trailing dot.
-pub fn canonical_host(host: &str, from_namespace: &str, is_namespace: impl Fn(&str) -> bool) -> String {
+pub fn canonical_host(
+    host: &str,
+    from_namespace: &str,
+    is_namespace: impl Fn(&str) -> bool,
+) -> String {
     let lower = host.to_ascii_lowercase();
     match service_ref(&lower, from_namespace, is_namespace) {
         Some((name, ns)) => fqdn(name, ns),
@@ -90,18 +94,36 @@ mod tests {
                 "{host}"
             );
         }
-        assert_eq!(canonical_host("recall", "other", known), "recall.other.svc.cluster.local");
-        assert_eq!(canonical_host("example.com", "lemo-dev", known), "example.com");
-        assert_eq!(canonical_host("*.lemo-dev.svc.cluster.local", "x", known), "*.lemo-dev.svc.cluster.local");
+        assert_eq!(
+            canonical_host("recall", "other", known),
+            "recall.other.svc.cluster.local"
+        );
+        assert_eq!(
+            canonical_host("example.com", "lemo-dev", known),
+            "example.com"
+        );
+        assert_eq!(
+            canonical_host("*.lemo-dev.svc.cluster.local", "x", known),
+            "*.lemo-dev.svc.cluster.local"
+        );
         assert_eq!(service_ref("a.b.svc.other.domain", "x", known), None);
     }
 
     #[test]
     fn wildcards_match_suffixes_only() {
         assert!(host_matches("*", "a.b.svc.cluster.local"));
-        assert!(host_matches("*.b.svc.cluster.local", "a.b.svc.cluster.local"));
-        assert!(!host_matches("*.b.svc.cluster.local", "b.svc.cluster.local"));
-        assert!(!host_matches("a.b.svc.cluster.local", "c.b.svc.cluster.local"));
+        assert!(host_matches(
+            "*.b.svc.cluster.local",
+            "a.b.svc.cluster.local"
+        ));
+        assert!(!host_matches(
+            "*.b.svc.cluster.local",
+            "b.svc.cluster.local"
+        ));
+        assert!(!host_matches(
+            "a.b.svc.cluster.local",
+            "c.b.svc.cluster.local"
+        ));
         assert!(specificity("a.b") > specificity("*.a.b"));
     }
 }

@@ -17,18 +17,28 @@ pub(crate) struct Ident<'a> {
 }
 
 pub(crate) fn namespace(ns: k8s::Namespace, id: &Ident<'_>) -> Namespace {
-    Namespace { name: id.name.to_string(), labels: ns.metadata.labels.unwrap_or_default() }
+    Namespace {
+        name: id.name.to_string(),
+        labels: ns.metadata.labels.unwrap_or_default(),
+    }
 }
 
 pub(crate) fn node(node: k8s::Node, id: &Ident<'_>, r: &mut Reporter<'_>) -> Option<Node> {
     let path = FieldPath::of(&["status", "addresses"]);
     let addresses = node.status.and_then(|s| s.addresses).unwrap_or_default();
-    let Some((index, internal)) = addresses.iter().enumerate().find(|(_, a)| a.type_ == "InternalIP") else {
+    let Some((index, internal)) = addresses
+        .iter()
+        .enumerate()
+        .find(|(_, a)| a.type_ == "InternalIP")
+    else {
         r.at(&path, "no InternalIP address (required for every node)");
         return None;
     };
     let ip = parse_ip(&internal.address, &path.index(index).key("address"), r)?;
-    Some(Node { name: id.name.to_string(), ip })
+    Some(Node {
+        name: id.name.to_string(),
+        ip,
+    })
 }
 
 pub(crate) fn pod(pod: k8s::Pod, id: &Ident<'_>, r: &mut Reporter<'_>) -> Option<Pod> {
@@ -68,7 +78,10 @@ pub(crate) fn pod(pod: k8s::Pod, id: &Ident<'_>, r: &mut Reporter<'_>) -> Option
     if let (Some(ip), Some(first)) = (ip, ips.first())
         && *first != ip
     {
-        r.at(&ips_path.index(0).key("ip"), format!("{first} must equal status.podIP ({ip})"));
+        r.at(
+            &ips_path.index(0).key("ip"),
+            format!("{first} must equal status.podIP ({ip})"),
+        );
         ok = false;
     }
     if ips.is_empty()
@@ -80,11 +93,18 @@ pub(crate) fn pod(pod: k8s::Pod, id: &Ident<'_>, r: &mut Reporter<'_>) -> Option
     let mut container_ports = Vec::new();
     for (c, container) in spec.containers.iter().enumerate() {
         for (p, port) in container.ports.iter().flatten().enumerate() {
-            let path = FieldPath::of(&["spec", "containers"]).index(c).key("ports").index(p).key("containerPort");
+            let path = FieldPath::of(&["spec", "containers"])
+                .index(c)
+                .key("ports")
+                .index(p)
+                .key("containerPort");
             match port_number(i64::from(port.container_port)) {
                 Some(n) => container_ports.push((port.name.clone(), n)),
                 None => {
-                    r.at(&path, format!("{} is not a valid port (1-65535)", port.container_port));
+                    r.at(
+                        &path,
+                        format!("{} is not a valid port (1-65535)", port.container_port),
+                    );
                     ok = false;
                 }
             }
@@ -130,7 +150,10 @@ pub(crate) fn service(svc: k8s::Service, id: &Ident<'_>, r: &mut Reporter<'_>) -
     let cip_path = FieldPath::of(&["spec", "clusterIP"]);
     let mut cluster_ips = Vec::new();
     match spec.cluster_ip.as_deref() {
-        None | Some("") => r.at(&cip_path, "is required (an IP, or None for a headless Service)"),
+        None | Some("") => r.at(
+            &cip_path,
+            "is required (an IP, or None for a headless Service)",
+        ),
         Some("None") => {}
         Some(text) => {
             if let Some(ip) = parse_ip(text, &cip_path, r) {
@@ -145,11 +168,16 @@ pub(crate) fn service(svc: k8s::Service, id: &Ident<'_>, r: &mut Reporter<'_>) -
         let path = cips_path.index(i);
         if headless {
             if text != "None" {
-                r.at(&path, format!("{text:?} must be None for a headless Service"));
+                r.at(
+                    &path,
+                    format!("{text:?} must be None for a headless Service"),
+                );
             }
             continue;
         }
-        let Some(ip) = parse_ip(text, &path, r) else { continue };
+        let Some(ip) = parse_ip(text, &path, r) else {
+            continue;
+        };
         match (i, cluster_ips.first()) {
             (0, Some(first)) if *first != ip => {
                 r.at(&path, format!("{ip} must equal spec.clusterIP ({first})"));
@@ -166,7 +194,10 @@ pub(crate) fn service(svc: k8s::Service, id: &Ident<'_>, r: &mut Reporter<'_>) -
     for (i, p) in raw_ports.iter().enumerate() {
         let path = ports_path.index(i);
         let Some(port) = port_number(i64::from(p.port)) else {
-            r.at(&path.key("port"), format!("{} is not a valid port (1-65535)", p.port));
+            r.at(
+                &path.key("port"),
+                format!("{} is not a valid port (1-65535)", p.port),
+            );
             continue;
         };
         let target_port = match &p.target_port {
@@ -174,12 +205,18 @@ pub(crate) fn service(svc: k8s::Service, id: &Ident<'_>, r: &mut Reporter<'_>) -
             Some(IntOrString::Int(n)) => match port_number(i64::from(*n)) {
                 Some(n) => TargetPort::Number(n),
                 None => {
-                    r.at(&path.key("targetPort"), format!("{n} is not a valid port (1-65535)"));
+                    r.at(
+                        &path.key("targetPort"),
+                        format!("{n} is not a valid port (1-65535)"),
+                    );
                     continue;
                 }
             },
             Some(IntOrString::String(s)) if s.is_empty() => {
-                r.at(&path.key("targetPort"), "must be a port number or a container port name");
+                r.at(
+                    &path.key("targetPort"),
+                    "must be a port number or a container port name",
+                );
                 continue;
             }
             // "8080" as a string is how some tools write numbers; Kubernetes
@@ -191,21 +228,39 @@ pub(crate) fn service(svc: k8s::Service, id: &Ident<'_>, r: &mut Reporter<'_>) -
         };
         let protocol = p.protocol.clone().unwrap_or_else(|| "TCP".to_string());
         if !matches!(protocol.as_str(), "TCP" | "UDP" | "SCTP") {
-            r.at(&path.key("protocol"), format!("{protocol:?} is not one of TCP, UDP, SCTP"));
+            r.at(
+                &path.key("protocol"),
+                format!("{protocol:?} is not one of TCP, UDP, SCTP"),
+            );
         }
         let name = p.name.clone().filter(|n| !n.is_empty());
         if raw_ports.len() > 1 && name.is_none() {
-            r.at(&path.key("name"), "is required when a Service has more than one port");
+            r.at(
+                &path.key("name"),
+                "is required when a Service has more than one port",
+            );
         }
         if let Some(n) = &name
             && ports.iter().any(|q| q.name.as_ref() == Some(n))
         {
             r.at(&path.key("name"), format!("{n:?} is used by another port"));
         }
-        if ports.iter().any(|q| q.port == port && q.protocol == protocol) {
-            r.at(&path.key("port"), format!("{port}/{protocol} is listed twice"));
+        if ports
+            .iter()
+            .any(|q| q.port == port && q.protocol == protocol)
+        {
+            r.at(
+                &path.key("port"),
+                format!("{port}/{protocol} is listed twice"),
+            );
         }
-        ports.push(ServicePort { name, port, target_port, protocol, app_protocol: p.app_protocol.clone() });
+        ports.push(ServicePort {
+            name,
+            port,
+            target_port,
+            protocol,
+            app_protocol: p.app_protocol.clone(),
+        });
     }
 
     let selector = spec.selector.filter(|s| !s.is_empty());
@@ -239,12 +294,23 @@ pub(crate) fn derived_uid(namespace: &str, name: &str) -> String {
     const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
     const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
     let mut hash = OFFSET;
-    for byte in namespace.bytes().chain(std::iter::once(b'/')).chain(name.bytes()) {
+    for byte in namespace
+        .bytes()
+        .chain(std::iter::once(b'/'))
+        .chain(name.bytes())
+    {
         hash ^= u128::from(byte);
         hash = hash.wrapping_mul(PRIME);
     }
     let h = format!("{hash:032x}");
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 #[cfg(test)]

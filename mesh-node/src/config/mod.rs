@@ -1,1 +1,41 @@
+//! Cluster configuration: a typed model of the Kubernetes and Istio objects
+//! the mesh acts on, loaded from a directory of YAML files and validated as a
+//! whole, plus a watcher that keeps the last good snapshot live.
+//!
+//! Problems are reported one per line as
+//! `<file>: <Kind> <namespace>/<name>: <field.path>: <message>`; Istio field
+//! paths are relative to `spec`, as in Istio's own messages.
+//!
+//! Files: `load` (files and documents), `de` (path-tracking serde),
+//! `decode` (document → object), `kube` (core kinds), `istio/` (CRDs),
+//! `assemble` (cross-object checks, indexes), `cluster` (lookups),
+//! `host`, `duration`, `watch`, `error`.
 
+mod assemble;
+mod cluster;
+mod de;
+mod decode;
+mod duration;
+mod error;
+mod field_path;
+mod host;
+mod istio;
+mod kube;
+mod load;
+mod model;
+mod watch;
+
+#[cfg(test)]
+mod tests;
+
+pub use cluster::{Cluster, ROOT_NAMESPACE};
+pub use duration::parse_duration;
+pub use error::{ConfigError, Problem};
+pub use field_path::FieldPath;
+pub use host::{CLUSTER_DOMAIN, canonical_host, fqdn, host_matches};
+pub use istio::*;
+pub use model::{
+    DATAPLANE_MODE_LABEL, Endpoint, Namespace, Node, Pod, Service, ServicePort, TargetPort,
+    labels_match,
+};
+pub use watch::spawn_watcher;

@@ -86,14 +86,19 @@ impl Service {
     /// Whether the selector picks `pod` (same namespace, all selector labels equal).
     pub fn selects(&self, pod: &Pod) -> bool {
         match &self.selector {
-            Some(selector) => pod.namespace == self.namespace && labels_match(selector, &pod.labels),
+            Some(selector) => {
+                pod.namespace == self.namespace && labels_match(selector, &pod.labels)
+            }
             None => false,
         }
     }
 }
 
 /// Every `selector` entry is present with the same value in `labels`.
-pub fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+pub fn labels_match(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 

@@ -24,7 +24,13 @@ impl StringMatch {
     /// Whether `value` satisfies the match. Regexes are not evaluated here (no
     /// regex engine in this crate) and never match.
     pub fn matches(&self, value: &str, ignore_case: bool) -> bool {
-        let eq = |a: &str, b: &str| if ignore_case { a.eq_ignore_ascii_case(b) } else { a == b };
+        let eq = |a: &str, b: &str| {
+            if ignore_case {
+                a.eq_ignore_ascii_case(b)
+            } else {
+                a == b
+            }
+        };
         match self {
             StringMatch::Exact(want) => eq(value, want),
             StringMatch::Prefix(prefix) => value
@@ -45,19 +51,28 @@ pub struct Destination {
     pub port: Option<u16>,
 }
 
-pub(crate) fn destination(r: &mut Reporter<'_>, path: &FieldPath, d: &raw::Destination) -> Destination {
+pub(crate) fn destination(
+    r: &mut Reporter<'_>,
+    path: &FieldPath,
+    d: &raw::Destination,
+) -> Destination {
     if d.host.trim().is_empty() {
         r.at(&path.key("host"), "is required");
     }
     if let Some(subset) = &d.subset
         && !is_dns_label(subset)
     {
-        r.at(&path.key("subset"), format!("{subset:?} is not a valid subset name (DNS-1123 label)"));
+        r.at(
+            &path.key("subset"),
+            format!("{subset:?} is not a valid subset name (DNS-1123 label)"),
+        );
     }
     Destination {
         host: d.host.clone(),
         subset: d.subset.clone(),
-        port: d.port.and_then(|p| port(r, &path.key("port").key("number"), p.number)),
+        port: d
+            .port
+            .and_then(|p| port(r, &path.key("port").key("number"), p.number)),
     }
 }
 
@@ -97,8 +112,12 @@ pub(crate) fn string_match(
 }
 
 /// A duration field that Istio requires to be at least 1ms.
-pub(crate) fn duration(r: &mut Reporter<'_>, path: &FieldPath, text: Option<&String>) -> Option<Duration> {
-    let text = text?;
+pub(crate) fn duration(
+    r: &mut Reporter<'_>,
+    path: &FieldPath,
+    text: Option<&raw::DurationText>,
+) -> Option<Duration> {
+    let text = &text?.0;
     match parse_duration(text).and_then(|d| check_min_1ms(text, d)) {
         Ok(d) => Some(d),
         Err(message) => {
@@ -109,7 +128,13 @@ pub(crate) fn duration(r: &mut Reporter<'_>, path: &FieldPath, text: Option<&Str
 }
 
 /// An integer field limited to `lo..=hi` (Istio's int32 fields are non-negative).
-pub(crate) fn int_in(r: &mut Reporter<'_>, path: &FieldPath, value: Option<i64>, lo: i64, hi: i64) -> Option<u32> {
+pub(crate) fn int_in(
+    r: &mut Reporter<'_>,
+    path: &FieldPath,
+    value: Option<i64>,
+    lo: i64,
+    hi: i64,
+) -> Option<u32> {
     let v = value?;
     if v < lo || v > hi {
         r.at(path, format!("{v} is out of range ({lo}-{hi})"));
@@ -120,7 +145,11 @@ pub(crate) fn int_in(r: &mut Reporter<'_>, path: &FieldPath, value: Option<i64>,
 
 pub(crate) const INT32_MAX: i64 = i32::MAX as i64;
 
-pub(crate) fn non_negative(r: &mut Reporter<'_>, path: &FieldPath, value: Option<i64>) -> Option<u32> {
+pub(crate) fn non_negative(
+    r: &mut Reporter<'_>,
+    path: &FieldPath,
+    value: Option<i64>,
+) -> Option<u32> {
     int_in(r, path, value, 0, INT32_MAX)
 }
 
@@ -132,7 +161,11 @@ pub(crate) fn port(r: &mut Reporter<'_>, path: &FieldPath, value: i64) -> Option
     p
 }
 
-pub(crate) fn percent(r: &mut Reporter<'_>, path: &FieldPath, value: Option<raw::Percent>) -> Option<f64> {
+pub(crate) fn percent(
+    r: &mut Reporter<'_>,
+    path: &FieldPath,
+    value: Option<raw::Percent>,
+) -> Option<f64> {
     let v = value?.value;
     if !(0.0..=100.0).contains(&v) {
         r.at(&path.key("value"), format!("{v} is out of range (0-100)"));
@@ -145,7 +178,10 @@ pub(crate) fn percent(r: &mut Reporter<'_>, path: &FieldPath, value: Option<raw:
 pub(crate) fn export_to(r: &mut Reporter<'_>, path: &FieldPath, entries: &[String]) -> Vec<String> {
     for (i, entry) in entries.iter().enumerate() {
         if !(matches!(entry.as_str(), "." | "*" | "~") || is_dns_label(entry)) {
-            r.at(&path.index(i), format!("{entry:?} is not ., *, ~ or a namespace name"));
+            r.at(
+                &path.index(i),
+                format!("{entry:?} is not ., *, ~ or a namespace name"),
+            );
         }
     }
     entries.to_vec()
@@ -163,7 +199,8 @@ pub(crate) fn exported_to(export_to: &[String], owner_namespace: &str, namespace
 pub(crate) fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -174,7 +211,9 @@ pub(crate) fn is_cidr(s: &str) -> bool {
         Some((a, p)) => (a, Some(p)),
         None => (s, None),
     };
-    let Ok(ip) = addr.parse::<IpAddr>() else { return false };
+    let Ok(ip) = addr.parse::<IpAddr>() else {
+        return false;
+    };
     let max = if ip.is_ipv4() { 32 } else { 128 };
     prefix.is_none_or(|p| p.parse::<u8>().is_ok_and(|n| n <= max))
 }

@@ -52,7 +52,10 @@ impl TrafficPolicy {
     /// The settings for `port`: a matching `portLevelSettings` entry replaces
     /// each part it sets, as in Istio.
     pub fn for_port(&self, port: u16) -> TrafficPolicy {
-        let mut out = TrafficPolicy { port_level_settings: Vec::new(), ..self.clone() };
+        let mut out = TrafficPolicy {
+            port_level_settings: Vec::new(),
+            ..self.clone()
+        };
         if let Some(p) = self.port_level_settings.iter().find(|p| p.port == port) {
             if p.load_balancer.is_some() {
                 out.load_balancer = p.load_balancer.clone();
@@ -114,7 +117,11 @@ pub struct ConsistentHash {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HashKey {
     HttpHeaderName(String),
-    HttpCookie { name: String, ttl: Option<Duration>, path: Option<String> },
+    HttpCookie {
+        name: String,
+        ttl: Option<Duration>,
+        path: Option<String>,
+    },
     UseSourceIp,
     HttpQueryParameterName(String),
 }
@@ -122,8 +129,12 @@ pub enum HashKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HashAlgorithm {
     /// From `ringHash.minimumRingSize` or the deprecated top-level `minimumRingSize`.
-    RingHash { minimum_ring_size: Option<u64> },
-    Maglev { table_size: Option<u64> },
+    RingHash {
+        minimum_ring_size: Option<u64>,
+    },
+    Maglev {
+        table_size: Option<u64>,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -229,17 +240,30 @@ pub(crate) fn convert(
     let traffic_policy = spec
         .traffic_policy
         .as_ref()
-        .map(|tp| traffic_policy(r, &root.key("trafficPolicy"), tp));
+        .map(|tp| policy(r, &root.key("trafficPolicy"), tp));
     let mut subsets: Vec<Subset> = Vec::new();
     for (i, s) in spec.subsets.iter().enumerate() {
         let path = root.key("subsets").index(i);
         if !common::is_dns_label(&s.name) {
-            r.at(&path.key("name"), format!("{:?} is not a valid subset name (DNS-1123 label)", s.name));
+            r.at(
+                &path.key("name"),
+                format!("{:?} is not a valid subset name (DNS-1123 label)", s.name),
+            );
         } else if subsets.iter().any(|seen| seen.name == s.name) {
-            r.at(&path.key("name"), format!("duplicate subset name {:?}", s.name));
+            r.at(
+                &path.key("name"),
+                format!("duplicate subset name {:?}", s.name),
+            );
         }
-        let traffic_policy = s.traffic_policy.as_ref().map(|tp| traffic_policy(r, &path.key("trafficPolicy"), tp));
-        subsets.push(Subset { name: s.name.clone(), labels: s.labels.clone(), traffic_policy });
+        let traffic_policy = s
+            .traffic_policy
+            .as_ref()
+            .map(|tp| policy(r, &path.key("trafficPolicy"), tp));
+        subsets.push(Subset {
+            name: s.name.clone(),
+            labels: s.labels.clone(),
+            traffic_policy,
+        });
     }
     DestinationRule {
         namespace: namespace.to_string(),
@@ -248,11 +272,14 @@ pub(crate) fn convert(
         traffic_policy,
         subsets,
         export_to: common::export_to(r, &root.key("exportTo"), &spec.export_to),
-        workload_selector: spec.workload_selector.as_ref().map(|w| w.match_labels.clone()),
+        workload_selector: spec
+            .workload_selector
+            .as_ref()
+            .map(|w| w.match_labels.clone()),
     }
 }
 
-fn traffic_policy(r: &mut Reporter<'_>, path: &FieldPath, tp: &raw::TrafficPolicy) -> TrafficPolicy {
+fn policy(r: &mut Reporter<'_>, path: &FieldPath, tp: &raw::TrafficPolicy) -> TrafficPolicy {
     let mut port_level_settings: Vec<PortTrafficPolicy> = Vec::new();
     for (i, p) in tp.port_level_settings.iter().enumerate() {
         let path = path.key("portLevelSettings").index(i);
@@ -260,29 +287,52 @@ fn traffic_policy(r: &mut Reporter<'_>, path: &FieldPath, tp: &raw::TrafficPolic
             r.at(&path.key("port"), "is required");
             continue;
         };
-        let Some(port) = common::port(r, &path.key("port").key("number"), selector.number) else { continue };
+        let Some(port) = common::port(r, &path.key("port").key("number"), selector.number) else {
+            continue;
+        };
         if port_level_settings.iter().any(|seen| seen.port == port) {
-            r.at(&path.key("port").key("number"), format!("port {port} has settings already"));
+            r.at(
+                &path.key("port").key("number"),
+                format!("port {port} has settings already"),
+            );
         }
         port_level_settings.push(PortTrafficPolicy {
             port,
-            load_balancer: p.load_balancer.as_ref().map(|lb| load_balancer(r, &path.key("loadBalancer"), lb)),
-            connection_pool: p.connection_pool.as_ref().map(|cp| connection_pool(r, &path.key("connectionPool"), cp)),
+            load_balancer: p
+                .load_balancer
+                .as_ref()
+                .map(|lb| load_balancer(r, &path.key("loadBalancer"), lb)),
+            connection_pool: p
+                .connection_pool
+                .as_ref()
+                .map(|cp| connection_pool(r, &path.key("connectionPool"), cp)),
             outlier_detection: p
                 .outlier_detection
                 .as_ref()
                 .map(|od| outlier_detection(r, &path.key("outlierDetection"), od)),
-            tls: p.tls.as_ref().and_then(|t| client_tls(r, &path.key("tls"), t)),
+            tls: p
+                .tls
+                .as_ref()
+                .and_then(|t| client_tls(r, &path.key("tls"), t)),
         });
     }
     TrafficPolicy {
-        load_balancer: tp.load_balancer.as_ref().map(|lb| load_balancer(r, &path.key("loadBalancer"), lb)),
-        connection_pool: tp.connection_pool.as_ref().map(|cp| connection_pool(r, &path.key("connectionPool"), cp)),
+        load_balancer: tp
+            .load_balancer
+            .as_ref()
+            .map(|lb| load_balancer(r, &path.key("loadBalancer"), lb)),
+        connection_pool: tp
+            .connection_pool
+            .as_ref()
+            .map(|cp| connection_pool(r, &path.key("connectionPool"), cp)),
         outlier_detection: tp
             .outlier_detection
             .as_ref()
             .map(|od| outlier_detection(r, &path.key("outlierDetection"), od)),
-        tls: tp.tls.as_ref().and_then(|t| client_tls(r, &path.key("tls"), t)),
+        tls: tp
+            .tls
+            .as_ref()
+            .and_then(|t| client_tls(r, &path.key("tls"), t)),
         port_level_settings,
     }
 }
@@ -306,11 +356,19 @@ fn load_balancer(r: &mut Reporter<'_>, path: &FieldPath, lb: &raw::LoadBalancer)
         },
         (None, None) => LbPolicy::Simple(SimpleLb::Unspecified),
     };
-    let warmup = common::duration(r, &path.key("warmupDurationSecs"), lb.warmup_duration_secs.as_ref());
+    let warmup = common::duration(
+        r,
+        &path.key("warmupDurationSecs"),
+        lb.warmup_duration_secs.as_ref(),
+    );
     LoadBalancer { policy, warmup }
 }
 
-fn consistent_hash(r: &mut Reporter<'_>, path: &FieldPath, ch: &raw::ConsistentHash) -> Option<ConsistentHash> {
+fn consistent_hash(
+    r: &mut Reporter<'_>,
+    path: &FieldPath,
+    ch: &raw::ConsistentHash,
+) -> Option<ConsistentHash> {
     let mut keys: Vec<HashKey> = Vec::new();
     if let Some(h) = &ch.http_header_name {
         if h.is_empty() {
@@ -325,14 +383,21 @@ fn consistent_hash(r: &mut Reporter<'_>, path: &FieldPath, ch: &raw::ConsistentH
         }
         // A zero TTL is meaningful for cookies (session cookie), so only the
         // format is checked, not Istio's 1ms minimum.
-        let ttl = c.ttl.as_ref().and_then(|t| match crate::config::duration::parse_duration(t) {
-            Ok(d) => Some(d),
-            Err(m) => {
-                r.at(&cpath.key("ttl"), m);
-                None
-            }
+        let ttl =
+            c.ttl
+                .as_ref()
+                .and_then(|t| match crate::config::duration::parse_duration(&t.0) {
+                    Ok(d) => Some(d),
+                    Err(m) => {
+                        r.at(&cpath.key("ttl"), m);
+                        None
+                    }
+                });
+        keys.push(HashKey::HttpCookie {
+            name: c.name.clone(),
+            ttl,
+            path: c.path.clone(),
         });
-        keys.push(HashKey::HttpCookie { name: c.name.clone(), ttl, path: c.path.clone() });
     }
     if ch.use_source_ip == Some(true) {
         keys.push(HashKey::UseSourceIp);
@@ -351,22 +416,38 @@ fn consistent_hash(r: &mut Reporter<'_>, path: &FieldPath, ch: &raw::ConsistentH
         return None;
     }
     let Some(key) = keys.pop() else {
-        r.at(path, "one of httpHeaderName, httpCookie, useSourceIp or httpQueryParameterName is required");
+        r.at(
+            path,
+            "one of httpHeaderName, httpCookie, useSourceIp or httpQueryParameterName is required",
+        );
         return None;
     };
     let ring = |r: &mut Reporter<'_>, p: &FieldPath, v: Option<i64>| {
         common::int_in(r, p, v, 0, i64::from(u32::MAX)).map(u64::from)
     };
-    let algorithms = [ch.minimum_ring_size.is_some(), ch.ring_hash.is_some(), ch.maglev.is_some()];
+    let algorithms = [
+        ch.minimum_ring_size.is_some(),
+        ch.ring_hash.is_some(),
+        ch.maglev.is_some(),
+    ];
     if algorithms.iter().filter(|set| **set).count() > 1 {
-        r.at(path, "only one of minimumRingSize, ringHash or maglev may be set");
+        r.at(
+            path,
+            "only one of minimumRingSize, ringHash or maglev may be set",
+        );
         return None;
     }
     let algorithm = if let Some(size) = ch.minimum_ring_size {
-        Some(HashAlgorithm::RingHash { minimum_ring_size: ring(r, &path.key("minimumRingSize"), Some(size)) })
+        Some(HashAlgorithm::RingHash {
+            minimum_ring_size: ring(r, &path.key("minimumRingSize"), Some(size)),
+        })
     } else if let Some(rh) = &ch.ring_hash {
         Some(HashAlgorithm::RingHash {
-            minimum_ring_size: ring(r, &path.key("ringHash").key("minimumRingSize"), rh.minimum_ring_size),
+            minimum_ring_size: ring(
+                r,
+                &path.key("ringHash").key("minimumRingSize"),
+                rh.minimum_ring_size,
+            ),
         })
     } else {
         ch.maglev.as_ref().map(|m| HashAlgorithm::Maglev {
@@ -376,12 +457,20 @@ fn consistent_hash(r: &mut Reporter<'_>, path: &FieldPath, ch: &raw::ConsistentH
     Some(ConsistentHash { key, algorithm })
 }
 
-fn connection_pool(r: &mut Reporter<'_>, path: &FieldPath, cp: &raw::ConnectionPool) -> ConnectionPool {
+fn connection_pool(
+    r: &mut Reporter<'_>,
+    path: &FieldPath,
+    cp: &raw::ConnectionPool,
+) -> ConnectionPool {
     let tcp = cp.tcp.as_ref().map(|t| {
         let p = path.key("tcp");
         TcpSettings {
             max_connections: common::non_negative(r, &p.key("maxConnections"), t.max_connections),
-            connect_timeout: common::duration(r, &p.key("connectTimeout"), t.connect_timeout.as_ref()),
+            connect_timeout: common::duration(
+                r,
+                &p.key("connectTimeout"),
+                t.connect_timeout.as_ref(),
+            ),
             tcp_keepalive: t.tcp_keepalive.as_ref().map(|k| {
                 let kp = p.key("tcpKeepalive");
                 TcpKeepalive {
@@ -406,7 +495,11 @@ fn connection_pool(r: &mut Reporter<'_>, path: &FieldPath, cp: &raw::ConnectionP
                 &p.key("http1MaxPendingRequests"),
                 h.http1_max_pending_requests,
             ),
-            http2_max_requests: common::non_negative(r, &p.key("http2MaxRequests"), h.http2_max_requests),
+            http2_max_requests: common::non_negative(
+                r,
+                &p.key("http2MaxRequests"),
+                h.http2_max_requests,
+            ),
             max_requests_per_connection: common::non_negative(
                 r,
                 &p.key("maxRequestsPerConnection"),
@@ -420,13 +513,21 @@ fn connection_pool(r: &mut Reporter<'_>, path: &FieldPath, cp: &raw::ConnectionP
                 Some(raw::H2UpgradePolicy::Upgrade) => H2UpgradePolicy::Upgrade,
             },
             use_client_protocol: h.use_client_protocol.unwrap_or(false),
-            max_concurrent_streams: common::non_negative(r, &p.key("maxConcurrentStreams"), h.max_concurrent_streams),
+            max_concurrent_streams: common::non_negative(
+                r,
+                &p.key("maxConcurrentStreams"),
+                h.max_concurrent_streams,
+            ),
         }
     });
     ConnectionPool { tcp, http }
 }
 
-fn outlier_detection(r: &mut Reporter<'_>, path: &FieldPath, od: &raw::OutlierDetection) -> OutlierDetection {
+fn outlier_detection(
+    r: &mut Reporter<'_>,
+    path: &FieldPath,
+    od: &raw::OutlierDetection,
+) -> OutlierDetection {
     let five_xx = match (od.consecutive_5xx_errors, od.consecutive_errors) {
         (Some(_), Some(_)) => {
             r.at(
@@ -452,9 +553,25 @@ fn outlier_detection(r: &mut Reporter<'_>, path: &FieldPath, od: &raw::OutlierDe
         ),
         split_external_local_origin_errors: od.split_external_local_origin_errors.unwrap_or(false),
         interval: common::duration(r, &path.key("interval"), od.interval.as_ref()),
-        base_ejection_time: common::duration(r, &path.key("baseEjectionTime"), od.base_ejection_time.as_ref()),
-        max_ejection_percent: common::int_in(r, &path.key("maxEjectionPercent"), od.max_ejection_percent, 0, 100),
-        min_health_percent: common::int_in(r, &path.key("minHealthPercent"), od.min_health_percent, 0, 100),
+        base_ejection_time: common::duration(
+            r,
+            &path.key("baseEjectionTime"),
+            od.base_ejection_time.as_ref(),
+        ),
+        max_ejection_percent: common::int_in(
+            r,
+            &path.key("maxEjectionPercent"),
+            od.max_ejection_percent,
+            0,
+            100,
+        ),
+        min_health_percent: common::int_in(
+            r,
+            &path.key("minHealthPercent"),
+            od.min_health_percent,
+            0,
+            100,
+        ),
     }
 }
 
@@ -471,9 +588,15 @@ fn client_tls(r: &mut Reporter<'_>, path: &FieldPath, tls: &raw::ClientTls) -> O
     };
     // Istio: MUTUAL needs a client certificate and key, unless they come from a secret.
     if mode == TlsMode::Mutual && tls.credential_name.is_none() {
-        for (field, value) in [("clientCertificate", &tls.client_certificate), ("privateKey", &tls.private_key)] {
+        for (field, value) in [
+            ("clientCertificate", &tls.client_certificate),
+            ("privateKey", &tls.private_key),
+        ] {
             if value.is_none() {
-                r.at(&path.key(field), "is required when mode is MUTUAL (or set credentialName)");
+                r.at(
+                    &path.key(field),
+                    "is required when mode is MUTUAL (or set credentialName)",
+                );
             }
         }
     }

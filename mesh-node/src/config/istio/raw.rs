@@ -9,6 +9,37 @@ use serde::Deserialize;
 
 // ---------------------------------------------------------------- shared
 
+/// A duration as written. Bare numbers (`baseEjectionTime: 30`) are kept as
+/// text so the validator can say `"30" is not a duration` rather than a
+/// serde type error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DurationText(pub String);
+
+impl<'de> Deserialize<'de> for DurationText {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+        impl serde::de::Visitor<'_> for TextVisitor {
+            type Value = DurationText;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a duration such as \"10s\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<DurationText, E> {
+                Ok(DurationText(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<DurationText, E> {
+                Ok(DurationText(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<DurationText, E> {
+                Ok(DurationText(v.to_string()))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DurationText, E> {
+                Ok(DurationText(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(TextVisitor)
+    }
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct PortSelector {
@@ -76,7 +107,7 @@ pub struct PortTrafficPolicy {
 pub struct LoadBalancer {
     pub simple: Option<SimpleLb>,
     pub consistent_hash: Option<ConsistentHash>,
-    pub warmup_duration_secs: Option<String>,
+    pub warmup_duration_secs: Option<DurationText>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -109,7 +140,7 @@ pub struct ConsistentHash {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpCookie {
     pub name: String,
-    pub ttl: Option<String>,
+    pub ttl: Option<DurationText>,
     pub path: Option<String>,
 }
 
@@ -136,18 +167,18 @@ pub struct ConnectionPool {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TcpSettings {
     pub max_connections: Option<i64>,
-    pub connect_timeout: Option<String>,
+    pub connect_timeout: Option<DurationText>,
     pub tcp_keepalive: Option<TcpKeepalive>,
-    pub max_connection_duration: Option<String>,
-    pub idle_timeout: Option<String>,
+    pub max_connection_duration: Option<DurationText>,
+    pub idle_timeout: Option<DurationText>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TcpKeepalive {
     pub probes: Option<i64>,
-    pub time: Option<String>,
-    pub interval: Option<String>,
+    pub time: Option<DurationText>,
+    pub interval: Option<DurationText>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -157,7 +188,7 @@ pub struct HttpSettings {
     pub http2_max_requests: Option<i64>,
     pub max_requests_per_connection: Option<i64>,
     pub max_retries: Option<i64>,
-    pub idle_timeout: Option<String>,
+    pub idle_timeout: Option<DurationText>,
     pub h2_upgrade_policy: Option<H2UpgradePolicy>,
     pub use_client_protocol: Option<bool>,
     pub max_concurrent_streams: Option<i64>,
@@ -180,8 +211,8 @@ pub struct OutlierDetection {
     pub consecutive_gateway_errors: Option<i64>,
     pub consecutive_local_origin_failures: Option<i64>,
     pub split_external_local_origin_errors: Option<bool>,
-    pub interval: Option<String>,
-    pub base_ejection_time: Option<String>,
+    pub interval: Option<DurationText>,
+    pub base_ejection_time: Option<DurationText>,
     pub max_ejection_percent: Option<i64>,
     pub min_health_percent: Option<i64>,
 }
@@ -247,7 +278,7 @@ pub struct HttpRoute {
     pub route: Vec<HttpRouteDestination>,
     pub redirect: Option<HttpRedirect>,
     pub rewrite: Option<HttpRewrite>,
-    pub timeout: Option<String>,
+    pub timeout: Option<DurationText>,
     pub retries: Option<HttpRetry>,
     pub fault: Option<HttpFault>,
     pub mirror: Option<Destination>,
@@ -341,7 +372,7 @@ pub struct HttpRewrite {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRetry {
     pub attempts: Option<i64>,
-    pub per_try_timeout: Option<String>,
+    pub per_try_timeout: Option<DurationText>,
     pub retry_on: Option<String>,
     pub retry_remote_localities: Option<bool>,
 }
@@ -357,7 +388,7 @@ pub struct HttpFault {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FaultDelay {
     pub percentage: Option<Percent>,
-    pub fixed_delay: Option<String>,
+    pub fixed_delay: Option<DurationText>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -379,7 +410,7 @@ pub struct CorsPolicy {
     pub allow_headers: Vec<String>,
     #[serde(default)]
     pub expose_headers: Vec<String>,
-    pub max_age: Option<String>,
+    pub max_age: Option<DurationText>,
     pub allow_credentials: Option<bool>,
 }
 

@@ -1,0 +1,251 @@
+//! The loaded snapshot and the lookups the proxy needs.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use super::assemble::assemble;
+use super::error::ConfigError;
+use super::host::{self, host_matches, specificity};
+use super::istio::{DestinationRule, MtlsMode, PeerAuthentication, VirtualService, exported_to};
+use super::load::{self, Source};
+use super::model::{DATAPLANE_MODE_LABEL, Endpoint, Namespace, Node, Pod, Service, labels_match};
+
+/// Istio's root namespace: mesh-wide policies and fallback DestinationRules live here.
+pub const ROOT_NAMESPACE: &str = "istio-system";
+
+/// An immutable, validated snapshot of the cluster. Cloning copies
+/// everything; share it behind an `Arc` (the watcher does).
+#[derive(Debug, Clone, Default)]
+pub struct Cluster {
+    pub(crate) namespaces: BTreeMap<String, Namespace>,
+    pub(crate) nodes: BTreeMap<String, Node>,
+    /// Sorted by namespace/name, which is also the endpoint order.
+    pub(crate) pods: Vec<Pod>,
+    pub(crate) pod_by_ip: HashMap<IpAddr, usize>,
+    /// Sorted by namespace/name.
+    pub(crate) services: Vec<Service>,
+    pub(crate) service_by_name: HashMap<(String, String), usize>,
+    pub(crate) service_by_vip: HashMap<IpAddr, usize>,
+    /// Sorted by namespace/name; `dr_hosts[i]` is rule i's canonical host.
+    pub(crate) destination_rules: Vec<DestinationRule>,
+    pub(crate) dr_hosts: Vec<String>,
+    /// Sorted by namespace/name; `vs_hosts[i]` are rule i's canonical hosts.
+    pub(crate) virtual_services: Vec<VirtualService>,
+    pub(crate) vs_hosts: Vec<Vec<String>>,
+    pub(crate) peer_authentications: Vec<PeerAuthentication>,
+    /// Every namespace mentioned anywhere, to read `name.namespace` hosts.
+    pub(crate) known_namespaces: BTreeSet<String>,
+    pub(crate) fingerprint: u64,
+}
+
+impl Cluster {
+    /// Loads and validates every `.yaml`/`.yml` file under `dir`.
+    pub fn load_dir(dir: &Path) -> Result<Cluster, ConfigError> {
+        let sources = load::read_sources(dir).map_err(ConfigError::new)?;
+        Self::from_sources(&sources)
+    }
+
+    /// Loads from in-memory files (`(name, yaml)`), named in messages as given.
+    pub fn from_yaml_files<'a>(
+        files: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Cluster, ConfigError> {
+        let sources: Vec<Source> = files
+            .into_iter()
+            .map(|(rel, text)| Source {
+                rel: rel.to_string(),
+                text: text.to_string(),
+            })
+            .collect();
+        Self::from_sources(&sources)
+    }
+
+    pub(crate) fn from_sources(sources: &[Source]) -> Result<Cluster, ConfigError> {
+        let mut cluster = assemble(sources).map_err(ConfigError::new)?;
+        cluster.fingerprint = load::fingerprint(sources);
+        Ok(cluster)
+    }
+
+    /// Identifies the input this snapshot was built from (names and contents).
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    pub fn namespace(&self, name: &str) -> Option<&Namespace> {
+        self.namespaces.get(name)
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.get(name)
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &Pod> {
+        self.pods.iter()
+    }
+
+    /// Looks up any of a pod's IPs (host-network pods are not indexed: their
+    /// IP is the node's).
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Pod> {
+        self.pod_by_ip.get(&ip).map(|&i| &self.pods[i])
+    }
+
+    pub fn pods_on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
+        self.pods.iter().filter(move |p| p.node == node)
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.services.iter()
+    }
+
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        self.service_by_name
+            .get(&(namespace.to_string(), name.to_string()))
+            .map(|&i| &self.services[i])
+    }
+
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Service> {
+        self.service_by_vip.get(&ip).map(|&i| &self.services[i])
+    }
+
+    /// Resolves `recall`, `recall.ns`, `recall.ns.svc` or the FQDN, with short
+    /// names relative to `from_namespace`.
+    pub fn service_by_host(&self, host: &str, from_namespace: &str) -> Option<&Service> {
+        let lower = host.to_ascii_lowercase();
+        let (name, ns) = host::service_ref(&lower, from_namespace, |ns| {
+            self.known_namespaces.contains(ns)
+        })?;
+        self.service(ns, name)
+    }
+
+    /// The canonical form of `host` as written in `from_namespace`.
+    pub fn canonical_host(&self, host: &str, from_namespace: &str) -> String {
+        host::canonical_host(host, from_namespace, |ns| {
+            self.known_namespaces.contains(ns)
+        })
+    }
+
+    /// Backends of `svc`'s port `port`, ordered by pod namespace/name. Pods
+    /// lacking a named target port are skipped, as kube-proxy does.
+    pub fn endpoints(&self, svc: &Service, port: u16) -> Vec<Endpoint> {
+        let Some(service_port) = svc.port(port) else {
+            return Vec::new();
+        };
+        self.pods
+            .iter()
+            .filter(|pod| svc.selects(pod))
+            .filter_map(|pod| {
+                let target = pod.resolve_target_port(&service_port.target_port)?;
+                Some(Endpoint {
+                    pod_namespace: pod.namespace.clone(),
+                    pod_name: pod.name.clone(),
+                    node: pod.node.clone(),
+                    addr: SocketAddr::new(pod.ip, target),
+                })
+            })
+            .collect()
+    }
+
+    /// In the mesh: the pod's namespace is labelled
+    /// `istio.io/dataplane-mode: ambient` and the pod is not labelled `none`.
+    /// Host-network pods never are: their traffic is the node's own, which
+    /// ambient cannot capture per pod.
+    pub fn is_enrolled(&self, pod: &Pod) -> bool {
+        let namespace_ambient = self
+            .namespaces
+            .get(&pod.namespace)
+            .and_then(|ns| ns.labels.get(DATAPLANE_MODE_LABEL))
+            .is_some_and(|mode| mode == "ambient");
+        let opted_out = pod
+            .labels
+            .get(DATAPLANE_MODE_LABEL)
+            .is_some_and(|mode| mode == "none");
+        namespace_ambient && !opted_out && !pod.host_network
+    }
+
+    /// Istio's lookup: the most specific matching rule in the Service's
+    /// namespace, else one in the root namespace exported to it. Rules with a
+    /// workload selector are skipped (they apply to chosen clients only). Ties
+    /// go to the first by name.
+    pub fn destination_rule_for(&self, svc: &Service) -> Option<&DestinationRule> {
+        let fqdn = svc.fqdn();
+        let best_in = |namespace: &str| {
+            self.destination_rules
+                .iter()
+                .zip(&self.dr_hosts)
+                .filter(|(dr, pattern)| {
+                    dr.namespace == namespace
+                        && dr.workload_selector.is_none()
+                        && host_matches(pattern, &fqdn)
+                        && exported_to(&dr.export_to, &dr.namespace, &svc.namespace)
+                })
+                // max_by_key keeps the last maximum; reverse so the first by name wins.
+                .rev()
+                .max_by_key(|(_, pattern)| specificity(pattern))
+                .map(|(dr, _)| dr)
+        };
+        best_in(&svc.namespace).or_else(|| best_in(ROOT_NAMESPACE))
+    }
+
+    /// VirtualServices for mesh traffic whose hosts cover `svc`, ordered by
+    /// namespace/name. As in Istio, the proxy should use the first one that
+    /// matches a request.
+    pub fn virtual_services_for(&self, svc: &Service) -> Vec<&VirtualService> {
+        let fqdn = svc.fqdn();
+        self.virtual_services
+            .iter()
+            .zip(&self.vs_hosts)
+            .filter(|(vs, hosts)| {
+                vs.applies_to_mesh()
+                    && hosts.iter().any(|h| host_matches(h, &fqdn))
+                    && exported_to(&vs.export_to, &vs.namespace, &svc.namespace)
+            })
+            .map(|(vs, _)| vs)
+            .collect()
+    }
+
+    pub fn destination_rules(&self) -> impl Iterator<Item = &DestinationRule> {
+        self.destination_rules.iter()
+    }
+
+    pub fn virtual_services(&self) -> impl Iterator<Item = &VirtualService> {
+        self.virtual_services.iter()
+    }
+
+    pub fn peer_authentications(&self) -> impl Iterator<Item = &PeerAuthentication> {
+        self.peer_authentications.iter()
+    }
+
+    /// The effective inbound mTLS mode for `pod` on container port `port`:
+    /// workload rule (port-level first), then namespace rule, then the
+    /// mesh-wide rule in the root namespace; `Unset` defers to the next
+    /// level; `Permissive` when nothing decides. Several candidates at one
+    /// level: the first by name wins (Istio: the oldest).
+    pub fn mtls_mode_for(&self, pod: &Pod, port: u16) -> MtlsMode {
+        let workload = self.peer_authentications.iter().find(|pa| {
+            pa.namespace == pod.namespace
+                && pa
+                    .selector
+                    .as_ref()
+                    .is_some_and(|s| labels_match(s, &pod.labels))
+        });
+        let namespace = self
+            .peer_authentications
+            .iter()
+            .find(|pa| pa.namespace == pod.namespace && pa.selector.is_none());
+        let mesh = self
+            .peer_authentications
+            .iter()
+            .find(|pa| pa.namespace == ROOT_NAMESPACE && pa.selector.is_none());
+        let decided = |m: Option<MtlsMode>| m.filter(|m| *m != MtlsMode::Unset);
+        workload
+            .and_then(|pa| decided(pa.port_level_mtls.get(&port).copied()))
+            .or_else(|| workload.and_then(|pa| decided(pa.mtls)))
+            .or_else(|| namespace.and_then(|pa| decided(pa.mtls)))
+            .or_else(|| mesh.and_then(|pa| decided(pa.mtls)))
+            .unwrap_or(MtlsMode::Permissive)
+    }
+}

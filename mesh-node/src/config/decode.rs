@@ -1,0 +1,240 @@
+//! Turns one YAML document into one typed object of the model, or into
+//! problems that name the file, the object and the field.
+
+use k8s_openapi::api::core::v1 as k8s;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Deserialize;
+use serde_yaml::Value;
+
+use super::de::{DeError, from_value};
+use super::error::{Problem, Reporter};
+use super::field_path::FieldPath;
+use super::istio::{self, DestinationRule, PeerAuthentication, VirtualService, raw};
+use super::kube::{self, Ident};
+use super::model::{Namespace, Node, Pod, Service};
+
+/// The kinds the mesh reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum Kind {
+    Namespace,
+    Node,
+    Pod,
+    Service,
+    DestinationRule,
+    VirtualService,
+    PeerAuthentication,
+}
+
+impl Kind {
+    fn classify(api_version: &str, kind: &str) -> Option<Kind> {
+        match (api_version, kind) {
+            ("v1", "Namespace") => Some(Kind::Namespace),
+            ("v1", "Node") => Some(Kind::Node),
+            ("v1", "Pod") => Some(Kind::Pod),
+            ("v1", "Service") => Some(Kind::Service),
+            (
+                "networking.istio.io/v1"
+                | "networking.istio.io/v1beta1"
+                | "networking.istio.io/v1alpha3",
+                "DestinationRule",
+            ) => Some(Kind::DestinationRule),
+            (
+                "networking.istio.io/v1"
+                | "networking.istio.io/v1beta1"
+                | "networking.istio.io/v1alpha3",
+                "VirtualService",
+            ) => Some(Kind::VirtualService),
+            ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
+                Some(Kind::PeerAuthentication)
+            }
+            _ => None,
+        }
+    }
+
+    fn cluster_scoped(self) -> bool {
+        matches!(self, Kind::Namespace | Kind::Node)
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Node => "Node",
+            Kind::Pod => "Pod",
+            Kind::Service => "Service",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::VirtualService => "VirtualService",
+            Kind::PeerAuthentication => "PeerAuthentication",
+        }
+    }
+}
+
+/// Where an object came from, for messages about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Origin {
+    pub file: String,
+    pub kind: Kind,
+    /// Empty for cluster-scoped kinds.
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Origin {
+    /// `Kind namespace/name`, or `Kind name` for cluster-scoped kinds.
+    pub(crate) fn display(&self) -> String {
+        if self.kind.cluster_scoped() {
+            format!("{} {}", self.kind.name(), self.name)
+        } else {
+            format!("{} {}/{}", self.kind.name(), self.namespace, self.name)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Object {
+    Namespace(Namespace),
+    Node(Node),
+    Pod(Pod),
+    Service(Service),
+    // Boxed: the Istio models are several times larger than the core kinds.
+    DestinationRule(Box<DestinationRule>),
+    VirtualService(Box<VirtualService>),
+    PeerAuthentication(Box<PeerAuthentication>),
+}
+
+/// The Istio envelope: metadata is checked like Kubernetes' and the spec is
+/// decoded on its own so its field paths start at the spec (as Istio's do).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[allow(dead_code)] // apiVersion/kind/status are only accepted, not used
+struct Envelope {
+    api_version: String,
+    kind: String,
+    #[serde(default)]
+    metadata: ObjectMeta,
+    spec: Value,
+    status: Option<Value>,
+}
+
+/// Decodes one document. Returns `None` for skipped kinds and for objects
+/// too broken to build; everything wrong is added to `problems`.
+/// Objects with field problems are still returned when they can be built, so
+/// cross-object checks do not pile follow-up errors on top.
+pub(crate) fn decode(
+    file: &str,
+    index: usize,
+    value: &Value,
+    problems: &mut Vec<Problem>,
+) -> Option<(Origin, Object)> {
+    let doc = format!("document {index}");
+    let top = |problems: &mut Vec<Problem>, field: &str, message: &str| {
+        problems.push(Problem {
+            file: file.to_string(),
+            location: None,
+            object: Some(doc.clone()),
+            field: (!field.is_empty()).then(|| field.to_string()),
+            message: message.to_string(),
+        });
+    };
+    if !value.is_mapping() {
+        top(problems, "", "expected a Kubernetes object (a mapping)");
+        return None;
+    }
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+    let (Some(api_version), Some(kind_name)) =
+        (text(value.get("apiVersion")), text(value.get("kind")))
+    else {
+        for field in ["apiVersion", "kind"] {
+            if text(value.get(field)).is_none() {
+                top(problems, field, "is required");
+            }
+        }
+        return None;
+    };
+    let Some(kind) = Kind::classify(&api_version, &kind_name) else {
+        tracing::warn!(
+            file,
+            document = index,
+            api_version,
+            kind = kind_name,
+            "skipping unsupported kind"
+        );
+        return None;
+    };
+    let metadata = value.get("metadata");
+    let Some(name) = text(metadata.and_then(|m| m.get("name"))).filter(|n| !n.is_empty()) else {
+        let object = format!("{kind_name} ({doc})");
+        Reporter::new(file, &object, problems)
+            .at(&FieldPath::of(&["metadata", "name"]), "is required");
+        return None;
+    };
+    let namespace = if kind.cluster_scoped() {
+        String::new()
+    } else {
+        text(metadata.and_then(|m| m.get("namespace")))
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "default".to_string())
+    };
+    let origin = Origin {
+        file: file.to_string(),
+        kind,
+        namespace,
+        name,
+    };
+    let object_name = origin.display();
+    let mut r = Reporter::new(file, &object_name, problems);
+    let id = Ident {
+        namespace: &origin.namespace,
+        name: &origin.name,
+    };
+    let object = match kind {
+        Kind::Namespace => typed::<k8s::Namespace>(value, &mut r)
+            .map(|ns| Object::Namespace(kube::namespace(ns, &id))),
+        Kind::Node => typed::<k8s::Node>(value, &mut r)
+            .and_then(|n| kube::node(n, &id, &mut r))
+            .map(Object::Node),
+        Kind::Pod => typed::<k8s::Pod>(value, &mut r)
+            .and_then(|p| kube::pod(p, &id, &mut r))
+            .map(Object::Pod),
+        Kind::Service => typed::<k8s::Service>(value, &mut r)
+            .and_then(|s| kube::service(s, &id, &mut r))
+            .map(Object::Service),
+        Kind::DestinationRule => spec::<raw::DestinationRuleSpec>(value, &mut r).map(|s| {
+            Object::DestinationRule(Box::new(istio::convert::destination_rule(
+                &s,
+                &origin.namespace,
+                &origin.name,
+                &mut r,
+            )))
+        }),
+        Kind::VirtualService => spec::<raw::VirtualServiceSpec>(value, &mut r).map(|s| {
+            Object::VirtualService(Box::new(istio::convert::virtual_service(
+                &s,
+                &origin.namespace,
+                &origin.name,
+                &mut r,
+            )))
+        }),
+        Kind::PeerAuthentication => spec::<raw::PeerAuthenticationSpec>(value, &mut r).map(|s| {
+            Object::PeerAuthentication(Box::new(istio::convert::peer_authentication(
+                &s,
+                &origin.namespace,
+                &origin.name,
+                &mut r,
+            )))
+        }),
+    }?;
+    Some((origin, object))
+}
+
+fn report(r: &mut Reporter<'_>, e: DeError) {
+    r.at(&e.path, e.message);
+}
+
+fn typed<'de, T: Deserialize<'de>>(value: &'de Value, r: &mut Reporter<'_>) -> Option<T> {
+    from_value(value).map_err(|e| report(r, e)).ok()
+}
+
+fn spec<T: for<'de> Deserialize<'de>>(value: &Value, r: &mut Reporter<'_>) -> Option<T> {
+    let envelope: Envelope = typed(value, r)?;
+    typed(&envelope.spec, r)
+}

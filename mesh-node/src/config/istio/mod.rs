@@ -1,0 +1,29 @@
+//! Istio CRDs the mesh honours: DestinationRule, VirtualService and
+//! PeerAuthentication. `raw` mirrors Istio's YAML; the other files hold the
+//! validated model and the checks that build it.
+
+mod common;
+mod destination_rule;
+mod peer_authentication;
+pub(crate) mod raw;
+mod virtual_service;
+
+pub(crate) use common::exported_to;
+pub use common::{Destination, StringMatch};
+pub use destination_rule::{
+    ClientTls, ConnectionPool, ConsistentHash, DestinationRule, H2UpgradePolicy, HashAlgorithm,
+    HashKey, HttpSettings, LbPolicy, LoadBalancer, OutlierDetection, PortTrafficPolicy, SimpleLb,
+    Subset, TcpKeepalive, TcpSettings, TlsMode, TrafficPolicy,
+};
+pub use peer_authentication::{MtlsMode, PeerAuthentication};
+pub use virtual_service::{
+    AbortStatus, CorsPolicy, FaultAbort, FaultDelay, HeaderOperations, Headers, HttpFault,
+    HttpMatch, HttpRedirect, HttpRetry, HttpRewrite, HttpRoute, HttpRouteDestination, L4Match,
+    RetryOn, RouteDestination, TcpRoute, TlsMatch, TlsRoute, VirtualService, effective_weights,
+};
+
+pub(crate) mod convert {
+    pub(crate) use super::destination_rule::convert as destination_rule;
+    pub(crate) use super::peer_authentication::convert as peer_authentication;
+    pub(crate) use super::virtual_service::convert as virtual_service;
+}
