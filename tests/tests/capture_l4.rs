@@ -83,6 +83,15 @@ fn pod_outside_enrolled_namespaces_is_not_captured() {
     // The same connect from an enrolled pod is captured: the server sees node-b's proxy.
     let out = c.probe("client", &["who", &format!("{}:7000", c.pod("echo-1").ip)], T).unwrap();
     assert_eq!(out.trim(), "echo-1 10.244.1.1");
+
+    // An enrolled pod connecting to a destination outside the mesh (a pod of a namespace that
+    // is not enrolled) is left alone too.
+    let before = c.stats(0).unwrap();
+    let out = c.probe("client", &["who", &format!("{}:9000", c.pod("outsider").ip)], T).unwrap();
+    assert_eq!(out.trim(), format!("outsider {}", c.pod("client").ip));
+    let after = c.stats(0).unwrap();
+    assert_eq!(after["capture"]["captured"], before["capture"]["captured"]);
+    assert_eq!(after["capture"]["passed"].as_u64().unwrap(), before["capture"]["passed"].as_u64().unwrap() + 1);
 }
 
 #[test]
@@ -165,4 +174,20 @@ fn after_a_clean_exit_nothing_stays_attached() {
     // Pods now connect as without the mesh: the server sees the client's own address.
     let out = c.probe("client", &["who", &echo1], T).unwrap();
     assert_eq!(out.trim(), format!("echo-1 {}", c.pod("client").ip));
+}
+
+#[test]
+fn without_privileges_the_daemon_says_what_is_missing() {
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/lemo-dev");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bins::path("mesh-node"))
+        .args(["run", "--node", "node-a", "--cgroup", "/nonexistent", "--admin", "127.0.0.1:0", "--readiness", "127.0.0.1:0"])
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs root"), "{err}");
 }
