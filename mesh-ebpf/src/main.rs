@@ -9,6 +9,9 @@
 //! the original destination is re-keyed by the 4-tuple the proxy sees after `accept()`. The
 //! proxy reads it from `ORIG_DST` (and deletes it).
 //!
+//! `cgroup/connect6` does the same for IPv6 sockets connecting to IPv4-mapped addresses, which
+//! dual-stack clients (gRPC's C core, Java) use for IPv4 destinations.
+//!
 //! The proxy's own sockets carry `PROXY_MARK` and are never redirected, so even a proxy placed
 //! under the attach cgroup cannot loop back into itself.
 #![no_std]
@@ -23,9 +26,12 @@ use aya_ebpf::{
     EbpfContext,
 };
 use aya_log_ebpf::{debug, warn};
+use core::ptr::read_volatile;
 use mesh_common::{CaptureConfig, FourTuple, OrigDst, PodEntry, counter};
 
 const IPPROTO_TCP: u32 = 6;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 /// Return values of cgroup sock_addr programs: 1 lets the syscall proceed.
 const ALLOW: i32 = 1;
 
@@ -62,60 +68,107 @@ fn count(slot: u32) {
 
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    let dst_ip = unsafe { (*ctx.sock_addr).user_ip4 };
+    if let Some(proxy_ip4) = capture(&ctx, dst_ip) {
+        unsafe { (*ctx.sock_addr).user_ip4 = proxy_ip4 };
+    }
+    ALLOW
+}
+
+/// IPv6 sockets connecting to IPv4-mapped addresses (`::ffff:a.b.c.d`): dual-stack clients
+/// such as gRPC's C core use them for IPv4 destinations.
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    let ip6 = unsafe { (*ctx.sock_addr).user_ip6 };
+    if ip6[0] != 0 || ip6[1] != 0 || ip6[2] != V4_MAPPED_PREFIX {
+        return ALLOW;
+    }
+    if let Some(proxy_ip4) = capture(&ctx, ip6[3]) {
+        // The verifier wants the context written one aligned u32 at a time.
+        unsafe { (*ctx.sock_addr).user_ip6[3] = proxy_ip4 };
+    }
+    ALLOW
+}
+
+/// `::ffff:0:0/96` in network byte order, as the third word of an IPv6 address.
+const V4_MAPPED_PREFIX: u32 = 0xffff_u32.to_be();
+
+/// Decides whether a connect to `dst_ip` (IPv4, network order) is captured; if so records the
+/// original destination, points the port at the proxy and returns the proxy's address.
+#[inline(always)]
+fn capture(ctx: &SockAddrContext, dst_ip: u32) -> Option<u32> {
     let sa = unsafe { &*ctx.sock_addr };
     if sa.protocol != IPPROTO_TCP {
-        return ALLOW;
+        return None;
     }
     let sk: *mut bpf_sock = unsafe { sa.__bindgen_anon_1.sk };
     let Some(cfg) = CONFIG.get(mesh_common::CONFIG_INDEX) else {
         count(counter::ERRORS);
-        return ALLOW;
+        return None;
     };
     if !sk.is_null() && unsafe { (*sk).mark } == cfg.proxy_mark {
         count(counter::PROXY_SKIPPED);
-        return ALLOW;
+        return None;
     }
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
     if unsafe { ENROLLED.get(&cgroup) }.is_none() {
         count(counter::NOT_ENROLLED);
-        return ALLOW;
+        return None;
     }
-    let dst_ip = sa.user_ip4;
     if unsafe { MESH_DESTS.get(&dst_ip) }.is_none() {
         count(counter::PASSED);
-        return ALLOW;
+        return None;
     }
     let dst_port = u16::from_be(sa.user_port as u16);
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let orig = OrigDst { ip4: dst_ip, port: dst_port, _pad: 0 };
     if SOCK_ORIG.insert(&cookie, &orig, 0).is_err() {
         count(counter::ERRORS);
-        warn!(&ctx, "capture: cannot record original destination for cookie {}", cookie);
-        return ALLOW;
+        warn!(ctx, "capture: cannot record original destination for cookie {}", cookie);
+        return None;
     }
-    let sa = unsafe { &mut *ctx.sock_addr };
-    sa.user_ip4 = cfg.proxy_ip4;
-    sa.user_port = u32::from(cfg.proxy_port.to_be());
+    unsafe { (*ctx.sock_addr).user_port = u32::from(cfg.proxy_port.to_be()) };
     count(counter::CAPTURED);
-    debug!(&ctx, "capture: cgroup {} -> port {} redirected", cgroup, dst_port);
-    ALLOW
+    debug!(ctx, "capture: cgroup {} -> port {} redirected", cgroup, dst_port);
+    Some(cfg.proxy_ip4)
 }
 
 #[sock_ops]
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || ctx.family() != 2 {
+    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         return 0;
     }
+    // IPv4, or IPv6 carrying IPv4-mapped addresses (see mesh_connect6): the proxy sees IPv4.
+    // Every field is loaded unconditionally, then chosen as a scalar: the verifier rejects the
+    // shared pointer arithmetic the optimiser produces for per-branch context loads.
+    let ops = ctx.ops;
+    let (family, l4, r4, l6_prefix, r6_prefix, l6, r6) = unsafe {
+        (
+            read_volatile(&(*ops).family),
+            read_volatile(&(*ops).local_ip4),
+            read_volatile(&(*ops).remote_ip4),
+            read_volatile(&(*ops).local_ip6[2]),
+            read_volatile(&(*ops).remote_ip6[2]),
+            read_volatile(&(*ops).local_ip6[3]),
+            read_volatile(&(*ops).remote_ip6[3]),
+        )
+    };
+    let (local_ip4, remote_ip4) = match family {
+        AF_INET => (l4, r4),
+        AF_INET6 if l6_prefix == V4_MAPPED_PREFIX && r6_prefix == V4_MAPPED_PREFIX => (l6, r6),
+        _ => return 0,
+    };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(orig) = (unsafe { SOCK_ORIG.get(&cookie) }).copied() else {
         return 0;
     };
     // remote_port holds the big-endian port in its upper 16 bits on little-endian hosts.
-    let remote_port = u16::from_be((ctx.remote_port() >> 16) as u16);
+    let (remote_port, local_port) = unsafe { (read_volatile(&(*ops).remote_port), read_volatile(&(*ops).local_port)) };
+    let remote_port = u16::from_be((remote_port >> 16) as u16);
     let key = FourTuple {
-        src_ip4: ctx.local_ip4(),
-        dst_ip4: ctx.remote_ip4(),
-        src_port: ctx.local_port() as u16,
+        src_ip4: local_ip4,
+        dst_ip4: remote_ip4,
+        src_port: local_port as u16,
         dst_port: remote_port,
     };
     if ORIG_DST.insert(&key, &orig, 0).is_err() {

@@ -15,6 +15,9 @@ use crate::{
     balance::Balancer,
     capture::{Capture, CaptureOptions},
     config::{self, Cluster},
+    destination::Destinations,
+    http::pool::Pool,
+    upstream::Connector,
     listener::{self, ProxyContext},
     stats::ProxyStats,
 };
@@ -70,6 +73,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         stats: stats.clone(),
         connect_timeout: opts.connect_timeout,
         inbound_port: opts.inbound_port,
+        destinations: Destinations::default(),
+        pool: Pool::new(Connector { node: opts.node.clone(), inbound_port: opts.inbound_port, config: config_rx.clone() }),
     });
     let admin_state = Arc::new(AdminState {
         node: opts.node.clone(),
@@ -77,7 +82,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         config: config_rx.clone(),
         capture_counters: capture.counters(),
         capture_state: capture.state(),
-        proxy_stats: stats,
+        proxy_stats: stats.clone(),
     });
 
     let unspecified: IpAddr = if proxy_ip.is_ipv4() { [0, 0, 0, 0].into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() };
@@ -107,6 +112,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 }
                 let cluster = config_rx.borrow_and_update().clone();
                 capture.sync(&cluster, &opts.node);
+                stats.config_reloads.inc();
             }
             _ = rescan.tick() => {
                 let cluster = config_rx.borrow().clone();

@@ -26,7 +26,9 @@ macro_rules! proxy_stats {
 }
 
 proxy_stats!(
+    config_reloads,
     outbound_accepted,
+    outbound_http,
     outbound_no_orig_dst,
     outbound_no_route,
     outbound_direct,
@@ -35,4 +37,38 @@ proxy_stats!(
     inbound_requests,
     inbound_refused,
     inbound_connect_errors,
+    http_requests,
+    http_retries,
+    flag_uh,
+    flag_uf,
+    flag_uo,
+    flag_urx,
+    flag_ut,
+    flag_nr,
+    flag_di,
+    flag_fi,
+    flag_ur,
+    flag_dc,
 );
+
+impl ProxyStats {
+    /// Counts each response flag of a finished request.
+    pub fn record_flags(&self, flags: crate::flags::ResponseFlags) {
+        for code in flags.codes() {
+            let counter = match code {
+                "UH" => &self.flag_uh,
+                "UF" => &self.flag_uf,
+                "UO" => &self.flag_uo,
+                "URX" => &self.flag_urx,
+                "UT" => &self.flag_ut,
+                "NR" => &self.flag_nr,
+                "DI" => &self.flag_di,
+                "FI" => &self.flag_fi,
+                "UR" => &self.flag_ur,
+                "DC" => &self.flag_dc,
+                _ => continue,
+            };
+            counter.inc();
+        }
+    }
+}

@@ -33,3 +33,79 @@ pub fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
 }
+
+/// An upstream byte stream: a direct connection to a local pod, or a tunnel through another
+/// node's proxy.
+pub enum UpstreamIo {
+    Direct(TcpStream),
+    Tunnel(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>),
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Direct(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tunnel(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Direct(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tunnel(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Direct(s) => std::pin::Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tunnel(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Direct(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tunnel(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Failure to reach an endpoint, directly or through its node's proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connecting to {addr}: {source}")]
+    Direct { addr: SocketAddr, source: io::Error },
+    #[error(transparent)]
+    Tunnel(#[from] crate::tunnel::TunnelError),
+    #[error("endpoint {addr} is on node {node}, which the config does not define")]
+    UnknownNode { addr: SocketAddr, node: String },
+}
+
+/// How this node reaches endpoints: directly when they are local, through the owning node's
+/// inbound port otherwise.
+#[derive(Clone)]
+pub struct Connector {
+    pub node: String,
+    pub inbound_port: u16,
+    pub config: tokio::sync::watch::Receiver<std::sync::Arc<crate::config::Cluster>>,
+}
+
+impl Connector {
+    pub async fn connect(&self, endpoint: &crate::config::Endpoint, timeout: Duration) -> Result<UpstreamIo, ConnectError> {
+        if endpoint.node == self.node {
+            return connect(endpoint.addr, timeout)
+                .await
+                .map(UpstreamIo::Direct)
+                .map_err(|source| ConnectError::Direct { addr: endpoint.addr, source });
+        }
+        let node_ip = self.config.borrow().node(&endpoint.node).map(|n| n.ip);
+        let Some(node_ip) = node_ip else {
+            return Err(ConnectError::UnknownNode { addr: endpoint.addr, node: endpoint.node.clone() });
+        };
+        let proxy = SocketAddr::new(node_ip, self.inbound_port);
+        Ok(UpstreamIo::Tunnel(crate::tunnel::open(proxy, endpoint.addr, timeout).await?))
+    }
+}

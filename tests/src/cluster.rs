@@ -84,6 +84,26 @@ impl ClusterSpec {
         self
     }
 
+    /// A pod with extra labels (e.g. `version: v2`) besides `app=<app>`, one named port.
+    pub fn pod_labelled(mut self, name: &str, namespace: &str, node: usize, app: &str, labels: &[(&str, &str)], port_name: &str, port: u16) -> Self {
+        let mut all: BTreeMap<String, String> = [("app".to_string(), app.to_string())].into();
+        all.extend(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self.pods.push(PodSpec { name: name.into(), namespace: namespace.into(), node, labels: all, ports: vec![(port_name.into(), port)] });
+        self
+    }
+
+    /// A Service selecting `app=<app>` with one named port (`http`, `grpc`, `tcp`, ...).
+    pub fn service_named(mut self, name: &str, namespace: &str, vip: [u8; 4], app: &str, port_name: &str, port: u16, target: u16) -> Self {
+        self.services.push(ServiceSpec {
+            name: name.into(),
+            namespace: namespace.into(),
+            vip: vip.into(),
+            ports: vec![(port_name.into(), port, target)],
+            selector: [("app".to_string(), app.to_string())].into(),
+        });
+        self
+    }
+
     /// A Service selecting `app=<app>`, port `port` -> `target`.
     pub fn service(mut self, name: &str, namespace: &str, vip: [u8; 4], app: &str, port: u16, target: u16) -> Self {
         self.services.push(ServiceSpec {
@@ -267,6 +287,25 @@ impl SimCluster {
         y
     }
 
+    /// Replaces a pod's labels and rewrites the cluster file the daemons watch (e.g. to move a
+    /// pod into a Service's selector, as a new pod would join).
+    pub fn set_pod_labels(&mut self, pod: &str, labels: &[(&str, &str)]) -> anyhow::Result<()> {
+        let p = self.pods.iter_mut().find(|p| p.spec.name == pod).with_context(|| format!("no pod {pod}"))?;
+        p.spec.labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.write_config_file("cluster.yaml", &self.cluster_yaml())
+    }
+
+    /// Starts a process in a pod that serves on `port`, and waits until it accepts.
+    pub fn serve_in_pod(&self, pod: &str, program: &Path, args: &[&str], port: u16) -> anyhow::Result<()> {
+        self.spawn_in_pod(pod, program, args)?;
+        let addr = format!("127.0.0.1:{port}");
+        let out = self.run_in_pod(pod, &bins::path("mesh-probe"), &["wait", &addr, "--timeout-ms", "15000"], Duration::from_secs(20))?;
+        if !out.status.success() {
+            bail!("server in {pod} did not start listening on {port}");
+        }
+        Ok(())
+    }
+
     fn write_config(&self) -> anyhow::Result<()> {
         fs::write(self.config_dir.join("cluster.yaml"), self.cluster_yaml())?;
         Ok(())
@@ -278,6 +317,23 @@ impl SimCluster {
         let tmp = self.config_dir.join(format!(".{name}.tmp"));
         fs::write(&tmp, contents)?;
         fs::rename(&tmp, self.config_dir.join(name))?;
+        Ok(())
+    }
+
+    /// Writes a config file and waits until every running node proxy has loaded it.
+    pub fn apply_config(&self, name: &str, contents: &str) -> anyhow::Result<()> {
+        let running: Vec<usize> = (0..self.nodes.len()).filter(|i| self.nodes[*i].proxy.lock().unwrap().is_some()).collect();
+        let before: Vec<u64> = running.iter().map(|i| self.counter(*i, "proxy", "config_reloads")).collect();
+        self.write_config_file(name, contents)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (i, before) in running.iter().zip(before) {
+            while self.counter(*i, "proxy", "config_reloads") <= before {
+                if Instant::now() > deadline {
+                    bail!("node {} did not load {name} within 10s:\n{}", self.nodes[*i].name, self.proxy_log(*i));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         Ok(())
     }
 

@@ -2,5 +2,6 @@
 pub mod bins;
 pub mod cluster;
 pub mod sys;
+pub mod tools;
 
 pub use cluster::{ClusterSpec, SimCluster};

@@ -17,7 +17,15 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("bpftool", "bpftool"),
     ("nsenter", "util-linux"),
+    ("curl", "curl"),
+    ("h2load", "nghttp2-client"),
+    ("python3", "python3"),
 ];
+
+/// The gRPC probes (`tests/grpc/*.py`) need a real gRPC stack; the tests find this venv at the
+/// same place (`mesh_e2e::tools::python`).
+const PYENV: &str = "target/pyenv";
+const GRPCIO: &str = "grpcio>=1.60,<2";
 
 fn step(name: &str) {
     eprintln!("setup: {name}");
@@ -56,6 +64,7 @@ pub fn setup() -> anyhow::Result<()> {
     apt()?;
     nightly()?;
     bpf_linker()?;
+    pyenv()?;
     step("done: toolchain and tools are in place");
     Ok(())
 }
@@ -67,12 +76,44 @@ fn apt() -> anyhow::Result<()> {
         return Ok(());
     }
     step(&format!("apt packages: installing {}", missing.join(" ")));
+    apt_install(&missing)
+}
+
+fn apt_install(missing: &[&str]) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("installing {} needs root (apt-get); run as root or install them yourself", missing.join(" "));
     }
     // The package index may be stale on a fresh machine (old versions 404): refresh it first.
     run(Command::new("apt-get").args(["update", "-q"]).stdout(Stdio::null()))?;
-    run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+    run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(missing).env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// The venv's interpreter, which runs the gRPC probe server and client.
+pub fn python() -> PathBuf {
+    crate::workspace_root().join(PYENV).join("bin/python")
+}
+
+fn pyenv() -> anyhow::Result<()> {
+    let python = python();
+    if python.is_file() && output(Command::new(&python).args(["-c", "import grpc"])).is_some() {
+        step(&format!("python venv: grpcio present ({PYENV})"));
+        return Ok(());
+    }
+    if !python.is_file() {
+        step(&format!("python venv: creating {PYENV}"));
+        let dir = crate::workspace_root().join(PYENV);
+        let python3 = which("python3").context("python3 is needed for the gRPC probes")?;
+        let venv = || run(Command::new(&python3).arg("-m").arg("venv").arg("--clear").arg(&dir));
+        if venv().is_err() {
+            // Debian splits ensurepip (what `venv` needs) into python3-venv.
+            step("python venv: python3 -m venv failed; installing python3-venv");
+            apt_install(&["python3-venv"])?;
+            venv()?;
+        }
+    }
+    step(&format!("python venv: installing {GRPCIO}"));
+    run(Command::new(&python).args(["-m", "pip", "install", "-q", "--disable-pip-version-check", GRPCIO]))?;
+    run(Command::new(&python).args(["-c", "import grpc"]))
 }
 
 fn nightly() -> anyhow::Result<()> {

@@ -123,6 +123,8 @@ impl Capture {
         // references through the object's own map fds.
         let connect4: &mut CgroupSockAddr = program(&mut ebpf, "mesh_connect4")?;
         connect4.load().map_err(|source| CaptureError::Program { name: "mesh_connect4", source })?;
+        let connect6: &mut CgroupSockAddr = program(&mut ebpf, "mesh_connect6")?;
+        connect6.load().map_err(|source| CaptureError::Program { name: "mesh_connect6", source })?;
         let sockops: &mut SockOps = program(&mut ebpf, "mesh_sockops")?;
         sockops.load().map_err(|source| CaptureError::Program { name: "mesh_sockops", source })?;
         let mut config: Array<MapData, CaptureConfig> = take_map(&mut ebpf, "CONFIG")?;
@@ -148,6 +150,10 @@ impl Capture {
         connect4
             .attach(cgroup_file.as_fd(), CgroupAttachMode::Single)
             .map_err(|source| CaptureError::Program { name: "mesh_connect4", source })?;
+        let connect6: &mut CgroupSockAddr = program(&mut ebpf, "mesh_connect6")?;
+        connect6
+            .attach(cgroup_file.as_fd(), CgroupAttachMode::Single)
+            .map_err(|source| CaptureError::Program { name: "mesh_connect6", source })?;
         let sockops: &mut SockOps = program(&mut ebpf, "mesh_sockops")?;
         sockops
             .attach(cgroup_file.as_fd(), CgroupAttachMode::Single)

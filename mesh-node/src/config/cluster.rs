@@ -200,7 +200,10 @@ impl Cluster {
             .zip(&self.vs_hosts)
             .filter(|(vs, hosts)| {
                 vs.applies_to_mesh()
-                    && hosts.iter().any(|h| host_matches(h, &fqdn))
+                    && hosts.iter().any(|h| {
+                        // A VirtualService may name a Service by its VIP too.
+                        host_matches(h, &fqdn) || h.parse::<IpAddr>().is_ok_and(|ip| svc.cluster_ips.contains(&ip))
+                    })
                     && exported_to(&vs.export_to, &vs.namespace, &svc.namespace)
             })
             .map(|(vs, _)| vs)

@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 
-use crate::{balance::Balancer, capture::OrigDstTable, config::Cluster, stats::ProxyStats};
+use crate::{balance::Balancer, capture::OrigDstTable, config::Cluster, destination::Destinations, http::pool::Pool, stats::ProxyStats};
 
 /// What every connection handler needs: the live config, this node's name, and shared state.
 pub struct ProxyContext {
@@ -18,6 +18,10 @@ pub struct ProxyContext {
     pub stats: Arc<ProxyStats>,
     pub connect_timeout: Duration,
     pub inbound_port: u16,
+    /// Upstream clusters (endpoints, policies, balancers) for the L7 path.
+    pub destinations: Destinations,
+    /// Pooled upstream HTTP connections.
+    pub pool: Pool,
 }
 
 impl ProxyContext {

@@ -5,7 +5,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use super::ProxyContext;
-use crate::{route, tunnel, upstream};
+use crate::{
+    http::{self, ServiceTarget},
+    protocol::{self, Protocol},
+    route, tunnel, upstream,
+};
 
 pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
     loop {
@@ -32,6 +36,20 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
         return upstream::reset(client);
     };
     let cluster = ctx.cluster();
+    if let Some(svc) = cluster.service_by_vip(orig.ip())
+        && let Some(port) = svc.port(orig.port())
+    {
+        let protocol = match protocol::for_port(port) {
+            Protocol::Detect => protocol::sniff(&client, protocol::DETECTION_TIMEOUT).await,
+            p => p,
+        };
+        if protocol == Protocol::Http {
+            ctx.stats.outbound_http.inc();
+            let target = ServiceTarget { namespace: svc.namespace.clone(), service: svc.name.clone(), port: port.port };
+            drop(cluster);
+            return http::serve(client, peer, target, ctx).await;
+        }
+    }
     let route = match route::route(&cluster, orig) {
         Ok(route) => route,
         Err(e) => {

@@ -3,6 +3,20 @@
 //! The server answers a one-line command per connection: `WHO` (its name and the caller's
 //! address), `ECHO` (echo until the client half-closes), `RR <size>` (fixed-size
 //! request/response until EOF) and `SINK` (count bytes until EOF, then report the count).
+//!
+//! The HTTP side (`http-serve`, `http`, `http-concurrent`, `ws`) lives in `probe/`: a server
+//! whose answers each request scripts by header, and hyper clients that report which pod answered.
+#[path = "probe/conn.rs"]
+mod conn;
+#[path = "probe/http_client.rs"]
+mod http_client;
+#[path = "probe/http_server.rs"]
+mod http_server;
+#[path = "probe/report.rs"]
+mod report;
+#[path = "probe/ws.rs"]
+mod ws;
+
 use std::{
     io::{self, BufRead as _, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs as _},
@@ -75,6 +89,31 @@ enum Cmd {
         #[arg(long)]
         bytes: u64,
     },
+    /// HTTP/1.1 and h2c server; every answer carries `x-pod: NAME`, request headers script it.
+    HttpServe {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+        /// Answer 503 to every Nth request (counted across connections).
+        #[arg(long)]
+        fail_every: Option<u64>,
+        /// Added latency on every request.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+    /// HTTP requests over persistent connections; one JSON report line.
+    Http(http_client::HttpArgs),
+    /// Like `http`, with `--concurrency K` requests in flight at once (required).
+    HttpConcurrent(http_client::HttpArgs),
+    /// HTTP/1.1 Upgrade to /ws, then check BYTES echo back intact.
+    Ws {
+        url: String,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 10000)]
+        timeout_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -86,6 +125,11 @@ fn main() -> ExitCode {
         Cmd::Echo { addr, bytes } => echo(&addr, bytes),
         Cmd::Rr { addr, size, rate, seconds, conns } => rr(&addr, size, rate, seconds, conns),
         Cmd::Bulk { addr, bytes } => bulk(&addr, bytes),
+        Cmd::HttpServe { name, port, fail_every, delay_ms } => http_serve(http_server::ServerOpts { name, port, fail_every, delay_ms }),
+        Cmd::Http(args) => http(args),
+        Cmd::HttpConcurrent(args) if args.concurrency.is_none() => Err(io::Error::other("http-concurrent needs --concurrency")),
+        Cmd::HttpConcurrent(args) => http(args),
+        Cmd::Ws { url, bytes, timeout_ms } => ws::run(&url, bytes, timeout_ms).map_err(anyhow_to_io),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -106,6 +150,18 @@ fn dial(addr: &str, timeout: Duration) -> io::Result<TcpStream> {
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(timeout))?;
     Ok(s)
+}
+
+fn anyhow_to_io(e: anyhow::Error) -> io::Error {
+    io::Error::other(format!("{e:#}"))
+}
+
+fn http_serve(opts: http_server::ServerOpts) -> io::Result<bool> {
+    http_server::run(opts).map_err(anyhow_to_io)
+}
+
+fn http(args: http_client::HttpArgs) -> io::Result<bool> {
+    http_client::run(args).map_err(anyhow_to_io)
 }
 
 // ---------- server ----------

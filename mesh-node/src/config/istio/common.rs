@@ -14,15 +14,14 @@ use crate::config::kube::port_number;
 pub enum StringMatch {
     Exact(String),
     Prefix(String),
-    /// RE2 syntax, kept as written (not compiled here).
-    Regex(String),
+    /// RE2 syntax (Envoy's `safe_regex`), matched against the whole value.
+    Regex(Pattern),
     /// `{}` in a header or query-parameter map: the key only has to be present.
     Present,
 }
 
 impl StringMatch {
-    /// Whether `value` satisfies the match. Regexes are not evaluated here (no
-    /// regex engine in this crate) and never match.
+    /// Whether `value` satisfies the match.
     pub fn matches(&self, value: &str, ignore_case: bool) -> bool {
         let eq = |a: &str, b: &str| {
             if ignore_case {
@@ -36,11 +35,43 @@ impl StringMatch {
             StringMatch::Prefix(prefix) => value
                 .get(..prefix.len())
                 .is_some_and(|head| eq(head, prefix)),
-            StringMatch::Regex(_) => false,
+            StringMatch::Regex(re) => re.full_match(value, ignore_case),
             StringMatch::Present => true,
         }
     }
 }
+
+/// A compiled regular expression, anchored at both ends as Envoy's `safe_regex` is.
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    source: String,
+    anchored: regex::Regex,
+    anchored_ci: regex::Regex,
+}
+
+impl Pattern {
+    pub fn new(source: &str) -> Result<Self, regex::Error> {
+        let anchored = regex::Regex::new(&format!("^(?:{source})$"))?;
+        let anchored_ci = regex::RegexBuilder::new(&format!("^(?:{source})$")).case_insensitive(true).build()?;
+        Ok(Self { source: source.to_owned(), anchored, anchored_ci })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    pub fn full_match(&self, value: &str, ignore_case: bool) -> bool {
+        if ignore_case { self.anchored_ci.is_match(value) } else { self.anchored.is_match(value) }
+    }
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
+impl Eq for Pattern {}
 
 /// Where traffic goes: a host (as written), optional subset and port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,10 +113,21 @@ pub(crate) fn string_match(
     m: &raw::StringMatch,
     allow_presence: bool,
 ) -> Option<StringMatch> {
+    let regex = m.regex.as_ref().map(|re| match Pattern::new(re) {
+        Ok(p) => Some(StringMatch::Regex(p)),
+        Err(e) => {
+            r.at(&path.key("regex"), format!("{re:?} is not a valid regular expression: {e}"));
+            None
+        }
+    });
+    let set_count = [m.exact.is_some(), m.prefix.is_some(), m.regex.is_some()].iter().filter(|b| **b).count();
+    if set_count == 1 && m.regex.is_some() && !matches!(regex, Some(Some(_))) {
+        return None;
+    }
     let set: Vec<StringMatch> = [
         m.exact.clone().map(StringMatch::Exact),
         m.prefix.clone().map(StringMatch::Prefix),
-        m.regex.clone().map(StringMatch::Regex),
+        regex.flatten(),
     ]
     .into_iter()
     .flatten()
@@ -98,7 +140,7 @@ pub(crate) fn string_match(
         }
         1 => {
             if let Some(StringMatch::Regex(re)) = set.first()
-                && re.is_empty()
+                && re.as_str().is_empty()
             {
                 r.at(&path.key("regex"), "must not be empty");
             }

@@ -9,7 +9,7 @@ pub(crate) mod raw;
 mod virtual_service;
 
 pub(crate) use common::exported_to;
-pub use common::{Destination, StringMatch};
+pub use common::{Destination, Pattern, StringMatch};
 pub use destination_rule::{
     ClientTls, ConnectionPool, ConsistentHash, DestinationRule, H2UpgradePolicy, HashAlgorithm,
     HashKey, HttpSettings, LbPolicy, LoadBalancer, OutlierDetection, PortTrafficPolicy, SimpleLb,

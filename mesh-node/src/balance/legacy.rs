@@ -1,4 +1,5 @@
-//! Choosing one endpoint among a route's candidates. Round robin per route for now.
+//! Round robin over a [`Route`]'s endpoints, keyed by route name: the L4 path's balancer until
+//! it moves to [`super::ClusterBalancer`].
 use std::{
     collections::HashMap,
     sync::{
@@ -44,11 +45,25 @@ mod tests {
     #[test]
     fn round_robin_cycles_through_endpoints_per_route() {
         let b = Balancer::default();
-        let a = Route { name: "a".into(), endpoints: vec![ep("a1", 1), ep("a2", 2), ep("a3", 3)] };
-        let other = Route { name: "b".into(), endpoints: vec![ep("b1", 1), ep("b2", 2)] };
-        let picks: Vec<_> = (0..6).map(|_| b.pick(&a).unwrap().pod_name.clone()).collect();
+        let a = Route {
+            name: "a".into(),
+            endpoints: vec![ep("a1", 1), ep("a2", 2), ep("a3", 3)],
+        };
+        let other = Route {
+            name: "b".into(),
+            endpoints: vec![ep("b1", 1), ep("b2", 2)],
+        };
+        let picks: Vec<_> = (0..6)
+            .map(|_| b.pick(&a).unwrap().pod_name.clone())
+            .collect();
         assert_eq!(picks, ["a1", "a2", "a3", "a1", "a2", "a3"]);
         assert_eq!(b.pick(&other).unwrap().pod_name, "b1");
-        assert!(b.pick(&Route { name: "c".into(), endpoints: vec![] }).is_none());
+        assert!(
+            b.pick(&Route {
+                name: "c".into(),
+                endpoints: vec![]
+            })
+            .is_none()
+        );
     }
 }

@@ -1,0 +1,56 @@
+//! Choosing one endpoint of an upstream cluster (a Service port, optionally a subset) with
+//! Istio DestinationRule semantics as Envoy applies them: ROUND_ROBIN, RANDOM, LEAST_REQUEST
+//! (Istio's default), ring hash and Maglev consistent hashing, outlier ejection and panic mode.
+//!
+//! [`ClusterBalancer`] holds one cluster's state; [`Balancers`] keeps them by name across
+//! config reloads. [`Balancer`] is the older per-route round robin the L4 path still uses.
+mod algorithms;
+mod clock;
+mod cluster;
+mod hash;
+mod least_request;
+mod legacy;
+mod maglev;
+mod outlier;
+mod registry;
+mod ring_hash;
+mod rng;
+#[cfg(test)]
+mod tests;
+
+pub use clock::{Clock, SystemClock};
+pub use cluster::{ClusterBalancer, ClusterSnapshot, EndpointSnapshot};
+pub use hash::hash_key;
+pub use least_request::ActiveRequest;
+pub use legacy::Balancer;
+pub use registry::Balancers;
+
+use crate::config::Endpoint;
+
+/// The chosen endpoint. Keep `guard` (move it into the response body) until the request ends:
+/// LEAST_REQUEST counts it as active until then.
+#[derive(Debug)]
+pub struct Pick {
+    pub endpoint: Endpoint,
+    pub guard: ActiveRequest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PickError {
+    #[error("no endpoints")]
+    NoEndpoints,
+    /// Every endpoint is ejected and panic mode is off: Envoy's "no healthy upstream".
+    #[error("no healthy upstream")]
+    NoHealthyUpstream,
+}
+
+/// What happened to one attempt, for outlier detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Finished without an HTTP status to judge (e.g. an L4 connection that connected).
+    Success,
+    /// Any status the upstream itself returned.
+    HttpStatus(u16),
+    /// Connect failure, reset or timeout before a response.
+    LocalOriginFailure,
+}

@@ -1,0 +1,155 @@
+//! Upstream clusters: a Service port, optionally narrowed to a DestinationRule subset, with its
+//! endpoints, merged traffic policy, balancer and circuit breakers.
+//!
+//! Resolution is cached per config snapshot; balancers and limits live across snapshots, so
+//! outlier ejections and in-flight counts survive a config reload.
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use crate::{
+    balance::{Balancers, ClusterBalancer},
+    config::{Cluster, Endpoint, HashKey, LbPolicy, Service, TrafficPolicy, labels_match},
+    http::pool::PoolSettings,
+    limits::Limits,
+};
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DestinationKey {
+    pub namespace: String,
+    pub service: String,
+    pub port: u16,
+    pub subset: Option<String>,
+}
+
+impl DestinationKey {
+    pub fn new(svc: &Service, port: u16, subset: Option<&str>) -> Self {
+        Self { namespace: svc.namespace.clone(), service: svc.name.clone(), port, subset: subset.map(str::to_owned) }
+    }
+}
+
+impl fmt::Display for DestinationKey {
+    /// Envoy's cluster name, which Istio dashboards and tools show.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "outbound|{}|{}|{}",
+            self.port,
+            self.subset.as_deref().unwrap_or(""),
+            crate::config::fqdn(&self.service, &self.namespace)
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DestinationError {
+    #[error("no Service {0}")]
+    NoService(String),
+    #[error("no subset {subset:?} for {service} in any DestinationRule")]
+    NoSubset { service: String, subset: String },
+}
+
+/// Everything the data path needs to send to one upstream cluster.
+pub struct Destination {
+    pub key: DestinationKey,
+    pub name: String,
+    pub endpoints: Vec<Endpoint>,
+    pub policy: TrafficPolicy,
+    pub balancer: Arc<ClusterBalancer>,
+    pub limits: Arc<Limits>,
+    pub hash_key: Option<HashKey>,
+    pub pool: PoolSettings,
+}
+
+/// Istio's HTTP idle timeout default (connectionPool.http.idleTimeout): 1 hour.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+#[derive(Default)]
+pub struct Destinations {
+    cache: Mutex<HashMap<(DestinationKey, bool), (u64, Arc<Destination>)>>,
+    balancers: Balancers,
+    limits: Mutex<HashMap<(DestinationKey, bool), Arc<Limits>>>,
+}
+
+impl Destinations {
+    /// `http2`: whether requests to this cluster go over HTTP/2 (the limits differ).
+    pub fn resolve(&self, cluster: &Cluster, key: &DestinationKey, http2: bool) -> Result<Arc<Destination>, DestinationError> {
+        let generation = cluster.fingerprint();
+        let cache_key = (key.clone(), http2);
+        if let Some((generation_seen, dest)) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&cache_key)
+            && *generation_seen == generation
+        {
+            return Ok(dest.clone());
+        }
+        let dest = Arc::new(self.build(cluster, key, http2)?);
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(cache_key, (generation, dest.clone()));
+        Ok(dest)
+    }
+
+    fn build(&self, cluster: &Cluster, key: &DestinationKey, http2: bool) -> Result<Destination, DestinationError> {
+        let svc = cluster
+            .service(&key.namespace, &key.service)
+            .ok_or_else(|| DestinationError::NoService(format!("{}/{}", key.namespace, key.service)))?;
+        let rule = cluster.destination_rule_for(svc);
+        let mut endpoints = cluster.endpoints(svc, key.port);
+        let mut policy = rule.and_then(|r| r.traffic_policy.as_ref()).map(|p| p.for_port(key.port)).unwrap_or_default();
+        if let Some(subset_name) = &key.subset {
+            let subset = rule.and_then(|r| r.subset(subset_name)).ok_or_else(|| DestinationError::NoSubset {
+                service: format!("{}/{}", key.namespace, key.service),
+                subset: subset_name.clone(),
+            })?;
+            let labels: HashMap<(&str, &str), &std::collections::BTreeMap<String, String>> =
+                cluster.pods().map(|p| ((p.namespace.as_str(), p.name.as_str()), &p.labels)).collect();
+            endpoints.retain(|e| {
+                labels.get(&(e.pod_namespace.as_str(), e.pod_name.as_str())).is_some_and(|l| labels_match(&subset.labels, l))
+            });
+            if let Some(sub) = &subset.traffic_policy {
+                policy = merge(sub.for_port(key.port), policy);
+            }
+        }
+        let name = key.to_string();
+        let balancer = self.balancers.get(&name);
+        let lb: Option<LbPolicy> = policy.load_balancer.as_ref().map(|l| l.policy.clone());
+        let hash_key = match &lb {
+            Some(LbPolicy::ConsistentHash(ch)) => Some(ch.key.clone()),
+            _ => None,
+        };
+        balancer.update(endpoints.clone(), lb, policy.outlier_detection.clone());
+        let limits = {
+            let mut all = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+            let limits = all.entry((key.clone(), http2)).or_insert_with(|| Arc::new(Limits::new(policy.connection_pool.as_ref(), http2)));
+            limits.update(policy.connection_pool.as_ref(), http2);
+            limits.clone()
+        };
+        let pool = PoolSettings {
+            connect_timeout: limits.connect_timeout(),
+            max_requests_per_connection: limits.max_requests_per_connection(),
+            idle_timeout: limits.idle_timeout().unwrap_or(DEFAULT_IDLE_TIMEOUT),
+        };
+        Ok(Destination { key: key.clone(), name, endpoints, policy, balancer, limits, hash_key, pool })
+    }
+
+    /// Balancer state of every cluster, for the admin endpoint.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = serde_json::Map::new();
+        for ((_, _), (_, dest)) in cache.iter() {
+            out.insert(dest.name.clone(), serde_json::to_value(dest.balancer.snapshot()).unwrap_or_default());
+        }
+        serde_json::Value::Object(out)
+    }
+}
+
+/// A subset's policy overrides the rule's, field by field (Istio's merge).
+fn merge(subset: TrafficPolicy, base: TrafficPolicy) -> TrafficPolicy {
+    TrafficPolicy {
+        load_balancer: subset.load_balancer.or(base.load_balancer),
+        connection_pool: subset.connection_pool.or(base.connection_pool),
+        outlier_detection: subset.outlier_detection.or(base.outlier_detection),
+        tls: subset.tls.or(base.tls),
+        port_level_settings: Vec::new(),
+    }
+}

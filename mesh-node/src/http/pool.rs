@@ -1,0 +1,188 @@
+//! Upstream HTTP connections, pooled per endpoint: HTTP/2 multiplexes one connection per
+//! endpoint; HTTP/1.1 keeps idle keep-alive connections and opens more as needed.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use hyper::{
+    Request, Response,
+    body::Incoming,
+    client::conn::{http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tracing::debug;
+
+use super::replay::ReplayBody;
+use crate::{
+    config::Endpoint,
+    upstream::{ConnectError, Connector},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Version {
+    Http1,
+    Http2,
+}
+
+/// Per-destination connection settings (DestinationRule connectionPool).
+#[derive(Clone, Debug)]
+pub struct PoolSettings {
+    pub connect_timeout: Duration,
+    /// `None`: unlimited.
+    pub max_requests_per_connection: Option<u32>,
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("upstream handshake: {0}")]
+    Handshake(hyper::Error),
+    /// The upstream refused the stream (HTTP/2 REFUSED_STREAM) or closed the connection before
+    /// the request was written: safe to retry anywhere.
+    #[error("upstream refused the request: {0}")]
+    Refused(hyper::Error),
+    /// The upstream reset or closed the connection after the request was sent.
+    #[error("upstream reset: {0}")]
+    Reset(hyper::Error),
+    /// The per-try timeout fired before the response headers arrived.
+    #[error("per-try timeout")]
+    Timeout,
+}
+
+struct IdleH1 {
+    sender: http1::SendRequest<ReplayBody>,
+    since: Instant,
+    used: u32,
+}
+
+#[derive(Default)]
+struct Endpoints {
+    h1: HashMap<SocketAddr, Vec<IdleH1>>,
+    h2: HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<http2::SendRequest<ReplayBody>>>>>,
+}
+
+pub struct Pool {
+    connector: Connector,
+    idle: Arc<Mutex<Endpoints>>,
+}
+
+impl Pool {
+    pub fn new(connector: Connector) -> Self {
+        Self { connector, idle: Arc::default() }
+    }
+
+    pub async fn send(&self, endpoint: &Endpoint, version: Version, req: Request<ReplayBody>, settings: &PoolSettings) -> Result<Response<Incoming>, SendError> {
+        match version {
+            Version::Http1 => self.send_h1(endpoint, req, settings).await,
+            Version::Http2 => self.send_h2(endpoint, req, settings).await,
+        }
+    }
+
+    async fn send_h2(&self, endpoint: &Endpoint, req: Request<ReplayBody>, settings: &PoolSettings) -> Result<Response<Incoming>, SendError> {
+        let slot = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            idle.h2.entry(endpoint.addr).or_default().clone()
+        };
+        let mut sender = {
+            // Held across the connect so concurrent first requests share one connection.
+            let mut slot = slot.lock().await;
+            match slot.as_ref() {
+                Some(s) if !s.is_closed() => s.clone(),
+                _ => {
+                    let io = self.connector.connect(endpoint, settings.connect_timeout).await?;
+                    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .handshake(TokioIo::new(io))
+                        .await
+                        .map_err(SendError::Handshake)?;
+                    let addr = endpoint.addr;
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            debug!(%addr, "upstream h2 connection: {e}");
+                        }
+                    });
+                    *slot = Some(sender.clone());
+                    sender
+                }
+            }
+        };
+        sender.ready().await.map_err(SendError::Refused)?;
+        sender.send_request(req).await.map_err(classify)
+    }
+
+    async fn send_h1(&self, endpoint: &Endpoint, req: Request<ReplayBody>, settings: &PoolSettings) -> Result<Response<Incoming>, SendError> {
+        let reused = self.checkout_h1(endpoint.addr, settings.idle_timeout);
+        let (mut sender, used) = match reused {
+            Some(idle) => (idle.sender, idle.used),
+            None => {
+                let io = self.connector.connect(endpoint, settings.connect_timeout).await?;
+                let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await.map_err(SendError::Handshake)?;
+                let addr = endpoint.addr;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.with_upgrades().await {
+                        debug!(%addr, "upstream h1 connection: {e}");
+                    }
+                });
+                (sender, 0)
+            }
+        };
+        let upgrade = req.headers().contains_key(hyper::header::UPGRADE);
+        let response = sender.send_request(req).await.map_err(classify)?;
+        let used = used + 1;
+        let keep = !upgrade && settings.max_requests_per_connection.is_none_or(|max| used < max);
+        if keep {
+            // The connection is reusable once this response's body has been read.
+            let idle = self.idle.clone();
+            let addr = endpoint.addr;
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
+                    idle.h1.entry(addr).or_default().push(IdleH1 { sender, since: Instant::now(), used });
+                }
+            });
+        }
+        Ok(response)
+    }
+
+    fn checkout_h1(&self, addr: SocketAddr, idle_timeout: Duration) -> Option<IdleH1> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let stack = idle.h1.get_mut(&addr)?;
+        while let Some(conn) = stack.pop() {
+            if conn.sender.is_ready() && conn.since.elapsed() < idle_timeout {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Drops pooled connections to endpoints no longer in `live`.
+    pub fn retain(&self, live: impl Fn(&SocketAddr) -> bool) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.h1.retain(|a, _| live(a));
+        idle.h2.retain(|a, _| live(a));
+    }
+}
+
+fn classify(e: hyper::Error) -> SendError {
+    if e.is_canceled() || is_refused_stream(&e) {
+        SendError::Refused(e)
+    } else {
+        SendError::Reset(e)
+    }
+}
+
+fn is_refused_stream(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = err.source();
+    }
+    false
+}

@@ -1,0 +1,506 @@
+//! One request through the proxy: route, fault, destination, balance, retry, respond.
+use std::{
+    any::Any,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Version, header};
+use http_body_util::BodyExt as _;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tracing::debug;
+
+use super::{
+    BoxError, ProxyBody, ServiceTarget, headers, local_reply,
+    pool::{self, SendError},
+    replay::{self, ReplayBody},
+    retry::{self, Attempt, RetryPolicy},
+    router::{self, RequestInfo, Selected},
+};
+use crate::{
+    balance::{Outcome, hash_key},
+    config::{AbortStatus, Cluster, HashKey, HttpFault, HttpRoute, HttpRouteDestination, Service},
+    destination::{Destination, DestinationKey},
+    flags::ResponseFlags,
+    listener::ProxyContext,
+};
+
+pub struct Downstream {
+    pub peer: SocketAddr,
+    pub target: ServiceTarget,
+}
+
+/// What happened to a request, for the access log and counters.
+struct RequestLog {
+    flags: ResponseFlags,
+    upstream: Option<SocketAddr>,
+    cluster: String,
+    attempts: u32,
+}
+
+pub async fn handle(req: Request<Incoming>, conn: Arc<Downstream>, ctx: Arc<ProxyContext>) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let mut log = RequestLog { flags: ResponseFlags::NONE, upstream: None, cluster: String::new(), attempts: 0 };
+    let response = route_request(req, &conn, &ctx, &mut log).await;
+    ctx.stats.http_requests.inc();
+    ctx.stats.record_flags(log.flags);
+    debug!(
+        target: "access",
+        peer = %conn.peer,
+        %method,
+        path,
+        status = response.status().as_u16(),
+        flags = %log.flags,
+        upstream = ?log.upstream,
+        cluster = log.cluster,
+        attempts = log.attempts,
+        duration_ms = start.elapsed().as_secs_f64() * 1e3,
+    );
+    response
+}
+
+async fn route_request(mut req: Request<Incoming>, conn: &Downstream, ctx: &ProxyContext, log: &mut RequestLog) -> Response<ProxyBody> {
+    let cluster = ctx.cluster();
+    let Some(svc) = cluster.service(&conn.target.namespace, &conn.target.service) else {
+        log.flags.insert(ResponseFlags::NO_ROUTE);
+        return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no cluster\n");
+    };
+    let upgrade = headers::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let source = cluster.pod_by_ip(conn.peer.ip());
+    let virtual_services = cluster.virtual_services_for(svc);
+    let (route, vs_namespace) = match router::select(&virtual_services, &RequestInfo { parts: &parts, port: conn.target.port, source }) {
+        Selected::Route { vs, route } => (Some(route), vs.namespace.as_str()),
+        Selected::Default => (None, svc.namespace.as_str()),
+        Selected::NoMatch => {
+            log.flags.insert(ResponseFlags::NO_ROUTE);
+            return local_reply(StatusCode::NOT_FOUND, "no route\n");
+        }
+    };
+
+    if let Some(redirect) = route.and_then(|r| r.redirect.as_ref()) {
+        return redirect_reply(redirect, &parts);
+    }
+    if let Some(fault) = route.and_then(|r| r.fault.as_ref())
+        && let Some(reply) = inject_fault(fault, &parts, log).await
+    {
+        return reply;
+    }
+
+    let (dest_svc, port, subset, route_dest) = match pick_route_destination(&cluster, svc, route, vs_namespace, conn.target.port) {
+        Some(d) => d,
+        None => {
+            log.flags.insert(ResponseFlags::NO_ROUTE);
+            return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n");
+        }
+    };
+    let version = if parts.version == Version::HTTP_2 { pool::Version::Http2 } else { pool::Version::Http1 };
+    let key = DestinationKey::new(dest_svc, port, subset);
+    let destination = match ctx.destinations.resolve(&cluster, &key, version == pool::Version::Http2) {
+        Ok(d) => d,
+        Err(e) => {
+            debug!("route: {e}");
+            log.flags.insert(ResponseFlags::NO_ROUTE);
+            return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n");
+        }
+    };
+    log.cluster = destination.name.clone();
+
+    if let Some(r) = route {
+        if let Some(rewrite) = &r.rewrite {
+            apply_rewrite(rewrite, r, &mut parts);
+        }
+        if let Some(h) = &r.headers {
+            headers::apply(&h.request, &mut parts.headers);
+        }
+    }
+    if let Some(h) = route_dest.and_then(|d| d.headers.as_ref()) {
+        headers::apply(&h.request, &mut parts.headers);
+    }
+    headers::strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
+
+    let (hash, set_cookie) = request_hash(&destination, &parts, conn.peer);
+    let policy = RetryPolicy::from_route(route.and_then(|r| r.retries.as_ref()));
+    let forward = forward(ctx, &destination, &parts, body, version, &policy, hash, upgrade.is_some(), log);
+    let result = match route.and_then(|r| r.timeout) {
+        Some(timeout) => match tokio::time::timeout(timeout, forward).await {
+            Ok(r) => r,
+            Err(_) => {
+                log.flags.insert(ResponseFlags::UPSTREAM_TIMEOUT);
+                return local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n");
+            }
+        },
+        None => forward.await,
+    };
+    let mut response = match result {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    if let Some(upgrade) = upgrade
+        && response.status() == StatusCode::SWITCHING_PROTOCOLS
+    {
+        splice_upgrade(upgrade, &mut response);
+    } else {
+        headers::strip_hop_by_hop(response.headers_mut(), false);
+    }
+    if let Some(h) = route.and_then(|r| r.headers.as_ref()) {
+        headers::apply(&h.response, response.headers_mut());
+    }
+    if let Some(h) = route_dest.and_then(|d| d.headers.as_ref()) {
+        headers::apply(&h.response, response.headers_mut());
+    }
+    if let Some(cookie) = set_cookie {
+        response.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    response
+}
+
+/// Chooses among a route's weighted destinations. Without a route, the Service itself.
+fn pick_route_destination<'a>(
+    cluster: &'a Cluster,
+    svc: &'a Service,
+    route: Option<&'a HttpRoute>,
+    vs_namespace: &str,
+    port: u16,
+) -> Option<(&'a Service, u16, Option<&'a str>, Option<&'a HttpRouteDestination>)> {
+    let Some(route) = route else { return Some((svc, port, None, None)) };
+    if route.route.is_empty() {
+        return None;
+    }
+    let weights = route.effective_weights();
+    let total: u32 = weights.iter().sum();
+    let chosen = if total == 0 {
+        &route.route[0]
+    } else {
+        let mut roll = fastrand::u32(0..total);
+        let mut chosen = &route.route[0];
+        for (d, w) in route.route.iter().zip(&weights) {
+            if roll < *w {
+                chosen = d;
+                break;
+            }
+            roll -= w;
+        }
+        chosen
+    };
+    let dest_svc = cluster.service_by_host(&chosen.destination.host, vs_namespace)?;
+    // Same Service: keep the port the client used unless the route names one.
+    let dest_port = chosen.destination.port.unwrap_or(if std::ptr::eq(dest_svc, svc) {
+        port
+    } else {
+        dest_svc.ports.first().map(|p| p.port)?
+    });
+    Some((dest_svc, dest_port, chosen.destination.subset.as_deref(), Some(chosen)))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    ctx: &ProxyContext,
+    destination: &Arc<Destination>,
+    parts: &http::request::Parts,
+    body: Incoming,
+    version: pool::Version,
+    policy: &RetryPolicy,
+    hash: Option<u64>,
+    upgrade: bool,
+    log: &mut RequestLog,
+) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
+    let first = ReplayBody::new(body, replay::DEFAULT_LIMIT);
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let max_attempts = if upgrade { 1 } else { 1 + policy.attempts };
+    let mut retry_permit = None;
+    let mut last_failure: Option<(Attempt, Response<ProxyBody>)> = None;
+    for attempt in 1..=max_attempts {
+        // A fresh body is always replayable; later attempts stop once it outgrew the buffer.
+        let Some(body) = first.replay() else { break };
+        log.attempts = attempt;
+        let pick = match destination.balancer.pick(hash, &tried) {
+            Ok(p) => p,
+            Err(_) => {
+                log.flags.insert(ResponseFlags::NO_HEALTHY_UPSTREAM);
+                return Err(local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n"));
+            }
+        };
+        let addr = pick.endpoint.addr;
+        log.upstream = Some(addr);
+        let permit = match destination.limits.acquire_request().await {
+            Ok(p) => p,
+            Err(_) => {
+                log.flags.insert(ResponseFlags::UPSTREAM_OVERFLOW);
+                return Err(overflow_reply());
+            }
+        };
+        let request = upstream_request(parts, body, version);
+        let send = ctx.pool.send(&pick.endpoint, version, request, &destination.pool);
+        let outcome = match policy.per_try_timeout {
+            Some(t) => tokio::time::timeout(t, send).await.unwrap_or(Err(SendError::Timeout)),
+            None => send.await,
+        };
+        let (attempt_kind, failure) = match outcome {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                destination.balancer.report(addr, Outcome::HttpStatus(status));
+                let grpc = grpc_status(response.headers());
+                let kind = Attempt::Response { status, grpc };
+                let retry_left = attempt < max_attempts && first.is_replayable();
+                if !(retry_left && policy.should_retry(kind)) {
+                    if attempt > 1 && policy.should_retry(kind) {
+                        log.flags.insert(ResponseFlags::RETRY_LIMIT_EXCEEDED);
+                    }
+                    let guards: Vec<Box<dyn Any + Send + Sync>> = vec![Box::new(pick.guard), Box::new(permit), Box::new(retry_permit)];
+                    return Ok(response.map(|b| Guarded { inner: b, _guards: guards }.boxed()));
+                }
+                // Drain nothing: dropping the response resets the stream / closes the h1 conn.
+                (kind, None)
+            }
+            Err(e) => {
+                destination.balancer.report(addr, Outcome::LocalOriginFailure);
+                let (kind, flag, reply) = match &e {
+                    SendError::Connect(_) | SendError::Handshake(_) => (
+                        Attempt::ConnectFailure,
+                        ResponseFlags::UPSTREAM_CONNECT_FAILURE,
+                        local_reply(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: connection failure\n"),
+                    ),
+                    SendError::Refused(_) => (
+                        Attempt::RefusedStream,
+                        ResponseFlags::UPSTREAM_RESET,
+                        local_reply(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: refused stream\n"),
+                    ),
+                    SendError::Reset(_) => (
+                        Attempt::Reset,
+                        ResponseFlags::UPSTREAM_RESET,
+                        local_reply(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: connection termination\n"),
+                    ),
+                    SendError::Timeout => (Attempt::PerTryTimeout, ResponseFlags::UPSTREAM_TIMEOUT, local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n")),
+                };
+                debug!(upstream = %addr, attempt, "upstream: {e}");
+                log.flags.insert(flag);
+                (kind, Some(reply))
+            }
+        };
+        tried.push(addr);
+        drop(pick);
+        drop(permit);
+        let can_retry = attempt < max_attempts && policy.should_retry(attempt_kind) && first.is_replayable();
+        if !can_retry {
+            if attempt > 1 && policy.should_retry(attempt_kind) {
+                log.flags.insert(ResponseFlags::RETRY_LIMIT_EXCEEDED);
+            }
+            return Err(failure.unwrap_or_else(|| local_reply(StatusCode::SERVICE_UNAVAILABLE, "upstream failure\n")));
+        }
+        match destination.limits.try_acquire_retry() {
+            Ok(p) => retry_permit = Some(p),
+            Err(_) => {
+                log.flags.insert(ResponseFlags::UPSTREAM_OVERFLOW);
+                return Err(failure.unwrap_or_else(overflow_reply));
+            }
+        }
+        ctx.stats.http_retries.inc();
+        last_failure = failure.map(|f| (attempt_kind, f));
+        tokio::time::sleep(retry::backoff(attempt, fastrand::f64())).await;
+    }
+    log.flags.insert(ResponseFlags::RETRY_LIMIT_EXCEEDED);
+    Err(last_failure.map(|(_, r)| r).unwrap_or_else(|| local_reply(StatusCode::SERVICE_UNAVAILABLE, "upstream failure\n")))
+}
+
+fn overflow_reply() -> Response<ProxyBody> {
+    let mut r = local_reply(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow\n");
+    r.headers_mut().insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+    r
+}
+
+fn upstream_request(parts: &http::request::Parts, body: ReplayBody, version: pool::Version) -> Request<ReplayBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.headers_mut() = parts.headers.clone();
+    *req.version_mut() = match version {
+        pool::Version::Http2 => Version::HTTP_2,
+        pool::Version::Http1 => Version::HTTP_11,
+    };
+    req
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// The consistent-hash key of a request, and a cookie to set when the policy generates one.
+fn request_hash(destination: &Destination, parts: &http::request::Parts, peer: SocketAddr) -> (Option<u64>, Option<HeaderValue>) {
+    let Some(key) = &destination.hash_key else { return (None, None) };
+    match key {
+        HashKey::HttpHeaderName(name) => (parts.headers.get(name.as_str()).map(|v| hash_key(v.as_bytes())), None),
+        HashKey::UseSourceIp => (Some(hash_key(peer.ip().to_string().as_bytes())), None),
+        HashKey::HttpQueryParameterName(name) => {
+            let value = parts.uri.query().and_then(|q| q.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| k == name).map(|(_, v)| v)));
+            (value.map(|v| hash_key(v.as_bytes())), None)
+        }
+        HashKey::HttpCookie { name, ttl, path } => {
+            let existing = parts
+                .headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|c| c.trim().split_once('=').filter(|(k, _)| k == name).map(|(_, v)| v.to_owned()));
+            match (existing, ttl) {
+                (Some(v), _) => (Some(hash_key(v.as_bytes())), None),
+                // Envoy generates the cookie when a TTL is configured and the client has none.
+                (None, Some(ttl)) => {
+                    let value = format!("{:016x}", fastrand::u64(..));
+                    let mut cookie = format!("{name}=\"{value}\"; Max-Age={}", ttl.as_secs());
+                    if let Some(p) = path {
+                        cookie.push_str(&format!("; Path={p}"));
+                    }
+                    cookie.push_str("; HttpOnly");
+                    (Some(hash_key(format!("\"{value}\"").as_bytes())), HeaderValue::try_from(cookie).ok())
+                }
+                (None, None) => (None, None),
+            }
+        }
+    }
+}
+
+async fn inject_fault(fault: &HttpFault, parts: &http::request::Parts, log: &mut RequestLog) -> Option<Response<ProxyBody>> {
+    if let Some(delay) = &fault.delay
+        && fastrand::f64() * 100.0 < delay.percentage
+    {
+        log.flags.insert(ResponseFlags::DELAY_INJECTED);
+        tokio::time::sleep(delay.fixed_delay).await;
+    }
+    let abort = fault.abort.as_ref()?;
+    if fastrand::f64() * 100.0 >= abort.percentage {
+        return None;
+    }
+    log.flags.insert(ResponseFlags::FAULT_INJECTED);
+    Some(match abort.status {
+        AbortStatus::Http(code) => {
+            let mut r = local_reply(StatusCode::OK, "fault filter abort\n");
+            *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            r
+        }
+        AbortStatus::Grpc(code) => {
+            // gRPC errors travel as a trailers-only response: HTTP 200 with grpc-status.
+            let mut r = Response::new(http_body_util::Empty::<Bytes>::new().map_err(|never| match never {}).boxed());
+            let h = r.headers_mut();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            h.insert("grpc-status", HeaderValue::from(i32::from(code)));
+            h.insert("grpc-message", HeaderValue::from_static("fault filter abort"));
+            let _ = parts;
+            r
+        }
+    })
+}
+
+fn redirect_reply(redirect: &crate::config::HttpRedirect, parts: &http::request::Parts) -> Response<ProxyBody> {
+    let host = parts
+        .uri
+        .authority()
+        .map(|a| a.host().to_owned())
+        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(|h| h.split(':').next().unwrap_or(h).to_owned()))
+        .unwrap_or_default();
+    let authority = redirect.authority.clone().unwrap_or(host);
+    let authority = match redirect.port {
+        Some(p) => format!("{authority}:{p}"),
+        None => authority,
+    };
+    let scheme = redirect.scheme.as_deref().unwrap_or("http");
+    let path = redirect.uri.clone().unwrap_or_else(|| parts.uri.path_and_query().map_or("/".into(), |p| p.as_str().to_owned()));
+    let mut r = local_reply(StatusCode::MOVED_PERMANENTLY, "");
+    *r.status_mut() = StatusCode::from_u16(redirect.redirect_code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+    if let Ok(v) = HeaderValue::try_from(format!("{scheme}://{authority}{path}")) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+/// `rewrite.uri` replaces the matched prefix (or the whole path for other matches);
+/// `rewrite.authority` replaces Host / :authority.
+fn apply_rewrite(rewrite: &crate::config::HttpRewrite, route: &HttpRoute, parts: &mut http::request::Parts) {
+    if let Some(new_prefix) = &rewrite.uri {
+        let path = parts.uri.path();
+        let matched_prefix = route.matches.iter().find_map(|m| match &m.uri {
+            Some(crate::config::StringMatch::Prefix(p)) if path.starts_with(p.as_str()) => Some(p.len()),
+            _ => None,
+        });
+        let rest = matched_prefix.map_or("", |n| &path[n..]);
+        let mut new_path = format!("{new_prefix}{rest}");
+        if let Some(q) = parts.uri.query() {
+            new_path.push('?');
+            new_path.push_str(q);
+        }
+        let mut uri = http::uri::Builder::new();
+        if let Some(s) = parts.uri.scheme() {
+            uri = uri.scheme(s.clone());
+        }
+        if let Some(a) = parts.uri.authority() {
+            uri = uri.authority(a.clone());
+        }
+        if let Ok(u) = uri.path_and_query(new_path).build() {
+            parts.uri = u;
+        }
+    }
+    if let Some(authority) = &rewrite.authority {
+        if let Ok(v) = HeaderValue::try_from(authority.as_str()) {
+            parts.headers.insert(header::HOST, v);
+        }
+        if parts.uri.authority().is_some() {
+            let mut uri = http::uri::Builder::new().authority(authority.as_str());
+            if let Some(s) = parts.uri.scheme() {
+                uri = uri.scheme(s.clone());
+            }
+            if let Some(pq) = parts.uri.path_and_query() {
+                uri = uri.path_and_query(pq.clone());
+            }
+            if let Ok(u) = uri.build() {
+                parts.uri = u;
+            }
+        }
+    }
+}
+
+/// Joins the client's upgraded connection to the upstream's (WebSocket and other HTTP/1.1
+/// upgrades pass through as bytes).
+fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, response: &mut Response<ProxyBody>) {
+    let upstream = hyper::upgrade::on(response);
+    tokio::spawn(async move {
+        match tokio::try_join!(downstream, upstream) {
+            Ok((d, u)) => {
+                let mut d = hyper_util::rt::TokioIo::new(d);
+                let mut u = hyper_util::rt::TokioIo::new(u);
+                let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+            }
+            Err(e) => debug!("upgrade: {e}"),
+        }
+    });
+}
+
+/// A response body that keeps its request's bookkeeping (active-request count, pool permits)
+/// alive until the body ends or is dropped.
+struct Guarded {
+    inner: Incoming,
+    _guards: Vec<Box<dyn Any + Send + Sync>>,
+}
+
+impl Body for Guarded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,124 @@
+//! When a failed attempt is retried (Envoy's `retry_on` semantics as Istio configures them),
+//! and how long to wait before the next try.
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::config::{HttpRetry, RetryOn};
+
+/// What one attempt ended with, as far as retries care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// A response arrived: its status and, for gRPC trailers-only responses, `grpc-status`.
+    Response { status: u16, grpc: Option<u8> },
+    ConnectFailure,
+    /// The upstream refused the stream before processing it (HTTP/2 REFUSED_STREAM).
+    RefusedStream,
+    /// The connection was reset or closed before a response.
+    Reset,
+    /// The per-try timeout fired (Envoy treats it as a 504 from upstream).
+    PerTryTimeout,
+}
+
+const GRPC_CANCELLED: u8 = 1;
+const GRPC_DEADLINE_EXCEEDED: u8 = 4;
+const GRPC_RESOURCE_EXHAUSTED: u8 = 8;
+const GRPC_INTERNAL: u8 = 13;
+const GRPC_UNAVAILABLE: u8 = 14;
+
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    conditions: Vec<RetryOn>,
+}
+
+impl RetryPolicy {
+    /// The route's `retries`, or Istio's default when the route has none.
+    pub fn from_route(retries: Option<&HttpRetry>) -> Self {
+        let r = retries.cloned().unwrap_or_else(HttpRetry::istio_default);
+        let conditions = if r.retry_on.is_empty() { HttpRetry::istio_default().retry_on } else { r.retry_on };
+        Self { attempts: r.attempts, per_try_timeout: r.per_try_timeout, conditions }
+    }
+
+    fn on(&self, c: RetryOn) -> bool {
+        self.conditions.contains(&c)
+    }
+
+    pub fn should_retry(&self, attempt: Attempt) -> bool {
+        use RetryOn::*;
+        match attempt {
+            Attempt::Response { status, grpc } => {
+                let grpc_retry = grpc.is_some_and(|code| {
+                    (code == GRPC_CANCELLED && self.on(Cancelled))
+                        || (code == GRPC_DEADLINE_EXCEEDED && self.on(DeadlineExceeded))
+                        || (code == GRPC_RESOURCE_EXHAUSTED && self.on(ResourceExhausted))
+                        || (code == GRPC_INTERNAL && self.on(Internal))
+                        || (code == GRPC_UNAVAILABLE && self.on(Unavailable))
+                });
+                grpc_retry
+                    || (status >= 500 && self.on(FiveXx))
+                    || (matches!(status, 502..=504) && self.on(GatewayError))
+                    || (status == 409 && self.on(Retriable4xx))
+                    || self.on(Status(status))
+            }
+            // Envoy: 5xx and gateway-error include connect failures; reset includes them too.
+            Attempt::ConnectFailure => self.on(ConnectFailure) || self.on(FiveXx) || self.on(GatewayError) || self.on(Reset),
+            Attempt::RefusedStream => self.on(RefusedStream) || self.on(FiveXx) || self.on(Reset),
+            Attempt::Reset => self.on(Reset) || self.on(FiveXx),
+            Attempt::PerTryTimeout => {
+                self.on(FiveXx) || self.on(GatewayError) || self.on(Reset) || self.on(Status(StatusCode::GATEWAY_TIMEOUT.as_u16()))
+            }
+        }
+    }
+}
+
+/// Envoy's backoff: exponential from 25 ms, capped at 250 ms, with full jitter.
+pub fn backoff(retry: u32, roll: f64) -> Duration {
+    const BASE: f64 = 0.025;
+    const MAX: f64 = 0.25;
+    let ceiling = (BASE * 2f64.powi(retry.saturating_sub(1).min(16) as i32)).min(MAX);
+    Duration::from_secs_f64(ceiling * roll.clamp(0.0, 1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(on: &[RetryOn]) -> RetryPolicy {
+        RetryPolicy::from_route(Some(&HttpRetry { attempts: 2, per_try_timeout: None, retry_on: on.to_vec(), retry_remote_localities: false }))
+    }
+
+    #[test]
+    fn istio_default_retries_connect_failures_and_unavailable_only() {
+        let p = RetryPolicy::from_route(None);
+        assert_eq!(p.attempts, 2);
+        assert!(p.should_retry(Attempt::ConnectFailure));
+        assert!(p.should_retry(Attempt::RefusedStream));
+        assert!(p.should_retry(Attempt::Response { status: 200, grpc: Some(14) }));
+        assert!(!p.should_retry(Attempt::Response { status: 503, grpc: None }));
+        assert!(!p.should_retry(Attempt::Reset));
+    }
+
+    #[test]
+    fn five_xx_and_gateway_error_and_status_codes() {
+        let p = policy(&[RetryOn::FiveXx]);
+        assert!(p.should_retry(Attempt::Response { status: 500, grpc: None }));
+        assert!(p.should_retry(Attempt::Reset));
+        assert!(p.should_retry(Attempt::PerTryTimeout));
+        assert!(!p.should_retry(Attempt::Response { status: 404, grpc: None }));
+        let g = policy(&[RetryOn::GatewayError]);
+        assert!(!g.should_retry(Attempt::Response { status: 500, grpc: None }));
+        assert!(g.should_retry(Attempt::Response { status: 503, grpc: None }));
+        let s = policy(&[RetryOn::RetriableStatusCodes, RetryOn::Status(429)]);
+        assert!(s.should_retry(Attempt::Response { status: 429, grpc: None }));
+        assert!(!s.should_retry(Attempt::Response { status: 503, grpc: None }));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(1, 1.0), Duration::from_millis(25));
+        assert_eq!(backoff(2, 1.0), Duration::from_millis(50));
+        assert_eq!(backoff(10, 1.0), Duration::from_millis(250));
+        assert_eq!(backoff(3, 0.0), Duration::ZERO);
+    }
+}

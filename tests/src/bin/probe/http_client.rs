@@ -1,0 +1,183 @@
+//! `mesh-probe http` / `http-concurrent`: a real hyper client that reports which pod answered.
+//!
+//! Without `--concurrency` or `--rate`, requests go one at a time, request i on connection
+//! i % conns, so a test sees the balancer's order undisturbed. `--concurrency K` keeps K in flight:
+//! over the h2 connection(s) with `--h2`, else over K HTTP/1.1 connections (one per worker).
+//! `--rate R` paces request starts at R per second overall.
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    Method, Request,
+    header::{HOST, HeaderName, HeaderValue},
+};
+use tokio::time::Instant;
+
+use super::{
+    conn::{self, Pool, Target},
+    report::Tally,
+};
+
+#[derive(clap::Args)]
+pub struct HttpArgs {
+    /// http://HOST:PORT/PATH
+    pub url: String,
+    #[arg(long, default_value_t = 1)]
+    pub count: u64,
+    /// Persistent connections; requests are spread over them round-robin.
+    #[arg(long, default_value_t = 1)]
+    pub conns: usize,
+    /// HTTP/2 with prior knowledge (h2c), streams multiplexed on each connection.
+    #[arg(long)]
+    pub h2: bool,
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    /// 'name: value'; repeat for more (and for several values of one header).
+    #[arg(long = "header")]
+    pub headers: Vec<String>,
+    /// Request body of this many bytes.
+    #[arg(long, default_value_t = 0)]
+    pub body_bytes: usize,
+    /// Aggregate request starts per second.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Per request, connecting included.
+    #[arg(long, default_value_t = 5000)]
+    pub timeout_ms: u64,
+    /// Requests in flight at once.
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Exit 1 unless every request got a 2xx.
+    #[arg(long)]
+    pub expect_all_ok: bool,
+    /// Put the last response body in the report as "last_body".
+    #[arg(long)]
+    pub print_body: bool,
+}
+
+/// What every request of a run shares.
+struct Plan {
+    method: Method,
+    uri: hyper::Uri,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    body: Bytes,
+    h2: bool,
+    count: u64,
+    rate: Option<f64>,
+    timeout: Duration,
+    keep_body: bool,
+    workers: usize,
+}
+
+struct Run {
+    plan: Plan,
+    pool: Pool,
+    next: AtomicU64,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    tally: Mutex<Tally>,
+    start: Instant,
+}
+
+pub fn run(args: HttpArgs) -> anyhow::Result<bool> {
+    conn::runtime()?.block_on(run_async(args))
+}
+
+async fn run_async(args: HttpArgs) -> anyhow::Result<bool> {
+    let target = Target::parse(&args.url).await?;
+    let workers = args.concurrency.unwrap_or(if args.rate.is_some() { args.conns } else { 1 }).max(1);
+    // An HTTP/1.1 connection carries one exchange at a time: each worker needs its own.
+    let conns = if args.h2 { args.conns } else { args.conns.max(workers) };
+    let plan = plan(&args, &target, workers)?;
+    let run = Arc::new(Run {
+        plan,
+        pool: Pool::new(target, args.h2, conns),
+        next: AtomicU64::new(0),
+        in_flight: AtomicUsize::new(0),
+        max_in_flight: AtomicUsize::new(0),
+        tally: Mutex::new(Tally::default()),
+        start: Instant::now(),
+    });
+    let tasks: Vec<_> = (0..workers).map(|w| tokio::spawn(worker(run.clone(), w))).collect();
+    for task in tasks {
+        task.await.context("worker panicked")?;
+    }
+    let elapsed_ms = run.start.elapsed().as_secs_f64() * 1000.0;
+    let mut tally = run.tally.lock().expect("tally lock");
+    let report = tally.finish(run.plan.count, run.pool.opened(), run.max_in_flight.load(Ordering::SeqCst), elapsed_ms);
+    println!("{report}");
+    Ok(!args.expect_all_ok || tally.all_ok())
+}
+
+fn plan(args: &HttpArgs, target: &Target, workers: usize) -> anyhow::Result<Plan> {
+    let mut headers = Vec::new();
+    for h in &args.headers {
+        let (name, value) = h.split_once(':').with_context(|| format!("--header {h:?} is not 'name: value'"))?;
+        headers.push((HeaderName::from_bytes(name.trim().as_bytes())?, HeaderValue::from_str(value.trim())?));
+    }
+    // h2 needs scheme and authority in the URI (they become :scheme/:authority); HTTP/1.1 sends
+    // origin-form with a Host header, as ordinary clients do.
+    let uri = if args.h2 {
+        format!("http://{}{}", target.authority, target.path_and_query).parse()?
+    } else {
+        if !headers.iter().any(|(n, _)| n == HOST) {
+            headers.push((HOST, HeaderValue::from_str(&target.authority)?));
+        }
+        target.path_and_query.parse()?
+    };
+    if args.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
+        bail!("--rate must be positive");
+    }
+    Ok(Plan {
+        method: Method::from_bytes(args.method.as_bytes())?,
+        uri,
+        headers,
+        body: Bytes::from(vec![b'x'; args.body_bytes]),
+        h2: args.h2,
+        count: args.count,
+        rate: args.rate,
+        timeout: Duration::from_millis(args.timeout_ms),
+        keep_body: args.print_body,
+        workers,
+    })
+}
+
+async fn worker(run: Arc<Run>, w: usize) {
+    let plan = &run.plan;
+    loop {
+        let i = run.next.fetch_add(1, Ordering::SeqCst);
+        if i >= plan.count {
+            return;
+        }
+        if let Some(rate) = plan.rate {
+            tokio::time::sleep_until(run.start + Duration::from_secs_f64(i as f64 / rate)).await;
+        }
+        let slot = if plan.workers == 1 || plan.h2 { i as usize % run.pool.slots() } else { w % run.pool.slots() };
+        let mut req = Request::builder().method(plan.method.clone()).uri(plan.uri.clone());
+        for (name, value) in &plan.headers {
+            req = req.header(name, value);
+        }
+        let req = req.body(Full::new(plan.body.clone())).expect("request parts were validated");
+
+        let now = run.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        run.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let started = Instant::now();
+        let result = run.pool.request(slot, req, started + plan.timeout, plan.keep_body).await;
+        let latency_us = started.elapsed().as_secs_f64() * 1e6;
+        run.in_flight.fetch_sub(1, Ordering::SeqCst);
+
+        let mut tally = run.tally.lock().expect("tally lock");
+        match result {
+            Ok(answer) => tally.answer(answer, latency_us),
+            Err(kind) => tally.error(kind),
+        }
+    }
+}

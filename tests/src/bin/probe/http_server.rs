@@ -1,0 +1,200 @@
+//! `mesh-probe http-serve`: an HTTP/1.1 + h2c server whose answers a test scripts per request.
+//!
+//! Behaviour comes from request headers rather than from flags so a test can change it between
+//! requests without restarting pods: `x-fail-pods`/`x-fail-status`, `x-delay-pods`, `x-delay-ms`.
+//! `/count` is exempt from counting, delays and failures: it is how a test observes a server.
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use hyper::{
+    HeaderMap, Request, Response, StatusCode,
+    body::Incoming,
+    header::{CONNECTION, CONTENT_TYPE, HeaderValue, UPGRADE},
+    service::service_fn,
+};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::{io::AsyncWriteExt as _, net::TcpListener};
+
+pub struct ServerOpts {
+    pub name: String,
+    pub port: u16,
+    pub fail_every: Option<u64>,
+    pub delay_ms: u64,
+}
+
+struct State {
+    opts: ServerOpts,
+    pod: HeaderValue,
+    /// Requests received (all but `/count`), across connections: `--fail-every` counts these.
+    requests: AtomicU64,
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+pub fn run(opts: ServerOpts) -> anyhow::Result<bool> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(serve(opts))
+}
+
+async fn serve(opts: ServerOpts) -> anyhow::Result<bool> {
+    let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], opts.port))).await?;
+    let state = Arc::new(State { pod: HeaderValue::from_str(&opts.name)?, opts, requests: AtomicU64::new(0) });
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            // Out of file descriptors or a connection reset before accept: keep serving.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, req).await) }
+            });
+            // `auto` tells h2 prior knowledge from HTTP/1.1 by the connection preface; upgrades
+            // must be enabled for `/ws`.
+            let _ = auto::Builder::new(TokioExecutor::new()).serve_connection_with_upgrades(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
+    let mut resp = if req.uri().path() == "/count" {
+        json(StatusCode::OK, &serde_json::json!({"requests": state.requests.load(Ordering::SeqCst)}))
+    } else {
+        scripted(state, req).await
+    };
+    resp.headers_mut().insert("x-pod", state.pod.clone());
+    resp
+}
+
+async fn scripted(state: &State, req: Request<Incoming>) -> Response<Body> {
+    let n = state.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    let name = state.opts.name.as_str();
+    let headers = req.headers();
+
+    let delay = state.opts.delay_ms + header_u64(headers, "x-delay-ms").unwrap_or(0) + pod_delay(headers, name).unwrap_or(0);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if listed(headers, "x-fail-pods", name) {
+        let status = header_u64(headers, "x-fail-status")
+            .and_then(|s| u16::try_from(s).ok())
+            .and_then(|s| StatusCode::from_u16(s).ok())
+            .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return text(status, format!("{name}\n"));
+    }
+    if state.opts.fail_every.is_some_and(|every| every > 0 && n.is_multiple_of(every)) {
+        return text(StatusCode::SERVICE_UNAVAILABLE, format!("{name}\n"));
+    }
+
+    let path = req.uri().path().to_string();
+    match path.as_str() {
+        "/headers" => json(StatusCode::OK, &headers_json(&req, name)),
+        "/echo" => {
+            // Streamed straight back: a several-MiB body is never held in memory, and the size
+            // hint (content-length when the request had one) carries over to the response.
+            Response::new(req.into_body().boxed())
+        }
+        "/ws" => upgrade(req),
+        _ => match path.strip_prefix("/status/") {
+            Some(code) => match code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()) {
+                Some(status) => text(status, format!("{name}\n")),
+                None => text(StatusCode::BAD_REQUEST, format!("bad status {code:?}\n")),
+            },
+            None => text(StatusCode::OK, format!("{name}\n")),
+        },
+    }
+}
+
+/// Answers 101 and echoes raw bytes on the upgraded connection until the client half-closes.
+fn upgrade(mut req: Request<Incoming>) -> Response<Body> {
+    let Some(protocol) = req.headers().get(UPGRADE).cloned() else {
+        return text(StatusCode::UPGRADE_REQUIRED, "/ws needs an HTTP/1.1 Upgrade\n".into());
+    };
+    let connection = req.headers().get(CONNECTION).cloned().unwrap_or(HeaderValue::from_static("upgrade"));
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else { return };
+        let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+        if tokio::io::copy(&mut rd, &mut wr).await.is_ok() {
+            let _ = wr.shutdown().await;
+        }
+    });
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp.headers_mut().insert(UPGRADE, protocol);
+    resp.headers_mut().insert(CONNECTION, connection);
+    resp
+}
+
+/// The request headers as this server received them: what a test checks header rules against.
+fn headers_json(req: &Request<Incoming>, name: &str) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    for key in req.headers().keys() {
+        let joined: Vec<String> = req.headers().get_all(key).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect();
+        map.insert(key.as_str().to_string(), joined.join(",").into());
+    }
+    map.insert("x-pod".into(), name.into());
+    map.insert(":method".into(), req.method().as_str().into());
+    map.insert(":path".into(), req.uri().path_and_query().map_or("/", |p| p.as_str()).into());
+    // h2 carries the authority in the URI, not in a Host header.
+    if let Some(authority) = req.uri().authority() {
+        map.insert(":authority".into(), authority.as_str().into());
+    }
+    map.insert(":version".into(), format!("{:?}", req.version()).into());
+    serde_json::Value::Object(map)
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
+    header_str(headers, name).and_then(|v| v.trim().parse().ok())
+}
+
+fn listed(headers: &HeaderMap, header: &str, name: &str) -> bool {
+    header_str(headers, header).is_some_and(|v| v.split(',').any(|p| p.trim() == name))
+}
+
+/// `x-delay-pods: a=200,b=50` -> this pod's delay in ms.
+fn pod_delay(headers: &HeaderMap, name: &str) -> Option<u64> {
+    header_str(headers, "x-delay-pods")?.split(',').find_map(|entry| {
+        let (pod, ms) = entry.split_once('=')?;
+        (pod.trim() == name).then(|| ms.trim().parse().ok()).flatten()
+    })
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new()).map_err(|never| match never {}).boxed()
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut resp = text(status, format!("{value}\n"));
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}

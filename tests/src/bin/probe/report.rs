@@ -1,0 +1,78 @@
+//! The tally of an HTTP client run, printed as the one JSON line tests parse.
+use std::collections::BTreeMap;
+
+use super::conn::Answer;
+
+/// How many `x-pod` values the report lists in order; enough to see a balancing pattern.
+const PODS_IN_ORDER: usize = 200;
+
+#[derive(Default)]
+pub struct Tally {
+    latencies_us: Vec<f64>,
+    by_pod: BTreeMap<String, u64>,
+    by_status: BTreeMap<String, u64>,
+    errors: BTreeMap<String, u64>,
+    pods_in_order: Vec<String>,
+    body_bytes: u64,
+    last_body: Option<String>,
+    not_ok: u64,
+}
+
+impl Tally {
+    pub fn answer(&mut self, answer: Answer, latency_us: f64) {
+        self.latencies_us.push(latency_us);
+        *self.by_status.entry(answer.status.to_string()).or_default() += 1;
+        if !(200..300).contains(&answer.status) {
+            self.not_ok += 1;
+        }
+        // Answers the proxy made itself (overflow, no healthy upstream) carry no x-pod.
+        let pod = answer.pod.unwrap_or_else(|| "-".into());
+        if pod != "-" {
+            *self.by_pod.entry(pod.clone()).or_default() += 1;
+        }
+        if self.pods_in_order.len() < PODS_IN_ORDER {
+            self.pods_in_order.push(pod);
+        }
+        self.body_bytes += answer.body_len;
+        if let Some(body) = answer.body {
+            self.last_body = Some(String::from_utf8_lossy(&body).into_owned());
+        }
+    }
+
+    pub fn error(&mut self, kind: &str) {
+        *self.errors.entry(kind.to_string()).or_default() += 1;
+        self.not_ok += 1;
+    }
+
+    pub fn all_ok(&self) -> bool {
+        self.not_ok == 0
+    }
+
+    pub fn finish(&mut self, requests: u64, connections_opened: u64, max_in_flight: usize, elapsed_ms: f64) -> serde_json::Value {
+        self.latencies_us.sort_by(f64::total_cmp);
+        let p = |q: f64| percentile(&self.latencies_us, q);
+        let mut out = serde_json::json!({
+            "requests": requests,
+            "by_pod": self.by_pod,
+            "by_status": self.by_status,
+            "errors": self.errors,
+            "p50_us": p(0.50), "p90_us": p(0.90), "p99_us": p(0.99),
+            "connections_opened": connections_opened,
+            "max_in_flight": max_in_flight,
+            "elapsed_ms": elapsed_ms,
+            "body_bytes": self.body_bytes,
+            "pods_in_order": self.pods_in_order,
+        });
+        if let Some(body) = &self.last_body {
+            out["last_body"] = body.clone().into();
+        }
+        out
+    }
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
