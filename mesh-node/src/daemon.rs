@@ -12,7 +12,6 @@ use tracing::{info, warn};
 
 use crate::{
     admin::{self, AdminState},
-    balance::Balancer,
     capture::{Capture, CaptureOptions},
     config::{self, Cluster},
     destination::Destinations,
@@ -69,7 +68,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         node: opts.node.clone(),
         config: config_rx.clone(),
         orig_dst: capture.orig_dst(),
-        balancer: Balancer::default(),
         stats: stats.clone(),
         connect_timeout: opts.connect_timeout,
         inbound_port: opts.inbound_port,

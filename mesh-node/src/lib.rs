@@ -1,9 +1,12 @@
 //! mesh node daemon: captures pod connections with eBPF and proxies them between nodes.
 //!
 //! A connection's path through the modules: [`capture`] (eBPF redirect and original
-//! destination) -> [`listener`] (outbound accept) -> [`route`] (Service and endpoints) ->
-//! [`balance`] (pick one) -> [`tunnel`] (to another node's proxy) or [`upstream`] (to a local
-//! pod), and on the far node [`listener::inbound`] -> [`upstream`].
+//! destination) -> [`listener`] (outbound accept) -> [`protocol`] (HTTP or TCP, by port name or
+//! sniffing) -> for HTTP, [`http`] (per request: [`http::router`] VirtualService routes, faults,
+//! retries) ; for TCP, [`route`] (VirtualService tcp routes) -> [`destination`] (Service port and
+//! subset: endpoints, DestinationRule policy) -> [`balance`] (pick an endpoint, outlier
+//! detection) under [`limits`] (circuit breakers) -> [`tunnel`] (to another node's proxy) or
+//! [`upstream`] (to a local pod), and on the far node [`listener::inbound`] -> [`upstream`].
 pub mod admin;
 pub mod balance;
 pub mod capture;

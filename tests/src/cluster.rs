@@ -391,6 +391,24 @@ impl SimCluster {
         bail!("mesh-node on {} not ready after 20s:\n{}", self.nodes[i].name, self.proxy_log(i))
     }
 
+    /// The processes of the running node proxies, node by node: each `mesh-node` child and
+    /// anything else in its cgroup. What a benchmark samples CPU time and RSS from.
+    pub fn proxy_pids(&self) -> Vec<u32> {
+        let mut pids = Vec::new();
+        for node in &self.nodes {
+            if let Some(child) = node.proxy.lock().unwrap().as_ref() {
+                pids.push(child.id());
+            }
+            let procs = fs::read_to_string(node.cgroup.join("mesh-node").join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                if !pids.contains(&pid) {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids
+    }
+
     /// Stops node i's proxy with SIGTERM and returns its exit status.
     pub fn stop_proxy(&self, i: usize) -> anyhow::Result<std::process::ExitStatus> {
         let Some(mut child) = self.nodes[i].proxy.lock().unwrap().take() else { bail!("no proxy running on node {i}") };
@@ -430,6 +448,25 @@ impl SimCluster {
         let child = self.pod_command(pod, program, args)?.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn()?;
         self.children.lock().unwrap().push(child);
         Ok(())
+    }
+
+    /// Like `spawn_in_pod`, returning the process id (e.g. to sample its CPU time); stdout and
+    /// stderr go to `log` when given, else stdout is discarded and stderr inherited.
+    pub fn spawn_in_pod_pid(&self, pod: &str, program: &Path, args: &[&str], log: Option<&Path>) -> anyhow::Result<u32> {
+        let mut cmd = self.pod_command(pod, program, args)?;
+        match log {
+            Some(path) => {
+                let f = fs::OpenOptions::new().create(true).append(true).open(path)?;
+                cmd.stdout(f.try_clone()?).stderr(f);
+            }
+            None => {
+                cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+            }
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {} in {pod}", program.display()))?;
+        let pid = child.id();
+        self.children.lock().unwrap().push(child);
+        Ok(pid)
     }
 
     /// Starts a process in a pod whose stdout the caller reads (killed when the cluster is dropped

@@ -58,6 +58,8 @@ fn same_node_path_and_round_robin_over_endpoints() {
     assert_eq!(c.counter(0, "proxy", "outbound_direct"), 3);
     assert_eq!(c.counter(0, "proxy", "outbound_tunneled"), 0);
 
+    // Istio's default is LEAST_REQUEST; ask for round robin as a user would.
+    c.apply_config("dr.yaml", "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: echo\n  namespace: demo\nspec:\n  host: echo\n  trafficPolicy:\n    loadBalancer:\n      simple: ROUND_ROBIN\n").unwrap();
     let out = c.probe("client", &["who", "10.96.0.10:80", "--count", "9"], T).unwrap();
     let mut answered: BTreeMap<&str, usize> = BTreeMap::new();
     for line in out.lines() {

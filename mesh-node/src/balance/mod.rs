@@ -9,7 +9,6 @@ mod clock;
 mod cluster;
 mod hash;
 mod least_request;
-mod legacy;
 mod maglev;
 mod outlier;
 mod registry;
@@ -22,7 +21,6 @@ pub use clock::{Clock, SystemClock};
 pub use cluster::{ClusterBalancer, ClusterSnapshot, EndpointSnapshot};
 pub use hash::hash_key;
 pub use least_request::ActiveRequest;
-pub use legacy::Balancer;
 pub use registry::Balancers;
 
 use crate::config::Endpoint;

@@ -7,14 +7,13 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 
-use crate::{balance::Balancer, capture::OrigDstTable, config::Cluster, destination::Destinations, http::pool::Pool, stats::ProxyStats};
+use crate::{capture::OrigDstTable, config::Cluster, destination::Destinations, http::pool::Pool, stats::ProxyStats};
 
 /// What every connection handler needs: the live config, this node's name, and shared state.
 pub struct ProxyContext {
     pub node: String,
     pub config: watch::Receiver<Arc<Cluster>>,
     pub orig_dst: Arc<OrigDstTable>,
-    pub balancer: Balancer,
     pub stats: Arc<ProxyStats>,
     pub connect_timeout: Duration,
     pub inbound_port: u16,

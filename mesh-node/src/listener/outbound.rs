@@ -1,14 +1,17 @@
 //! Outbound listener: connections captured from this node's pods.
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use super::ProxyContext;
 use crate::{
+    balance::{Outcome, hash_key},
+    config::Endpoint,
     http::{self, ServiceTarget},
     protocol::{self, Protocol},
-    route, tunnel, upstream,
+    route::{self, TcpTarget},
+    upstream::{self, Connector, UpstreamIo},
 };
 
 pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
@@ -50,47 +53,72 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
             return http::serve(client, peer, target, ctx).await;
         }
     }
-    let route = match route::route(&cluster, orig) {
-        Ok(route) => route,
+    let source = cluster.pod_by_ip(peer.ip());
+    let target = match route::route(&cluster, orig, source) {
+        Ok(target) => target,
         Err(e) => {
             ctx.stats.outbound_no_route.inc();
             debug!(%peer, "outbound: {e}");
             return upstream::reset(client);
         }
     };
-    let Some(endpoint) = ctx.balancer.pick(&route).cloned() else {
-        return upstream::reset(client);
-    };
-    debug!(%peer, %orig, endpoint = %endpoint.addr, pod = %endpoint.pod_name, "outbound");
-    let mut client = client;
-    if endpoint.node == ctx.node {
-        match upstream::connect(endpoint.addr, ctx.connect_timeout).await {
-            Ok(mut up) => {
-                ctx.stats.outbound_direct.inc();
-                let _ = upstream::pipe(&mut client, &mut up).await;
-            }
-            Err(e) => {
-                ctx.stats.outbound_connect_errors.inc();
-                debug!(endpoint = %endpoint.addr, "outbound connect: {e}");
-                upstream::reset(client);
-            }
+    match target {
+        TcpTarget::Pod(endpoint) => {
+            let timeout = ctx.connect_timeout;
+            connect_and_pipe(client, &endpoint, timeout, &ctx).await;
         }
-        return;
+        TcpTarget::Cluster(key) => {
+            let destination = match ctx.destinations.resolve(&cluster, &key, false) {
+                Ok(d) => d,
+                Err(e) => {
+                    ctx.stats.outbound_no_route.inc();
+                    debug!(%peer, "outbound: {e}");
+                    return upstream::reset(client);
+                }
+            };
+            drop(cluster);
+            // connectionPool.tcp.maxConnections, as Envoy's circuit breaker.
+            let Ok(_permit) = destination.limits.try_acquire_connection() else {
+                ctx.stats.flag_uo.inc();
+                return upstream::reset(client);
+            };
+            let hash = hash_key(peer.ip().to_string().as_bytes());
+            let pick = match destination.balancer.pick(Some(hash), &[]) {
+                Ok(p) => p,
+                Err(e) => {
+                    ctx.stats.flag_uh.inc();
+                    debug!(%peer, cluster = %destination.name, "outbound: {e}");
+                    return upstream::reset(client);
+                }
+            };
+            debug!(%peer, %orig, endpoint = %pick.endpoint.addr, pod = %pick.endpoint.pod_name, "outbound tcp");
+            let ok = connect_and_pipe(client, &pick.endpoint, destination.pool.connect_timeout, &ctx).await;
+            let outcome = if ok { Outcome::Success } else { Outcome::LocalOriginFailure };
+            destination.balancer.report(pick.endpoint.addr, outcome);
+        }
     }
-    let Some(node) = cluster.node(&endpoint.node) else {
-        warn!(node = %endpoint.node, "outbound: endpoint on an unknown node");
-        return upstream::reset(client);
-    };
-    let proxy = SocketAddr::new(node.ip, ctx.inbound_port);
-    match tunnel::open(proxy, endpoint.addr, ctx.connect_timeout).await {
+}
+
+/// Connects to an endpoint (directly, or through its node's proxy) and copies bytes until both
+/// sides are done. Returns whether the upstream connection was established.
+async fn connect_and_pipe(mut client: TcpStream, endpoint: &Endpoint, timeout: Duration, ctx: &ProxyContext) -> bool {
+    let connector = Connector { node: ctx.node.clone(), inbound_port: ctx.inbound_port, config: ctx.config.clone() };
+    match connector.connect(endpoint, timeout).await {
         Ok(mut up) => {
-            ctx.stats.outbound_tunneled.inc();
+            if matches!(up, UpstreamIo::Direct(_)) {
+                ctx.stats.outbound_direct.inc();
+            } else {
+                ctx.stats.outbound_tunneled.inc();
+            }
             let _ = upstream::pipe(&mut client, &mut up).await;
+            true
         }
         Err(e) => {
             ctx.stats.outbound_connect_errors.inc();
-            debug!("outbound: {e}");
+            ctx.stats.flag_uf.inc();
+            debug!(endpoint = %endpoint.addr, "outbound connect: {e}");
             upstream::reset(client);
+            false
         }
     }
 }

@@ -101,6 +101,10 @@ enum Cmd {
         /// Added latency on every request.
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
+        /// Answer `/` with a body of this many bytes (and `/grpc` with a message this size)
+        /// instead of the pod name; for load tests.
+        #[arg(long, default_value_t = 0)]
+        body_bytes: usize,
     },
     /// HTTP requests over persistent connections; one JSON report line.
     Http(http_client::HttpArgs),
@@ -125,7 +129,9 @@ fn main() -> ExitCode {
         Cmd::Echo { addr, bytes } => echo(&addr, bytes),
         Cmd::Rr { addr, size, rate, seconds, conns } => rr(&addr, size, rate, seconds, conns),
         Cmd::Bulk { addr, bytes } => bulk(&addr, bytes),
-        Cmd::HttpServe { name, port, fail_every, delay_ms } => http_serve(http_server::ServerOpts { name, port, fail_every, delay_ms }),
+        Cmd::HttpServe { name, port, fail_every, delay_ms, body_bytes } => {
+            http_serve(http_server::ServerOpts { name, port, fail_every, delay_ms, body_bytes })
+        }
         Cmd::Http(args) => http(args),
         Cmd::HttpConcurrent(args) if args.concurrency.is_none() => Err(io::Error::other("http-concurrent needs --concurrency")),
         Cmd::HttpConcurrent(args) => http(args),

@@ -2,6 +2,10 @@
 //! Istio's YAML has them, with unknown fields rejected (Istio's validation does
 //! the same). Durations stay strings and integers stay wide so the validated
 //! layer can report range and format problems together, with their paths.
+//!
+//! Some fields are accepted here only so that `unsupported.rs` can reject them
+//! by name (`mirrors: not supported by mesh`) instead of as unknown fields;
+//! they are typed [`Ignored`] when their content does not matter.
 
 use std::collections::BTreeMap;
 
@@ -40,6 +44,10 @@ impl<'de> Deserialize<'de> for DurationText {
     }
 }
 
+/// A field Istio defines but the proxy does not apply: only its presence is
+/// kept, for `unsupported.rs` to report.
+pub type Ignored = serde::de::IgnoredAny;
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct PortSelector {
@@ -71,7 +79,7 @@ pub struct DestinationRuleSpec {
     pub subsets: Vec<Subset>,
     #[serde(default)]
     pub export_to: Vec<String>,
-    pub workload_selector: Option<WorkloadSelector>,
+    pub workload_selector: Option<Ignored>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -90,6 +98,8 @@ pub struct TrafficPolicy {
     pub tls: Option<ClientTls>,
     #[serde(default)]
     pub port_level_settings: Vec<PortTrafficPolicy>,
+    pub proxy_protocol: Option<Ignored>,
+    pub tunnel: Option<Ignored>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -107,7 +117,9 @@ pub struct PortTrafficPolicy {
 pub struct LoadBalancer {
     pub simple: Option<SimpleLb>,
     pub consistent_hash: Option<ConsistentHash>,
-    pub warmup_duration_secs: Option<DurationText>,
+    pub warmup_duration_secs: Option<Ignored>,
+    pub warmup: Option<Ignored>,
+    pub locality_lb_setting: Option<Ignored>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -168,17 +180,9 @@ pub struct ConnectionPool {
 pub struct TcpSettings {
     pub max_connections: Option<i64>,
     pub connect_timeout: Option<DurationText>,
-    pub tcp_keepalive: Option<TcpKeepalive>,
-    pub max_connection_duration: Option<DurationText>,
-    pub idle_timeout: Option<DurationText>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct TcpKeepalive {
-    pub probes: Option<i64>,
-    pub time: Option<DurationText>,
-    pub interval: Option<DurationText>,
+    pub tcp_keepalive: Option<Ignored>,
+    pub max_connection_duration: Option<Ignored>,
+    pub idle_timeout: Option<Ignored>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -190,8 +194,9 @@ pub struct HttpSettings {
     pub max_retries: Option<i64>,
     pub idle_timeout: Option<DurationText>,
     pub h2_upgrade_policy: Option<H2UpgradePolicy>,
+    /// Either value is accepted: the proxy always speaks the client's protocol.
     pub use_client_protocol: Option<bool>,
-    pub max_concurrent_streams: Option<i64>,
+    pub max_concurrent_streams: Option<Ignored>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -221,14 +226,14 @@ pub struct OutlierDetection {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClientTls {
     pub mode: Option<TlsMode>,
-    pub client_certificate: Option<String>,
-    pub private_key: Option<String>,
-    pub ca_certificates: Option<String>,
-    pub credential_name: Option<String>,
-    #[serde(default)]
-    pub subject_alt_names: Vec<String>,
-    pub sni: Option<String>,
-    pub insecure_skip_verify: Option<bool>,
+    pub client_certificate: Option<Ignored>,
+    pub private_key: Option<Ignored>,
+    pub ca_certificates: Option<Ignored>,
+    pub ca_crl: Option<Ignored>,
+    pub credential_name: Option<Ignored>,
+    pub subject_alt_names: Option<Ignored>,
+    pub sni: Option<Ignored>,
+    pub insecure_skip_verify: Option<Ignored>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -264,8 +269,7 @@ pub struct VirtualServiceSpec {
     pub http: Vec<HttpRoute>,
     #[serde(default)]
     pub tcp: Vec<TcpRoute>,
-    #[serde(default)]
-    pub tls: Vec<TlsRoute>,
+    pub tls: Option<Ignored>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -281,10 +285,14 @@ pub struct HttpRoute {
     pub timeout: Option<DurationText>,
     pub retries: Option<HttpRetry>,
     pub fault: Option<HttpFault>,
-    pub mirror: Option<Destination>,
-    pub mirror_percentage: Option<Percent>,
-    pub cors_policy: Option<CorsPolicy>,
     pub headers: Option<Headers>,
+    pub mirror: Option<Ignored>,
+    pub mirrors: Option<Ignored>,
+    pub mirror_percentage: Option<Ignored>,
+    pub mirror_percent: Option<Ignored>,
+    pub cors_policy: Option<Ignored>,
+    pub delegate: Option<Ignored>,
+    pub direct_response: Option<Ignored>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -308,6 +316,7 @@ pub struct HttpMatch {
     #[serde(default)]
     pub gateways: Vec<String>,
     pub ignore_uri_case: Option<bool>,
+    pub stat_prefix: Option<Ignored>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -374,6 +383,7 @@ pub struct HttpRetry {
     pub attempts: Option<i64>,
     pub per_try_timeout: Option<DurationText>,
     pub retry_on: Option<String>,
+    /// `false` (the default) is accepted; `true` is rejected.
     pub retry_remote_localities: Option<bool>,
 }
 
@@ -401,21 +411,6 @@ pub struct FaultAbort {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CorsPolicy {
-    #[serde(default)]
-    pub allow_origins: Vec<StringMatch>,
-    #[serde(default)]
-    pub allow_methods: Vec<String>,
-    #[serde(default)]
-    pub allow_headers: Vec<String>,
-    #[serde(default)]
-    pub expose_headers: Vec<String>,
-    pub max_age: Option<DurationText>,
-    pub allow_credentials: Option<bool>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TcpRoute {
     #[serde(default, rename = "match")]
     pub matches: Vec<L4Match>,
@@ -427,31 +422,7 @@ pub struct TcpRoute {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct L4Match {
     pub port: Option<i64>,
-    #[serde(default)]
-    pub destination_subnets: Vec<String>,
-    #[serde(default)]
-    pub source_labels: BTreeMap<String, String>,
-    pub source_namespace: Option<String>,
-    #[serde(default)]
-    pub gateways: Vec<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct TlsRoute {
-    #[serde(rename = "match")]
-    pub matches: Vec<TlsMatch>,
-    #[serde(default)]
-    pub route: Vec<RouteDestination>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct TlsMatch {
-    pub sni_hosts: Vec<String>,
-    pub port: Option<i64>,
-    #[serde(default)]
-    pub destination_subnets: Vec<String>,
+    pub destination_subnets: Option<Ignored>,
     #[serde(default)]
     pub source_labels: BTreeMap<String, String>,
     pub source_namespace: Option<String>,

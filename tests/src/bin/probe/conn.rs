@@ -54,6 +54,8 @@ pub struct Answer {
     pub pod: Option<String>,
     pub body_len: u64,
     pub body: Option<Vec<u8>>,
+    /// The `grpc-status` trailer (or header, for a trailers-only answer), if any.
+    pub grpc_status: Option<String>,
 }
 
 enum Sender {
@@ -158,19 +160,27 @@ impl Pool {
 async fn read_answer(resp: hyper::Response<Incoming>, keep_body: bool) -> Result<Answer, &'static str> {
     let status = resp.status().as_u16();
     let pod = resp.headers().get("x-pod").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let mut grpc_status = resp.headers().get("grpc-status").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let mut body = resp.into_body();
     let mut kept = keep_body.then(Vec::new);
     let mut body_len = 0u64;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| classify(&e))?;
-        if let Ok(data) = frame.into_data() {
-            body_len += data.len() as u64;
-            if let Some(kept) = kept.as_mut() {
-                kept.extend_from_slice(&data);
+        match frame.into_data() {
+            Ok(data) => {
+                body_len += data.len() as u64;
+                if let Some(kept) = kept.as_mut() {
+                    kept.extend_from_slice(&data);
+                }
+            }
+            Err(frame) => {
+                if let Some(s) = frame.trailers_ref().and_then(|t| t.get("grpc-status")) {
+                    grpc_status = Some(String::from_utf8_lossy(s.as_bytes()).into_owned());
+                }
             }
         }
     }
-    Ok(Answer { status, pod, body_len, body: kept })
+    Ok(Answer { status, pod, body_len, body: kept, grpc_status })
 }
 
 /// Sorts a failure into the kinds the mesh tests tell apart: a peer that went away mid-exchange

@@ -32,6 +32,9 @@ pub struct ServerOpts {
     pub port: u16,
     pub fail_every: Option<u64>,
     pub delay_ms: u64,
+    /// Size of the body of a plain `200` answer (and of the `/grpc` reply message); 0 keeps the
+    /// classic `<pod name>\n` body.
+    pub body_bytes: usize,
 }
 
 struct State {
@@ -39,6 +42,10 @@ struct State {
     pod: HeaderValue,
     /// Requests received (all but `/count`), across connections: `--fail-every` counts these.
     requests: AtomicU64,
+    /// The `--body-bytes` answer, built once.
+    sized: Bytes,
+    /// The `/grpc` reply: a 5-byte gRPC length prefix and a `--body-bytes` message.
+    grpc_reply: Bytes,
 }
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -50,7 +57,9 @@ pub fn run(opts: ServerOpts) -> anyhow::Result<bool> {
 
 async fn serve(opts: ServerOpts) -> anyhow::Result<bool> {
     let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], opts.port))).await?;
-    let state = Arc::new(State { pod: HeaderValue::from_str(&opts.name)?, opts, requests: AtomicU64::new(0) });
+    let sized = Bytes::from(vec![b'x'; opts.body_bytes]);
+    let grpc_reply = grpc_frame(opts.body_bytes.max(1));
+    let state = Arc::new(State { pod: HeaderValue::from_str(&opts.name)?, opts, requests: AtomicU64::new(0), sized, grpc_reply });
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -113,6 +122,14 @@ async fn scripted(state: &State, req: Request<Incoming>) -> Response<Body> {
             Response::new(req.into_body().boxed())
         }
         "/ws" => upgrade(req),
+        "/grpc" => grpc(state, req).await,
+        _ if state.opts.body_bytes > 0 && path == "/" => {
+            // Read the request body (a load test sends one) before answering with a fixed size.
+            let _ = req.into_body().collect().await;
+            let mut resp = Response::new(Full::new(state.sized.clone()).map_err(|never| match never {}).boxed());
+            resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            resp
+        }
         _ => match path.strip_prefix("/status/") {
             Some(code) => match code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()) {
                 Some(status) => text(status, format!("{name}\n")),
@@ -120,6 +137,54 @@ async fn scripted(state: &State, req: Request<Incoming>) -> Response<Body> {
             },
             None => text(StatusCode::OK, format!("{name}\n")),
         },
+    }
+}
+
+/// A 5-byte gRPC length prefix (uncompressed) and a message of `len` bytes.
+pub fn grpc_frame(len: usize) -> Bytes {
+    let mut b = Vec::with_capacity(5 + len);
+    b.push(0);
+    b.extend_from_slice(&(len as u32).to_be_bytes());
+    b.resize(5 + len, b'x');
+    Bytes::from(b)
+}
+
+/// gRPC-shaped unary answer, for load tests (a real gRPC stack is tested elsewhere): reads the
+/// request, replies `content-type: application/grpc`, one length-prefixed message and the
+/// trailers `grpc-status: 0`. Over HTTP/1.1 the trailers cannot be sent; the status still is.
+async fn grpc(state: &State, req: Request<Incoming>) -> Response<Body> {
+    let _ = req.into_body().collect().await;
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    let body = WithTrailers { data: Some(state.grpc_reply.clone()), trailers: Some(trailers) };
+    let mut resp = Response::new(body.boxed());
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    resp
+}
+
+/// A body of one data frame followed by trailers.
+struct WithTrailers {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl hyper::body::Body for WithTrailers {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if let Some(data) = this.data.take() {
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(data))));
+        }
+        std::task::Poll::Ready(this.trailers.take().map(|t| Ok(hyper::body::Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
     }
 }
 

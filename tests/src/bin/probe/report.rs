@@ -11,6 +11,7 @@ pub struct Tally {
     latencies_us: Vec<f64>,
     by_pod: BTreeMap<String, u64>,
     by_status: BTreeMap<String, u64>,
+    by_grpc_status: BTreeMap<String, u64>,
     errors: BTreeMap<String, u64>,
     pods_in_order: Vec<String>,
     body_bytes: u64,
@@ -22,7 +23,11 @@ impl Tally {
     pub fn answer(&mut self, answer: Answer, latency_us: f64) {
         self.latencies_us.push(latency_us);
         *self.by_status.entry(answer.status.to_string()).or_default() += 1;
-        if !(200..300).contains(&answer.status) {
+        let grpc_failed = answer.grpc_status.as_deref().is_some_and(|s| s != "0");
+        if let Some(s) = answer.grpc_status {
+            *self.by_grpc_status.entry(s).or_default() += 1;
+        }
+        if !(200..300).contains(&answer.status) || grpc_failed {
             self.not_ok += 1;
         }
         // Answers the proxy made itself (overflow, no healthy upstream) carry no x-pod.
@@ -63,6 +68,10 @@ impl Tally {
             "body_bytes": self.body_bytes,
             "pods_in_order": self.pods_in_order,
         });
+        if !self.by_grpc_status.is_empty() {
+            out["by_grpc_status"] = serde_json::json!(self.by_grpc_status);
+        }
+        out["not_ok"] = self.not_ok.into();
         if let Some(body) = &self.last_body {
             out["last_body"] = body.clone().into();
         }

@@ -1,0 +1,180 @@
+//! Istio fields the proxy does not apply. A policy the proxy cannot apply is a
+//! validation error, never silently ignored: each one found is reported as
+//! `<field.path>: not supported by mesh` (or `<VALUE> is not supported by mesh`
+//! for an enum value), and the converters leave these fields out of the model.
+//!
+//! The raw layer accepts these fields (most typed `raw::Ignored`) only so they
+//! are named here rather than reported as unknown. To support one, convert it
+//! in the validated model and delete its line here.
+//!
+//! The `retryOn` conditions the proxy does not implement are checked where the
+//! list is parsed (`virtual_service::retries`).
+
+use super::raw;
+use crate::config::error::Reporter;
+use crate::config::field_path::FieldPath;
+
+pub(super) const NOT_SUPPORTED: &str = "not supported by mesh";
+
+/// Reports `path.field` when `set`.
+fn reject(r: &mut Reporter<'_>, path: &FieldPath, field: &str, set: bool) {
+    if set {
+        r.at(&path.key(field), NOT_SUPPORTED);
+    }
+}
+
+fn reject_value(r: &mut Reporter<'_>, path: &FieldPath, value: &str) {
+    r.at(path, format!("{value} is {NOT_SUPPORTED}"));
+}
+
+// ---------------------------------------------------------------- VirtualService
+
+pub(super) fn virtual_service(r: &mut Reporter<'_>, spec: &raw::VirtualServiceSpec) {
+    let root = FieldPath::root();
+    reject(r, &root, "tls", spec.tls.is_some());
+    for (i, h) in spec.http.iter().enumerate() {
+        http_route(r, &root.key("http").index(i), h);
+    }
+    for (i, t) in spec.tcp.iter().enumerate() {
+        for (j, m) in t.matches.iter().enumerate() {
+            let path = root.key("tcp").index(i).key("match").index(j);
+            reject(r, &path, "destinationSubnets", m.destination_subnets.is_some());
+            // The proxy only serves mesh traffic: a match limited to other
+            // gateways would wrongly apply to it.
+            if !m.gateways.is_empty() && !m.gateways.iter().any(|g| g == "mesh") {
+                r.at(
+                    &path.key("gateways"),
+                    format!("gateways other than \"mesh\" are {NOT_SUPPORTED} in tcp matches"),
+                );
+            }
+        }
+    }
+}
+
+fn http_route(r: &mut Reporter<'_>, path: &FieldPath, h: &raw::HttpRoute) {
+    for (i, m) in h.matches.iter().enumerate() {
+        reject(
+            r,
+            &path.key("match").index(i),
+            "statPrefix",
+            m.stat_prefix.is_some(),
+        );
+    }
+    for (field, set) in [
+        ("mirror", h.mirror.is_some()),
+        ("mirrors", h.mirrors.is_some()),
+        ("mirrorPercentage", h.mirror_percentage.is_some()),
+        ("mirrorPercent", h.mirror_percent.is_some()),
+        ("corsPolicy", h.cors_policy.is_some()),
+        ("delegate", h.delegate.is_some()),
+        ("directResponse", h.direct_response.is_some()),
+    ] {
+        reject(r, path, field, set);
+    }
+    if let Some(rt) = &h.retries {
+        reject(
+            r,
+            &path.key("retries"),
+            "retryRemoteLocalities",
+            rt.retry_remote_localities == Some(true),
+        );
+    }
+}
+
+// ---------------------------------------------------------------- DestinationRule
+
+pub(super) fn destination_rule(r: &mut Reporter<'_>, spec: &raw::DestinationRuleSpec) {
+    let root = FieldPath::root();
+    reject(r, &root, "workloadSelector", spec.workload_selector.is_some());
+    if let Some(tp) = &spec.traffic_policy {
+        traffic_policy(r, &root.key("trafficPolicy"), tp);
+    }
+    for (i, s) in spec.subsets.iter().enumerate() {
+        if let Some(tp) = &s.traffic_policy {
+            traffic_policy(r, &root.key("subsets").index(i).key("trafficPolicy"), tp);
+        }
+    }
+}
+
+fn traffic_policy(r: &mut Reporter<'_>, path: &FieldPath, tp: &raw::TrafficPolicy) {
+    policy_parts(
+        r,
+        path,
+        tp.load_balancer.as_ref(),
+        tp.connection_pool.as_ref(),
+        tp.tls.as_ref(),
+    );
+    for (i, p) in tp.port_level_settings.iter().enumerate() {
+        policy_parts(
+            r,
+            &path.key("portLevelSettings").index(i),
+            p.load_balancer.as_ref(),
+            p.connection_pool.as_ref(),
+            p.tls.as_ref(),
+        );
+    }
+    reject(r, path, "proxyProtocol", tp.proxy_protocol.is_some());
+    reject(r, path, "tunnel", tp.tunnel.is_some());
+}
+
+/// The parts a policy and a `portLevelSettings` entry have in common.
+fn policy_parts(
+    r: &mut Reporter<'_>,
+    path: &FieldPath,
+    lb: Option<&raw::LoadBalancer>,
+    pool: Option<&raw::ConnectionPool>,
+    tls: Option<&raw::ClientTls>,
+) {
+    if let Some(lb) = lb {
+        let path = path.key("loadBalancer");
+        if lb.simple == Some(raw::SimpleLb::Passthrough) {
+            reject_value(r, &path.key("simple"), "PASSTHROUGH");
+        }
+        reject(r, &path, "warmupDurationSecs", lb.warmup_duration_secs.is_some());
+        reject(r, &path, "warmup", lb.warmup.is_some());
+        reject(r, &path, "localityLbSetting", lb.locality_lb_setting.is_some());
+    }
+    if let Some(tcp) = pool.and_then(|p| p.tcp.as_ref()) {
+        let path = path.key("connectionPool").key("tcp");
+        reject(r, &path, "tcpKeepalive", tcp.tcp_keepalive.is_some());
+        reject(
+            r,
+            &path,
+            "maxConnectionDuration",
+            tcp.max_connection_duration.is_some(),
+        );
+        reject(r, &path, "idleTimeout", tcp.idle_timeout.is_some());
+    }
+    if let Some(http) = pool.and_then(|p| p.http.as_ref()) {
+        let path = path.key("connectionPool").key("http");
+        if http.h2_upgrade_policy == Some(raw::H2UpgradePolicy::Upgrade) {
+            reject_value(r, &path.key("h2UpgradePolicy"), "UPGRADE");
+        }
+        reject(
+            r,
+            &path,
+            "maxConcurrentStreams",
+            http.max_concurrent_streams.is_some(),
+        );
+    }
+    if let Some(tls) = tls {
+        let path = path.key("tls");
+        match tls.mode {
+            Some(raw::TlsMode::Simple) => reject_value(r, &path.key("mode"), "SIMPLE"),
+            Some(raw::TlsMode::Mutual) => reject_value(r, &path.key("mode"), "MUTUAL"),
+            Some(raw::TlsMode::Disable | raw::TlsMode::IstioMutual) | None => {}
+        }
+        for (field, set) in [
+            ("clientCertificate", tls.client_certificate.is_some()),
+            ("privateKey", tls.private_key.is_some()),
+            ("caCertificates", tls.ca_certificates.is_some()),
+            ("caCrl", tls.ca_crl.is_some()),
+            ("credentialName", tls.credential_name.is_some()),
+            ("subjectAltNames", tls.subject_alt_names.is_some()),
+            ("sni", tls.sni.is_some()),
+            ("insecureSkipVerify", tls.insecure_skip_verify.is_some()),
+        ] {
+            reject(r, &path, field, set);
+        }
+    }
+}
