@@ -29,6 +29,8 @@ pub struct AdminState {
     pub capture_counters: Arc<Counters>,
     pub capture_state: Arc<Mutex<CaptureState>>,
     pub proxy_stats: Arc<ProxyStats>,
+    /// Upstream clusters and their balancer state (endpoints, ejections, active requests).
+    pub proxy: Arc<crate::listener::ProxyContext>,
 }
 
 impl AdminState {
@@ -80,8 +82,9 @@ async fn admin(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Respons
     Ok(match req.uri().path() {
         "/stats" => json(state.stats()),
         "/config_dump" => json(state.config_dump()),
+        "/clusters" => json(state.proxy.destinations.snapshot()),
         "/ready" | "/healthz/ready" => ready(&state),
-        _ => respond(StatusCode::NOT_FOUND, "endpoints: /stats /config_dump /ready\n"),
+        _ => respond(StatusCode::NOT_FOUND, "endpoints: /stats /config_dump /clusters /ready\n"),
     })
 }
 

@@ -81,6 +81,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         capture_counters: capture.counters(),
         capture_state: capture.state(),
         proxy_stats: stats.clone(),
+        proxy: ctx.clone(),
     });
 
     let unspecified: IpAddr = if proxy_ip.is_ipv4() { [0, 0, 0, 0].into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() };

@@ -360,3 +360,67 @@ fn tempdir() -> std::path::PathBuf {
 fn fastrand_u32() -> u32 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
 }
+
+#[test]
+fn unnamed_ports_are_sniffed_http_per_request_and_anything_else_as_tcp() {
+    // Port named "web": not an Istio protocol prefix, so the proxy looks at the first bytes.
+    let spec = ClusterSpec::new(2)
+        .namespace("demo", true)
+        .pod("client", "demo", 0, "client", 9000)
+        .pod_labelled("web-1", "demo", 0, "web", &[], "web", 8080)
+        .pod_labelled("web-2", "demo", 1, "web", &[], "web", 8080)
+        .pod_labelled("raw-1", "demo", 1, "raw", &[], "raw", 7000)
+        .service_named("web", "demo", [10, 96, 0, 50], "web", "web", 80, 8080)
+        .service_named("raw", "demo", [10, 96, 0, 51], "raw", "raw", 80, 7000);
+    let c = SimCluster::start(spec).unwrap();
+    let probe = bins::path("mesh-probe");
+    for pod in ["web-1", "web-2"] {
+        c.serve_in_pod(pod, &probe, &["http-serve", "--name", pod, "--port", "8080"], 8080).unwrap();
+    }
+    c.serve_in_pod("raw-1", &probe, &["serve", "--name", "raw-1", "--port", "7000"], 7000).unwrap();
+    policy(&c, &dr("    loadBalancer:\n      simple: ROUND_ROBIN\n"));
+    let v = http(&c, "/", &["--count", "10", "--conns", "1"]);
+    assert_eq!(by_pod(&v), BTreeMap::from([("web-1".into(), 5), ("web-2".into(), 5)]), "sniffed as HTTP, balanced per request: {v}");
+    // A client-first non-HTTP protocol on an unnamed port is carried as TCP.
+    let out = c.probe("client", &["who", "10.96.0.51:80"], T).unwrap();
+    assert!(out.starts_with("raw-1 "), "{out}");
+}
+
+#[test]
+fn tcp_routes_send_connections_by_weight_to_subsets() {
+    let spec = ClusterSpec::new(2)
+        .namespace("demo", true)
+        .pod("client", "demo", 0, "client", 9000)
+        .pod_labelled("db-v1", "demo", 0, "db", &[("version", "v1")], "tcp", 7000)
+        .pod_labelled("db-v2", "demo", 1, "db", &[("version", "v2")], "tcp", 7000)
+        .service_named("db", "demo", [10, 96, 0, 52], "db", "tcp", 5432, 7000);
+    let c = SimCluster::start(spec).unwrap();
+    c.start_servers().unwrap();
+    policy(
+        &c,
+        r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db, namespace: demo}
+spec:
+  host: db
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: demo}
+spec:
+  hosts: [db]
+  tcp:
+  - match:
+    - port: 5432
+    route:
+    - destination: {host: db, subset: v2}
+      weight: 100
+"#,
+    );
+    let out = c.probe("client", &["who", "10.96.0.52:5432", "--count", "10"], T).unwrap();
+    assert!(out.lines().all(|l| l.starts_with("db-v2 ")), "{out}");
+    assert_eq!(out.lines().count(), 10);
+}

@@ -1,12 +1,15 @@
 //! Project tasks: `cargo xtask setup | test | demo | bench`.
 mod bench;
+mod bench_failure;
+mod bench_l7;
+mod bench_util;
 mod demo;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "mesh project tasks")]
@@ -31,15 +34,35 @@ enum Task {
         #[arg(long)]
         seconds: Option<u64>,
     },
-    /// Latency and throughput: direct pod-to-pod vs through the mesh (needs root).
+    /// Latency and throughput: direct pod-to-pod vs through the mesh (L4), per-request proxying
+    /// vs an Envoy sidecar pair (L7), and one failing pod of five (failure). Needs root.
     Bench {
-        /// Where to write the JSON results.
+        /// Where to write the L4 JSON results; l7.json and failure.json go next to it.
         #[arg(long, default_value = "target/bench/l4.json")]
         json: PathBuf,
-        /// Seconds per latency run.
+        /// Seconds per L4 latency run and per failure-scenario run.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Seconds per L7 fixed-rate latency run.
+        #[arg(long, default_value_t = 8)]
+        l7_seconds: u64,
+        /// Seconds per L7 max-rps run (h2load, after a 1 s warm-up).
+        #[arg(long, default_value_t = 5)]
+        max_seconds: u64,
+        /// Plaintext HTTP between the two Envoys instead of mTLS.
+        #[arg(long)]
+        envoy_plaintext: bool,
+        /// Run only these parts (comma-separated or repeated); default: all.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<BenchPart>,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BenchPart {
+    L4,
+    L7,
+    Failure,
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -94,11 +117,41 @@ fn main() -> anyhow::Result<()> {
             build_bins(true)?;
             demo::run(seconds)
         }
-        Task::Bench { json, seconds } => {
+        Task::Bench { json, seconds, l7_seconds, max_seconds, envoy_plaintext, only } => {
+            let part = |p: BenchPart| only.is_empty() || only.contains(&p);
             setup::setup()?;
             require_root("the benchmark")?;
-            build_bins(true)?;
-            bench::run(&workspace_root().join(json), seconds)
+            if part(BenchPart::L7) {
+                setup::envoy()?;
+            }
+            // MESH_BENCH_PREBUILT=1: use the binaries already in MESH_BIN_DIR (development).
+            if std::env::var_os("MESH_BENCH_PREBUILT").is_none() || std::env::var_os("MESH_BIN_DIR").is_none() {
+                build_bins(true)?;
+            }
+            let json = workspace_root().join(json);
+            let sibling = |name: &str| json.with_file_name(name);
+            let started = std::time::Instant::now();
+            let mut failed = Vec::new();
+            if part(BenchPart::L4) {
+                bench::run(&json, seconds)?;
+            }
+            if part(BenchPart::Failure)
+                && let Err(e) = bench_failure::run(&sibling("failure.json"), seconds)
+            {
+                eprintln!("bench failure: {e:#}");
+                failed.push("failure");
+            }
+            if part(BenchPart::L7)
+                && let Err(e) = bench_l7::run(&sibling("l7.json"), &bench_l7::Opts { seconds: l7_seconds, max_seconds, envoy_plaintext })
+            {
+                eprintln!("bench l7: {e:#}");
+                failed.push("l7");
+            }
+            eprintln!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
+            if !failed.is_empty() {
+                bail!("bench parts failed: {}", failed.join(", "));
+            }
+            Ok(())
         }
     }
 }

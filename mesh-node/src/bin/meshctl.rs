@@ -23,6 +23,8 @@ enum Command {
     Stats,
     /// Services, their endpoints, and the pods the capture has enrolled on this node.
     Config,
+    /// Upstream clusters: endpoints, outlier ejections, active requests.
+    Clusters,
     /// Whether the daemon is ready.
     Ready,
 }
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
         Command::Stats => "/stats",
         Command::Config => "/config_dump",
         Command::Ready => "/ready",
+        Command::Clusters => "/clusters",
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     match rt.block_on(get(cli.admin, path)) {

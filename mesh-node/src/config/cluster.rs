@@ -167,8 +167,8 @@ impl Cluster {
     }
 
     /// Istio's lookup: the most specific matching rule in the Service's
-    /// namespace, else one in the root namespace exported to it. Rules with a
-    /// workload selector are skipped (they apply to chosen clients only). Ties
+    /// namespace, else one in the root namespace exported to it (`workloadSelector`
+    /// is rejected by validation, so every rule applies to all clients). Ties
     /// go to the first by name.
     pub fn destination_rule_for(&self, svc: &Service) -> Option<&DestinationRule> {
         let fqdn = svc.fqdn();
@@ -178,7 +178,6 @@ impl Cluster {
                 .zip(&self.dr_hosts)
                 .filter(|(dr, pattern)| {
                     dr.namespace == namespace
-                        && dr.workload_selector.is_none()
                         && host_matches(pattern, &fqdn)
                         && exported_to(&dr.export_to, &dr.namespace, &svc.namespace)
                 })
@@ -202,7 +201,9 @@ impl Cluster {
                 vs.applies_to_mesh()
                     && hosts.iter().any(|h| {
                         // A VirtualService may name a Service by its VIP too.
-                        host_matches(h, &fqdn) || h.parse::<IpAddr>().is_ok_and(|ip| svc.cluster_ips.contains(&ip))
+                        host_matches(h, &fqdn)
+                            || h.parse::<IpAddr>()
+                                .is_ok_and(|ip| svc.cluster_ips.contains(&ip))
                     })
                     && exported_to(&vs.export_to, &vs.namespace, &svc.namespace)
             })

@@ -1,6 +1,5 @@
 //! Model types and field checks shared by the Istio kinds.
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use super::raw;
@@ -52,8 +51,14 @@ pub struct Pattern {
 impl Pattern {
     pub fn new(source: &str) -> Result<Self, regex::Error> {
         let anchored = regex::Regex::new(&format!("^(?:{source})$"))?;
-        let anchored_ci = regex::RegexBuilder::new(&format!("^(?:{source})$")).case_insensitive(true).build()?;
-        Ok(Self { source: source.to_owned(), anchored, anchored_ci })
+        let anchored_ci = regex::RegexBuilder::new(&format!("^(?:{source})$"))
+            .case_insensitive(true)
+            .build()?;
+        Ok(Self {
+            source: source.to_owned(),
+            anchored,
+            anchored_ci,
+        })
     }
 
     pub fn as_str(&self) -> &str {
@@ -61,7 +66,11 @@ impl Pattern {
     }
 
     pub fn full_match(&self, value: &str, ignore_case: bool) -> bool {
-        if ignore_case { self.anchored_ci.is_match(value) } else { self.anchored.is_match(value) }
+        if ignore_case {
+            self.anchored_ci.is_match(value)
+        } else {
+            self.anchored.is_match(value)
+        }
     }
 }
 
@@ -116,11 +125,17 @@ pub(crate) fn string_match(
     let regex = m.regex.as_ref().map(|re| match Pattern::new(re) {
         Ok(p) => Some(StringMatch::Regex(p)),
         Err(e) => {
-            r.at(&path.key("regex"), format!("{re:?} is not a valid regular expression: {e}"));
+            r.at(
+                &path.key("regex"),
+                format!("{re:?} is not a valid regular expression: {e}"),
+            );
             None
         }
     });
-    let set_count = [m.exact.is_some(), m.prefix.is_some(), m.regex.is_some()].iter().filter(|b| **b).count();
+    let set_count = [m.exact.is_some(), m.prefix.is_some(), m.regex.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
     if set_count == 1 && m.regex.is_some() && !matches!(regex, Some(Some(_))) {
         return None;
     }
@@ -247,30 +262,12 @@ pub(crate) fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-/// `10.0.0.0/8`, `fd00::/8` or a bare IP.
-pub(crate) fn is_cidr(s: &str) -> bool {
-    let (addr, prefix) = match s.split_once('/') {
-        Some((a, p)) => (a, Some(p)),
-        None => (s, None),
-    };
-    let Ok(ip) = addr.parse::<IpAddr>() else {
-        return false;
-    };
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    prefix.is_none_or(|p| p.parse::<u8>().is_ok_and(|n| n <= max))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn cidrs_and_labels() {
-        assert!(is_cidr("10.0.0.0/8"));
-        assert!(is_cidr("10.1.2.3"));
-        assert!(is_cidr("fd00::/8"));
-        assert!(!is_cidr("10.0.0.0/33"));
-        assert!(!is_cidr("ten/8"));
+    fn dns_labels() {
         assert!(is_dns_label("v1"));
         assert!(!is_dns_label("V1"));
         assert!(!is_dns_label("-v1"));

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::common;
 use super::raw;
+use super::{common, unsupported};
 use crate::config::error::Reporter;
 use crate::config::field_path::FieldPath;
 
@@ -16,10 +16,9 @@ pub struct DestinationRule {
     pub host: String,
     pub traffic_policy: Option<TrafficPolicy>,
     pub subsets: Vec<Subset>,
-    /// Empty means exported everywhere (Istio's default).
+    /// Empty means exported everywhere (Istio's default). `workloadSelector`
+    /// is not supported, so a rule applies to every client.
     pub export_to: Vec<String>,
-    /// `workloadSelector.matchLabels`; `None` applies to every client.
-    pub workload_selector: Option<BTreeMap<String, String>>,
 }
 
 impl DestinationRule {
@@ -83,11 +82,10 @@ pub struct PortTrafficPolicy {
     pub tls: Option<ClientTls>,
 }
 
+/// `warmupDurationSecs`, `warmup` and `localityLbSetting` are not supported.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadBalancer {
     pub policy: LbPolicy,
-    /// Slow-start window for new endpoints; `None` = no warm-up.
-    pub warmup: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +102,8 @@ pub enum SimpleLb {
     /// Also written `LEAST_CONN` (deprecated alias).
     LeastRequest,
     Random,
+    /// Not supported (rejected by validation, never in a loaded config); kept
+    /// for the balancer's exhaustive match.
     Passthrough,
 }
 
@@ -144,24 +144,19 @@ pub struct ConnectionPool {
 }
 
 /// `None` fields: Envoy's defaults (2^32-1 connections, 10s connect timeout).
+/// `tcpKeepalive`, `maxConnectionDuration` and `idleTimeout` are not supported.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TcpSettings {
     pub max_connections: Option<u32>,
     pub connect_timeout: Option<Duration>,
-    pub tcp_keepalive: Option<TcpKeepalive>,
-    pub max_connection_duration: Option<Duration>,
+    /// Always `None`: `tcp.idleTimeout` is rejected until L4 connections
+    /// enforce it (`limits` already reads this field).
     pub idle_timeout: Option<Duration>,
 }
 
-/// `None` fields: the OS defaults.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TcpKeepalive {
-    pub probes: Option<u32>,
-    pub time: Option<Duration>,
-    pub interval: Option<Duration>,
-}
-
 /// `None` fields: unlimited, except `idle_timeout` (1h in Istio).
+/// `maxConcurrentStreams` is not supported. `useClientProtocol` is accepted
+/// either way and not modelled: the proxy always speaks the client's protocol.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HttpSettings {
     pub http1_max_pending_requests: Option<u32>,
@@ -171,8 +166,6 @@ pub struct HttpSettings {
     pub max_retries: Option<u32>,
     pub idle_timeout: Option<Duration>,
     pub h2_upgrade_policy: H2UpgradePolicy,
-    pub use_client_protocol: bool,
-    pub max_concurrent_streams: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -181,7 +174,7 @@ pub enum H2UpgradePolicy {
     #[default]
     Default,
     DoNotUpgrade,
-    Upgrade,
+    // UPGRADE is not supported.
 }
 
 /// `None` fields take Istio's defaults: 5 consecutive 5xx errors, 10s
@@ -206,24 +199,17 @@ impl OutlierDetection {
     pub const DEFAULT_MAX_EJECTION_PERCENT: u32 = 10;
 }
 
+/// Only `mode` is supported; every other `tls` field is rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientTls {
     /// Required by Istio; a `tls` block without it is an error.
     pub mode: TlsMode,
-    pub client_certificate: Option<String>,
-    pub private_key: Option<String>,
-    pub ca_certificates: Option<String>,
-    pub credential_name: Option<String>,
-    pub subject_alt_names: Vec<String>,
-    pub sni: Option<String>,
-    pub insecure_skip_verify: bool,
 }
 
+/// SIMPLE and MUTUAL (TLS to an external server) are not supported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsMode {
     Disable,
-    Simple,
-    Mutual,
     IstioMutual,
 }
 
@@ -233,6 +219,7 @@ pub(crate) fn convert(
     name: &str,
     r: &mut Reporter<'_>,
 ) -> DestinationRule {
+    unsupported::destination_rule(r, spec);
     let root = FieldPath::root();
     if spec.host.trim().is_empty() {
         r.at(&root.key("host"), "is required");
@@ -272,10 +259,6 @@ pub(crate) fn convert(
         traffic_policy,
         subsets,
         export_to: common::export_to(r, &root.key("exportTo"), &spec.export_to),
-        workload_selector: spec
-            .workload_selector
-            .as_ref()
-            .map(|w| w.match_labels.clone()),
     }
 }
 
@@ -343,6 +326,7 @@ fn load_balancer(r: &mut Reporter<'_>, path: &FieldPath, lb: &raw::LoadBalancer)
             r.at(path, "only one of simple or consistentHash may be set");
             LbPolicy::Simple(SimpleLb::Unspecified)
         }
+        // PASSTHROUGH is reported by `unsupported`.
         (Some(simple), None) => LbPolicy::Simple(match simple {
             raw::SimpleLb::Unspecified => SimpleLb::Unspecified,
             raw::SimpleLb::RoundRobin => SimpleLb::RoundRobin,
@@ -356,12 +340,7 @@ fn load_balancer(r: &mut Reporter<'_>, path: &FieldPath, lb: &raw::LoadBalancer)
         },
         (None, None) => LbPolicy::Simple(SimpleLb::Unspecified),
     };
-    let warmup = common::duration(
-        r,
-        &path.key("warmupDurationSecs"),
-        lb.warmup_duration_secs.as_ref(),
-    );
-    LoadBalancer { policy, warmup }
+    LoadBalancer { policy }
 }
 
 fn consistent_hash(
@@ -471,20 +450,7 @@ fn connection_pool(
                 &p.key("connectTimeout"),
                 t.connect_timeout.as_ref(),
             ),
-            tcp_keepalive: t.tcp_keepalive.as_ref().map(|k| {
-                let kp = p.key("tcpKeepalive");
-                TcpKeepalive {
-                    probes: common::non_negative(r, &kp.key("probes"), k.probes),
-                    time: common::duration(r, &kp.key("time"), k.time.as_ref()),
-                    interval: common::duration(r, &kp.key("interval"), k.interval.as_ref()),
-                }
-            }),
-            max_connection_duration: common::duration(
-                r,
-                &p.key("maxConnectionDuration"),
-                t.max_connection_duration.as_ref(),
-            ),
-            idle_timeout: common::duration(r, &p.key("idleTimeout"), t.idle_timeout.as_ref()),
+            idle_timeout: None,
         }
     });
     let http = cp.http.as_ref().map(|h| {
@@ -508,16 +474,12 @@ fn connection_pool(
             max_retries: common::non_negative(r, &p.key("maxRetries"), h.max_retries),
             idle_timeout: common::duration(r, &p.key("idleTimeout"), h.idle_timeout.as_ref()),
             h2_upgrade_policy: match h.h2_upgrade_policy {
-                None | Some(raw::H2UpgradePolicy::Default) => H2UpgradePolicy::Default,
+                // UPGRADE is reported by `unsupported`.
+                None | Some(raw::H2UpgradePolicy::Default | raw::H2UpgradePolicy::Upgrade) => {
+                    H2UpgradePolicy::Default
+                }
                 Some(raw::H2UpgradePolicy::DoNotUpgrade) => H2UpgradePolicy::DoNotUpgrade,
-                Some(raw::H2UpgradePolicy::Upgrade) => H2UpgradePolicy::Upgrade,
             },
-            use_client_protocol: h.use_client_protocol.unwrap_or(false),
-            max_concurrent_streams: common::non_negative(
-                r,
-                &p.key("maxConcurrentStreams"),
-                h.max_concurrent_streams,
-            ),
         }
     });
     ConnectionPool { tcp, http }
@@ -576,38 +538,15 @@ fn outlier_detection(
 }
 
 fn client_tls(r: &mut Reporter<'_>, path: &FieldPath, tls: &raw::ClientTls) -> Option<ClientTls> {
-    let Some(mode) = tls.mode else {
-        r.at(&path.key("mode"), "is required");
-        return None;
-    };
-    let mode = match mode {
-        raw::TlsMode::Disable => TlsMode::Disable,
-        raw::TlsMode::Simple => TlsMode::Simple,
-        raw::TlsMode::Mutual => TlsMode::Mutual,
-        raw::TlsMode::IstioMutual => TlsMode::IstioMutual,
-    };
-    // Istio: MUTUAL needs a client certificate and key, unless they come from a secret.
-    if mode == TlsMode::Mutual && tls.credential_name.is_none() {
-        for (field, value) in [
-            ("clientCertificate", &tls.client_certificate),
-            ("privateKey", &tls.private_key),
-        ] {
-            if value.is_none() {
-                r.at(
-                    &path.key(field),
-                    "is required when mode is MUTUAL (or set credentialName)",
-                );
-            }
+    let mode = match tls.mode {
+        None => {
+            r.at(&path.key("mode"), "is required");
+            return None;
         }
-    }
-    Some(ClientTls {
-        mode,
-        client_certificate: tls.client_certificate.clone(),
-        private_key: tls.private_key.clone(),
-        ca_certificates: tls.ca_certificates.clone(),
-        credential_name: tls.credential_name.clone(),
-        subject_alt_names: tls.subject_alt_names.clone(),
-        sni: tls.sni.clone(),
-        insecure_skip_verify: tls.insecure_skip_verify.unwrap_or(false),
-    })
+        Some(raw::TlsMode::Disable) => TlsMode::Disable,
+        Some(raw::TlsMode::IstioMutual) => TlsMode::IstioMutual,
+        // Reported by `unsupported`.
+        Some(raw::TlsMode::Simple | raw::TlsMode::Mutual) => return None,
+    };
+    Some(ClientTls { mode })
 }

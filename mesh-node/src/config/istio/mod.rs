@@ -1,11 +1,13 @@
 //! Istio CRDs the mesh honours: DestinationRule, VirtualService and
 //! PeerAuthentication. `raw` mirrors Istio's YAML; the other files hold the
-//! validated model and the checks that build it.
+//! validated model and the checks that build it; `unsupported` rejects the
+//! fields Istio defines but the proxy does not apply.
 
 mod common;
 mod destination_rule;
 mod peer_authentication;
 pub(crate) mod raw;
+mod unsupported;
 mod virtual_service;
 
 pub(crate) use common::exported_to;
@@ -13,13 +15,13 @@ pub use common::{Destination, Pattern, StringMatch};
 pub use destination_rule::{
     ClientTls, ConnectionPool, ConsistentHash, DestinationRule, H2UpgradePolicy, HashAlgorithm,
     HashKey, HttpSettings, LbPolicy, LoadBalancer, OutlierDetection, PortTrafficPolicy, SimpleLb,
-    Subset, TcpKeepalive, TcpSettings, TlsMode, TrafficPolicy,
+    Subset, TcpSettings, TlsMode, TrafficPolicy,
 };
 pub use peer_authentication::{MtlsMode, PeerAuthentication};
 pub use virtual_service::{
-    AbortStatus, CorsPolicy, FaultAbort, FaultDelay, HeaderOperations, Headers, HttpFault,
-    HttpMatch, HttpRedirect, HttpRetry, HttpRewrite, HttpRoute, HttpRouteDestination, L4Match,
-    RetryOn, RouteDestination, TcpRoute, TlsMatch, TlsRoute, VirtualService, effective_weights,
+    AbortStatus, FaultAbort, FaultDelay, HeaderOperations, Headers, HttpFault, HttpMatch,
+    HttpRedirect, HttpRetry, HttpRewrite, HttpRoute, HttpRouteDestination, L4Match, RetryOn,
+    RouteDestination, TcpRoute, VirtualService, effective_weights,
 };
 
 pub(crate) mod convert {

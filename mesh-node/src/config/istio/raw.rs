@@ -269,7 +269,8 @@ pub struct VirtualServiceSpec {
     pub http: Vec<HttpRoute>,
     #[serde(default)]
     pub tcp: Vec<TcpRoute>,
-    pub tls: Option<Ignored>,
+    #[serde(default)]
+    pub tls: Vec<Ignored>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -422,7 +423,8 @@ pub struct TcpRoute {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct L4Match {
     pub port: Option<i64>,
-    pub destination_subnets: Option<Ignored>,
+    #[serde(default)]
+    pub destination_subnets: Vec<Ignored>,
     #[serde(default)]
     pub source_labels: BTreeMap<String, String>,
     pub source_namespace: Option<String>,

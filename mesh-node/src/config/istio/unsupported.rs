@@ -16,10 +16,12 @@ use crate::config::field_path::FieldPath;
 
 pub(super) const NOT_SUPPORTED: &str = "not supported by mesh";
 
-/// Reports `path.field` when `set`.
-fn reject(r: &mut Reporter<'_>, path: &FieldPath, field: &str, set: bool) {
-    if set {
-        r.at(&path.key(field), NOT_SUPPORTED);
+/// Reports `path.field` for each field that is set.
+fn reject(r: &mut Reporter<'_>, path: &FieldPath, fields: &[(&str, bool)]) {
+    for (field, set) in fields {
+        if *set {
+            r.at(&path.key(*field), NOT_SUPPORTED);
+        }
     }
 }
 
@@ -31,14 +33,18 @@ fn reject_value(r: &mut Reporter<'_>, path: &FieldPath, value: &str) {
 
 pub(super) fn virtual_service(r: &mut Reporter<'_>, spec: &raw::VirtualServiceSpec) {
     let root = FieldPath::root();
-    reject(r, &root, "tls", spec.tls.is_some());
+    reject(r, &root, &[("tls", !spec.tls.is_empty())]);
     for (i, h) in spec.http.iter().enumerate() {
         http_route(r, &root.key("http").index(i), h);
     }
     for (i, t) in spec.tcp.iter().enumerate() {
         for (j, m) in t.matches.iter().enumerate() {
             let path = root.key("tcp").index(i).key("match").index(j);
-            reject(r, &path, "destinationSubnets", m.destination_subnets.is_some());
+            reject(
+                r,
+                &path,
+                &[("destinationSubnets", !m.destination_subnets.is_empty())],
+            );
             // The proxy only serves mesh traffic: a match limited to other
             // gateways would wrongly apply to it.
             if !m.gateways.is_empty() && !m.gateways.iter().any(|g| g == "mesh") {
@@ -53,31 +59,25 @@ pub(super) fn virtual_service(r: &mut Reporter<'_>, spec: &raw::VirtualServiceSp
 
 fn http_route(r: &mut Reporter<'_>, path: &FieldPath, h: &raw::HttpRoute) {
     for (i, m) in h.matches.iter().enumerate() {
-        reject(
-            r,
-            &path.key("match").index(i),
-            "statPrefix",
-            m.stat_prefix.is_some(),
-        );
+        let set = m.stat_prefix.is_some();
+        reject(r, &path.key("match").index(i), &[("statPrefix", set)]);
     }
-    for (field, set) in [
-        ("mirror", h.mirror.is_some()),
-        ("mirrors", h.mirrors.is_some()),
-        ("mirrorPercentage", h.mirror_percentage.is_some()),
-        ("mirrorPercent", h.mirror_percent.is_some()),
-        ("corsPolicy", h.cors_policy.is_some()),
-        ("delegate", h.delegate.is_some()),
-        ("directResponse", h.direct_response.is_some()),
-    ] {
-        reject(r, path, field, set);
-    }
+    reject(
+        r,
+        path,
+        &[
+            ("mirror", h.mirror.is_some()),
+            ("mirrors", h.mirrors.is_some()),
+            ("mirrorPercentage", h.mirror_percentage.is_some()),
+            ("mirrorPercent", h.mirror_percent.is_some()),
+            ("corsPolicy", h.cors_policy.is_some()),
+            ("delegate", h.delegate.is_some()),
+            ("directResponse", h.direct_response.is_some()),
+        ],
+    );
     if let Some(rt) = &h.retries {
-        reject(
-            r,
-            &path.key("retries"),
-            "retryRemoteLocalities",
-            rt.retry_remote_localities == Some(true),
-        );
+        let set = rt.retry_remote_localities == Some(true);
+        reject(r, &path.key("retries"), &[("retryRemoteLocalities", set)]);
     }
 }
 
@@ -85,7 +85,8 @@ fn http_route(r: &mut Reporter<'_>, path: &FieldPath, h: &raw::HttpRoute) {
 
 pub(super) fn destination_rule(r: &mut Reporter<'_>, spec: &raw::DestinationRuleSpec) {
     let root = FieldPath::root();
-    reject(r, &root, "workloadSelector", spec.workload_selector.is_some());
+    let set = spec.workload_selector.is_some();
+    reject(r, &root, &[("workloadSelector", set)]);
     if let Some(tp) = &spec.traffic_policy {
         traffic_policy(r, &root.key("trafficPolicy"), tp);
     }
@@ -113,8 +114,14 @@ fn traffic_policy(r: &mut Reporter<'_>, path: &FieldPath, tp: &raw::TrafficPolic
             p.tls.as_ref(),
         );
     }
-    reject(r, path, "proxyProtocol", tp.proxy_protocol.is_some());
-    reject(r, path, "tunnel", tp.tunnel.is_some());
+    reject(
+        r,
+        path,
+        &[
+            ("proxyProtocol", tp.proxy_protocol.is_some()),
+            ("tunnel", tp.tunnel.is_some()),
+        ],
+    );
 }
 
 /// The parts a policy and a `portLevelSettings` entry have in common.
@@ -130,32 +137,38 @@ fn policy_parts(
         if lb.simple == Some(raw::SimpleLb::Passthrough) {
             reject_value(r, &path.key("simple"), "PASSTHROUGH");
         }
-        reject(r, &path, "warmupDurationSecs", lb.warmup_duration_secs.is_some());
-        reject(r, &path, "warmup", lb.warmup.is_some());
-        reject(r, &path, "localityLbSetting", lb.locality_lb_setting.is_some());
-    }
-    if let Some(tcp) = pool.and_then(|p| p.tcp.as_ref()) {
-        let path = path.key("connectionPool").key("tcp");
-        reject(r, &path, "tcpKeepalive", tcp.tcp_keepalive.is_some());
         reject(
             r,
             &path,
-            "maxConnectionDuration",
-            tcp.max_connection_duration.is_some(),
+            &[
+                ("warmupDurationSecs", lb.warmup_duration_secs.is_some()),
+                ("warmup", lb.warmup.is_some()),
+                ("localityLbSetting", lb.locality_lb_setting.is_some()),
+            ],
         );
-        reject(r, &path, "idleTimeout", tcp.idle_timeout.is_some());
+    }
+    if let Some(tcp) = pool.and_then(|p| p.tcp.as_ref()) {
+        let path = path.key("connectionPool").key("tcp");
+        reject(
+            r,
+            &path,
+            &[
+                ("tcpKeepalive", tcp.tcp_keepalive.is_some()),
+                (
+                    "maxConnectionDuration",
+                    tcp.max_connection_duration.is_some(),
+                ),
+                ("idleTimeout", tcp.idle_timeout.is_some()),
+            ],
+        );
     }
     if let Some(http) = pool.and_then(|p| p.http.as_ref()) {
         let path = path.key("connectionPool").key("http");
         if http.h2_upgrade_policy == Some(raw::H2UpgradePolicy::Upgrade) {
             reject_value(r, &path.key("h2UpgradePolicy"), "UPGRADE");
         }
-        reject(
-            r,
-            &path,
-            "maxConcurrentStreams",
-            http.max_concurrent_streams.is_some(),
-        );
+        let set = http.max_concurrent_streams.is_some();
+        reject(r, &path, &[("maxConcurrentStreams", set)]);
     }
     if let Some(tls) = tls {
         let path = path.key("tls");
@@ -164,17 +177,19 @@ fn policy_parts(
             Some(raw::TlsMode::Mutual) => reject_value(r, &path.key("mode"), "MUTUAL"),
             Some(raw::TlsMode::Disable | raw::TlsMode::IstioMutual) | None => {}
         }
-        for (field, set) in [
-            ("clientCertificate", tls.client_certificate.is_some()),
-            ("privateKey", tls.private_key.is_some()),
-            ("caCertificates", tls.ca_certificates.is_some()),
-            ("caCrl", tls.ca_crl.is_some()),
-            ("credentialName", tls.credential_name.is_some()),
-            ("subjectAltNames", tls.subject_alt_names.is_some()),
-            ("sni", tls.sni.is_some()),
-            ("insecureSkipVerify", tls.insecure_skip_verify.is_some()),
-        ] {
-            reject(r, &path, field, set);
-        }
+        reject(
+            r,
+            &path,
+            &[
+                ("clientCertificate", tls.client_certificate.is_some()),
+                ("privateKey", tls.private_key.is_some()),
+                ("caCertificates", tls.ca_certificates.is_some()),
+                ("caCrl", tls.ca_crl.is_some()),
+                ("credentialName", tls.credential_name.is_some()),
+                ("subjectAltNames", tls.subject_alt_names.is_some()),
+                ("sni", tls.sni.is_some()),
+                ("insecureSkipVerify", tls.insecure_skip_verify.is_some()),
+            ],
+        );
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::common::{self, Destination, INT32_MAX, StringMatch};
 use super::raw;
+use super::unsupported::{self, NOT_SUPPORTED};
 use crate::config::error::Reporter;
 use crate::config::field_path::FieldPath;
 
@@ -20,8 +21,8 @@ pub struct VirtualService {
     pub export_to: Vec<String>,
     /// Evaluated in order; the first route whose match succeeds wins.
     pub http: Vec<HttpRoute>,
+    /// `tls` routes are not supported.
     pub tcp: Vec<TcpRoute>,
-    pub tls: Vec<TlsRoute>,
 }
 
 impl VirtualService {
@@ -40,31 +41,19 @@ impl VirtualService {
             for (j, d) in h.route.iter().enumerate() {
                 out.push((p.key("route").index(j).key("destination"), &d.destination));
             }
-            if let Some(m) = &h.mirror {
-                out.push((p.key("mirror"), m));
-            }
         }
-        for (kind, routes) in [
-            ("tcp", self.tcp.iter().map(|t| &t.route).collect::<Vec<_>>()),
-            ("tls", self.tls.iter().map(|t| &t.route).collect()),
-        ] {
-            for (i, route) in routes.into_iter().enumerate() {
-                for (j, d) in route.iter().enumerate() {
-                    out.push((
-                        root.key(kind)
-                            .index(i)
-                            .key("route")
-                            .index(j)
-                            .key("destination"),
-                        &d.destination,
-                    ));
-                }
+        for (i, t) in self.tcp.iter().enumerate() {
+            let p = root.key("tcp").index(i);
+            for (j, d) in t.route.iter().enumerate() {
+                out.push((p.key("route").index(j).key("destination"), &d.destination));
             }
         }
         out
     }
 }
 
+/// Not supported (rejected by validation): `mirror`, `mirrors`,
+/// `mirrorPercentage`, `mirrorPercent`, `corsPolicy`, `delegate`, `directResponse`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HttpRoute {
     pub name: Option<String>,
@@ -79,10 +68,6 @@ pub struct HttpRoute {
     /// `None`: Istio's default policy, see [`HttpRetry::istio_default`].
     pub retries: Option<HttpRetry>,
     pub fault: Option<HttpFault>,
-    pub mirror: Option<Destination>,
-    /// Percent of requests mirrored; `None` with a mirror means 100.
-    pub mirror_percentage: Option<f64>,
-    pub cors_policy: Option<CorsPolicy>,
     pub headers: Option<Headers>,
 }
 
@@ -106,6 +91,7 @@ pub fn effective_weights(weights: impl Iterator<Item = Option<u32>>) -> Vec<u32>
         .collect()
 }
 
+/// `statPrefix` is not supported.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct HttpMatch {
     pub name: Option<String>,
@@ -174,6 +160,7 @@ pub struct HttpRetry {
     pub per_try_timeout: Option<Duration>,
     /// Empty: Istio's default conditions, see [`HttpRetry::istio_default`].
     pub retry_on: Vec<RetryOn>,
+    /// Always `false`: `true` is not supported.
     pub retry_remote_localities: bool,
 }
 
@@ -214,6 +201,9 @@ pub enum RetryOn {
     Unavailable,
     Status(u16),
 }
+
+/// Known conditions the proxy does not implement; a `retryOn` naming one is rejected.
+const RETRY_ON_UNSUPPORTED: &[RetryOn] = &[RetryOn::RetriableHeaders, RetryOn::EnvoyRatelimited];
 
 const RETRY_ON_NAMES: &[(&str, RetryOn)] = &[
     ("5xx", RetryOn::FiveXx),
@@ -305,41 +295,18 @@ const GRPC_CODES: &[&str] = &[
 ];
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct CorsPolicy {
-    pub allow_origins: Vec<StringMatch>,
-    pub allow_methods: Vec<String>,
-    pub allow_headers: Vec<String>,
-    pub expose_headers: Vec<String>,
-    pub max_age: Option<Duration>,
-    pub allow_credentials: Option<bool>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
 pub struct TcpRoute {
     pub matches: Vec<L4Match>,
     pub route: Vec<RouteDestination>,
 }
 
+/// `destinationSubnets`, and `gateways` without `mesh`, are not supported.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct L4Match {
     pub port: Option<u16>,
-    /// CIDRs or IPs, as written (validated).
-    pub destination_subnets: Vec<String>,
     pub source_labels: BTreeMap<String, String>,
     pub source_namespace: Option<String>,
     pub gateways: Vec<String>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct TlsRoute {
-    pub matches: Vec<TlsMatch>,
-    pub route: Vec<RouteDestination>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TlsMatch {
-    pub sni_hosts: Vec<String>,
-    pub l4: L4Match,
 }
 
 pub(crate) fn convert(
@@ -348,6 +315,7 @@ pub(crate) fn convert(
     name: &str,
     r: &mut Reporter<'_>,
 ) -> VirtualService {
+    unsupported::virtual_service(r, spec);
     let root = FieldPath::root();
     let mesh_bound = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == "mesh");
     if spec.hosts.is_empty() {
@@ -364,7 +332,7 @@ pub(crate) fn convert(
         }
     }
     if spec.http.is_empty() && spec.tcp.is_empty() && spec.tls.is_empty() {
-        r.at(&root, "at least one of http, tcp or tls is required");
+        r.at(&root, "at least one of http or tcp is required");
     }
     let http = spec
         .http
@@ -383,54 +351,7 @@ pub(crate) fn convert(
                     .matches
                     .iter()
                     .enumerate()
-                    .map(|(j, m)| {
-                        l4_match(
-                            r,
-                            &path.key("match").index(j),
-                            m.port,
-                            &m.destination_subnets,
-                            &m.source_labels,
-                            &m.source_namespace,
-                            &m.gateways,
-                        )
-                    })
-                    .collect(),
-                route: l4_routes(r, &path.key("route"), &t.route),
-            }
-        })
-        .collect();
-    let tls = spec
-        .tls
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            let path = root.key("tls").index(i);
-            if t.matches.is_empty() {
-                r.at(&path.key("match"), "at least one match is required");
-            }
-            TlsRoute {
-                matches: t
-                    .matches
-                    .iter()
-                    .enumerate()
-                    .map(|(j, m)| {
-                        let mpath = path.key("match").index(j);
-                        if m.sni_hosts.is_empty() {
-                            r.at(&mpath.key("sniHosts"), "at least one SNI host is required");
-                        }
-                        TlsMatch {
-                            sni_hosts: m.sni_hosts.clone(),
-                            l4: l4_match(
-                                r,
-                                &mpath,
-                                m.port,
-                                &m.destination_subnets,
-                                &m.source_labels,
-                                &m.source_namespace,
-                                &m.gateways,
-                            ),
-                        }
-                    })
+                    .map(|(j, m)| l4_match(r, &path.key("match").index(j), m))
                     .collect(),
                 route: l4_routes(r, &path.key("route"), &t.route),
             }
@@ -444,13 +365,16 @@ pub(crate) fn convert(
         export_to: common::export_to(r, &root.key("exportTo"), &spec.export_to),
         http,
         tcp,
-        tls,
     }
 }
 
 fn http_route(r: &mut Reporter<'_>, path: &FieldPath, h: &raw::HttpRoute) -> HttpRoute {
+    // `delegate` and `directResponse` stand in for a route; `unsupported` reports them.
+    let replaced = h.delegate.is_some() || h.direct_response.is_some();
     match (h.route.is_empty(), &h.redirect) {
-        (true, None) => r.at(&path.key("route"), "one of route or redirect is required"),
+        (true, None) if !replaced => {
+            r.at(&path.key("route"), "one of route or redirect is required");
+        }
         (false, Some(_)) => r.at(&path.key("redirect"), "may not be combined with route"),
         _ => {}
     }
@@ -506,15 +430,6 @@ fn http_route(r: &mut Reporter<'_>, path: &FieldPath, h: &raw::HttpRoute) -> Htt
             .fault
             .as_ref()
             .and_then(|f| fault(r, &path.key("fault"), f)),
-        mirror: h
-            .mirror
-            .as_ref()
-            .map(|m| common::destination(r, &path.key("mirror"), m)),
-        mirror_percentage: common::percent(r, &path.key("mirrorPercentage"), h.mirror_percentage),
-        cors_policy: h
-            .cors_policy
-            .as_ref()
-            .map(|c| cors(r, &path.key("corsPolicy"), c)),
         headers: h
             .headers
             .as_ref()
@@ -622,6 +537,9 @@ fn retries(r: &mut Reporter<'_>, path: &FieldPath, rt: &raw::HttpRetry) -> HttpR
     if let Some(list) = &rt.retry_on {
         for item in list.split(',').map(str::trim) {
             match RetryOn::parse(item) {
+                Some(cond) if RETRY_ON_UNSUPPORTED.contains(&cond) => {
+                    r.at(&path.key("retryOn"), format!("{item:?} is {NOT_SUPPORTED}"));
+                }
                 Some(cond) => retry_on.push(cond),
                 None => r.at(
                     &path.key("retryOn"),
@@ -645,7 +563,8 @@ fn retries(r: &mut Reporter<'_>, path: &FieldPath, rt: &raw::HttpRetry) -> HttpR
             rt.per_try_timeout.as_ref(),
         ),
         retry_on,
-        retry_remote_localities: rt.retry_remote_localities.unwrap_or(false),
+        // `true` is reported by `unsupported`.
+        retry_remote_localities: false,
     }
 }
 
@@ -699,47 +618,12 @@ fn fault(r: &mut Reporter<'_>, path: &FieldPath, f: &raw::HttpFault) -> Option<H
     Some(HttpFault { delay, abort })
 }
 
-fn cors(r: &mut Reporter<'_>, path: &FieldPath, c: &raw::CorsPolicy) -> CorsPolicy {
-    CorsPolicy {
-        allow_origins: c
-            .allow_origins
-            .iter()
-            .enumerate()
-            .filter_map(|(i, o)| {
-                common::string_match(r, &path.key("allowOrigins").index(i), o, false)
-            })
-            .collect(),
-        allow_methods: c.allow_methods.clone(),
-        allow_headers: c.allow_headers.clone(),
-        expose_headers: c.expose_headers.clone(),
-        max_age: common::duration(r, &path.key("maxAge"), c.max_age.as_ref()),
-        allow_credentials: c.allow_credentials,
-    }
-}
-
-fn l4_match(
-    r: &mut Reporter<'_>,
-    path: &FieldPath,
-    port: Option<i64>,
-    subnets: &[String],
-    source_labels: &BTreeMap<String, String>,
-    source_namespace: &Option<String>,
-    gateways: &[String],
-) -> L4Match {
-    for (i, subnet) in subnets.iter().enumerate() {
-        if !common::is_cidr(subnet) {
-            r.at(
-                &path.key("destinationSubnets").index(i),
-                format!("{subnet:?} is not a CIDR or IP address"),
-            );
-        }
-    }
+fn l4_match(r: &mut Reporter<'_>, path: &FieldPath, m: &raw::L4Match) -> L4Match {
     L4Match {
-        port: port.and_then(|p| common::port(r, &path.key("port"), p)),
-        destination_subnets: subnets.to_vec(),
-        source_labels: source_labels.clone(),
-        source_namespace: source_namespace.clone(),
-        gateways: gateways.to_vec(),
+        port: m.port.and_then(|p| common::port(r, &path.key("port"), p)),
+        source_labels: m.source_labels.clone(),
+        source_namespace: m.source_namespace.clone(),
+        gateways: m.gateways.clone(),
     }
 }
 
