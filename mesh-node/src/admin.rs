@@ -43,6 +43,7 @@ impl AdminState {
             "node": self.node,
             "capture": self.capture_counters.read(),
             "proxy": self.proxy_stats.snapshot(),
+            "tunnel_connections": self.proxy.connector.tunnels.connections(),
         })
     }
 

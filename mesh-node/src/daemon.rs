@@ -16,6 +16,7 @@ use crate::{
     config::{self, Cluster},
     destination::Destinations,
     http::pool::Pool,
+    tunnel::TunnelPool,
     upstream::Connector,
     listener::{self, ProxyContext},
     stats::ProxyStats,
@@ -64,6 +65,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     let mut config_rx = config::spawn_watcher(opts.config_dir.clone(), cluster, opts.config_poll);
     let stats = Arc::new(ProxyStats::default());
+    let connector = Connector {
+        node: opts.node.clone(),
+        inbound_port: opts.inbound_port,
+        config: config_rx.clone(),
+        tunnels: Arc::new(TunnelPool::default()),
+    };
     let ctx = Arc::new(ProxyContext {
         node: opts.node.clone(),
         config: config_rx.clone(),
@@ -72,7 +79,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         connect_timeout: opts.connect_timeout,
         inbound_port: opts.inbound_port,
         destinations: Destinations::default(),
-        pool: Pool::new(Connector { node: opts.node.clone(), inbound_port: opts.inbound_port, config: config_rx.clone() }),
+        pool: Pool::new(connector.clone()),
+        connector,
     });
     let admin_state = Arc::new(AdminState {
         node: opts.node.clone(),

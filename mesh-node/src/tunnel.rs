@@ -1,12 +1,20 @@
-//! Carrying a connection to an endpoint on another node: an HTTP CONNECT to that node proxy's
-//! inbound port, naming the target pod address. (Plaintext HTTP/1.1 for now; the HBONE shape,
-//! HTTP/2 CONNECT over mutual TLS, replaces it when identities land.)
-use std::{io, net::SocketAddr, time::Duration};
+//! Carrying connections to endpoints on other nodes: HTTP/2 CONNECT streams to that node
+//! proxy's inbound port (15008), the target pod address in `:authority`, as Istio's HBONE does.
+//! One HTTP/2 connection per destination node carries many streams; it is pinged while in use
+//! and released when idle.
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http_body_util::Empty;
-use hyper::{Method, Request, StatusCode, upgrade::Upgraded};
-use hyper_util::rt::TokioIo;
+use hyper::{Method, Request, StatusCode, client::conn::http2, upgrade::Upgraded};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tracing::debug;
 
 use crate::upstream;
 
@@ -14,36 +22,101 @@ use crate::upstream;
 pub enum TunnelError {
     #[error("connecting to node proxy {proxy}: {source}")]
     Connect { proxy: SocketAddr, source: io::Error },
-    #[error("tunnel handshake with {proxy}: {source}")]
+    #[error("tunnel to {proxy}: {source}")]
     Http { proxy: SocketAddr, source: hyper::Error },
     #[error("node proxy {proxy} refused the tunnel to {target}: {status}")]
     Refused { proxy: SocketAddr, target: SocketAddr, status: StatusCode },
 }
 
-/// Opens a tunnel through the node proxy at `proxy` to `target`, a pod on that node.
-pub async fn open(proxy: SocketAddr, target: SocketAddr, connect_timeout: Duration) -> Result<TokioIo<Upgraded>, TunnelError> {
-    let stream = upstream::connect(proxy, connect_timeout)
-        .await
-        .map_err(|source| TunnelError::Connect { proxy, source })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|source| TunnelError::Http { proxy, source })?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(%proxy, "tunnel connection: {e}");
+/// HTTP/2 flow-control windows sized for bulk transfers through one multiplexed connection
+/// (the 64 KiB defaults throttle a single stream well below link speed).
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const MAX_FRAME: u32 = 256 * 1024;
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A tunnel connection unused this long is closed.
+const IDLE_RELEASE: Duration = Duration::from_secs(120);
+
+type Sender = http2::SendRequest<Empty<Bytes>>;
+
+struct Entry {
+    sender: Option<Sender>,
+    last_used: Instant,
+}
+
+/// Multiplexed tunnel connections, one per destination node proxy.
+#[derive(Default)]
+pub struct TunnelPool {
+    conns: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Entry>>>>,
+}
+
+impl TunnelPool {
+    /// Opens a stream through the node proxy at `proxy` to `target`, a pod on that node.
+    pub async fn open(&self, proxy: SocketAddr, target: SocketAddr, connect_timeout: Duration) -> Result<TokioIo<Upgraded>, TunnelError> {
+        // A pooled connection may have just died; one fresh connection is worth a second try.
+        for attempt in 0..2 {
+            let mut sender = self.sender(proxy, connect_timeout, attempt > 0).await?;
+            let authority = target.to_string();
+            let req = Request::builder()
+                .method(Method::CONNECT)
+                .uri(&authority)
+                .body(Empty::<Bytes>::new())
+                .expect("CONNECT request from a socket address is well formed");
+            let res = match sender.send_request(req).await {
+                Ok(res) => res,
+                Err(e) if attempt == 0 && (e.is_closed() || e.is_canceled()) => continue,
+                Err(source) => return Err(TunnelError::Http { proxy, source }),
+            };
+            if res.status() != StatusCode::OK {
+                return Err(TunnelError::Refused { proxy, target, status: res.status() });
+            }
+            let upgraded = hyper::upgrade::on(res).await.map_err(|source| TunnelError::Http { proxy, source })?;
+            return Ok(TokioIo::new(upgraded));
         }
-    });
-    let authority = target.to_string();
-    let req = Request::builder()
-        .method(Method::CONNECT)
-        .uri(&authority)
-        .header(hyper::header::HOST, &authority)
-        .body(Empty::<Bytes>::new())
-        .expect("CONNECT request from a socket address is well formed");
-    let res = sender.send_request(req).await.map_err(|source| TunnelError::Http { proxy, source })?;
-    if res.status() != StatusCode::OK {
-        return Err(TunnelError::Refused { proxy, target, status: res.status() });
+        unreachable!("the loop returns on its second attempt")
     }
-    let upgraded = hyper::upgrade::on(res).await.map_err(|source| TunnelError::Http { proxy, source })?;
-    Ok(TokioIo::new(upgraded))
+
+    async fn sender(&self, proxy: SocketAddr, connect_timeout: Duration, fresh: bool) -> Result<Sender, TunnelError> {
+        let slot = {
+            let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            // Lazily forget connections idle for a while (dropping the sender closes it once
+            // its streams are done).
+            conns.retain(|addr, e| *addr == proxy || e.try_lock().map_or(true, |e| e.last_used.elapsed() < IDLE_RELEASE));
+            conns.entry(proxy).or_insert_with(|| Arc::new(tokio::sync::Mutex::new(Entry { sender: None, last_used: Instant::now() }))).clone()
+        };
+        // Held across the connect so concurrent first streams share one connection.
+        let mut entry = slot.lock().await;
+        entry.last_used = Instant::now();
+        if !fresh
+            && let Some(s) = &entry.sender
+            && !s.is_closed()
+        {
+            return Ok(s.clone());
+        }
+        let stream = upstream::connect(proxy, connect_timeout).await.map_err(|source| TunnelError::Connect { proxy, source })?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| TunnelError::Http { proxy, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%proxy, "tunnel connection: {e}");
+            }
+        });
+        entry.sender = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// Open tunnel connections, for tests and the admin endpoint.
+    pub fn connections(&self) -> usize {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.values().filter(|e| e.try_lock().map_or(true, |e| e.sender.as_ref().is_some_and(|s| !s.is_closed()))).count()
+    }
 }

@@ -91,6 +91,7 @@ pub struct Connector {
     pub node: String,
     pub inbound_port: u16,
     pub config: tokio::sync::watch::Receiver<std::sync::Arc<crate::config::Cluster>>,
+    pub tunnels: std::sync::Arc<crate::tunnel::TunnelPool>,
 }
 
 impl Connector {
@@ -106,6 +107,6 @@ impl Connector {
             return Err(ConnectError::UnknownNode { addr: endpoint.addr, node: endpoint.node.clone() });
         };
         let proxy = SocketAddr::new(node_ip, self.inbound_port);
-        Ok(UpstreamIo::Tunnel(crate::tunnel::open(proxy, endpoint.addr, timeout).await?))
+        Ok(UpstreamIo::Tunnel(self.tunnels.open(proxy, endpoint.addr, timeout).await?))
     }
 }

@@ -48,6 +48,11 @@ fn cross_node_service_carries_10mib_each_way_intact() {
     // The server saw the connection come from node-b's proxy, not from the client pod.
     let who = c.probe("client", &["who", "10.96.0.11:80"], T).unwrap();
     assert_eq!(who.trim(), "solo-1 10.244.1.1");
+    // Many connections, one multiplexed tunnel connection between the two nodes.
+    let out = c.probe("client", &["who", "10.96.0.11:80", "--count", "20"], T).unwrap();
+    assert_eq!(out.lines().count(), 20);
+    assert_eq!(c.stats(0).unwrap()["tunnel_connections"], 1);
+    assert_eq!(c.counter(1, "proxy", "inbound_requests"), 22);
 }
 
 #[test]

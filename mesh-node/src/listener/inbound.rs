@@ -1,16 +1,16 @@
-//! Inbound listener: tunnels from other node proxies, each an HTTP CONNECT naming a pod on this
-//! node.
+//! Inbound listener: tunnels from other node proxies, HTTP/2 connections whose CONNECT streams
+//! each name a pod on this node.
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use super::ProxyContext;
-use crate::upstream;
+use crate::{tunnel, upstream};
 
 pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
     loop {
@@ -26,9 +26,12 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(req, peer, ctx.clone()));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .initial_stream_window_size(tunnel::STREAM_WINDOW)
+                .initial_connection_window_size(tunnel::CONNECTION_WINDOW)
+                .max_frame_size(tunnel::MAX_FRAME)
+                .serve_connection(TokioIo::new(stream), service);
             if let Err(e) = conn.await {
                 debug!(%peer, "inbound connection: {e}");
             }

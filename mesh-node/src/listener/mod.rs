@@ -21,6 +21,8 @@ pub struct ProxyContext {
     pub destinations: Destinations,
     /// Pooled upstream HTTP connections.
     pub pool: Pool,
+    /// How endpoints are reached: directly, or tunnelled through their node's proxy.
+    pub connector: crate::upstream::Connector,
 }
 
 impl ProxyContext {

@@ -11,7 +11,7 @@ use crate::{
     http::{self, ServiceTarget},
     protocol::{self, Protocol},
     route::{self, TcpTarget},
-    upstream::{self, Connector, UpstreamIo},
+    upstream::{self, UpstreamIo},
 };
 
 pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
@@ -102,8 +102,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
 /// Connects to an endpoint (directly, or through its node's proxy) and copies bytes until both
 /// sides are done. Returns whether the upstream connection was established.
 async fn connect_and_pipe(mut client: TcpStream, endpoint: &Endpoint, timeout: Duration, ctx: &ProxyContext) -> bool {
-    let connector = Connector { node: ctx.node.clone(), inbound_port: ctx.inbound_port, config: ctx.config.clone() };
-    match connector.connect(endpoint, timeout).await {
+    match ctx.connector.connect(endpoint, timeout).await {
         Ok(mut up) => {
             if matches!(up, UpstreamIo::Direct(_)) {
                 ctx.stats.outbound_direct.inc();
