@@ -68,6 +68,22 @@ pub struct FourTuple {
     pub dst_port: u16,
 }
 
+/// Key of the `INBOUND_MTLS` map: a local mesh pod's address and a port (0 = any port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodPort {
+    /// Network byte order.
+    pub ip4: u32,
+    /// Host byte order; 0 for the pod-wide setting.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Values of the `INBOUND_MTLS` map (PeerAuthentication mode for inbound connections).
+pub const MTLS_STRICT: u8 = 1;
+/// An explicit non-STRICT setting (PERMISSIVE or DISABLE), e.g. a port-level exception.
+pub const MTLS_OPEN: u8 = 2;
+
 /// Slots of the `COUNTERS` per-CPU array.
 pub mod counter {
     /// Connects redirected to the node proxy.
@@ -82,9 +98,11 @@ pub mod counter {
     pub const NOT_ENROLLED: u32 = 4;
     /// Established captured connections whose original destination was recorded by 4-tuple.
     pub const TRACKED: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Plaintext connection attempts from outside the mesh dropped at a STRICT pod.
+    pub const STRICT_DENIED: u32 = 6;
+    pub const COUNT: u32 = 7;
     pub const NAMES: [&str; COUNT as usize] =
-        ["captured", "passed", "errors", "proxy_skipped", "not_enrolled", "tracked"];
+        ["captured", "passed", "errors", "proxy_skipped", "not_enrolled", "tracked", "strict_denied"];
 }
 
 #[cfg(feature = "user")]
@@ -94,4 +112,5 @@ mod pod_impls {
     unsafe impl aya::Pod for PodEntry {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for FourTuple {}
+    unsafe impl aya::Pod for PodPort {}
 }

@@ -20,14 +20,14 @@
 use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock},
     helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::{debug, warn};
 use core::ptr::read_volatile;
-use mesh_common::{CaptureConfig, FourTuple, OrigDst, PodEntry, counter};
+use mesh_common::{CaptureConfig, FourTuple, OrigDst, PodEntry, PodPort, counter};
 
 const IPPROTO_TCP: u32 = 6;
 const AF_INET: u32 = 2;
@@ -178,6 +178,63 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     }
     let _ = SOCK_ORIG.remove(&cookie);
     0
+}
+
+/// PeerAuthentication per local mesh pod (and port): STRICT pods accept connections only from
+/// the node proxy (which terminates mTLS), never plaintext from outside the mesh.
+#[map]
+static INBOUND_MTLS: HashMap<PodPort, u8> = HashMap::with_max_entries(16384, 0);
+
+/// Addresses the node proxy uses to reach local pods (and the node's own addresses).
+#[map]
+static PROXY_SOURCES: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+const ETH_P_IP: u32 = 0x0800;
+/// Return values of cgroup_skb programs.
+const PASS: i32 = 1;
+const DROP: i32 = 0;
+
+/// Runs for packets arriving at sockets of the node's pods. A connection attempt (SYN) to a
+/// STRICT pod port from anywhere but the node proxy or the pod itself is dropped.
+#[cgroup_skb(ingress)]
+pub fn mesh_inbound(ctx: SkBuffContext) -> i32 {
+    inbound(&ctx).unwrap_or(PASS)
+}
+
+#[inline(always)]
+fn inbound(ctx: &SkBuffContext) -> Option<i32> {
+    // __sk_buff.protocol holds the big-endian EtherType in its low 16 bits.
+    if u32::from(u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16)) != ETH_P_IP {
+        return Some(PASS);
+    }
+    // cgroup_skb sees the packet from its IP header on.
+    let version_ihl: u8 = ctx.load(0).ok()?;
+    let protocol: u8 = ctx.load(9).ok()?;
+    if protocol != IPPROTO_TCP as u8 {
+        return Some(PASS);
+    }
+    let ihl = usize::from(version_ihl & 0x0f) * 4;
+    let flags: u8 = ctx.load(ihl + 13).ok()?;
+    if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
+        return Some(PASS);
+    }
+    let src: u32 = ctx.load(12).ok()?;
+    let dst: u32 = ctx.load(16).ok()?;
+    let dport = u16::from_be(ctx.load::<u16>(ihl + 2).ok()?);
+    let port_key = PodPort { ip4: dst, port: dport, _pad: 0 };
+    let pod_key = PodPort { ip4: dst, port: 0, _pad: 0 };
+    let mode = unsafe { INBOUND_MTLS.get(&port_key).or_else(|| INBOUND_MTLS.get(&pod_key)) }.copied();
+    if mode != Some(mesh_common::MTLS_STRICT) {
+        return Some(PASS);
+    }
+    let loopback = src.to_ne_bytes()[0] == 127;
+    if src == dst || loopback || unsafe { PROXY_SOURCES.get(&src) }.is_some() {
+        return Some(PASS);
+    }
+    count(counter::STRICT_DENIED);
+    Some(DROP)
 }
 
 #[cfg(not(test))]

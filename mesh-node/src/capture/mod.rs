@@ -17,13 +17,13 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps},
 };
-use mesh_common::{CaptureConfig, DEST_POD_IP, DEST_SERVICE_VIP, PodEntry, counter};
+use mesh_common::{CaptureConfig, DEST_POD_IP, DEST_SERVICE_VIP, MTLS_OPEN, MTLS_STRICT, PodEntry, PodPort, counter};
 pub use orig_dst::OrigDstTable;
 use tracing::{debug, info, warn};
 
-use crate::config::Cluster;
+use crate::config::{Cluster, MtlsMode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -70,6 +70,8 @@ pub struct Capture {
     ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, PodEntry>,
     dests: HashMap<MapData, u32, u8>,
+    inbound_mtls: HashMap<MapData, PodPort, u8>,
+    proxy_sources: HashMap<MapData, u32, u8>,
     counters: Arc<Counters>,
     orig_dst: Arc<OrigDstTable>,
     state: Arc<Mutex<CaptureState>>,
@@ -127,6 +129,8 @@ impl Capture {
         connect6.load().map_err(|source| CaptureError::Program { name: "mesh_connect6", source })?;
         let sockops: &mut SockOps = program(&mut ebpf, "mesh_sockops")?;
         sockops.load().map_err(|source| CaptureError::Program { name: "mesh_sockops", source })?;
+        let inbound: &mut CgroupSkb = program(&mut ebpf, "mesh_inbound")?;
+        inbound.load().map_err(|source| CaptureError::Program { name: "mesh_inbound", source })?;
         let mut config: Array<MapData, CaptureConfig> = take_map(&mut ebpf, "CONFIG")?;
         let cfg = CaptureConfig {
             proxy_ip4: u32::from_ne_bytes(proxy_ip4.octets()),
@@ -138,6 +142,8 @@ impl Capture {
             .set(mesh_common::CONFIG_INDEX, cfg, 0)
             .map_err(|source| CaptureError::Map { name: "CONFIG", source })?;
         let enrolled = take_map(&mut ebpf, "ENROLLED")?;
+        let inbound_mtls = take_map(&mut ebpf, "INBOUND_MTLS")?;
+        let proxy_sources = take_map(&mut ebpf, "PROXY_SOURCES")?;
         let dests = take_map(&mut ebpf, "MESH_DESTS")?;
         let counters = Arc::new(Counters(take_map(&mut ebpf, "COUNTERS")?));
         let orig_dst = Arc::new(OrigDstTable::new(take_map(&mut ebpf, "ORIG_DST")?));
@@ -158,10 +164,14 @@ impl Capture {
         sockops
             .attach(cgroup_file.as_fd(), CgroupAttachMode::Single)
             .map_err(|source| CaptureError::Program { name: "mesh_sockops", source })?;
+        let inbound: &mut CgroupSkb = program(&mut ebpf, "mesh_inbound")?;
+        inbound
+            .attach(cgroup_file.as_fd(), CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+            .map_err(|source| CaptureError::Program { name: "mesh_inbound", source })?;
         info!(cgroup = %cgroup_path.display(), proxy = %format!("{proxy_ip4}:{}", opts.proxy_port), "capture attached");
 
         let state = Arc::new(Mutex::new(CaptureState { cgroup: cgroup_path.clone(), ..Default::default() }));
-        Ok(Self { ebpf, enrolled, dests, counters, orig_dst, state, cgroup: cgroup_path })
+        Ok(Self { ebpf, enrolled, dests, inbound_mtls, proxy_sources, counters, orig_dst, state, cgroup: cgroup_path })
     }
 
     pub fn orig_dst(&self) -> Arc<OrigDstTable> {
@@ -206,6 +216,9 @@ impl Capture {
             }
             enrolled_pods.insert(format!("{}/{}", pod.namespace, pod.name), ids);
         }
+        let (want_mtls, want_sources) = inbound_policy(cluster, node);
+        sync_map(&mut self.inbound_mtls, "INBOUND_MTLS", &want_mtls);
+        sync_map(&mut self.proxy_sources, "PROXY_SOURCES", &want_sources);
         sync_map(&mut self.dests, "MESH_DESTS", &want_dests);
         sync_map(&mut self.enrolled, "ENROLLED", &want_cgroups);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -217,6 +230,46 @@ impl Capture {
     pub fn program_names(&self) -> Vec<String> {
         self.ebpf.programs().map(|(n, _)| n.to_owned()).collect()
     }
+}
+
+/// PeerAuthentication of this node's mesh pods, pod-wide and per port where a port differs,
+/// and the addresses the node proxy reaches them from (which STRICT pods accept).
+fn inbound_policy(cluster: &Cluster, node: &str) -> (BTreeMap<PodPort, u8>, BTreeMap<u32, u8>) {
+    let mut mtls = BTreeMap::new();
+    let mut sources = BTreeMap::new();
+    if let Some(IpAddr::V4(ip)) = cluster.node(node).map(|n| n.ip) {
+        sources.insert(ip_key(ip), 1);
+    }
+    let value = |m: MtlsMode| if m == MtlsMode::Strict { MTLS_STRICT } else { MTLS_OPEN };
+    for pod in cluster.pods().filter(|p| p.node == node && cluster.is_enrolled(p)) {
+        let IpAddr::V4(ip4) = pod.ip else { continue };
+        let pod_wide = cluster.mtls_mode_for(pod, 0);
+        if pod_wide == MtlsMode::Strict {
+            mtls.insert(PodPort { ip4: ip_key(ip4), port: 0, _pad: 0 }, MTLS_STRICT);
+        }
+        let mut ports: BTreeSet<u16> = pod.container_ports.iter().map(|(_, p)| *p).collect();
+        for pa in cluster.peer_authentications() {
+            ports.extend(pa.port_level_mtls.keys().copied());
+        }
+        for port in ports {
+            let mode = cluster.mtls_mode_for(pod, port);
+            if mode != pod_wide {
+                mtls.insert(PodPort { ip4: ip_key(ip4), port, _pad: 0 }, value(mode));
+            }
+        }
+        if let Some(IpAddr::V4(src)) = source_toward(pod.ip) {
+            sources.insert(ip_key(src), 1);
+        }
+    }
+    (mtls, sources)
+}
+
+/// The source address the kernel picks for connections from this node to `ip` (what a pod
+/// sees as the proxy's address).
+fn source_toward(ip: IpAddr) -> Option<IpAddr> {
+    let sock = std::net::UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), 0)).ok()?;
+    sock.connect((ip, 9)).ok()?;
+    sock.local_addr().ok().map(|a| a.ip())
 }
 
 fn ip_key(ip: Ipv4Addr) -> u32 {
