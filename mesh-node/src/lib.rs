@@ -8,13 +8,16 @@
 //! detection) under [`limits`] (circuit breakers) -> [`tunnel`] (to another node's proxy) or
 //! [`upstream`] (to a local pod), and on the far node [`listener::inbound`] -> [`upstream`].
 pub mod admin;
+pub mod authz;
 pub mod balance;
+pub mod ca;
 pub mod capture;
 pub mod config;
 pub mod daemon;
 pub mod destination;
 pub mod flags;
 pub mod http;
+pub mod identity;
 pub mod limits;
 pub mod listener;
 pub mod protocol;

@@ -20,6 +20,8 @@ enum Command {
         /// Directory of Kubernetes-style YAML (Namespaces, Nodes, Pods, Services, Istio policies).
         dir: PathBuf,
     },
+    /// Run the mesh CA: signs workload certificates for node proxies over gRPC (TLS).
+    Ca(mesh_node::ca::CaArgs),
 }
 
 #[derive(clap::Args)]
@@ -74,6 +76,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::Ca(args) => mesh_node::ca::run_cli(args),
         Command::Validate { dir } => match Cluster::load_dir(&dir) {
             Ok(cluster) => {
                 println!(

@@ -130,13 +130,13 @@ pub fn run(json_out: &Path, seconds: u64) -> anyhow::Result<()> {
         println!(
             "{:<30} {:>9} {:>10.3} {:>10.1} {:>9.1} {:>9.3} {:>8.3} {:>8}",
             r["run"].as_str().unwrap_or(""),
-            r["requests"],
+            r["requests"].as_u64().unwrap_or(0),
             f("success_rate") * 100.0,
             f("ok_per_s"),
             f("ok_per_s") / healthy_tput * 100.0,
             f("p50_ms"),
             f("p99_ms"),
-            r["proxy_retries"]
+            r["proxy_retries"].as_u64().unwrap_or(0)
         );
     }
     let with = &rows[2];

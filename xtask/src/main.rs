@@ -121,9 +121,6 @@ fn main() -> anyhow::Result<()> {
             let part = |p: BenchPart| only.is_empty() || only.contains(&p);
             setup::setup()?;
             require_root("the benchmark")?;
-            if part(BenchPart::L7) {
-                setup::envoy()?;
-            }
             // MESH_BENCH_PREBUILT=1: use the binaries already in MESH_BIN_DIR (development).
             if std::env::var_os("MESH_BENCH_PREBUILT").is_none() || std::env::var_os("MESH_BIN_DIR").is_none() {
                 build_bins(true)?;

@@ -23,6 +23,7 @@ struct Parts {
     destination_rules: Vec<Placed<super::istio::DestinationRule>>,
     virtual_services: Vec<Placed<super::istio::VirtualService>>,
     peer_authentications: Vec<Placed<super::istio::PeerAuthentication>>,
+    authorization_policies: Vec<Placed<super::istio::AuthorizationPolicy>>,
 }
 
 pub(crate) fn assemble(sources: &[Source]) -> Result<Cluster, Vec<Problem>> {
@@ -52,6 +53,7 @@ pub(crate) fn assemble(sources: &[Source]) -> Result<Cluster, Vec<Problem>> {
                 Object::DestinationRule(o) => parts.destination_rules.push((origin, *o)),
                 Object::VirtualService(o) => parts.virtual_services.push((origin, *o)),
                 Object::PeerAuthentication(o) => parts.peer_authentications.push((origin, *o)),
+                Object::AuthorizationPolicy(o) => parts.authorization_policies.push((origin, *o)),
             }
         }
     }
@@ -81,7 +83,8 @@ fn known_namespaces(parts: &Parts) -> BTreeSet<String> {
         .chain(parts.services.iter().map(|(o, _)| o))
         .chain(parts.destination_rules.iter().map(|(o, _)| o))
         .chain(parts.virtual_services.iter().map(|(o, _)| o))
-        .chain(parts.peer_authentications.iter().map(|(o, _)| o));
+        .chain(parts.peer_authentications.iter().map(|(o, _)| o))
+        .chain(parts.authorization_policies.iter().map(|(o, _)| o));
     set.extend(namespaced.map(|o| o.namespace.clone()));
     set
 }
@@ -237,6 +240,7 @@ fn index(parts: Parts, known_namespaces: BTreeSet<String>) -> Cluster {
         virtual_services,
         vs_hosts,
         peer_authentications: sorted(parts.peer_authentications),
+        authorization_policies: sorted(parts.authorization_policies),
         known_namespaces,
         fingerprint: 0,
     }

@@ -7,7 +7,9 @@ use std::path::Path;
 use super::assemble::assemble;
 use super::error::ConfigError;
 use super::host::{self, host_matches, specificity};
-use super::istio::{DestinationRule, MtlsMode, PeerAuthentication, VirtualService, exported_to};
+use super::istio::{
+    AuthorizationPolicy, DestinationRule, MtlsMode, PeerAuthentication, VirtualService, exported_to,
+};
 use super::load::{self, Source};
 use super::model::{DATAPLANE_MODE_LABEL, Endpoint, Namespace, Node, Pod, Service, labels_match};
 
@@ -34,6 +36,8 @@ pub struct Cluster {
     pub(crate) virtual_services: Vec<VirtualService>,
     pub(crate) vs_hosts: Vec<Vec<String>>,
     pub(crate) peer_authentications: Vec<PeerAuthentication>,
+    /// Sorted by namespace/name.
+    pub(crate) authorization_policies: Vec<AuthorizationPolicy>,
     /// Every namespace mentioned anywhere, to read `name.namespace` hosts.
     pub(crate) known_namespaces: BTreeSet<String>,
     pub(crate) fingerprint: u64,
@@ -221,6 +225,28 @@ impl Cluster {
 
     pub fn peer_authentications(&self) -> impl Iterator<Item = &PeerAuthentication> {
         self.peer_authentications.iter()
+    }
+
+    pub fn authorization_policies(&self) -> impl Iterator<Item = &AuthorizationPolicy> {
+        self.authorization_policies.iter()
+    }
+
+    /// The AuthorizationPolicies that apply to `pod`, ordered by
+    /// namespace/name, for `crate::authz::evaluate`: those of its namespace
+    /// that select it or have no selector, and those of the root namespace
+    /// without a selector (mesh-wide) or whose selector matches it. As in
+    /// Istio, a root-namespace selector reaches matching pods in every
+    /// namespace.
+    pub fn authorization_policies_for(&self, pod: &Pod) -> Vec<&AuthorizationPolicy> {
+        self.authorization_policies
+            .iter()
+            .filter(|p| {
+                (p.namespace == pod.namespace || p.namespace == ROOT_NAMESPACE)
+                    && p.selector
+                        .as_ref()
+                        .is_none_or(|s| labels_match(s, &pod.labels))
+            })
+            .collect()
     }
 
     /// The effective inbound mTLS mode for `pod` on container port `port`:

@@ -9,7 +9,9 @@ use serde_yaml::Value;
 use super::de::{DeError, from_value};
 use super::error::{Problem, Reporter};
 use super::field_path::FieldPath;
-use super::istio::{self, DestinationRule, PeerAuthentication, VirtualService, raw};
+use super::istio::{
+    self, AuthorizationPolicy, DestinationRule, PeerAuthentication, VirtualService, raw,
+};
 use super::kube::{self, Ident};
 use super::model::{Namespace, Node, Pod, Service};
 
@@ -23,6 +25,7 @@ pub(crate) enum Kind {
     DestinationRule,
     VirtualService,
     PeerAuthentication,
+    AuthorizationPolicy,
 }
 
 impl Kind {
@@ -47,6 +50,9 @@ impl Kind {
             ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
                 Some(Kind::PeerAuthentication)
             }
+            ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
+                Some(Kind::AuthorizationPolicy)
+            }
             _ => None,
         }
     }
@@ -64,6 +70,7 @@ impl Kind {
             Kind::DestinationRule => "DestinationRule",
             Kind::VirtualService => "VirtualService",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 }
@@ -99,6 +106,7 @@ pub(crate) enum Object {
     DestinationRule(Box<DestinationRule>),
     VirtualService(Box<VirtualService>),
     PeerAuthentication(Box<PeerAuthentication>),
+    AuthorizationPolicy(Box<AuthorizationPolicy>),
 }
 
 /// The Istio envelope: metadata is checked like Kubernetes' and the spec is
@@ -216,6 +224,14 @@ pub(crate) fn decode(
         }),
         Kind::PeerAuthentication => spec::<raw::PeerAuthenticationSpec>(value, &mut r).map(|s| {
             Object::PeerAuthentication(Box::new(istio::convert::peer_authentication(
+                &s,
+                &origin.namespace,
+                &origin.name,
+                &mut r,
+            )))
+        }),
+        Kind::AuthorizationPolicy => spec::<raw::AuthorizationPolicySpec>(value, &mut r).map(|s| {
+            Object::AuthorizationPolicy(Box::new(istio::convert::authorization_policy(
                 &s,
                 &origin.namespace,
                 &origin.name,

@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use super::*;
 
+mod authorization;
+
+const AUTHORIZATION_POLICY: &str =
+    include_str!("../../../deploy/examples/lemo-dev/authorization-policy.yaml");
 const CLUSTER: &str = include_str!("../../../deploy/examples/lemo-dev/cluster.yaml");
 const DESTINATION_RULES: &str =
     include_str!("../../../deploy/examples/lemo-dev/destination-rules.yaml");
@@ -17,7 +21,9 @@ const PEER_AUTHENTICATION: &str =
     include_str!("../../../deploy/examples/lemo-dev/peer-authentication.yaml");
 
 fn sample_files() -> Vec<(&'static str, &'static str)> {
+    // In directory order, so the fingerprint matches `load_dir`'s.
     vec![
+        ("authorization-policy.yaml", AUTHORIZATION_POLICY),
         ("cluster.yaml", CLUSTER),
         ("destination-rules.yaml", DESTINATION_RULES),
         ("peer-authentication.yaml", PEER_AUTHENTICATION),
@@ -79,6 +85,7 @@ fn example_directory_loads() {
     assert_eq!(cluster.destination_rules().count(), 1);
     assert_eq!(cluster.virtual_services().count(), 1);
     assert_eq!(cluster.peer_authentications().count(), 1);
+    assert_eq!(cluster.authorization_policies().count(), 1);
     // The directory and the in-memory copy are the same input.
     assert_eq!(cluster.fingerprint(), sample().fingerprint());
 }

@@ -1,8 +1,11 @@
-//! Istio CRDs the mesh honours: DestinationRule, VirtualService and
-//! PeerAuthentication. `raw` mirrors Istio's YAML; the other files hold the
-//! validated model and the checks that build it; `unsupported` rejects the
-//! fields Istio defines but the proxy does not apply.
+//! Istio CRDs the mesh honours: DestinationRule, VirtualService,
+//! PeerAuthentication and AuthorizationPolicy (L4 part). `raw` mirrors
+//! Istio's YAML; the other files hold the validated model and the checks that
+//! build it; `unsupported` rejects the fields Istio defines but the proxy does
+//! not apply.
 
+mod authorization_policy;
+mod authz_values;
 mod common;
 mod destination_rule;
 mod peer_authentication;
@@ -10,6 +13,10 @@ pub(crate) mod raw;
 mod unsupported;
 mod virtual_service;
 
+pub use authorization_policy::{
+    AuthorizationPolicy, AuthzAction, AuthzOperation, AuthzRule, AuthzSource,
+};
+pub use authz_values::{IpBlock, Wildcard};
 pub(crate) use common::exported_to;
 pub use common::{Destination, Pattern, StringMatch};
 pub use destination_rule::{
@@ -25,6 +32,7 @@ pub use virtual_service::{
 };
 
 pub(crate) mod convert {
+    pub(crate) use super::authorization_policy::convert as authorization_policy;
     pub(crate) use super::destination_rule::convert as destination_rule;
     pub(crate) use super::peer_authentication::convert as peer_authentication;
     pub(crate) use super::virtual_service::convert as virtual_service;

@@ -445,8 +445,9 @@ pub struct PeerAuthenticationSpec {
     pub port_level_mtls: BTreeMap<MapKey, Mtls>,
 }
 
-/// A map key written either as a YAML number (`8080:`) or, as protobuf JSON
-/// does for integer-keyed maps, a string (`"8080":`).
+/// A port written either as a YAML number (`8080`) or a string (`"8080"`):
+/// protobuf JSON writes integer map keys as strings, and AuthorizationPolicy
+/// ports are strings in Istio's schema. The validator parses it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct MapKey(pub String);
 
@@ -485,4 +486,96 @@ pub enum MtlsMode {
     Disable,
     Permissive,
     Strict,
+}
+
+// ---------------------------------------------------------------- AuthorizationPolicy
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    pub selector: Option<WorkloadSelector>,
+    pub target_ref: Option<Ignored>,
+    pub target_refs: Option<Ignored>,
+    pub action: Option<AuthorizationAction>,
+    pub provider: Option<Ignored>,
+    #[serde(default)]
+    pub rules: Vec<AuthorizationRule>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AuthorizationAction {
+    Allow,
+    Deny,
+    Audit,
+    Custom,
+}
+
+/// `from`/`to` stay `Option` because Istio rejects a present but empty list
+/// (`from: []`), which would otherwise read as "any source".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationRule {
+    pub from: Option<Vec<RuleFrom>>,
+    pub to: Option<Vec<RuleTo>>,
+    #[serde(default)]
+    pub when: Vec<Ignored>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleFrom {
+    pub source: Option<AuthorizationSource>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationSource {
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub not_principals: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    #[serde(default)]
+    pub ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub request_principals: Vec<Ignored>,
+    #[serde(default)]
+    pub not_request_principals: Vec<Ignored>,
+    #[serde(default)]
+    pub remote_ip_blocks: Vec<Ignored>,
+    #[serde(default)]
+    pub not_remote_ip_blocks: Vec<Ignored>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleTo {
+    pub operation: Option<AuthorizationOperation>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationOperation {
+    #[serde(default)]
+    pub ports: Vec<MapKey>,
+    #[serde(default)]
+    pub not_ports: Vec<MapKey>,
+    #[serde(default)]
+    pub hosts: Vec<Ignored>,
+    #[serde(default)]
+    pub not_hosts: Vec<Ignored>,
+    #[serde(default)]
+    pub methods: Vec<Ignored>,
+    #[serde(default)]
+    pub not_methods: Vec<Ignored>,
+    #[serde(default)]
+    pub paths: Vec<Ignored>,
+    #[serde(default)]
+    pub not_paths: Vec<Ignored>,
 }

@@ -193,3 +193,62 @@ fn policy_parts(
         );
     }
 }
+
+// ---------------------------------------------------------------- AuthorizationPolicy
+
+/// The proxy authorizes connections, not requests: HTTP attributes cannot be
+/// checked, and an ALLOW rule on them would allow every request on the port.
+const L7_ONLY: &str = "not supported by mesh (L4 authorization only)";
+
+pub(super) fn authorization_policy(r: &mut Reporter<'_>, spec: &raw::AuthorizationPolicySpec) {
+    let root = FieldPath::root();
+    reject(
+        r,
+        &root,
+        &[
+            ("targetRef", spec.target_ref.is_some()),
+            ("targetRefs", spec.target_refs.is_some()),
+            ("provider", spec.provider.is_some()),
+        ],
+    );
+    match spec.action {
+        Some(raw::AuthorizationAction::Audit) => reject_value(r, &root.key("action"), "AUDIT"),
+        Some(raw::AuthorizationAction::Custom) => reject_value(r, &root.key("action"), "CUSTOM"),
+        Some(raw::AuthorizationAction::Allow | raw::AuthorizationAction::Deny) | None => {}
+    }
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let path = root.key("rules").index(i);
+        for (j, from) in rule.from.iter().flatten().enumerate() {
+            let Some(s) = &from.source else { continue };
+            let path = path.key("from").index(j).key("source");
+            reject(
+                r,
+                &path,
+                &[
+                    ("requestPrincipals", !s.request_principals.is_empty()),
+                    ("notRequestPrincipals", !s.not_request_principals.is_empty()),
+                    ("remoteIpBlocks", !s.remote_ip_blocks.is_empty()),
+                    ("notRemoteIpBlocks", !s.not_remote_ip_blocks.is_empty()),
+                ],
+            );
+        }
+        for (j, to) in rule.to.iter().flatten().enumerate() {
+            let Some(o) = &to.operation else { continue };
+            let path = path.key("to").index(j).key("operation");
+            let l7 = [
+                ("hosts", !o.hosts.is_empty()),
+                ("notHosts", !o.not_hosts.is_empty()),
+                ("methods", !o.methods.is_empty()),
+                ("notMethods", !o.not_methods.is_empty()),
+                ("paths", !o.paths.is_empty()),
+                ("notPaths", !o.not_paths.is_empty()),
+            ];
+            for (field, set) in l7 {
+                if set {
+                    r.at(&path.key(field), L7_ONLY);
+                }
+            }
+        }
+        reject(r, &path, &[("when", !rule.when.is_empty())]);
+    }
+}

@@ -93,6 +93,8 @@ struct Run {
     /// With --rate: requests that started more than 1 ms after their due time, and the worst lag.
     late: AtomicU64,
     max_lag_us: AtomicU64,
+    /// With --rate: one permit per request, released at its due time by a pacer thread.
+    pacer: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 pub fn run(args: HttpArgs) -> anyhow::Result<bool> {
@@ -115,7 +117,22 @@ async fn run_async(args: HttpArgs) -> anyhow::Result<bool> {
         start: Instant::now(),
         late: AtomicU64::new(0),
         max_lag_us: AtomicU64::new(0),
+        pacer: args.rate.map(|_| Arc::new(tokio::sync::Semaphore::new(0))),
     });
+    if let (Some(rate), Some(sem)) = (run.plan.rate, run.pacer.clone()) {
+        // tokio's timer ticks in whole milliseconds, too coarse to pace 1000 rps evenly; a
+        // thread sleeping on the OS's high-resolution timer releases each request on time.
+        let (start, count) = (run.start.into_std(), run.plan.count);
+        std::thread::spawn(move || {
+            for i in 0..count {
+                let due = start + Duration::from_secs_f64(i as f64 / rate);
+                if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                sem.add_permits(1);
+            }
+        });
+    }
     let tasks: Vec<_> = (0..workers).map(|w| tokio::spawn(worker(run.clone(), w))).collect();
     for task in tasks {
         task.await.context("worker panicked")?;
@@ -181,7 +198,10 @@ async fn worker(run: Arc<Run>, w: usize) {
         }
         if let Some(rate) = plan.rate {
             let due = run.start + Duration::from_secs_f64(i as f64 / rate);
-            tokio::time::sleep_until(due).await;
+            match &run.pacer {
+                Some(sem) => sem.acquire().await.expect("pacer semaphore is never closed").forget(),
+                None => tokio::time::sleep_until(due).await,
+            }
             let lag = Instant::now().saturating_duration_since(due).as_micros() as u64;
             if lag > 1000 {
                 run.late.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,248 @@
+//! The CA's gRPC endpoint over TLS 1.3. The serving certificate is issued from the CA's own
+//! root for the CA's SPIFFE ID, so nodes trust it with nothing but the root file.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+
+use super::error::CaError;
+use super::service::CertificateService;
+use super::signer::{CaSigner, TtlPolicy};
+use super::store::{self, ROOT_CERT_FILE};
+use super::tokens::NodeTokens;
+use crate::config::{Cluster, spawn_watcher};
+use crate::identity::tls::{ALPN_H2, crypto_provider};
+
+/// The serving certificate is not rotated while the CA runs; a year outlives any sane run and
+/// a restart issues a new one.
+const SERVING_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct CaOptions {
+    pub listen: SocketAddr,
+    /// Holds the generated root key, and `root-cert.pem` for nodes in every case.
+    pub state_dir: PathBuf,
+    /// Cluster config directory (Pods say which node runs which service account).
+    pub config_dir: PathBuf,
+    /// YAML map of node name to token.
+    pub tokens_file: PathBuf,
+    pub trust_domain: String,
+    pub ttl: TtlPolicy,
+    /// A provided CA instead of a generated root: certificate chain (signing cert first, root
+    /// last) and the signing key. Both or neither.
+    pub root_cert: Option<PathBuf>,
+    pub root_key: Option<PathBuf>,
+    /// Extra DNS names or IPs for the serving certificate (how nodes reach the CA). The listen
+    /// IP, loopback and `localhost` are always included.
+    pub extra_sans: Vec<String>,
+    pub config_poll: Duration,
+}
+
+impl CaOptions {
+    /// Options with the defaults of the CLI for everything but the paths.
+    pub fn new(listen: SocketAddr, state_dir: PathBuf, config_dir: PathBuf, tokens_file: PathBuf) -> CaOptions {
+        CaOptions {
+            listen,
+            state_dir,
+            config_dir,
+            tokens_file,
+            trust_domain: crate::identity::DEFAULT_TRUST_DOMAIN.to_string(),
+            ttl: TtlPolicy::default(),
+            root_cert: None,
+            root_key: None,
+            extra_sans: Vec::new(),
+            config_poll: Duration::from_millis(500),
+        }
+    }
+}
+
+/// A bound, not yet serving CA. Bind first to learn the address (port 0), then [`CaServer::run`].
+pub struct CaServer {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    service: CertificateService,
+    local_addr: SocketAddr,
+    root_cert_path: PathBuf,
+}
+
+impl CaServer {
+    /// Loads or creates the root, the tokens and the cluster config, and binds the listener.
+    /// Must be called inside a Tokio runtime (the config watcher starts here).
+    pub async fn bind(opts: CaOptions) -> Result<CaServer, CaError> {
+        let signer = Arc::new(load_signer(&opts)?.with_ttl_policy(opts.ttl));
+        let tokens = NodeTokens::load(&opts.tokens_file)?;
+        if tokens.is_empty() {
+            tracing::warn!(path = %opts.tokens_file.display(), "no node tokens: every request will be refused");
+        }
+        let cluster = Cluster::load_dir(&opts.config_dir).map_err(|e| CaError::Config(e.to_string()))?;
+        let cluster = spawn_watcher(opts.config_dir.clone(), Arc::new(cluster), opts.config_poll);
+
+        let listener = TcpListener::bind(opts.listen)
+            .await
+            .map_err(|e| CaError::Listen { addr: opts.listen.to_string(), message: e.to_string() })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| CaError::Listen { addr: opts.listen.to_string(), message: e.to_string() })?;
+        let acceptor = TlsAcceptor::from(Arc::new(serving_config(&signer, local_addr.ip(), &opts.extra_sans)?));
+        Ok(CaServer {
+            listener,
+            acceptor,
+            service: CertificateService::new(signer, tokens, cluster),
+            local_addr,
+            root_cert_path: opts.state_dir.join(ROOT_CERT_FILE),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The trust anchor nodes should be given.
+    pub fn root_cert_path(&self) -> &Path {
+        &self.root_cert_path
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, tells connected nodes to go
+    /// away (HTTP/2 GOAWAY) and returns once their requests are done.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), CaError> {
+        tracing::info!(addr = %self.local_addr, root = %self.root_cert_path.display(), "mesh CA listening");
+        let (tx, rx) = mpsc::channel(16);
+        let accept = tokio::spawn(accept_loop(self.listener, self.acceptor, tx));
+        // One service, so no router: the service answers UNIMPLEMENTED for other paths.
+        let result = tonic::transport::Server::builder()
+            .serve_with_incoming_shutdown(self.service, ReceiverStream::new(rx), shutdown)
+            .await;
+        accept.abort();
+        result.map_err(|e| CaError::Serve(e.to_string()))
+    }
+}
+
+/// Binds and serves until `shutdown`: `mesh-node ca` in-process.
+pub async fn serve(opts: CaOptions, shutdown: impl Future<Output = ()>) -> Result<(), CaError> {
+    CaServer::bind(opts).await?.run(shutdown).await
+}
+
+fn load_signer(opts: &CaOptions) -> Result<CaSigner, CaError> {
+    match (&opts.root_cert, &opts.root_key) {
+        (None, None) => CaSigner::load_or_create(&opts.state_dir, &opts.trust_domain),
+        (Some(cert), Some(key)) => {
+            let cert_pem = std::fs::read_to_string(cert).map_err(|e| CaError::file(cert, e))?;
+            let key_pem = std::fs::read_to_string(key).map_err(|e| CaError::file(key, e))?;
+            let signer = CaSigner::from_pem(&cert_pem, &key_pem, &opts.trust_domain)?;
+            store::write_root_cert(&opts.state_dir, &signer.root_pem())?;
+            tracing::info!(cert = %cert.display(), "using the provided CA certificate");
+            Ok(signer)
+        }
+        _ => Err(CaError::Key("--root-cert and --root-key go together".into())),
+    }
+}
+
+fn serving_config(signer: &CaSigner, listen_ip: IpAddr, extra: &[String]) -> Result<ServerConfig, CaError> {
+    let mut sans = vec!["localhost".to_string()];
+    let ips: Vec<IpAddr> = if listen_ip.is_unspecified() {
+        vec![IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)]
+    } else {
+        vec![listen_ip]
+    };
+    sans.extend(ips.iter().map(IpAddr::to_string));
+    sans.extend(extra.iter().cloned());
+    let identity = super::ca_identity(signer.trust_domain());
+    let (chain, key) = signer.issue_with_key(&identity, &sans, SERVING_CERT_VALIDITY)?;
+    let mut config = ServerConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+        .map_err(|e| CaError::Key(format!("serving certificate: {e}")))?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
+/// Accepts and handshakes off the server's path, so one slow client cannot stall the others.
+/// Ends when the server drops its end of `tx`.
+async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, tx: mpsc::Sender<Result<TlsConn, std::io::Error>>) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = tx.closed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!("CA accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    let _ = tx.send(Ok(TlsConn { inner: tls, peer })).await;
+                }
+                Ok(Err(e)) => tracing::warn!(peer = %peer, "CA TLS handshake failed: {e}"),
+                Err(_) => tracing::warn!(peer = %peer, "CA TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+/// A TLS connection tonic can serve (it wants [`Connected`], which tokio-rustls streams only
+/// get with tonic's own TLS features).
+struct TlsConn {
+    inner: TlsStream<TcpStream>,
+    peer: SocketAddr,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = SocketAddr;
+
+    fn connect_info(&self) -> SocketAddr {
+        self.peer
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}

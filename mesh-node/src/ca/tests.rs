@@ -1,0 +1,363 @@
+//! CA tests: the signer's checks, the state directory, and the gRPC server in-process on
+//! loopback with node clients (token, node-scoped identities, rotation across a CA outage).
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::oneshot;
+
+use super::*;
+use crate::identity::{
+    CaClient, CaClientConfig, CertManager, CertManagerConfig, Identity, RotationConfig, WorkloadCert, new_csr,
+};
+
+const CLUSTER_YAML: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: lemo-dev
+  labels:
+    istio.io/dataplane-mode: ambient
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node-a
+status:
+  addresses:
+    - type: InternalIP
+      address: 172.18.0.2
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node-b
+status:
+  addresses:
+    - type: InternalIP
+      address: 172.18.0.3
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  namespace: lemo-dev
+  name: bff-0
+  labels:
+    app: bff
+spec:
+  nodeName: node-a
+  serviceAccountName: bff
+  containers:
+    - name: bff
+      image: lemo/bff:dev
+status:
+  podIP: 10.244.0.10
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  namespace: lemo-dev
+  name: rank-0
+  labels:
+    app: rank
+spec:
+  nodeName: node-b
+  serviceAccountName: rank
+  containers:
+    - name: rank
+      image: lemo/rank:dev
+status:
+  podIP: 10.244.1.10
+"#;
+
+fn id(sa: &str) -> Identity {
+    Identity::in_default_domain("lemo-dev", sa)
+}
+
+/// A CA's files and a node's token file in one temp dir.
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("config")).expect("config dir");
+        std::fs::write(dir.path().join("config/cluster.yaml"), CLUSTER_YAML).expect("cluster");
+        std::fs::write(dir.path().join("tokens.yaml"), "node-a: token-a\nnode-b: token-b\n").expect("tokens");
+        std::fs::write(dir.path().join("node-a.token"), "token-a\n").expect("token");
+        std::fs::write(dir.path().join("bad.token"), "token-b\n").expect("token");
+        Setup { dir }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn options(&self, listen: std::net::SocketAddr) -> CaOptions {
+        let mut opts = CaOptions::new(listen, self.path("state"), self.path("config"), self.path("tokens.yaml"));
+        opts.ttl = TtlPolicy { default: Duration::from_secs(3600), max: Duration::from_secs(3600) };
+        opts
+    }
+
+    fn client_config(&self, addr: std::net::SocketAddr, node: &str, token_file: &str) -> CaClientConfig {
+        CaClientConfig::new(addr.to_string(), node, self.path(token_file), self.path("state/root-cert.pem"), "cluster.local")
+    }
+}
+
+/// A CA serving in the background until the returned sender fires or is dropped.
+struct Running {
+    addr: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), CaError>>,
+}
+
+impl Running {
+    async fn start(opts: CaOptions) -> Running {
+        // Rebinding the port of a CA just stopped can race the old listener's close.
+        let mut tries = 0;
+        let server = loop {
+            match CaServer::bind(opts.clone()).await {
+                Ok(server) => break server,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    tracing::debug!("bind retry: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("CA bind: {e}"),
+            }
+        };
+        let addr = server.local_addr();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(server.run(async {
+            let _ = rx.await;
+        }));
+        Running { addr, stop: Some(tx), task }
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match tokio::time::timeout(Duration::from_secs(10), &mut self.task).await {
+            Ok(joined) => joined.expect("CA task").expect("CA run"),
+            Err(_) => panic!("CA did not stop"),
+        }
+    }
+}
+
+/// Shows the CA's and the manager's logs with `--nocapture` (refusals, renewal retries).
+fn logs() {
+    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("mesh_node=info").try_init();
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).expect("metadata").permissions().mode() & 0o777
+}
+
+#[test]
+fn ca_signer_refuses_foreign_trust_domain_bad_csr_and_caps_ttl() {
+    let signer = CaSigner::generate("cluster.local")
+        .expect("ca")
+        .with_ttl_policy(TtlPolicy { default: Duration::from_secs(600), max: Duration::from_secs(1200) });
+    let foreign = new_csr(&Identity::new("evil.org", "lemo-dev", "bff")).expect("csr");
+    let err = signer.sign_csr(&foreign.csr_pem, |_| true, Duration::ZERO).expect_err("foreign domain");
+    assert!(matches!(err, CaError::ForeignTrustDomain { .. }), "{err}");
+    assert_eq!(err.grpc_code(), tonic::Code::PermissionDenied);
+
+    let err = signer.sign_csr("not a csr", |_| true, Duration::ZERO).expect_err("garbage");
+    assert_eq!(err.grpc_code(), tonic::Code::InvalidArgument, "{err}");
+
+    let request = new_csr(&id("bff")).expect("csr");
+    let err = signer.sign_csr(&request.csr_pem, |_| false, Duration::ZERO).expect_err("not allowed");
+    assert!(err.to_string().contains("spiffe://cluster.local/ns/lemo-dev/sa/bff is not allowed"), "{err}");
+
+    for (requested, granted) in [(Duration::ZERO, 600), (Duration::from_secs(100_000), 1200), (Duration::from_secs(30), 30)] {
+        let chain = signer.sign_csr(&request.csr_pem, |_| true, requested).expect("sign");
+        assert_eq!(chain.len(), 2);
+        let cert = WorkloadCert::from_pem_chain(id("bff"), &chain, request.key.clone_key()).expect("cert");
+        let lifetime = cert.not_after.duration_since(SystemTime::now()).expect("future").as_secs();
+        assert!(lifetime <= granted && lifetime + 5 >= granted, "requested {requested:?}: {lifetime}s");
+        // Backdated for clock skew.
+        assert!(cert.not_before < SystemTime::now() - Duration::from_secs(30));
+    }
+}
+
+#[test]
+fn ca_state_dir_is_private_and_the_root_survives_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let first = CaSigner::load_or_create(&state, "cluster.local").expect("create");
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&state.join("root-key.pem")), 0o600);
+    let again = CaSigner::load_or_create(&state, "cluster.local").expect("load");
+    assert_eq!(first.root_pem(), again.root_pem());
+    assert_eq!(std::fs::read_to_string(state.join("root-cert.pem")).expect("root"), first.root_pem());
+
+    // A provided intermediate: leaves chain to the root through it.
+    let root = CaSigner::generate("cluster.local").expect("root");
+    let err = CaSigner::from_pem(&root.root_pem(), "garbage", "cluster.local").expect_err("bad key");
+    assert!(err.to_string().contains("key PEM"), "{err}");
+    let other_key = rcgen::KeyPair::generate().expect("key").serialize_pem();
+    let err = CaSigner::from_pem(&root.root_pem(), &other_key, "cluster.local").expect_err("wrong key");
+    assert!(err.to_string().contains("does not belong"), "{err}");
+}
+
+#[test]
+fn ca_provided_intermediate_signs_leaves_that_chain_to_the_root() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    use rustls::server::danger::ClientCertVerifier as _;
+    let ca_params = |cn: &str| {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params
+    };
+    let root_key = KeyPair::generate().expect("key");
+    let root_params = ca_params("test root");
+    let root_cert = root_params.self_signed(&root_key).expect("root");
+    let root = Issuer::new(root_params, root_key);
+    let inter_key = KeyPair::generate().expect("key");
+    let inter_cert = ca_params("test intermediate").signed_by(&inter_key, &root).expect("intermediate");
+
+    let chain_pem = format!("{}{}", inter_cert.pem(), root_cert.pem());
+    let signer = CaSigner::from_pem(&chain_pem, &inter_key.serialize_pem(), "cluster.local").expect("signer");
+    assert_eq!(signer.root_cert().as_ref(), root_cert.der().as_ref(), "the trust anchor is the last certificate");
+    let request = new_csr(&id("bff")).expect("csr");
+    let chain = signer.sign_csr(&request.csr_pem, |_| true, Duration::from_secs(60)).expect("sign");
+    assert_eq!(chain.len(), 3, "leaf, intermediate, root");
+    let cert = WorkloadCert::from_pem_chain(id("bff"), &chain, request.key).expect("cert");
+    assert_eq!(cert.certified_key().cert.len(), 2, "the handshake carries leaf and intermediate");
+
+    let verifier = crate::identity::MeshClientVerifier::new(Arc::new(signer.roots()), "cluster.local").expect("verifier");
+    verifier
+        .verify_client_cert(cert.leaf(), &cert.chain[1..2], rustls_pki_types::UnixTime::now())
+        .expect("chains through the intermediate");
+    let err = verifier
+        .verify_client_cert(cert.leaf(), &[], rustls_pki_types::UnixTime::now())
+        .expect_err("no path without the intermediate");
+    assert!(err.to_string().contains("not issued by a CA this mesh trusts"), "{err}");
+
+    // A leaf key is not a CA key.
+    let leaf_key = KeyPair::generate().expect("key");
+    let mut leaf_params = CertificateParams::default();
+    leaf_params.is_ca = IsCa::ExplicitNoCa;
+    let leaf = leaf_params.signed_by(&leaf_key, &root).expect("leaf");
+    let err = CaSigner::from_pem(&leaf.pem(), &leaf_key.serialize_pem(), "cluster.local").expect_err("not a CA");
+    assert!(err.to_string().contains("not a CA"), "{err}");
+}
+
+#[tokio::test]
+async fn ca_grpc_issues_to_authenticated_nodes_for_their_pods_only() {
+    logs();
+    let setup = Setup::new();
+    let ca = Running::start(setup.options("127.0.0.1:0".parse().expect("addr"))).await;
+    let roots = Arc::new(crate::identity::load_roots(&setup.path("state/root-cert.pem")).expect("roots"));
+
+    // node-a, its own pod's identity.
+    let client = CaClient::new(&setup.client_config(ca.addr, "node-a", "node-a.token"), roots.clone()).expect("client");
+    let request = new_csr(&id("bff")).expect("csr");
+    let chain = client.create_certificate(&request.csr_pem, Duration::from_secs(60)).await.expect("issued");
+    let cert = WorkloadCert::from_pem_chain(id("bff"), &chain, request.key).expect("cert");
+    let lifetime = cert.not_after.duration_since(SystemTime::now()).expect("future");
+    assert!(lifetime <= Duration::from_secs(60) && lifetime > Duration::from_secs(50), "{lifetime:?}");
+
+    // node-a asking for the identity of a pod on node-b.
+    let request = new_csr(&id("rank")).expect("csr");
+    let err = client.create_certificate(&request.csr_pem, Duration::ZERO).await.expect_err("other node's pod");
+    match &err {
+        crate::identity::IdentityError::Ca { code, message } => {
+            assert_eq!(*code, tonic::Code::PermissionDenied, "{message}");
+            assert!(message.contains("not allowed for node node-a"), "{message}");
+        }
+        other => panic!("unexpected {other}"),
+    }
+
+    // A foreign trust domain.
+    let request = new_csr(&Identity::new("evil.org", "lemo-dev", "bff")).expect("csr");
+    let err = client.create_certificate(&request.csr_pem, Duration::ZERO).await.expect_err("foreign domain");
+    assert!(matches!(err, crate::identity::IdentityError::Ca { code: tonic::Code::PermissionDenied, .. }), "{err}");
+
+    // node-a presenting node-b's token.
+    let liar = CaClient::new(&setup.client_config(ca.addr, "node-a", "bad.token"), roots.clone()).expect("client");
+    let request = new_csr(&id("bff")).expect("csr");
+    let err = liar.create_certificate(&request.csr_pem, Duration::ZERO).await.expect_err("wrong token");
+    match &err {
+        crate::identity::IdentityError::Ca { code, message } => {
+            assert_eq!(*code, tonic::Code::Unauthenticated, "{message}");
+            assert!(message.contains("invalid token for node node-a"), "{message}");
+        }
+        other => panic!("unexpected {other}"),
+    }
+
+    // A client that trusts another root refuses the CA itself.
+    let stranger_roots = Arc::new(CaSigner::generate("cluster.local").expect("ca").roots());
+    let wary = CaClient::new(&setup.client_config(ca.addr, "node-a", "node-a.token"), stranger_roots).expect("client");
+    let err = wary.create_certificate(&request.csr_pem, Duration::ZERO).await.expect_err("untrusted CA");
+    assert!(err.to_string().contains("not issued by a CA this mesh trusts"), "{err}");
+
+    ca.stop().await;
+}
+
+#[tokio::test]
+async fn ca_outage_keeps_serving_and_renewal_resumes() {
+    logs();
+    let setup = Setup::new();
+    let opts = setup.options("127.0.0.1:0".parse().expect("addr"));
+    let ca = Running::start(opts.clone()).await;
+    let addr = ca.addr;
+    let manager = CertManager::new(CertManagerConfig {
+        ca: setup.client_config(addr, "node-a", "node-a.token"),
+        trust_domain: "cluster.local".into(),
+        // X.509 times are whole seconds, so a 4 s certificate lives 3 to 4 s.
+        ttl: Duration::from_secs(4),
+        rotation: RotationConfig { initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_millis(300) },
+    })
+    .expect("manager");
+    let me = id("bff");
+    let first = manager.fetch(&me).await.expect("first certificate");
+    ca.stop().await;
+
+    // CA down until a little past the renewal point (half-life, <= 2 s): renewals fail and
+    // the old certificate is still served.
+    let past_refresh = first.refresh_at().duration_since(SystemTime::now()).unwrap_or_default();
+    let down_until = tokio::time::Instant::now() + past_refresh + Duration::from_millis(400);
+    assert!(first.not_after > SystemTime::now() + past_refresh + Duration::from_millis(800), "test timing");
+    while tokio::time::Instant::now() < down_until {
+        let cert = manager.fetch(&me).await.expect("served from cache while the CA is down");
+        assert_eq!(cert.serial, first.serial);
+        assert!(cert.is_valid_at(SystemTime::now()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut back = opts;
+    back.listen = addr;
+    let ca = Running::start(back).await;
+    let renewed_by = tokio::time::Instant::now() + Duration::from_secs(5);
+    let renewed = loop {
+        let cert = manager.fetch(&me).await.expect("fetch");
+        assert!(cert.is_valid_at(SystemTime::now()), "never an expired certificate");
+        if cert.serial != first.serial {
+            break cert;
+        }
+        assert!(tokio::time::Instant::now() < renewed_by, "no renewal after the CA came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(renewed.not_after > first.not_after);
+    ca.stop().await;
+}
+
+#[test]
+fn ca_tokens_file_parses_and_authenticates() {
+    let tokens = NodeTokens::parse("node-a: abc\nnode-b: 'def'\n").expect("tokens");
+    assert_eq!(tokens.len(), 2);
+    assert!(tokens.authenticate("node-a", "abc"));
+    assert!(!tokens.authenticate("node-a", "def"));
+    assert!(!tokens.authenticate("node-a", "ab"));
+    assert!(!tokens.authenticate("node-c", "abc"));
+    assert!(NodeTokens::parse("node-a: ''\n").expect_err("empty").contains("empty token"));
+    assert!(NodeTokens::parse("- a\n- b\n").is_err());
+}
