@@ -385,3 +385,23 @@ mod tests {
         assert_eq!(namespace_of("cluster.local/ns//sa/x"), None);
     }
 }
+
+/// Whether a connection from `source` may reach `pod` on `port`, under the AuthorizationPolicies
+/// that apply to the pod. `source_id` is the authenticated identity (mTLS peer, or a pod on this
+/// node whose identity the proxy knows).
+pub fn check(cluster: &crate::config::Cluster, pod: &crate::config::Pod, source_id: Option<&crate::identity::Identity>, source_ip: IpAddr, port: u16) -> Decision {
+    let policies = cluster.authorization_policies_for(pod);
+    if policies.is_empty() {
+        return Decision::Allow;
+    }
+    let principal = source_id.map(|id| format!("{}/ns/{}/sa/{}", id.trust_domain, id.namespace, id.service_account));
+    evaluate(
+        &policies,
+        &Request {
+            source_principal: principal.as_deref(),
+            source_namespace: source_id.map(|id| id.namespace.as_str()),
+            source_ip,
+            destination_port: port,
+        },
+    )
+}

@@ -16,6 +16,8 @@ use crate::{
     config::{self, Cluster},
     destination::Destinations,
     http::pool::Pool,
+    hbone::MeshTls,
+    identity::{CaClientConfig, CertManager, CertManagerConfig, RotationConfig},
     tunnel::TunnelPool,
     upstream::Connector,
     listener::{self, ProxyContext},
@@ -37,6 +39,21 @@ pub struct Options {
     pub connect_timeout: Duration,
     pub bpf_log_level: u8,
     pub config_poll: Duration,
+    /// Workload certificates from this CA; without one, tunnels are plaintext.
+    pub ca: Option<CaOptions>,
+    pub trust_domain: String,
+}
+
+/// Where the node gets workload certificates.
+#[derive(Clone, Debug)]
+pub struct CaOptions {
+    /// `host:port` of `mesh-node ca`.
+    pub address: String,
+    /// The mesh root certificate (PEM).
+    pub root_cert: PathBuf,
+    /// This node's token for the CA.
+    pub token_file: PathBuf,
+    pub cert_ttl: Duration,
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -44,6 +61,23 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     sock.set_reuseaddr(true)?;
     sock.bind(addr).with_context(|| format!("binding the {what} listener to {addr}"))?;
     Ok(sock.listen(1024)?)
+}
+
+/// Requests certificates for this node's mesh workloads ahead of time: the inbound side must
+/// present them during the TLS handshake, which cannot wait for the CA.
+fn prefetch_certificates(tls: &Arc<MeshTls>, cluster: &Cluster, node: &str) {
+    let ids: std::collections::BTreeSet<_> = cluster.pods().filter(|p| p.node == node && cluster.is_enrolled(p)).map(|p| tls.identity_of(p)).collect();
+    for id in ids {
+        if tls.certs().cached(&id).is_some() {
+            continue;
+        }
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            if let Err(e) = tls.certs().fetch(&id).await {
+                warn!(identity = %id, "workload certificate: {e}");
+            }
+        });
+    }
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
@@ -65,12 +99,33 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     let mut config_rx = config::spawn_watcher(opts.config_dir.clone(), cluster, opts.config_poll);
     let stats = Arc::new(ProxyStats::default());
+    let tls = match &opts.ca {
+        Some(ca) => {
+            let certs = CertManager::new(CertManagerConfig {
+                ca: CaClientConfig::new(&ca.address, &opts.node, &ca.token_file, &ca.root_cert, &opts.trust_domain),
+                trust_domain: opts.trust_domain.clone(),
+                ttl: ca.cert_ttl,
+                rotation: RotationConfig::default(),
+            })
+            .map_err(|e| anyhow::anyhow!("workload certificates from CA {}: {e}", ca.address))?;
+            info!(ca = %ca.address, "tunnels use mutual TLS with workload certificates");
+            Some(Arc::new(MeshTls::new(certs)?))
+        }
+        None => {
+            warn!("no CA configured (--ca-address): tunnels between nodes are PLAINTEXT");
+            None
+        }
+    };
     let connector = Connector {
         node: opts.node.clone(),
         inbound_port: opts.inbound_port,
         config: config_rx.clone(),
-        tunnels: Arc::new(TunnelPool::default()),
+        tunnels: Arc::new(TunnelPool::new(tls.clone())),
+        trust_domain: opts.trust_domain.clone(),
     };
+    if let Some(tls) = &tls {
+        prefetch_certificates(tls, &config_rx.borrow().clone(), &opts.node);
+    }
     let ctx = Arc::new(ProxyContext {
         node: opts.node.clone(),
         config: config_rx.clone(),
@@ -119,6 +174,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 }
                 let cluster = config_rx.borrow_and_update().clone();
                 capture.sync(&cluster, &opts.node);
+                if let Some(tls) = &tls {
+                    prefetch_certificates(tls, &cluster, &opts.node);
+                }
                 stats.config_reloads.inc();
             }
             _ = rescan.tick() => {

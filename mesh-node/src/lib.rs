@@ -16,6 +16,7 @@ pub mod config;
 pub mod daemon;
 pub mod destination;
 pub mod flags;
+pub mod hbone;
 pub mod http;
 pub mod identity;
 pub mod limits;

@@ -55,6 +55,21 @@ struct RunArgs {
     /// How often the config directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 500)]
     config_poll_ms: u64,
+    /// `host:port` of the mesh CA (`mesh-node ca`). Without it, tunnels are plaintext.
+    #[arg(long, env = "MESH_CA_ADDRESS", requires_all = ["ca_root", "node_token_file"])]
+    ca_address: Option<String>,
+    /// The mesh root certificate (PEM), trust anchor for the CA and all peers.
+    #[arg(long, env = "MESH_CA_ROOT")]
+    ca_root: Option<PathBuf>,
+    /// File holding this node's token for the CA.
+    #[arg(long, env = "MESH_NODE_TOKEN_FILE")]
+    node_token_file: Option<PathBuf>,
+    /// Requested workload certificate lifetime, in seconds (the CA may cap it).
+    #[arg(long, default_value_t = 24 * 3600)]
+    cert_ttl_secs: u64,
+    /// SPIFFE trust domain.
+    #[arg(long, default_value = mesh_node::identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
 }
 
 fn parse_bpf_level(s: &str) -> Result<u8, String> {
@@ -106,6 +121,13 @@ fn main() -> ExitCode {
                 connect_timeout: Duration::from_millis(args.connect_timeout_ms),
                 bpf_log_level: args.bpf_log_level,
                 config_poll: Duration::from_millis(args.config_poll_ms),
+                ca: match (args.ca_address, args.ca_root, args.node_token_file) {
+                    (Some(address), Some(root_cert), Some(token_file)) => {
+                        Some(daemon::CaOptions { address, root_cert, token_file, cert_ttl: Duration::from_secs(args.cert_ttl_secs) })
+                    }
+                    _ => None,
+                },
+                trust_domain: args.trust_domain,
             };
             let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,

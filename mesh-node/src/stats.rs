@@ -37,6 +37,8 @@ proxy_stats!(
     inbound_requests,
     inbound_refused,
     inbound_connect_errors,
+    inbound_tls_refused,
+    inbound_denied,
     http_requests,
     http_retries,
     flag_uh,

@@ -16,7 +16,7 @@ use hyper::{Method, Request, StatusCode, client::conn::http2, upgrade::Upgraded}
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::debug;
 
-use crate::upstream;
+use crate::{hbone::MeshTls, identity::Identity, upstream};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -26,6 +26,15 @@ pub enum TunnelError {
     Http { proxy: SocketAddr, source: hyper::Error },
     #[error("node proxy {proxy} refused the tunnel to {target}: {status}")]
     Refused { proxy: SocketAddr, target: SocketAddr, status: StatusCode },
+    #[error(transparent)]
+    Tls(#[from] crate::hbone::HboneError),
+}
+
+/// The workload identities a tunnel connection is for: presented and expected.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TunnelIdentities {
+    pub source: Identity,
+    pub destination: Identity,
 }
 
 /// HTTP/2 flow-control windows sized for bulk transfers through one multiplexed connection
@@ -45,18 +54,34 @@ struct Entry {
     last_used: Instant,
 }
 
-/// Multiplexed tunnel connections, one per destination node proxy.
+type Key = (SocketAddr, Option<TunnelIdentities>);
+
+/// Multiplexed tunnel connections, one per destination node proxy and, with mTLS, per
+/// (source identity, destination identity).
 #[derive(Default)]
 pub struct TunnelPool {
-    conns: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Entry>>>>,
+    conns: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<Entry>>>>,
+    tls: Option<Arc<MeshTls>>,
 }
 
 impl TunnelPool {
+    /// With `tls`, tunnel connections are mutual TLS with workload identities; without, they
+    /// are plaintext HTTP/2.
+    pub fn new(tls: Option<Arc<MeshTls>>) -> Self {
+        Self { conns: Mutex::default(), tls }
+    }
+
+    pub fn tls(&self) -> Option<&Arc<MeshTls>> {
+        self.tls.as_ref()
+    }
+
     /// Opens a stream through the node proxy at `proxy` to `target`, a pod on that node.
-    pub async fn open(&self, proxy: SocketAddr, target: SocketAddr, connect_timeout: Duration) -> Result<TokioIo<Upgraded>, TunnelError> {
+    /// `ids` is required when the pool does mutual TLS.
+    pub async fn open(&self, proxy: SocketAddr, target: SocketAddr, ids: Option<TunnelIdentities>, connect_timeout: Duration) -> Result<TokioIo<Upgraded>, TunnelError> {
+        let key: Key = (proxy, if self.tls.is_some() { ids } else { None });
         // A pooled connection may have just died; one fresh connection is worth a second try.
         for attempt in 0..2 {
-            let mut sender = self.sender(proxy, connect_timeout, attempt > 0).await?;
+            let mut sender = self.sender(&key, connect_timeout, attempt > 0).await?;
             let authority = target.to_string();
             let req = Request::builder()
                 .method(Method::CONNECT)
@@ -77,13 +102,14 @@ impl TunnelPool {
         unreachable!("the loop returns on its second attempt")
     }
 
-    async fn sender(&self, proxy: SocketAddr, connect_timeout: Duration, fresh: bool) -> Result<Sender, TunnelError> {
+    async fn sender(&self, key: &Key, connect_timeout: Duration, fresh: bool) -> Result<Sender, TunnelError> {
+        let proxy = key.0;
         let slot = {
             let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
             // Lazily forget connections idle for a while (dropping the sender closes it once
             // its streams are done).
-            conns.retain(|addr, e| *addr == proxy || e.try_lock().map_or(true, |e| e.last_used.elapsed() < IDLE_RELEASE));
-            conns.entry(proxy).or_insert_with(|| Arc::new(tokio::sync::Mutex::new(Entry { sender: None, last_used: Instant::now() }))).clone()
+            conns.retain(|k, e| k == key || e.try_lock().map_or(true, |e| e.last_used.elapsed() < IDLE_RELEASE));
+            conns.entry(key.clone()).or_insert_with(|| Arc::new(tokio::sync::Mutex::new(Entry { sender: None, last_used: Instant::now() }))).clone()
         };
         // Held across the connect so concurrent first streams share one connection.
         let mut entry = slot.lock().await;
@@ -95,21 +121,40 @@ impl TunnelPool {
             return Ok(s.clone());
         }
         let stream = upstream::connect(proxy, connect_timeout).await.map_err(|source| TunnelError::Connect { proxy, source })?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| TunnelError::Http { proxy, source })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%proxy, "tunnel connection: {e}");
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+        let sender = match (&self.tls, &key.1) {
+            (Some(tls), Some(ids)) => {
+                let stream = tokio::time::timeout(connect_timeout, tls.connect(stream, proxy, &ids.source, &ids.destination))
+                    .await
+                    .map_err(|_| TunnelError::Connect { proxy, source: io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out") })??;
+                let (sender, conn) = builder.handshake(TokioIo::new(stream)).await.map_err(|source| TunnelError::Http { proxy, source })?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(%proxy, "tunnel connection: {e}");
+                    }
+                });
+                sender
             }
-        });
+            (Some(_), None) => {
+                return Err(TunnelError::Connect { proxy, source: io::Error::other("mutual TLS needs the source and destination identities") });
+            }
+            (None, _) => {
+                let (sender, conn) = builder.handshake(TokioIo::new(stream)).await.map_err(|source| TunnelError::Http { proxy, source })?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(%proxy, "tunnel connection: {e}");
+                    }
+                });
+                sender
+            }
+        };
         entry.sender = Some(sender.clone());
         Ok(sender)
     }

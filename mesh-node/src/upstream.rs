@@ -82,31 +82,63 @@ pub enum ConnectError {
     Tunnel(#[from] crate::tunnel::TunnelError),
     #[error("endpoint {addr} is on node {node}, which the config does not define")]
     UnknownNode { addr: SocketAddr, node: String },
+    #[error("endpoint {addr} is not a pod the config knows, so its identity is unknown")]
+    UnknownPod { addr: SocketAddr },
+    #[error("connection from {source_ip} to {addr} refused: {reason}")]
+    Denied { addr: SocketAddr, source_ip: std::net::IpAddr, reason: String },
 }
 
-/// How this node reaches endpoints: directly when they are local, through the owning node's
-/// inbound port otherwise.
+/// Who opens a connection: the calling pod's address and, when known, its identity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Source {
+    pub ip: std::net::IpAddr,
+    pub identity: Option<crate::identity::Identity>,
+}
+
+impl Source {
+    /// The caller at `ip`, with the identity of the pod that has that address.
+    pub fn of(cluster: &crate::config::Cluster, ip: std::net::IpAddr, trust_domain: &str) -> Self {
+        let identity = cluster.pod_by_ip(ip).map(|p| crate::identity::Identity::new(trust_domain, &p.namespace, &p.service_account));
+        Self { ip, identity }
+    }
+}
+
+/// How this node reaches endpoints: directly when they are local (after checking the
+/// destination's AuthorizationPolicies), through the owning node's proxy otherwise.
 #[derive(Clone)]
 pub struct Connector {
     pub node: String,
     pub inbound_port: u16,
     pub config: tokio::sync::watch::Receiver<std::sync::Arc<crate::config::Cluster>>,
     pub tunnels: std::sync::Arc<crate::tunnel::TunnelPool>,
+    pub trust_domain: String,
 }
 
 impl Connector {
-    pub async fn connect(&self, endpoint: &crate::config::Endpoint, timeout: Duration) -> Result<UpstreamIo, ConnectError> {
+    pub async fn connect(&self, endpoint: &crate::config::Endpoint, source: &Source, timeout: Duration) -> Result<UpstreamIo, ConnectError> {
+        let cluster = self.config.borrow().clone();
+        let addr = endpoint.addr;
         if endpoint.node == self.node {
-            return connect(endpoint.addr, timeout)
-                .await
-                .map(UpstreamIo::Direct)
-                .map_err(|source| ConnectError::Direct { addr: endpoint.addr, source });
+            if let Some(pod) = cluster.pod_by_ip(addr.ip())
+                && let crate::authz::Decision::Deny { reason, .. } = crate::authz::check(&cluster, pod, source.identity.as_ref(), source.ip, addr.port())
+            {
+                tracing::warn!(source = %source.ip, principal = ?source.identity.as_ref().map(|i| i.to_string()), target = %addr, "authorization: {reason}");
+                return Err(ConnectError::Denied { addr, source_ip: source.ip, reason });
+            }
+            return connect(addr, timeout).await.map(UpstreamIo::Direct).map_err(|source| ConnectError::Direct { addr, source });
         }
-        let node_ip = self.config.borrow().node(&endpoint.node).map(|n| n.ip);
-        let Some(node_ip) = node_ip else {
-            return Err(ConnectError::UnknownNode { addr: endpoint.addr, node: endpoint.node.clone() });
+        let Some(node_ip) = cluster.node(&endpoint.node).map(|n| n.ip) else {
+            return Err(ConnectError::UnknownNode { addr, node: endpoint.node.clone() });
+        };
+        let ids = match (&source.identity, cluster.pod_by_ip(addr.ip())) {
+            (Some(src), Some(pod)) => Some(crate::tunnel::TunnelIdentities {
+                source: src.clone(),
+                destination: crate::identity::Identity::new(&self.trust_domain, &pod.namespace, &pod.service_account),
+            }),
+            (_, None) => return Err(ConnectError::UnknownPod { addr }),
+            (None, _) => None,
         };
         let proxy = SocketAddr::new(node_ip, self.inbound_port);
-        Ok(UpstreamIo::Tunnel(self.tunnels.open(proxy, endpoint.addr, timeout).await?))
+        Ok(UpstreamIo::Tunnel(self.tunnels.open(proxy, addr, ids, timeout).await?))
     }
 }

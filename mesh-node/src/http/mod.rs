@@ -33,11 +33,11 @@ pub struct ServiceTarget {
 
 /// Serves one downstream connection; HTTP/1.1 or HTTP/2 (prior knowledge) is detected from
 /// the first bytes.
-pub async fn serve<IO>(io: IO, peer: SocketAddr, target: ServiceTarget, ctx: Arc<ProxyContext>)
+pub async fn serve<IO>(io: IO, peer: SocketAddr, source: crate::upstream::Source, target: ServiceTarget, ctx: Arc<ProxyContext>)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = Arc::new(proxy::Downstream { peer, target });
+    let conn = Arc::new(proxy::Downstream { peer, target, source });
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
         let conn = conn.clone();

@@ -18,7 +18,8 @@ use tracing::debug;
 use super::replay::ReplayBody;
 use crate::{
     config::Endpoint,
-    upstream::{ConnectError, Connector},
+    identity::Identity,
+    upstream::{ConnectError, Connector, Source},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -60,10 +61,14 @@ struct IdleH1 {
     used: u32,
 }
 
+/// Upstream connections belong to one calling identity: a connection opened for one pod (and
+/// authorized, and presenting that pod's certificate) is never reused for another.
+type Key = (SocketAddr, Option<Identity>);
+
 #[derive(Default)]
 struct Endpoints {
-    h1: HashMap<SocketAddr, Vec<IdleH1>>,
-    h2: HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<http2::SendRequest<ReplayBody>>>>>,
+    h1: HashMap<Key, Vec<IdleH1>>,
+    h2: HashMap<Key, Arc<tokio::sync::Mutex<Option<http2::SendRequest<ReplayBody>>>>>,
 }
 
 pub struct Pool {
@@ -76,17 +81,18 @@ impl Pool {
         Self { connector, idle: Arc::default() }
     }
 
-    pub async fn send(&self, endpoint: &Endpoint, version: Version, req: Request<ReplayBody>, settings: &PoolSettings) -> Result<Response<Incoming>, SendError> {
+    pub async fn send(&self, endpoint: &Endpoint, version: Version, source: &Source, req: Request<ReplayBody>, settings: &PoolSettings) -> Result<Response<Incoming>, SendError> {
         match version {
-            Version::Http1 => self.send_h1(endpoint, req, settings).await,
-            Version::Http2 => self.send_h2(endpoint, req, settings).await,
+            Version::Http1 => self.send_h1(endpoint, source, req, settings).await,
+            Version::Http2 => self.send_h2(endpoint, source, req, settings).await,
         }
     }
 
-    async fn send_h2(&self, endpoint: &Endpoint, req: Request<ReplayBody>, settings: &PoolSettings) -> Result<Response<Incoming>, SendError> {
+    async fn send_h2(&self, endpoint: &Endpoint, source: &Source, req: Request<ReplayBody>, settings: &PoolSettings) -> Result<Response<Incoming>, SendError> {
+        let key: Key = (endpoint.addr, source.identity.clone());
         let slot = {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            idle.h2.entry(endpoint.addr).or_default().clone()
+            idle.h2.entry(key).or_default().clone()
         };
         let mut sender = {
             // Held across the connect so concurrent first requests share one connection.
@@ -94,7 +100,7 @@ impl Pool {
             match slot.as_ref() {
                 Some(s) if !s.is_closed() => s.clone(),
                 _ => {
-                    let io = self.connector.connect(endpoint, settings.connect_timeout).await?;
+                    let io = self.connector.connect(endpoint, source, settings.connect_timeout).await?;
                     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                         .timer(hyper_util::rt::TokioTimer::new())
                         .handshake(TokioIo::new(io))
@@ -115,12 +121,13 @@ impl Pool {
         sender.send_request(req).await.map_err(classify)
     }
 
-    async fn send_h1(&self, endpoint: &Endpoint, req: Request<ReplayBody>, settings: &PoolSettings) -> Result<Response<Incoming>, SendError> {
-        let reused = self.checkout_h1(endpoint.addr, settings.idle_timeout);
+    async fn send_h1(&self, endpoint: &Endpoint, source: &Source, req: Request<ReplayBody>, settings: &PoolSettings) -> Result<Response<Incoming>, SendError> {
+        let key: Key = (endpoint.addr, source.identity.clone());
+        let reused = self.checkout_h1(&key, settings.idle_timeout);
         let (mut sender, used) = match reused {
             Some(idle) => (idle.sender, idle.used),
             None => {
-                let io = self.connector.connect(endpoint, settings.connect_timeout).await?;
+                let io = self.connector.connect(endpoint, source, settings.connect_timeout).await?;
                 let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await.map_err(SendError::Handshake)?;
                 let addr = endpoint.addr;
                 tokio::spawn(async move {
@@ -138,20 +145,19 @@ impl Pool {
         if keep {
             // The connection is reusable once this response's body has been read.
             let idle = self.idle.clone();
-            let addr = endpoint.addr;
             tokio::spawn(async move {
                 if sender.ready().await.is_ok() {
                     let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
-                    idle.h1.entry(addr).or_default().push(IdleH1 { sender, since: Instant::now(), used });
+                    idle.h1.entry(key).or_default().push(IdleH1 { sender, since: Instant::now(), used });
                 }
             });
         }
         Ok(response)
     }
 
-    fn checkout_h1(&self, addr: SocketAddr, idle_timeout: Duration) -> Option<IdleH1> {
+    fn checkout_h1(&self, key: &Key, idle_timeout: Duration) -> Option<IdleH1> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let stack = idle.h1.get_mut(&addr)?;
+        let stack = idle.h1.get_mut(key)?;
         while let Some(conn) = stack.pop() {
             if conn.sender.is_ready() && conn.since.elapsed() < idle_timeout {
                 return Some(conn);
@@ -163,8 +169,20 @@ impl Pool {
     /// Drops pooled connections to endpoints no longer in `live`.
     pub fn retain(&self, live: impl Fn(&SocketAddr) -> bool) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.h1.retain(|a, _| live(a));
-        idle.h2.retain(|a, _| live(a));
+        idle.h1.retain(|(a, _), _| live(a));
+        idle.h2.retain(|(a, _), _| live(a));
+    }
+}
+
+impl SendError {
+    /// The destination's policy refused this caller (AuthorizationPolicy, here or on the far
+    /// node): answered 403, never retried.
+    pub fn is_denied(&self) -> bool {
+        match self {
+            SendError::Connect(ConnectError::Denied { .. }) => true,
+            SendError::Connect(ConnectError::Tunnel(crate::tunnel::TunnelError::Refused { status, .. })) => *status == hyper::StatusCode::FORBIDDEN,
+            _ => false,
+        }
     }
 }
 

@@ -27,11 +27,14 @@ use crate::{
     destination::{Destination, DestinationKey},
     flags::ResponseFlags,
     listener::ProxyContext,
+    upstream::Source,
 };
 
 pub struct Downstream {
     pub peer: SocketAddr,
     pub target: ServiceTarget,
+    /// The calling pod and its identity, fixed for the connection.
+    pub source: Source,
 }
 
 /// What happened to a request, for the access log and counters.
@@ -127,7 +130,7 @@ async fn route_request(mut req: Request<Incoming>, conn: &Downstream, ctx: &Prox
 
     let (hash, set_cookie) = request_hash(&destination, &parts, conn.peer);
     let policy = RetryPolicy::from_route(route.and_then(|r| r.retries.as_ref()));
-    let forward = forward(ctx, &destination, &parts, body, version, &policy, hash, upgrade.is_some(), log);
+    let forward = forward(ctx, &destination, &conn.source, &parts, body, version, &policy, hash, upgrade.is_some(), log);
     let result = match route.and_then(|r| r.timeout) {
         Some(timeout) => match tokio::time::timeout(timeout, forward).await {
             Ok(r) => r,
@@ -203,6 +206,7 @@ fn pick_route_destination<'a>(
 async fn forward(
     ctx: &ProxyContext,
     destination: &Arc<Destination>,
+    source: &Source,
     parts: &http::request::Parts,
     body: Incoming,
     version: pool::Version,
@@ -237,7 +241,7 @@ async fn forward(
             }
         };
         let request = upstream_request(parts, body, version);
-        let send = ctx.pool.send(&pick.endpoint, version, request, &destination.pool);
+        let send = ctx.pool.send(&pick.endpoint, version, source, request, &destination.pool);
         let outcome = match policy.per_try_timeout {
             Some(t) => tokio::time::timeout(t, send).await.unwrap_or(Err(SendError::Timeout)),
             None => send.await,
@@ -258,6 +262,10 @@ async fn forward(
                 }
                 // Drain nothing: dropping the response resets the stream / closes the h1 conn.
                 (kind, None)
+            }
+            Err(e) if e.is_denied() => {
+                debug!(upstream = %addr, "upstream: {e}");
+                return Err(local_reply(StatusCode::FORBIDDEN, "RBAC: access denied\n"));
             }
             Err(e) => {
                 destination.balancer.report(addr, Outcome::LocalOriginFailure);

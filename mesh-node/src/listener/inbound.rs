@@ -10,7 +10,11 @@ use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use super::ProxyContext;
-use crate::{tunnel, upstream};
+use crate::{
+    authz::{self, Decision},
+    identity::Identity,
+    tunnel, upstream,
+};
 
 pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
     loop {
@@ -25,17 +29,47 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(req, peer, ctx.clone()));
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .initial_stream_window_size(tunnel::STREAM_WINDOW)
-                .initial_connection_window_size(tunnel::CONNECTION_WINDOW)
-                .max_frame_size(tunnel::MAX_FRAME)
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                debug!(%peer, "inbound connection: {e}");
+            match ctx.connector.tunnels.tls().cloned() {
+                Some(tls) => match tls.accept(stream, peer).await {
+                    Ok((stream, client, requested)) => {
+                        let peer = Peer { addr: peer, identity: Some(client), requested: Some(requested) };
+                        serve_h2(stream, peer, ctx).await
+                    }
+                    Err(e) => {
+                        ctx.stats.inbound_tls_refused.inc();
+                        warn!(%peer, "inbound: TLS refused: {e}");
+                    }
+                },
+                None => serve_h2(stream, Peer { addr: peer, identity: None, requested: None }, ctx).await,
             }
         });
+    }
+}
+
+/// The far end of a tunnel connection: the node proxy's address and, with mutual TLS, the
+/// source workload's verified identity and the destination identity it asked for.
+#[derive(Clone, Debug)]
+struct Peer {
+    addr: SocketAddr,
+    identity: Option<Identity>,
+    requested: Option<Identity>,
+}
+
+async fn serve_h2<IO>(io: IO, peer: Peer, ctx: Arc<ProxyContext>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let addr = peer.addr;
+    let peer = Arc::new(peer);
+    let service = service_fn(move |req| handle(req, peer.clone(), ctx.clone()));
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(tunnel::STREAM_WINDOW)
+        .initial_connection_window_size(tunnel::CONNECTION_WINDOW)
+        .max_frame_size(tunnel::MAX_FRAME)
+        .serve_connection(TokioIo::new(io), service);
+    if let Err(e) = conn.await {
+        debug!(peer = %addr, "inbound connection: {e}");
     }
 }
 
@@ -45,7 +79,7 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     res
 }
 
-async fn handle(req: Request<Incoming>, peer: SocketAddr, ctx: Arc<ProxyContext>) -> Result<Response<Empty<Bytes>>, Infallible> {
+async fn handle(req: Request<Incoming>, peer: Arc<Peer>, ctx: Arc<ProxyContext>) -> Result<Response<Empty<Bytes>>, Infallible> {
     ctx.stats.inbound_requests.inc();
     if req.method() != Method::CONNECT {
         return Ok(status(StatusCode::METHOD_NOT_ALLOWED));
@@ -53,18 +87,33 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, ctx: Arc<ProxyContext>
     let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
         return Ok(status(StatusCode::BAD_REQUEST));
     };
+    let cluster = ctx.cluster();
     // Only pods on this node may be reached through it: the tunnel is not an open relay.
-    let local_pod = ctx.cluster().pod_by_ip(target.ip()).is_some_and(|p| p.node == ctx.node);
-    if !local_pod {
+    let Some(pod) = cluster.pod_by_ip(target.ip()).filter(|p| p.node == ctx.node) else {
         ctx.stats.inbound_refused.inc();
-        warn!(%peer, %target, "inbound: tunnel target is not a pod on this node");
+        warn!(peer = %peer.addr, %target, "inbound: tunnel target is not a pod on this node");
+        return Ok(status(StatusCode::FORBIDDEN));
+    };
+    // With mutual TLS the client chose the certificate we presented: it must be the target's.
+    if let (Some(requested), Some(tls)) = (&peer.requested, ctx.connector.tunnels.tls()) {
+        let actual = tls.identity_of(pod);
+        if *requested != actual {
+            ctx.stats.inbound_refused.inc();
+            warn!(peer = %peer.addr, %target, "inbound: tunnel asked for identity {requested} but the target pod is {actual}");
+            return Ok(status(StatusCode::FORBIDDEN));
+        }
+    }
+    if let Decision::Deny { reason, .. } = authz::check(&cluster, pod, peer.identity.as_ref(), peer.addr.ip(), target.port()) {
+        ctx.stats.inbound_denied.inc();
+        warn!(peer = %peer.addr, principal = ?peer.identity.as_ref().map(|i| i.to_string()), %target, "authorization: {reason}");
         return Ok(status(StatusCode::FORBIDDEN));
     }
+    drop(cluster);
     let mut upstream = match upstream::connect(target, ctx.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             ctx.stats.inbound_connect_errors.inc();
-            debug!(%target, "inbound connect: {e}");
+            debug!(%target, peer = %peer.addr, "inbound connect: {e}");
             return Ok(status(StatusCode::BAD_GATEWAY));
         }
     };

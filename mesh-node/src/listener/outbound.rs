@@ -11,7 +11,7 @@ use crate::{
     http::{self, ServiceTarget},
     protocol::{self, Protocol},
     route::{self, TcpTarget},
-    upstream::{self, UpstreamIo},
+    upstream::{self, Source, UpstreamIo},
 };
 
 pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
@@ -39,6 +39,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
         return upstream::reset(client);
     };
     let cluster = ctx.cluster();
+    let caller = Source::of(&cluster, peer.ip(), &ctx.connector.trust_domain);
     if let Some(svc) = cluster.service_by_vip(orig.ip())
         && let Some(port) = svc.port(orig.port())
     {
@@ -50,7 +51,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
             ctx.stats.outbound_http.inc();
             let target = ServiceTarget { namespace: svc.namespace.clone(), service: svc.name.clone(), port: port.port };
             drop(cluster);
-            return http::serve(client, peer, target, ctx).await;
+            return http::serve(client, peer, caller, target, ctx).await;
         }
     }
     let source = cluster.pod_by_ip(peer.ip());
@@ -65,7 +66,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
     match target {
         TcpTarget::Pod(endpoint) => {
             let timeout = ctx.connect_timeout;
-            connect_and_pipe(client, &endpoint, timeout, &ctx).await;
+            connect_and_pipe(client, &endpoint, &caller, timeout, &ctx).await;
         }
         TcpTarget::Cluster(key) => {
             let destination = match ctx.destinations.resolve(&cluster, &key, false) {
@@ -92,7 +93,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
                 }
             };
             debug!(%peer, %orig, endpoint = %pick.endpoint.addr, pod = %pick.endpoint.pod_name, "outbound tcp");
-            let ok = connect_and_pipe(client, &pick.endpoint, destination.pool.connect_timeout, &ctx).await;
+            let ok = connect_and_pipe(client, &pick.endpoint, &caller, destination.pool.connect_timeout, &ctx).await;
             let outcome = if ok { Outcome::Success } else { Outcome::LocalOriginFailure };
             destination.balancer.report(pick.endpoint.addr, outcome);
         }
@@ -101,8 +102,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
 
 /// Connects to an endpoint (directly, or through its node's proxy) and copies bytes until both
 /// sides are done. Returns whether the upstream connection was established.
-async fn connect_and_pipe(mut client: TcpStream, endpoint: &Endpoint, timeout: Duration, ctx: &ProxyContext) -> bool {
-    match ctx.connector.connect(endpoint, timeout).await {
+async fn connect_and_pipe(mut client: TcpStream, endpoint: &Endpoint, caller: &Source, timeout: Duration, ctx: &ProxyContext) -> bool {
+    match ctx.connector.connect(endpoint, caller, timeout).await {
         Ok(mut up) => {
             if matches!(up, UpstreamIo::Direct(_)) {
                 ctx.stats.outbound_direct.inc();
