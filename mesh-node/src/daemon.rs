@@ -65,19 +65,21 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 
 /// Requests certificates for this node's mesh workloads ahead of time: the inbound side must
 /// present them during the TLS handshake, which cannot wait for the CA.
-fn prefetch_certificates(tls: &Arc<MeshTls>, cluster: &Cluster, node: &str) {
+fn prefetch_certificates(tls: &Arc<MeshTls>, cluster: &Cluster, node: &str) -> Vec<tokio::task::JoinHandle<()>> {
     let ids: std::collections::BTreeSet<_> = cluster.pods().filter(|p| p.node == node && cluster.is_enrolled(p)).map(|p| tls.identity_of(p)).collect();
+    let mut tasks = Vec::new();
     for id in ids {
         if tls.certs().cached(&id).is_some() {
             continue;
         }
         let tls = tls.clone();
-        tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             if let Err(e) = tls.certs().fetch(&id).await {
                 warn!(identity = %id, "workload certificate: {e}");
             }
-        });
+        }));
     }
+    tasks
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
@@ -123,8 +125,18 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         tunnels: Arc::new(TunnelPool::new(tls.clone())),
         trust_domain: opts.trust_domain.clone(),
     };
+    // Ready only once this node's workloads have certificates (bounded: a CA outage must not
+    // keep plaintext-free traffic of other workloads from starting).
     if let Some(tls) = &tls {
-        prefetch_certificates(tls, &config_rx.borrow().clone(), &opts.node);
+        let tasks = prefetch_certificates(tls, &config_rx.borrow().clone(), &opts.node);
+        let all = async {
+            for t in tasks {
+                let _ = t.await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(15), all).await.is_err() {
+            warn!("some workload certificates are still missing; starting anyway");
+        }
     }
     let ctx = Arc::new(ProxyContext {
         node: opts.node.clone(),

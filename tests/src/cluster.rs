@@ -60,11 +60,16 @@ pub struct ClusterSpec {
     pub services: Vec<ServiceSpec>,
     /// Start a node proxy on every node (false for "without the mesh" baselines).
     pub start_proxies: bool,
+    /// Run the mesh CA and give the node proxies workload certificates (mutual TLS between
+    /// nodes). On by default; off gives plaintext tunnels.
+    pub mtls: bool,
+    /// Requested workload certificate lifetime, in seconds (None: the daemon's default).
+    pub cert_ttl_secs: Option<u64>,
 }
 
 impl ClusterSpec {
     pub fn new(nodes: usize) -> Self {
-        Self { nodes, start_proxies: true, ..Default::default() }
+        Self { nodes, start_proxies: true, mtls: true, ..Default::default() }
     }
 
     pub fn namespace(mut self, name: &str, enrolled: bool) -> Self {
@@ -143,7 +148,13 @@ pub struct SimCluster {
     namespaces: Vec<String>,
     children: Mutex<Vec<Child>>,
     log_dir: PathBuf,
+    ca: Mutex<Option<Child>>,
+    /// The CA's state (root key and certificate) and the node tokens.
+    pub ca_dir: PathBuf,
 }
+
+/// Where the mesh CA listens: an address on the switch bridge, reachable from every node.
+pub const CA_ADDRESS: &str = "172.30.0.254:15012";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -169,6 +180,8 @@ impl SimCluster {
             namespaces: Vec::new(),
             children: Mutex::new(Vec::new()),
             log_dir: log_dir.clone(),
+            ca: Mutex::new(None),
+            ca_dir: base.join("ca"),
         };
         // From here on, Drop cleans up whatever was built, also if building fails half way.
         fs::create_dir_all(&config_dir)?;
@@ -176,6 +189,9 @@ impl SimCluster {
         fs::create_dir(&root_cgroup).with_context(|| format!("creating cgroup {}", root_cgroup.display()))?;
         cluster.build_network()?;
         cluster.write_config()?;
+        if spec.mtls {
+            cluster.start_ca()?;
+        }
         if spec.start_proxies {
             for i in 0..cluster.nodes.len() {
                 cluster.start_proxy(i)?;
@@ -194,6 +210,7 @@ impl SimCluster {
         let net = format!("{}-net", self.id);
         self.add_netns(&net)?;
         sys::ip_in(&net, &["link", "add", "br0", "type", "bridge"])?;
+        sys::ip_in(&net, &["addr", "add", "172.30.0.254/24", "dev", "br0"])?;
         sys::ip_in(&net, &["link", "set", "br0", "up"])?;
         for i in 0..self.spec.nodes {
             let ns = format!("{}-n{i}", self.id);
@@ -349,6 +366,71 @@ impl SimCluster {
         fs::read_to_string(self.log_dir.join(format!("{}.log", self.nodes[node].name))).unwrap_or_default()
     }
 
+    fn net_netns(&self) -> String {
+        format!("{}-net", self.id)
+    }
+
+    /// Starts `mesh-node ca` on the switch (like istiod on a control-plane node) with a token
+    /// per node, and waits until it has written its root certificate and listens.
+    pub fn start_ca(&self) -> anyhow::Result<()> {
+        fs::create_dir_all(self.ca_dir.join("tokens"))?;
+        let mut tokens = String::new();
+        for node in &self.nodes {
+            let token = format!("{:016x}{:016x}", rand_u64(), rand_u64());
+            fs::write(self.ca_dir.join("tokens").join(&node.name), &token)?;
+            tokens.push_str(&format!("{}: {token}\n", node.name));
+        }
+        fs::write(self.ca_dir.join("tokens.yaml"), tokens)?;
+        self.restart_ca()
+    }
+
+    /// (Re)starts the CA process on the same state directory.
+    pub fn restart_ca(&self) -> anyhow::Result<()> {
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.log_dir.join("ca.log"))?;
+        let child = Command::new(bins::path("mesh-node"))
+            .args(["ca", "--listen", CA_ADDRESS, "--config-poll-ms", "200"])
+            .arg("--state-dir")
+            .arg(self.ca_dir.join("state"))
+            .arg("--config")
+            .arg(&self.config_dir)
+            .arg("--tokens")
+            .arg(self.ca_dir.join("tokens.yaml"))
+            .env("MESH_LOG", std::env::var("MESH_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .enter(Some(&self.net_netns()), None)?
+            .spawn()
+            .context("starting mesh-node ca")?;
+        *self.ca.lock().unwrap() = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let root = self.ca_dir.join("state/root-cert.pem");
+        while !(root.exists() && fs::read_to_string(self.log_dir.join("ca.log")).unwrap_or_default().contains("listening")) {
+            if let Some(child) = self.ca.lock().unwrap().as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("mesh-node ca exited with {status}:\n{}", fs::read_to_string(self.log_dir.join("ca.log")).unwrap_or_default());
+            }
+            if Instant::now() > deadline {
+                bail!("mesh-node ca not ready after 20s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Stops the CA (SIGTERM) so tests can check that traffic survives without it.
+    pub fn stop_ca(&self) -> anyhow::Result<()> {
+        let Some(mut child) = self.ca.lock().unwrap().take() else { bail!("the CA is not running") };
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        wait_timeout(&mut child, Duration::from_secs(10))?;
+        Ok(())
+    }
+
+    pub fn ca_log(&self) -> String {
+        fs::read_to_string(self.log_dir.join("ca.log")).unwrap_or_default()
+    }
+
     /// Starts node i's proxy, in the node's network namespace and in a cgroup under the node's
     /// pod cgroup (as a DaemonSet pod would be), then waits for it to be ready.
     pub fn start_proxy(&self, i: usize) -> anyhow::Result<()> {
@@ -358,12 +440,23 @@ impl SimCluster {
             fs::create_dir(&cgroup)?;
         }
         let log = fs::OpenOptions::new().create(true).append(true).open(self.log_dir.join(format!("{}.log", node.name)))?;
-        let child = Command::new(bins::path("mesh-node"))
-            .args(["run", "--node", &node.name, "--config-poll-ms", "200"])
+        let mut cmd = Command::new(bins::path("mesh-node"));
+        cmd.args(["run", "--node", &node.name, "--config-poll-ms", "200"])
             .arg("--config")
             .arg(&self.config_dir)
             .arg("--cgroup")
-            .arg(&node.cgroup)
+            .arg(&node.cgroup);
+        if self.spec.mtls {
+            cmd.args(["--ca-address", CA_ADDRESS])
+                .arg("--ca-root")
+                .arg(self.ca_dir.join("state/root-cert.pem"))
+                .arg("--node-token-file")
+                .arg(self.ca_dir.join("tokens").join(&node.name));
+            if let Some(ttl) = self.spec.cert_ttl_secs {
+                cmd.args(["--cert-ttl-secs", &ttl.to_string()]);
+            }
+        }
+        let child = cmd
             .env("MESH_LOG", std::env::var("MESH_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -525,6 +618,10 @@ impl Drop for SimCluster {
                 }
             }
         }
+        if let Some(mut child) = self.ca.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         for mut child in self.children.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
             let _ = child.kill();
             let _ = child.wait();
@@ -537,6 +634,14 @@ impl Drop for SimCluster {
             let _ = fs::remove_dir_all(self.config_dir.parent().unwrap_or(&self.config_dir));
         }
     }
+}
+
+fn rand_u64() -> u64 {
+    let mut buf = [0u8; 8];
+    if let Ok(mut f) = fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut buf);
+    }
+    u64::from_ne_bytes(buf)
 }
 
 pub fn wait_timeout(child: &mut Child, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
