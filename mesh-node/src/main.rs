@@ -67,6 +67,10 @@ struct RunArgs {
     /// Requested workload certificate lifetime, in seconds (the CA may cap it).
     #[arg(long, default_value_t = 24 * 3600)]
     cert_ttl_secs: u64,
+    /// Proxy worker threads (1 keeps every hop of a request on one core, which suits small
+    /// nodes; more spreads load over cores).
+    #[arg(long, env = "MESH_WORKER_THREADS", default_value_t = 1)]
+    worker_threads: usize,
     /// SPIFFE trust domain.
     #[arg(long, default_value = mesh_node::identity::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
@@ -129,7 +133,7 @@ fn main() -> ExitCode {
                 },
                 trust_domain: args.trust_domain,
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads.max(1)).enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("mesh-node: starting the runtime: {e}");

@@ -607,6 +607,50 @@ impl SimCluster {
     }
 }
 
+/// Running things outside the pods: on the switch (where the CA runs and a sniffer sees every
+/// frame between nodes) or in a node's namespace (as the node proxy would).
+impl SimCluster {
+    /// The switch namespace (`<id>-net`): the bridge joining the nodes, whose ports towards the
+    /// nodes are the veths `n0`, `n1`, ...
+    pub fn switch_netns(&self) -> String {
+        self.net_netns()
+    }
+
+    fn netns_command(netns: &str, program: &Path, args: &[&str]) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null()).enter(Some(netns), None)?;
+        Ok(cmd)
+    }
+
+    /// Runs a process in a network namespace of this cluster (a node's, or the switch's) to
+    /// completion (killed after `timeout`).
+    pub fn run_in_netns(&self, netns: &str, program: &Path, args: &[&str], timeout: Duration) -> anyhow::Result<Output> {
+        if !self.namespaces.iter().any(|n| n == netns) {
+            bail!("{netns} is not a namespace of this cluster");
+        }
+        run_with_timeout(Self::netns_command(netns, program, args)?, timeout)
+    }
+
+    /// Starts a process in a network namespace of this cluster with its stdin and stdout piped
+    /// to the caller (who must wait for it; it should bound its own run time).
+    pub fn spawn_in_netns_piped(&self, netns: &str, program: &Path, args: &[&str]) -> anyhow::Result<Child> {
+        if !self.namespaces.iter().any(|n| n == netns) {
+            bail!("{netns} is not a namespace of this cluster");
+        }
+        Ok(Self::netns_command(netns, program, args)?.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?)
+    }
+
+    /// The mesh root certificate the CA wrote (trust anchor of every node).
+    pub fn ca_root_cert(&self) -> PathBuf {
+        self.ca_dir.join("state/root-cert.pem")
+    }
+
+    /// Node i's token for the CA.
+    pub fn node_token_file(&self, i: usize) -> PathBuf {
+        self.ca_dir.join("tokens").join(&self.nodes[i].name)
+    }
+}
+
 impl Drop for SimCluster {
     fn drop(&mut self) {
         for node in &self.nodes {

@@ -16,6 +16,12 @@ mod http_server;
 mod report;
 #[path = "probe/ws.rs"]
 mod ws;
+#[path = "probe/sniff.rs"]
+mod sniff;
+#[path = "probe/mtls.rs"]
+mod mtls;
+#[path = "probe/ca_request.rs"]
+mod ca_request;
 
 use std::{
     io::{self, BufRead as _, BufReader, Read, Write},
@@ -118,6 +124,17 @@ enum Cmd {
         #[arg(long, default_value_t = 10000)]
         timeout_ms: u64,
     },
+    /// Capture frames on an interface (AF_PACKET) for a while; report bytes seen and whether
+    /// the marker bytes appeared.
+    Sniff(sniff::SniffArgs),
+    /// Make a client certificate (rcgen) with a SPIFFE ID: signed by a given CA key, or by a new
+    /// self-signed root; optionally already expired.
+    Mkcert(mtls::MkcertArgs),
+    /// Dial a node proxy's inbound port like a peer proxy (TLS 1.3, ALPN h2, client certificate,
+    /// SNI); prints {"handshake": ok|error, "error": ..}, optionally the status of a CONNECT.
+    TlsConnect(mtls::TlsConnectArgs),
+    /// Ask the mesh CA to sign a CSR for an identity, as a node would; prints the gRPC outcome.
+    CaRequest(ca_request::CaRequestArgs),
 }
 
 fn main() -> ExitCode {
@@ -136,6 +153,10 @@ fn main() -> ExitCode {
         Cmd::HttpConcurrent(args) if args.concurrency.is_none() => Err(io::Error::other("http-concurrent needs --concurrency")),
         Cmd::HttpConcurrent(args) => http(args),
         Cmd::Ws { url, bytes, timeout_ms } => ws::run(&url, bytes, timeout_ms).map_err(anyhow_to_io),
+        Cmd::Sniff(args) => sniff::run(args).map_err(anyhow_to_io),
+        Cmd::Mkcert(args) => mtls::mkcert(args).map_err(anyhow_to_io),
+        Cmd::TlsConnect(args) => mtls::tls_connect(args).map_err(anyhow_to_io),
+        Cmd::CaRequest(args) => ca_request::run(args).map_err(anyhow_to_io),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -46,6 +46,9 @@ pub struct HttpArgs {
     /// Request body of this many bytes.
     #[arg(long, default_value_t = 0)]
     pub body_bytes: usize,
+    /// Request body with this exact text (instead of --body-bytes of 'x').
+    #[arg(long)]
+    pub body_text: Option<String>,
     /// Aggregate request starts per second.
     #[arg(long)]
     pub rate: Option<f64>,
@@ -173,7 +176,11 @@ fn plan(args: &HttpArgs, target: &Target, workers: usize) -> anyhow::Result<Plan
         headers.push((hyper::header::TE, HeaderValue::from_static("trailers")));
         (Method::POST, super::http_server::grpc_frame(args.body_bytes))
     } else {
-        (Method::from_bytes(args.method.as_bytes())?, Bytes::from(vec![b'x'; args.body_bytes]))
+        let body = match &args.body_text {
+            Some(text) => Bytes::from(text.clone().into_bytes()),
+            None => Bytes::from(vec![b'x'; args.body_bytes]),
+        };
+        (Method::from_bytes(args.method.as_bytes())?, body)
     };
     Ok(Plan {
         method,
