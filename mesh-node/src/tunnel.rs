@@ -52,6 +52,9 @@ type Sender = http2::SendRequest<Empty<Bytes>>;
 struct Entry {
     sender: Option<Sender>,
     last_used: Instant,
+    /// Serial of the source certificate the connection was opened with: a rotated certificate
+    /// means a new connection, so no tunnel outlives the certificate that authenticated it.
+    cert_serial: Option<String>,
 }
 
 type Key = (SocketAddr, Option<TunnelIdentities>);
@@ -109,12 +112,17 @@ impl TunnelPool {
             // Lazily forget connections idle for a while (dropping the sender closes it once
             // its streams are done).
             conns.retain(|k, e| k == key || e.try_lock().map_or(true, |e| e.last_used.elapsed() < IDLE_RELEASE));
-            conns.entry(key.clone()).or_insert_with(|| Arc::new(tokio::sync::Mutex::new(Entry { sender: None, last_used: Instant::now() }))).clone()
+            conns.entry(key.clone()).or_insert_with(|| Arc::new(tokio::sync::Mutex::new(Entry { sender: None, last_used: Instant::now(), cert_serial: None }))).clone()
         };
         // Held across the connect so concurrent first streams share one connection.
         let mut entry = slot.lock().await;
         entry.last_used = Instant::now();
+        let serial = match (&self.tls, &key.1) {
+            (Some(tls), Some(ids)) => tls.certs().cached(&ids.source).map(|c| c.serial.clone()),
+            _ => None,
+        };
         if !fresh
+            && entry.cert_serial == serial
             && let Some(s) = &entry.sender
             && !s.is_closed()
         {
@@ -156,6 +164,11 @@ impl TunnelPool {
             }
         };
         entry.sender = Some(sender.clone());
+        // The handshake may have fetched (or renewed) the certificate: remember what it used.
+        entry.cert_serial = match (&self.tls, &key.1) {
+            (Some(tls), Some(ids)) => tls.certs().cached(&ids.source).map(|c| c.serial.clone()),
+            _ => None,
+        };
         Ok(sender)
     }
 

@@ -386,6 +386,7 @@ impl SimCluster {
 
     /// (Re)starts the CA process on the same state directory.
     pub fn restart_ca(&self) -> anyhow::Result<()> {
+        let started_before = self.ca_log().matches("mesh CA listening").count();
         let log = fs::OpenOptions::new().create(true).append(true).open(self.log_dir.join("ca.log"))?;
         let child = Command::new(bins::path("mesh-node"))
             .args(["ca", "--listen", CA_ADDRESS, "--config-poll-ms", "200"])
@@ -405,7 +406,8 @@ impl SimCluster {
         *self.ca.lock().unwrap() = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         let root = self.ca_dir.join("state/root-cert.pem");
-        while !(root.exists() && fs::read_to_string(self.log_dir.join("ca.log")).unwrap_or_default().contains("listening")) {
+        // The log is appended across restarts: wait for this start's own "listening" line.
+        while !(root.exists() && self.ca_log().matches("mesh CA listening").count() > started_before) {
             if let Some(child) = self.ca.lock().unwrap().as_mut()
                 && let Some(status) = child.try_wait()?
             {

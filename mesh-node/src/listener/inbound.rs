@@ -16,6 +16,9 @@ use crate::{
     tunnel, upstream,
 };
 
+/// A peer that opens the tunnel port and never finishes the handshake does not hold a task.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -30,12 +33,16 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
         let ctx = ctx.clone();
         tokio::spawn(async move {
             match ctx.connector.tunnels.tls().cloned() {
-                Some(tls) => match tls.accept(stream, peer).await {
-                    Ok((stream, client, requested)) => {
+                Some(tls) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream, peer)).await {
+                    Err(_) => {
+                        ctx.stats.inbound_tls_refused.inc();
+                        warn!(%peer, "inbound: TLS handshake not completed within {TLS_HANDSHAKE_TIMEOUT:?}");
+                    }
+                    Ok(Ok((stream, client, requested))) => {
                         let peer = Peer { addr: peer, identity: Some(client), requested: Some(requested) };
                         serve_h2(stream, peer, ctx).await
                     }
-                    Err(e) => {
+                    Ok(Err(e)) => {
                         ctx.stats.inbound_tls_refused.inc();
                         warn!(%peer, "inbound: TLS refused: {e}");
                     }
