@@ -77,13 +77,16 @@ fn parse_h2load(text: &str) -> Option<Value> {
     let count = |what: &str| -> u64 {
         requests.trim_start_matches("requests:").split(',').find_map(|p| p.trim().strip_suffix(what).and_then(|n| n.trim().parse().ok())).unwrap_or(0)
     };
+    let done = count(" done");
     // "status codes: N 2xx, N 3xx, N 4xx, N 5xx"
     let codes = text.lines().find(|l| l.starts_with("status codes:"))?;
     let s2xx: u64 = codes.trim_start_matches("status codes:").split(',').find_map(|p| p.trim().strip_suffix(" 2xx").and_then(|n| n.trim().parse().ok())).unwrap_or(0);
     Some(json!({
         "seconds": secs,
         "rps": rps,
-        "ok_rps": s2xx as f64 / secs.max(1e-9),
+        // With --warm-up-time, "finished in" includes the warm-up while the counts and req/s
+        // cover only the measured window: scale h2load's own rate by the 2xx share.
+        "ok_rps": if done > 0 { rps * s2xx as f64 / done as f64 } else { s2xx as f64 / secs.max(1e-9) },
         "succeeded": count(" succeeded"),
         "failed": count(" failed"),
         "errored": count(" errored"),
@@ -124,5 +127,13 @@ mod tests {
         assert_eq!(v["failed"], 1);
         assert_eq!(v["status_2xx"], 117280);
         assert!((v["ok_rps"].as_f64().unwrap() - 23456.0).abs() < 1.0);
+    }
+
+    #[test]
+    fn ok_rps_excludes_the_warm_up() {
+        // -D 5s --warm-up-time 1s: "finished in" counts the warm-up second, the counts do not.
+        let text = "finished in 6.03s, 15653.60 req/s, 17.62MB/s\nrequests: 78268 total, 78284 started, 78268 done, 78268 succeeded, 0 failed, 0 errored, 0 timeout\nstatus codes: 78268 2xx, 0 3xx, 0 4xx, 0 5xx\n";
+        let v = super::parse_h2load(text).unwrap();
+        assert!((v["ok_rps"].as_f64().unwrap() - 15653.6).abs() < 0.5);
     }
 }

@@ -2,6 +2,7 @@
 mod bench;
 mod bench_failure;
 mod bench_l7;
+mod bench_telemetry;
 mod bench_util;
 mod demo;
 mod setup;
@@ -46,7 +47,7 @@ enum Task {
         /// Seconds per L7 fixed-rate latency run.
         #[arg(long, default_value_t = 8)]
         l7_seconds: u64,
-        /// Seconds per L7 max-rps run (h2load, after a 1 s warm-up).
+        /// Seconds per max-rps run, L4 and L7 (h2load, after a 1 s warm-up).
         #[arg(long, default_value_t = 5)]
         max_seconds: u64,
         /// Plaintext HTTP between the two Envoys instead of mTLS.
@@ -63,6 +64,8 @@ enum BenchPart {
     L4,
     L7,
     Failure,
+    /// Only the telemetry on/off comparison of the l7 part, on a cluster of its own.
+    Telemetry,
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -130,13 +133,19 @@ fn main() -> anyhow::Result<()> {
             let started = std::time::Instant::now();
             let mut failed = Vec::new();
             if part(BenchPart::L4) {
-                bench::run(&json, seconds)?;
+                bench::run(&json, seconds, max_seconds)?;
             }
             if part(BenchPart::Failure)
                 && let Err(e) = bench_failure::run(&sibling("failure.json"), seconds)
             {
                 eprintln!("bench failure: {e:#}");
                 failed.push("failure");
+            }
+            if only.contains(&BenchPart::Telemetry)
+                && let Err(e) = bench_telemetry::run_alone(&sibling("telemetry.json"), l7_seconds)
+            {
+                eprintln!("bench telemetry: {e:#}");
+                failed.push("telemetry");
             }
             if part(BenchPart::L7)
                 && let Err(e) = bench_l7::run(&sibling("l7.json"), &bench_l7::Opts { seconds: l7_seconds, max_seconds, envoy_plaintext })
