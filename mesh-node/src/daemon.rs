@@ -22,6 +22,7 @@ use crate::{
     upstream::Connector,
     listener::{self, ProxyContext},
     stats::ProxyStats,
+    telemetry::{self, MeshSources, Telemetry, TelemetryOptions},
 };
 
 /// Everything `mesh-node run` is told.
@@ -42,6 +43,7 @@ pub struct Options {
     /// Workload certificates from this CA; without one, tunnels are plaintext.
     pub ca: Option<CaOptions>,
     pub trust_domain: String,
+    pub telemetry: TelemetryOptions,
 }
 
 /// Where the node gets workload certificates.
@@ -138,6 +140,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             warn!("some workload certificates are still missing; starting anyway");
         }
     }
+    let telemetry = Arc::new(Telemetry::new(&opts.telemetry, &opts.node, config_rx.clone(), &opts.trust_domain, tls.is_some())?);
+    telemetry.register_mesh(MeshSources {
+        node: opts.node.clone(),
+        stats: stats.clone(),
+        capture: Some(capture.counters()),
+        tls: tls.clone(),
+        config: config_rx.clone(),
+    })?;
     let ctx = Arc::new(ProxyContext {
         node: opts.node.clone(),
         config: config_rx.clone(),
@@ -148,28 +158,43 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         destinations: Destinations::default(),
         pool: Pool::new(connector.clone()),
         connector,
+        telemetry: telemetry.clone(),
     });
+    let unspecified: IpAddr = if proxy_ip.is_ipv4() { [0, 0, 0, 0].into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() };
+    let outbound_addr = SocketAddr::new(unspecified, opts.outbound_port);
+    let inbound_addr = SocketAddr::new(unspecified, opts.inbound_port);
+    let outbound = bind(outbound_addr, "outbound").await?;
+    let inbound = bind(inbound_addr, "inbound").await?;
+    let admin_listener = bind(opts.admin, "admin").await?;
+    let readiness = bind(opts.readiness, "readiness").await?;
     let admin_state = Arc::new(AdminState {
         node: opts.node.clone(),
         ready: AtomicBool::new(false),
         config: config_rx.clone(),
+        config_dir: opts.config_dir.clone(),
         capture_counters: capture.counters(),
         capture_state: capture.state(),
+        bpf: capture.view(),
         proxy_stats: stats.clone(),
         proxy: ctx.clone(),
+        ca_address: opts.ca.as_ref().map(|ca| ca.address.clone()),
+        listeners: [("outbound", outbound_addr), ("inbound", inbound_addr), ("admin", opts.admin), ("readiness", opts.readiness)]
+            .into_iter()
+            .chain(opts.telemetry.metrics.map(|m| ("metrics", m)))
+            .collect(),
+        started: std::time::SystemTime::now(),
     });
-
-    let unspecified: IpAddr = if proxy_ip.is_ipv4() { [0, 0, 0, 0].into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() };
-    let outbound = bind(SocketAddr::new(unspecified, opts.outbound_port), "outbound").await?;
-    let inbound = bind(SocketAddr::new(unspecified, opts.inbound_port), "inbound").await?;
-    let admin_listener = bind(opts.admin, "admin").await?;
-    let readiness = bind(opts.readiness, "readiness").await?;
-    let tasks = [
+    let mut tasks = vec![
         tokio::spawn(listener::outbound::serve(outbound, ctx.clone())),
         tokio::spawn(listener::inbound::serve(inbound, ctx.clone())),
         tokio::spawn(admin::serve_admin(admin_listener, admin_state.clone())),
         tokio::spawn(admin::serve_readiness(readiness, admin_state.clone())),
     ];
+    if let Some(addr) = opts.telemetry.metrics {
+        let metrics = bind(addr, "metrics").await?;
+        tasks.push(tokio::spawn(telemetry::server::serve(metrics, telemetry.clone())));
+        info!(%addr, "metrics on /metrics");
+    }
     admin_state.set_ready();
     info!(node = %opts.node, outbound = opts.outbound_port, inbound = opts.inbound_port, "node proxy ready");
 
@@ -189,6 +214,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 if let Some(tls) = &tls {
                     prefetch_certificates(tls, &cluster, &opts.node);
                 }
+                telemetry.on_config(&cluster);
                 stats.config_reloads.inc();
             }
             _ = rescan.tick() => {
@@ -202,6 +228,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     for task in tasks {
         task.abort();
     }
+    telemetry.flush();
     // Dropping the capture closes its bpf_links: the programs detach from the cgroup now.
     drop(capture);
     info!("capture detached; bye");

@@ -7,6 +7,7 @@
 //! subset: endpoints, DestinationRule policy) -> [`balance`] (pick an endpoint, outlier
 //! detection) under [`limits`] (circuit breakers) -> [`tunnel`] (to another node's proxy) or
 //! [`upstream`] (to a local pod), and on the far node [`listener::inbound`] -> [`upstream`].
+//! [`telemetry`] (metrics on 15020, traces, access logs, live connections) hooks into each step.
 pub mod admin;
 pub mod authz;
 pub mod balance;
@@ -24,5 +25,6 @@ pub mod listener;
 pub mod protocol;
 pub mod route;
 pub mod stats;
+pub mod telemetry;
 pub mod tunnel;
 pub mod upstream;

@@ -74,6 +74,30 @@ struct RunArgs {
     /// SPIFFE trust domain.
     #[arg(long, default_value = mesh_node::identity::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
+    /// Where Prometheus scrapes Istio's standard metrics (`/metrics`), or `off`.
+    #[arg(long, env = "MESH_METRICS", default_value = "0.0.0.0:15020", value_parser = parse_metrics)]
+    metrics: MetricsAddr,
+    /// OTLP/gRPC collector for request spans (e.g. `http://127.0.0.1:4317`); tracing is off
+    /// without one.
+    #[arg(long, env = "MESH_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Share of new traces to sample, 0 to 1 (a caller's sampled flag is always respected).
+    #[arg(long, env = "MESH_TRACE_SAMPLING", default_value_t = 0.01)]
+    trace_sampling: f64,
+    /// Access log on stdout, one line per request or connection: off, text or json.
+    #[arg(long, env = "MESH_ACCESS_LOG", default_value = "off")]
+    access_log: mesh_node::telemetry::AccessLogFormat,
+}
+
+/// `--metrics`: an address, or `off`.
+#[derive(Clone, Copy, Debug)]
+struct MetricsAddr(Option<SocketAddr>);
+
+fn parse_metrics(s: &str) -> Result<MetricsAddr, String> {
+    if s == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    s.parse().map(|a| MetricsAddr(Some(a))).map_err(|e| format!("{s:?} is not an address (host:port) or off: {e}"))
 }
 
 fn parse_bpf_level(s: &str) -> Result<u8, String> {
@@ -90,10 +114,16 @@ fn parse_bpf_level(s: &str) -> Result<u8, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    {
+        use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
+        // Reloadable so `meshctl log-level` can change it while the daemon runs.
+        let directives = std::env::var("MESH_LOG").unwrap_or_else(|_| "info".into());
+        tracing_subscriber::registry()
+            .with(mesh_node::admin::log_level::layer(&directives))
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(mesh_node::telemetry::ConfigErrorCounter)
+            .init();
+    }
     match cli.command {
         Command::Ca(args) => mesh_node::ca::run_cli(args),
         Command::Validate { dir } => match Cluster::load_dir(&dir) {
@@ -132,6 +162,12 @@ fn main() -> ExitCode {
                     _ => None,
                 },
                 trust_domain: args.trust_domain,
+                telemetry: mesh_node::telemetry::TelemetryOptions {
+                    metrics: args.metrics.0,
+                    otlp_endpoint: args.otlp_endpoint,
+                    trace_sampling: args.trace_sampling,
+                    access_log: args.access_log,
+                },
             };
             let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads.max(1)).enable_all().build() {
                 Ok(rt) => rt,

@@ -37,6 +37,24 @@ pub struct TunnelIdentities {
     pub destination: Identity,
 }
 
+/// The header naming the tunnel's source pod (RFC 7239).
+pub const FORWARDED: &str = "forwarded";
+
+fn forwarded_for(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => format!("for={v4}"),
+        std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+    }
+}
+
+/// The source address of a `Forwarded: for=...` header.
+pub fn forwarded_source(value: &str) -> Option<std::net::IpAddr> {
+    let for_ = value.split([';', ',']).find_map(|p| p.trim().strip_prefix("for="))?;
+    let for_ = for_.trim_matches('"');
+    let for_ = for_.strip_prefix('[').and_then(|v| v.split(']').next()).unwrap_or(for_);
+    for_.parse().ok()
+}
+
 /// HTTP/2 flow-control windows sized for bulk transfers through one multiplexed connection
 /// (the 64 KiB defaults throttle a single stream well below link speed).
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -79,16 +97,20 @@ impl TunnelPool {
     }
 
     /// Opens a stream through the node proxy at `proxy` to `target`, a pod on that node.
-    /// `ids` is required when the pool does mutual TLS.
-    pub async fn open(&self, proxy: SocketAddr, target: SocketAddr, ids: Option<TunnelIdentities>, connect_timeout: Duration) -> Result<TokioIo<Upgraded>, TunnelError> {
+    /// `ids` is required when the pool does mutual TLS. `source` (the calling pod's address)
+    /// travels in a `Forwarded` header, as in Istio's HBONE, so the far side can name the
+    /// source workload in its telemetry.
+    pub async fn open(&self, proxy: SocketAddr, target: SocketAddr, ids: Option<TunnelIdentities>, source: Option<std::net::IpAddr>, connect_timeout: Duration) -> Result<TokioIo<Upgraded>, TunnelError> {
         let key: Key = (proxy, if self.tls.is_some() { ids } else { None });
         // A pooled connection may have just died; one fresh connection is worth a second try.
         for attempt in 0..2 {
             let mut sender = self.sender(&key, connect_timeout, attempt > 0).await?;
             let authority = target.to_string();
-            let req = Request::builder()
-                .method(Method::CONNECT)
-                .uri(&authority)
+            let mut req = Request::builder().method(Method::CONNECT).uri(&authority);
+            if let Some(ip) = source {
+                req = req.header(FORWARDED, forwarded_for(ip));
+            }
+            let req = req
                 .body(Empty::<Bytes>::new())
                 .expect("CONNECT request from a socket address is well formed");
             let res = match sender.send_request(req).await {

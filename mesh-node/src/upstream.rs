@@ -139,6 +139,6 @@ impl Connector {
             (None, _) => None,
         };
         let proxy = SocketAddr::new(node_ip, self.inbound_port);
-        Ok(UpstreamIo::Tunnel(self.tunnels.open(proxy, addr, ids, timeout).await?))
+        Ok(UpstreamIo::Tunnel(self.tunnels.open(proxy, addr, ids, Some(source.ip), timeout).await?))
     }
 }

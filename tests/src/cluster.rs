@@ -436,6 +436,11 @@ impl SimCluster {
     /// Starts node i's proxy, in the node's network namespace and in a cgroup under the node's
     /// pod cgroup (as a DaemonSet pod would be), then waits for it to be ready.
     pub fn start_proxy(&self, i: usize) -> anyhow::Result<()> {
+        self.start_proxy_with(i, &[])
+    }
+
+    /// Like [`Self::start_proxy`], with extra `mesh-node run` arguments (telemetry flags...).
+    pub fn start_proxy_with(&self, i: usize, extra_args: &[&str]) -> anyhow::Result<()> {
         let node = &self.nodes[i];
         let cgroup = node.cgroup.join("mesh-node");
         if !cgroup.exists() {
@@ -458,6 +463,7 @@ impl SimCluster {
                 cmd.args(["--cert-ttl-secs", &ttl.to_string()]);
             }
         }
+        cmd.args(extra_args);
         let child = cmd
             .env("MESH_LOG", std::env::var("MESH_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
@@ -520,7 +526,7 @@ impl SimCluster {
 
     /// Capture and proxy counters of node i.
     pub fn stats(&self, i: usize) -> anyhow::Result<serde_json::Value> {
-        let out = self.meshctl(i, &["stats"])?;
+        let out = self.meshctl(i, &["-o", "json", "stats"])?;
         if !out.status.success() {
             bail!("meshctl stats: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -640,6 +646,30 @@ impl SimCluster {
             bail!("{netns} is not a namespace of this cluster");
         }
         Ok(Self::netns_command(netns, program, args)?.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?)
+    }
+
+    /// Starts a long-running process in a network namespace of this cluster (a node's, where
+    /// node-level tools such as Prometheus run), output to `log`; killed when the cluster is
+    /// dropped. Returns its process id.
+    pub fn spawn_in_netns(&self, netns: &str, program: &Path, args: &[&str], log: &Path) -> anyhow::Result<u32> {
+        if !self.namespaces.iter().any(|n| n == netns) {
+            bail!("{netns} is not a namespace of this cluster");
+        }
+        let f = fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let child = Self::netns_command(netns, program, args)?
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()
+            .with_context(|| format!("starting {} in {netns}", program.display()))?;
+        let pid = child.id();
+        self.children.lock().unwrap().push(child);
+        Ok(pid)
+    }
+
+    /// The directory the cluster's logs go to (removed with the cluster unless
+    /// `MESH_E2E_KEEP_LOGS` is set): where a test puts the logs of tools it starts.
+    pub fn log_dir(&self) -> &Path {
+        &self.log_dir
     }
 
     /// The mesh root certificate the CA wrote (trust anchor of every node).

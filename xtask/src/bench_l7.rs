@@ -7,7 +7,8 @@
 //! For HTTP/1.1 (POST, 1 KiB request and response bodies) and gRPC-shaped h2c (5-byte prefix +
 //! 1 KiB message each way, `grpc-status: 0` trailers): p50/p90/p99 at a fixed 1000 rps over 4
 //! connections, proxy CPU per 1000 requests (utime+stime of the proxy processes over that run),
-//! proxy RSS, and max rps over 16 connections with h2load.
+//! proxy RSS, and max rps over 16 connections with h2load. Last, what telemetry costs the mesh
+//! path (`bench_telemetry`: proxy CPU per 1000 requests, telemetry on vs off).
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -31,7 +32,7 @@ const TARGET_ADDED_P50_MS: f64 = 0.15;
 const TARGET_ADDED_P99_MS: f64 = 0.40;
 const TARGET_VCPU_PER_1K: f64 = 0.15;
 
-fn spec() -> ClusterSpec {
+pub(crate) fn spec() -> ClusterSpec {
     ClusterSpec::new(2)
         .namespace("mesh", true)
         .namespace("plain", false)
@@ -45,7 +46,7 @@ fn spec() -> ClusterSpec {
 
 /// The failure scenario's policies (outlier detection, retries) plus Istio's default balancer
 /// made explicit, for both Services.
-fn policies() -> String {
+pub(crate) fn policies() -> String {
     let mut y = String::new();
     for host in ["srv", "srv-grpc"] {
         y.push_str(&format!(
@@ -240,6 +241,10 @@ fn run_in(json_out: &Path, opts: &Opts, envoy: &Path, work: &Path) -> anyhow::Re
         row["proxy_rss_mib_after_max"] = t.proxies.iter().map(|p| rss_mib(*p)).collect::<Vec<f64>>().into();
     }
     let stats: Vec<Value> = (0..2).filter_map(|i| c.stats(i).ok()).collect();
+    // Telemetry on vs off restarts the proxies, so it runs last on this cluster.
+    if let Err(e) = crate::bench_telemetry::run(&c, opts.seconds, &json_out.with_file_name("telemetry.json")) {
+        eprintln!("bench telemetry: {e:#}");
+    }
     drop(c);
     report(json_out, opts, &rows, tls.is_some(), stats)
 }

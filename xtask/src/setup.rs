@@ -20,12 +20,17 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("h2load", "nghttp2-client"),
     ("python3", "python3"),
+    // The telemetry e2e test scrapes the node proxies with a real Prometheus.
+    ("prometheus", "prometheus"),
 ];
 
 /// The gRPC probes (`tests/grpc/*.py`) need a real gRPC stack; the tests find this venv at the
 /// same place (`mesh_e2e::tools::python`).
 const PYENV: &str = "target/pyenv";
 const GRPCIO: &str = "grpcio>=1.60,<2";
+/// The OTLP collector the telemetry e2e test sends spans to (`rotel-agent`, shipped in the
+/// wheel); pinned because it is an alpha.
+const ROTEL: &str = "rotel==0.0.1a15";
 
 fn step(name: &str) {
     eprintln!("setup: {name}");
@@ -95,8 +100,8 @@ pub fn python() -> PathBuf {
 
 fn pyenv() -> anyhow::Result<()> {
     let python = python();
-    if python.is_file() && output(Command::new(&python).args(["-c", "import grpc"])).is_some() {
-        step(&format!("python venv: grpcio present ({PYENV})"));
+    if python.is_file() && output(Command::new(&python).args(["-c", "import grpc, rotel"])).is_some() {
+        step(&format!("python venv: grpcio and rotel present ({PYENV})"));
         return Ok(());
     }
     if !python.is_file() {
@@ -111,9 +116,9 @@ fn pyenv() -> anyhow::Result<()> {
             venv()?;
         }
     }
-    step(&format!("python venv: installing {GRPCIO}"));
-    run(Command::new(&python).args(["-m", "pip", "install", "-q", "--disable-pip-version-check", GRPCIO]))?;
-    run(Command::new(&python).args(["-c", "import grpc"]))
+    step(&format!("python venv: installing {GRPCIO} {ROTEL}"));
+    run(Command::new(&python).args(["-m", "pip", "install", "-q", "--disable-pip-version-check", GRPCIO, ROTEL]))?;
+    run(Command::new(&python).args(["-c", "import grpc, rotel"]))
 }
 
 /// The Envoy release the L7 benchmark compares against (FACTS.md's numbers are for 1.40).

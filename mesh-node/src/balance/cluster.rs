@@ -192,6 +192,7 @@ impl ClusterBalancer {
             ejection_secs = duration.as_secs_f64(),
             "outlier ejected"
         );
+        crate::telemetry::outlier_ejected(&self.name);
         st.ejected += 1;
     }
 

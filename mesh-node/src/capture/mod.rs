@@ -5,6 +5,7 @@
 //! by this process, so even a crash leaves nothing behind.
 pub mod cgroup;
 mod orig_dst;
+mod view;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -21,6 +22,7 @@ use aya::{
 };
 use mesh_common::{CaptureConfig, DEST_POD_IP, DEST_SERVICE_VIP, MTLS_OPEN, MTLS_STRICT, PodEntry, PodPort, counter};
 pub use orig_dst::OrigDstTable;
+pub use view::{BpfView, ProgramDesc};
 use tracing::{debug, info, warn};
 
 use crate::config::{Cluster, MtlsMode};
@@ -76,6 +78,7 @@ pub struct Capture {
     orig_dst: Arc<OrigDstTable>,
     state: Arc<Mutex<CaptureState>>,
     cgroup: PathBuf,
+    view: Arc<BpfView>,
 }
 
 /// Per-CPU counters of the kernel programs.
@@ -141,6 +144,8 @@ impl Capture {
         config
             .set(mesh_common::CONFIG_INDEX, cfg, 0)
             .map_err(|source| CaptureError::Map { name: "CONFIG", source })?;
+        // Ids first: once taken out of the object, a map's id is out of reach.
+        let view_maps = (view::map_id(&ebpf, "ENROLLED"), view::map_id(&ebpf, "MESH_DESTS"));
         let enrolled = take_map(&mut ebpf, "ENROLLED")?;
         let inbound_mtls = take_map(&mut ebpf, "INBOUND_MTLS")?;
         let proxy_sources = take_map(&mut ebpf, "PROXY_SOURCES")?;
@@ -171,7 +176,8 @@ impl Capture {
         info!(cgroup = %cgroup_path.display(), proxy = %format!("{proxy_ip4}:{}", opts.proxy_port), "capture attached");
 
         let state = Arc::new(Mutex::new(CaptureState { cgroup: cgroup_path.clone(), ..Default::default() }));
-        Ok(Self { ebpf, enrolled, dests, inbound_mtls, proxy_sources, counters, orig_dst, state, cgroup: cgroup_path })
+        let view = Arc::new(BpfView::open(&ebpf, &cgroup_path, view_maps));
+        Ok(Self { ebpf, enrolled, dests, inbound_mtls, proxy_sources, counters, orig_dst, state, cgroup: cgroup_path, view })
     }
 
     pub fn orig_dst(&self) -> Arc<OrigDstTable> {
@@ -184,6 +190,11 @@ impl Capture {
 
     pub fn state(&self) -> Arc<Mutex<CaptureState>> {
         self.state.clone()
+    }
+
+    /// Read-only view of the kernel side (programs, their links, map contents) for the admin API.
+    pub fn view(&self) -> Arc<BpfView> {
+        self.view.clone()
     }
 
     /// Makes the kernel maps match the config: every Service VIP and every enrolled pod's IP is

@@ -37,6 +37,18 @@ pub async fn serve<IO>(io: IO, peer: SocketAddr, source: crate::upstream::Source
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // Listed while open; its bytes are counted on the downstream stream itself.
+    let live = ctx.telemetry.connections().register(crate::telemetry::connections::ConnectionInfo {
+        direction: "outbound",
+        protocol: "http",
+        peer,
+        source_workload: ctx.telemetry.workload_of(peer.ip()),
+        source_principal: source.identity.as_ref().map(|id| id.to_string()),
+        destination_service: Some(crate::config::fqdn(&target.service, &target.namespace)),
+        destination: None,
+        upstream: Some(format!("outbound|{}||{}", target.port, crate::config::fqdn(&target.service, &target.namespace))),
+    });
+    let io = crate::telemetry::connections::Counted::new(io, Some(live.bytes().clone()), Vec::new());
     let conn = Arc::new(proxy::Downstream { peer, target, source });
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
@@ -48,6 +60,7 @@ where
     if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), service).await {
         debug!(%peer, "downstream connection: {e}");
     }
+    drop(live);
 }
 
 /// A locally generated response (errors, faults), with Envoy's wording in the body.

@@ -3,7 +3,7 @@ use std::{
     any::Any,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, atomic::AtomicU64},
     task::{Context, Poll},
     time::Instant,
 };
@@ -27,6 +27,7 @@ use crate::{
     destination::{Destination, DestinationKey},
     flags::ResponseFlags,
     listener::ProxyContext,
+    telemetry::{HttpExchange, RouteOutcome},
     upstream::Source,
 };
 
@@ -43,13 +44,19 @@ struct RequestLog {
     upstream: Option<SocketAddr>,
     cluster: String,
     attempts: u32,
+    /// The upstream cluster the request was routed to, for metric labels.
+    destination: Option<Arc<Destination>>,
+    /// Request body bytes read from the client, live.
+    request_bytes: Option<Arc<AtomicU64>>,
 }
 
-pub async fn handle(req: Request<Incoming>, conn: Arc<Downstream>, ctx: Arc<ProxyContext>) -> Response<ProxyBody> {
+pub async fn handle(mut req: Request<Incoming>, conn: Arc<Downstream>, ctx: Arc<ProxyContext>) -> Response<ProxyBody> {
     let start = Instant::now();
+    // Before routing: tracing rewrites the trace headers every upstream attempt carries.
+    let exchange = ctx.telemetry.http_enabled().then(|| HttpExchange::start(&ctx.telemetry, &mut req, conn.peer));
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let mut log = RequestLog { flags: ResponseFlags::NONE, upstream: None, cluster: String::new(), attempts: 0 };
+    let mut log = RequestLog { flags: ResponseFlags::NONE, upstream: None, cluster: String::new(), attempts: 0, destination: None, request_bytes: None };
     let response = route_request(req, &conn, &ctx, &mut log).await;
     ctx.stats.http_requests.inc();
     ctx.stats.record_flags(log.flags);
@@ -65,7 +72,9 @@ pub async fn handle(req: Request<Incoming>, conn: Arc<Downstream>, ctx: Arc<Prox
         attempts = log.attempts,
         duration_ms = start.elapsed().as_secs_f64() * 1e3,
     );
-    response
+    let Some(exchange) = exchange else { return response };
+    let target = log.destination.is_none().then(|| conn.target.clone());
+    exchange.finish(response, RouteOutcome { flags: log.flags, upstream: log.upstream, destination: log.destination, target, cluster: log.cluster, request_bytes: log.request_bytes })
 }
 
 async fn route_request(mut req: Request<Incoming>, conn: &Downstream, ctx: &ProxyContext, log: &mut RequestLog) -> Response<ProxyBody> {
@@ -114,6 +123,7 @@ async fn route_request(mut req: Request<Incoming>, conn: &Downstream, ctx: &Prox
         }
     };
     log.cluster = destination.name.clone();
+    log.destination = Some(destination.clone());
 
     if let Some(r) = route {
         if let Some(rewrite) = &r.rewrite {
@@ -216,6 +226,7 @@ async fn forward(
     log: &mut RequestLog,
 ) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
     let first = ReplayBody::new(body, replay::DEFAULT_LIMIT);
+    log.request_bytes = Some(first.pulled());
     let mut tried: Vec<SocketAddr> = Vec::new();
     let max_attempts = if upgrade { 1 } else { 1 + policy.attempts };
     let mut retry_permit = None;

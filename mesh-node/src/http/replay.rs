@@ -7,7 +7,10 @@
 //! polled. Once the buffer limit is passed the body is no longer replayable and retries stop.
 use std::{
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
 };
 
@@ -26,6 +29,9 @@ struct Shared<B> {
     source_done: bool,
     overflowed: bool,
     limit: usize,
+    /// Body bytes pulled from the client so far; shared so telemetry can read the request size
+    /// after the body (and this buffer) is gone.
+    pulled: Arc<AtomicU64>,
 }
 
 pub struct ReplayBody<B = Incoming> {
@@ -47,6 +53,7 @@ impl<B: Body<Data = Bytes> + Unpin> ReplayBody<B> {
             source_done: done,
             overflowed: false,
             limit,
+            pulled: Arc::default(),
         };
         Self { shared: Arc::new(Mutex::new(shared)), next: 0, trailers_sent: false, hint }
     }
@@ -58,6 +65,11 @@ impl<B: Body<Data = Bytes> + Unpin> ReplayBody<B> {
             return None;
         }
         Some(Self { shared: self.shared.clone(), next: 0, trailers_sent: false, hint: self.hint.clone() })
+    }
+
+    /// The count of body bytes received from the client, live (the request size in metrics).
+    pub fn pulled(&self) -> Arc<AtomicU64> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).pulled.clone()
     }
 
     pub fn is_replayable(&self) -> bool {
@@ -114,6 +126,7 @@ where
         };
         let frame = match frame.into_data() {
             Ok(data) => {
+                shared.pulled.fetch_add(data.len() as u64, Ordering::Relaxed);
                 if this.next != STREAMING {
                     shared.buffered += data.len();
                     if shared.buffered > shared.limit {

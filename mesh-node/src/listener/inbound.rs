@@ -116,6 +116,7 @@ async fn handle(req: Request<Incoming>, peer: Arc<Peer>, ctx: Arc<ProxyContext>)
         return Ok(status(StatusCode::FORBIDDEN));
     }
     drop(cluster);
+    let forwarded = req.headers().get(tunnel::FORWARDED).and_then(|v| v.to_str().ok()).and_then(tunnel::forwarded_source);
     let mut upstream = match upstream::connect(target, ctx.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
@@ -124,14 +125,16 @@ async fn handle(req: Request<Incoming>, peer: Arc<Peer>, ctx: Arc<ProxyContext>)
             return Ok(status(StatusCode::BAD_GATEWAY));
         }
     };
+    let conn = ctx.telemetry.inbound_tcp(&ctx.cluster(), peer.addr, forwarded, peer.identity.as_ref(), target);
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
-                let mut io = TokioIo::new(upgraded);
+                let mut io = conn.wrap(TokioIo::new(upgraded));
                 let _ = upstream::pipe(&mut io, &mut upstream).await;
             }
             Err(e) => debug!(%target, "inbound upgrade: {e}"),
         }
+        drop(conn);
     });
     Ok(status(StatusCode::OK))
 }

@@ -23,6 +23,8 @@ pub struct ProxyContext {
     pub pool: Pool,
     /// How endpoints are reached: directly, or tunnelled through their node's proxy.
     pub connector: crate::upstream::Connector,
+    /// Metrics, traces, access logs and the live-connections list.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 impl ProxyContext {

@@ -8,7 +8,9 @@ use super::ProxyContext;
 use crate::{
     balance::{Outcome, hash_key},
     config::Endpoint,
+    flags::ResponseFlags,
     http::{self, ServiceTarget},
+    telemetry::TcpRoute,
     protocol::{self, Protocol},
     route::{self, TcpTarget},
     upstream::{self, Source, UpstreamIo},
@@ -66,7 +68,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
     match target {
         TcpTarget::Pod(endpoint) => {
             let timeout = ctx.connect_timeout;
-            connect_and_pipe(client, &endpoint, &caller, timeout, &ctx).await;
+            drop(cluster);
+            let route = TcpRoute { service: None, upstream: endpoint.addr, cluster: None };
+            connect_and_pipe(client, peer, &endpoint, &caller, timeout, &ctx, route).await;
         }
         TcpTarget::Cluster(key) => {
             let destination = match ctx.destinations.resolve(&cluster, &key, false) {
@@ -93,7 +97,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
                 }
             };
             debug!(%peer, %orig, endpoint = %pick.endpoint.addr, pod = %pick.endpoint.pod_name, "outbound tcp");
-            let ok = connect_and_pipe(client, &pick.endpoint, &caller, destination.pool.connect_timeout, &ctx).await;
+            let route = TcpRoute { service: Some((&key.namespace, &key.service)), upstream: pick.endpoint.addr, cluster: Some(destination.name.clone()) };
+            let ok = connect_and_pipe(client, peer, &pick.endpoint, &caller, destination.pool.connect_timeout, &ctx, route).await;
             let outcome = if ok { Outcome::Success } else { Outcome::LocalOriginFailure };
             destination.balancer.report(pick.endpoint.addr, outcome);
         }
@@ -102,7 +107,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
 
 /// Connects to an endpoint (directly, or through its node's proxy) and copies bytes until both
 /// sides are done. Returns whether the upstream connection was established.
-async fn connect_and_pipe(mut client: TcpStream, endpoint: &Endpoint, caller: &Source, timeout: Duration, ctx: &ProxyContext) -> bool {
+async fn connect_and_pipe(client: TcpStream, peer: SocketAddr, endpoint: &Endpoint, caller: &Source, timeout: Duration, ctx: &ProxyContext, route: TcpRoute<'_>) -> bool {
     match ctx.connector.connect(endpoint, caller, timeout).await {
         Ok(mut up) => {
             if matches!(up, UpstreamIo::Direct(_)) {
@@ -110,6 +115,8 @@ async fn connect_and_pipe(mut client: TcpStream, endpoint: &Endpoint, caller: &S
             } else {
                 ctx.stats.outbound_tunneled.inc();
             }
+            let conn = ctx.telemetry.outbound_tcp(&ctx.cluster(), peer, route, ResponseFlags::NONE);
+            let mut client = conn.wrap(client);
             let _ = upstream::pipe(&mut client, &mut up).await;
             true
         }
@@ -117,6 +124,8 @@ async fn connect_and_pipe(mut client: TcpStream, endpoint: &Endpoint, caller: &S
             ctx.stats.outbound_connect_errors.inc();
             ctx.stats.flag_uf.inc();
             debug!(endpoint = %endpoint.addr, "outbound connect: {e}");
+            // Opened and closed at once, flagged, as Envoy's TCP proxy reports a failed connect.
+            drop(ctx.telemetry.outbound_tcp(&ctx.cluster(), peer, route, ResponseFlags::UPSTREAM_CONNECT_FAILURE));
             upstream::reset(client);
             false
         }

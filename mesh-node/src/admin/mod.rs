@@ -1,0 +1,192 @@
+//! The admin API (JSON, loopback by default) and the readiness probe.
+//!
+//! Files: `workloads`, `services` (services, endpoints), `routes`, `certs`, `bpf`, `status`
+//! (node summary, config and listener health), `log_level` (runtime filter), `reply` (HTTP
+//! plumbing). Every handler reads shared state; none changes the data path except
+//! `/log_level`.
+mod bpf;
+mod certs;
+pub mod log_level;
+mod reply;
+mod routes;
+mod services;
+mod status;
+mod workloads;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::SystemTime,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::{net::TcpListener, sync::watch};
+use tracing::debug;
+
+use crate::{
+    capture::{BpfView, CaptureState, Counters},
+    config::Cluster,
+    stats::ProxyStats,
+};
+use reply::{error, json, query_param};
+
+pub struct AdminState {
+    pub node: String,
+    pub ready: AtomicBool,
+    pub config: watch::Receiver<Arc<Cluster>>,
+    /// Where the config is read from: re-validated on demand to report a rejected change.
+    pub config_dir: PathBuf,
+    pub capture_counters: Arc<Counters>,
+    pub capture_state: Arc<Mutex<CaptureState>>,
+    pub bpf: Arc<BpfView>,
+    pub proxy_stats: Arc<ProxyStats>,
+    /// Upstream clusters and their balancer state (endpoints, ejections, active requests).
+    pub proxy: Arc<crate::listener::ProxyContext>,
+    /// `host:port` of the CA, when tunnels use mTLS.
+    pub ca_address: Option<String>,
+    /// The daemon's listening sockets by role (`outbound`, `inbound`, `admin`, `readiness`).
+    pub listeners: Vec<(&'static str, SocketAddr)>,
+    pub started: SystemTime,
+}
+
+impl AdminState {
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        json!({
+            "node": self.node,
+            "capture": self.capture_counters.read(),
+            "proxy": self.proxy_stats.snapshot(),
+            "tunnel_connections": self.proxy.connector.tunnels.connections(),
+        })
+    }
+
+    fn config_dump(&self) -> serde_json::Value {
+        let cluster = self.config.borrow().clone();
+        let services: Vec<_> = cluster
+            .services()
+            .map(|svc| {
+                let ports: Vec<_> = svc
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        let endpoints: Vec<_> = cluster
+                            .endpoints(svc, p.port)
+                            .into_iter()
+                            .map(|e| json!({"pod": format!("{}/{}", e.pod_namespace, e.pod_name), "node": e.node, "addr": e.addr.to_string()}))
+                            .collect();
+                        json!({"port": p.port, "name": p.name, "endpoints": endpoints})
+                    })
+                    .collect();
+                json!({"service": format!("{}/{}", svc.namespace, svc.name), "vips": svc.cluster_ips, "ports": ports})
+            })
+            .collect();
+        let capture = self.capture_state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        json!({
+            "node": self.node,
+            "config_dir": self.config_dir,
+            "generation": format!("{:016x}", cluster.fingerprint()),
+            "services": services,
+            "capture": capture,
+        })
+    }
+}
+
+const ENDPOINTS: &str = "endpoints: /status /config_dump /config_status /workloads /services /endpoints?service=NS/NAME \
+/routes[?service=NS/NAME] /certs /connections /bpf /stats /clusters /log_level (GET; POST ?level=LEVEL) /ready\n";
+
+async fn admin(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let method = req.method().clone();
+    if path == "/log_level" && (method == Method::POST || method == Method::PUT) {
+        // The level comes from `?level=` or, failing that, the body (`curl -d debug`).
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let level = query_param(&query, "level").unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_owned());
+        return Ok(match log_level::set(&level) {
+            Ok(level) => json(json!({"level": level})),
+            Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        });
+    }
+    if method != Method::GET && method != Method::HEAD {
+        return Ok(error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} {path}: only GET (and POST on /log_level)")));
+    }
+    Ok(match path.as_str() {
+        "/status" => json(status::status(&state).await),
+        "/stats" => json(state.stats()),
+        "/config_dump" => json(state.config_dump()),
+        "/config_status" => json(status::config_status(&state).await),
+        "/clusters" => json(state.proxy.destinations.snapshot()),
+        "/workloads" => json(workloads::workloads(&state)),
+        "/services" => json(services::services(&state)),
+        "/endpoints" => match query_param(&query, "service") {
+            Some(svc) => services::endpoints(&state, &svc).map(json).unwrap_or_else(|e| error(StatusCode::NOT_FOUND, e)),
+            None => error(StatusCode::BAD_REQUEST, "/endpoints needs ?service=NAMESPACE/NAME"),
+        },
+        "/routes" => routes::routes(&state, query_param(&query, "service").as_deref()).map(json).unwrap_or_else(|e| error(StatusCode::NOT_FOUND, e)),
+        "/certs" => json(certs::certs(&state).await),
+        "/bpf" => json(bpf::bpf(&state)),
+        "/connections" => json(json!({"node": state.node, "connections": state.proxy.telemetry.live_connections()})),
+        "/log_level" => match log_level::current() {
+            Some(level) => json(json!({"level": level})),
+            None => error(StatusCode::NOT_IMPLEMENTED, "this process has no reloadable log filter"),
+        },
+        "/ready" | "/healthz/ready" => ready(&state),
+        _ => reply::respond(StatusCode::NOT_FOUND, ENDPOINTS),
+    })
+}
+
+fn ready(state: &AdminState) -> Response<Full<Bytes>> {
+    if state.is_ready() {
+        reply::respond(StatusCode::OK, "ready\n")
+    } else {
+        reply::respond(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn readiness(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(match req.uri().path() {
+        "/healthz/ready" => ready(&state),
+        _ => reply::respond(StatusCode::NOT_FOUND, ""),
+    })
+}
+
+/// Serves the admin API on `listener` (meant to be loopback).
+pub async fn serve_admin(listener: TcpListener, state: Arc<AdminState>) {
+    serve(listener, state, |req, st| Box::pin(admin(req, st))).await
+}
+
+/// Serves `/healthz/ready` only, for kubelet probes.
+pub async fn serve_readiness(listener: TcpListener, state: Arc<AdminState>) {
+    serve(listener, state, |req, st| Box::pin(readiness(req, st))).await
+}
+
+type Handler = fn(Request<Incoming>, Arc<AdminState>) -> std::pin::Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>;
+
+async fn serve(listener: TcpListener, state: Arc<AdminState>, handler: Handler) {
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else { continue };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handler(req, state.clone()));
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                debug!(%peer, "admin connection: {e}");
+            }
+        });
+    }
+}

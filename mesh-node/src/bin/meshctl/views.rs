@@ -1,0 +1,250 @@
+//! Table views of the admin API's JSON, one function per command. Each takes the document
+//! exactly as `-o json` prints it, so the two outputs cannot drift apart.
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+use crate::table::{Table, cell};
+
+fn items(v: &Value) -> impl Iterator<Item = &Value> {
+    v.as_array().into_iter().flatten()
+}
+
+pub fn workloads(v: &Value, local_only: bool) -> String {
+    let mut t = Table::new(&["NAMESPACE", "NAME", "IP", "NODE", "ENROLLED", "APP", "VERSION", "IDENTITY"]);
+    for w in items(&v["workloads"]).filter(|w| !local_only || w["local"] == true) {
+        let node = format!("{}{}", cell(&w["node"]), if w["local"] == true { " *" } else { "" });
+        t.row(vec![cell(&w["namespace"]), cell(&w["name"]), cell(&w["ip"]), node, cell(&w["enrolled"]), cell(&w["app"]), cell(&w["version"]), cell(&w["identity"])]);
+    }
+    format!("{}(* on this node: {})\n", t.render(), cell(&v["node"]))
+}
+
+pub fn services(v: &Value) -> String {
+    let mut t = Table::new(&["NAMESPACE", "NAME", "VIPS", "PORTS", "ENDPOINTS", "DESTINATIONRULE", "VIRTUALSERVICES"]);
+    for s in items(&v["services"]) {
+        let ports: Vec<String> = items(&s["ports"]).map(|p| format!("{}/{}", p["port"], cell(&p["protocol"]))).collect();
+        let eps: Vec<String> = items(&s["ports"]).map(|p| p["endpoints"].to_string()).collect();
+        t.row(vec![cell(&s["namespace"]), cell(&s["name"]), cell(&s["vips"]), ports.join(","), eps.join(","), cell(&s["destination_rule"]), cell(&s["virtual_services"])]);
+    }
+    t.render()
+}
+
+pub fn endpoints(v: &Value) -> String {
+    let mut t = Table::new(&["CLUSTER", "ENDPOINT", "POD", "NODE", "HEALTH", "EJECTION LEFT", "ACTIVE", "5XX", "GW-ERR", "LOCAL-FAIL"]);
+    for c in items(&v["clusters"]) {
+        let name = if c["resolved"] == true { cell(&c["cluster"]) } else { format!("{} (no traffic yet)", cell(&c["cluster"])) };
+        for e in items(&c["endpoints"]) {
+            let left = e["ejection_remaining_ms"].as_u64().map(|ms| format!("{:.1}s", ms as f64 / 1000.0)).unwrap_or("-".into());
+            t.row(vec![
+                name.clone(), cell(&e["addr"]), cell(&e["pod"]), cell(&e["node"]), cell(&e["health"]), left,
+                cell(&e["active"]), cell(&e["consecutive_5xx"]), cell(&e["consecutive_gateway_errors"]), cell(&e["consecutive_local_origin_failures"]),
+            ]);
+        }
+    }
+    if t.is_empty() {
+        return format!("{}: no endpoints (no pod matches the selector, or no port resolves)\n", cell(&v["service"]));
+    }
+    t.render()
+}
+
+pub fn routes(v: &Value) -> String {
+    let mut out = String::new();
+    for s in items(&v["services"]) {
+        let _ = writeln!(out, "{}", cell(&s["service"]));
+        let mut t = Table::new(&["  #", "KIND", "VIRTUALSERVICE", "MATCH", "ROUTE"]);
+        for (kind, list) in [("http", &s["http"]), ("tcp", &s["tcp"])] {
+            for (i, r) in items(list).enumerate() {
+                let matches: Vec<String> = items(&r["match"])
+                    .map(|m| match m["conditions"].as_array() {
+                        Some(c) if !c.is_empty() => c.iter().map(cell).collect::<Vec<_>>().join(" && "),
+                        Some(_) => "*".into(),
+                        None => m.to_string(),
+                    })
+                    .collect();
+                let route: Vec<String> = items(&r["route"])
+                    .map(|d| {
+                        let subset = d["subset"].as_str().map(|s| format!(" subset {s}")).unwrap_or_default();
+                        format!("{}{subset} {}%", cell(&d["host"]), d["weight"])
+                    })
+                    .collect();
+                let route = if route.is_empty() { r["redirect"].as_str().map(|x| format!("redirect {x}")).unwrap_or("-".into()) } else { route.join(", ") };
+                t.row(vec![format!("  {}", i + 1), kind.into(), cell(&r["virtual_service"]), if matches.is_empty() { "*".into() } else { matches.join(" || ") }, route]);
+            }
+        }
+        if t.is_empty() {
+            out.push_str("  no VirtualService: every request goes to the Service\n");
+        } else {
+            out.push_str(&t.render());
+        }
+        match &s["destination_rule"] {
+            Value::Null => out.push_str("  no DestinationRule: LEAST_REQUEST, no outlier detection\n"),
+            dr => {
+                let p = &dr["policy"];
+                let _ = writeln!(out, "  DestinationRule {}: lb {}, outlier detection {}", cell(&dr["name"]), cell(&p["load_balancer"]), outlier(&p["outlier_detection"]));
+                for sub in items(&dr["subsets"]) {
+                    let labels: Vec<String> = sub["labels"].as_object().into_iter().flatten().map(|(k, v)| format!("{k}={}", cell(v))).collect();
+                    let _ = writeln!(out, "    subset {}: {}", cell(&sub["name"]), labels.join(","));
+                }
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn outlier(o: &Value) -> String {
+    if o.is_null() {
+        return "off".into();
+    }
+    format!(
+        "{} consecutive 5xx, every {}, eject {}, max {}%",
+        o["consecutive_5xx_errors"], cell(&o["interval"]), cell(&o["base_ejection_time"]), o["max_ejection_percent"]
+    )
+}
+
+pub fn certs(v: &Value) -> String {
+    if v["mode"] == "plaintext" {
+        return "plaintext mode: no CA configured (--ca-address), tunnels between nodes are not encrypted\n".into();
+    }
+    let mut out = String::new();
+    let ca = &v["ca"];
+    let reach = if ca["reachable"] == true { "reachable".to_owned() } else { format!("UNREACHABLE ({})", cell(&ca["error"])) };
+    let _ = writeln!(out, "CA {}: {reach}\n", cell(&ca["address"]));
+    let mut t = Table::new(&["IDENTITY", "STATE", "SERIAL", "NOT BEFORE", "NOT AFTER", "LEFT"]);
+    for c in items(&v["certificates"]) {
+        let left = c["seconds_left"].as_u64().map(human_secs).unwrap_or("-".into());
+        let left = match c["lifetime_left"].as_f64() {
+            Some(f) => format!("{left} ({:.0}%)", f * 100.0),
+            None => left,
+        };
+        t.row(vec![cell(&c["identity"]), cell(&c["state"]), cell(&c["serial"]), cell(&c["not_before"]), cell(&c["not_after"]), left]);
+    }
+    if t.is_empty() {
+        out.push_str("no mesh workloads on this node, so no certificates\n");
+    } else {
+        out.push_str(&t.render());
+    }
+    out
+}
+
+pub fn human_secs(s: u64) -> String {
+    match s {
+        0..120 => format!("{s}s"),
+        120..7200 => format!("{}m", s / 60),
+        7200..172800 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+pub fn bpf(v: &Value) -> String {
+    let mut out = format!("attach point (cgroup): {}\n\n", cell(&v["cgroup"]));
+    let mut t = Table::new(&["PROGRAM", "HOOK", "ID", "ATTACHED", "LINKS"]);
+    for p in items(&v["programs"]) {
+        t.row(vec![cell(&p["name"]), cell(&p["hook"]), cell(&p["id"]), cell(&p["attached"]), cell(&p["links"])]);
+    }
+    out.push_str(&t.render());
+    out.push('\n');
+    let mut t = Table::new(&["ENROLLED POD", "CGROUP IDS", "IN KERNEL MAP"]);
+    for e in items(&v["enrolled_pods"]) {
+        t.row(vec![cell(&e["pod"]), cell(&e["cgroup_ids"]), cell(&e["in_kernel_map"])]);
+    }
+    if t.is_empty() {
+        out.push_str("no enrolled pods on this node\n");
+    } else {
+        out.push_str(&t.render());
+    }
+    out.push('\n');
+    let mut t = Table::new(&["MESH DESTINATION", "KIND", "OWNER"]);
+    for d in items(&v["mesh_destinations"]) {
+        t.row(vec![cell(&d["ip"]), cell(&d["kind"]), cell(&d["owner"])]);
+    }
+    out.push_str(&t.render());
+    let counters: Vec<String> = v["counters"].as_object().into_iter().flatten().map(|(k, n)| format!("{k}={n}")).collect();
+    let _ = writeln!(out, "\ncounters: {}", counters.join(" "));
+    out
+}
+
+pub fn status(v: &Value) -> String {
+    let mut t = Table::new(&["", ""]);
+    let c = &v["counters"];
+    let cap = &v["capture"];
+    let certs = &v["certificates"];
+    let cfg = &v["config"];
+    t.row(vec!["node".into(), cell(&v["node"])]);
+    t.row(vec!["ready".into(), cell(&v["ready"])]);
+    t.row(vec!["uptime".into(), v["uptime_seconds"].as_u64().map(human_secs).unwrap_or("-".into())]);
+    t.row(vec!["log level".into(), cell(&v["log_level"])]);
+    t.row(vec!["config".into(), format!("generation {}, {}, {} reloads, {}", cell(&cfg["generation"]), cell(&cfg["status"]), cfg["reloads"], cell(&cfg["dir"]))]);
+    t.row(vec![
+        "capture".into(),
+        format!(
+            "{}/{} programs attached, {}/{} enrolled pods found, {} mesh destinations",
+            cap["programs_attached"], cap["programs"], cap["enrolled_pods_found"], cap["enrolled_pods_configured"], cap["mesh_destinations"]
+        ),
+    ]);
+    t.row(vec![
+        "counters".into(),
+        format!(
+            "captured {}, outbound {}, inbound {}, http requests {} (retries {}), no healthy upstream {}, connect errors {}, tunnels {}",
+            c["captured"], c["outbound_accepted"], c["inbound_requests"], c["http_requests"], c["http_retries"], c["no_healthy_upstream"], c["connect_errors"], c["tunnel_connections"]
+        ),
+    ]);
+    let cert_line = if certs["mode"] == "plaintext" {
+        "plaintext (no CA configured)".to_owned()
+    } else {
+        let ca = &certs["ca"];
+        format!(
+            "mtls: {} certificates ({} missing, {} near expiry), shortest left {}; CA {} {}",
+            certs["count"], certs["missing"], certs["near_expiry"],
+            certs["min_seconds_left"].as_u64().map(human_secs).unwrap_or("-".into()),
+            cell(&ca["address"]), if ca["reachable"] == true { "reachable" } else { "UNREACHABLE" }
+        )
+    };
+    t.row(vec!["certificates".into(), cert_line]);
+    let listeners: Vec<String> = items(&v["listeners"])
+        .map(|l| format!("{} {}{}", cell(&l["role"]), cell(&l["address"]), if l["listening"] == true { "" } else { " (NOT LISTENING)" }))
+        .collect();
+    t.row(vec!["listeners".into(), listeners.join(", ")]);
+    // Drop the empty header line.
+    t.render().lines().skip(1).map(|l| format!("{}\n", l.trim_end())).collect()
+}
+
+pub fn connections(v: &Value) -> String {
+    let mut t = Table::new(&["ID", "DIR", "PROTO", "PEER", "SOURCE", "SERVICE", "DESTINATION", "UPSTREAM", "AGE", "IN", "OUT"]);
+    for c in items(&v["connections"]) {
+        let age = c["age_ms"].as_u64().map(|ms| human_secs(ms / 1000)).unwrap_or("-".into());
+        t.row(vec![
+            cell(&c["id"]), cell(&c["direction"]), cell(&c["protocol"]), cell(&c["peer"]), cell(&c["source_workload"]),
+            cell(&c["destination_service"]), cell(&c["destination"]), cell(&c["upstream"]), age, cell(&c["bytes_in"]), cell(&c["bytes_out"]),
+        ]);
+    }
+    if t.is_empty() {
+        return "no live connections\n".into();
+    }
+    t.render()
+}
+
+pub fn stats(v: &Value) -> String {
+    let mut t = Table::new(&["GROUP", "COUNTER", "VALUE"]);
+    for group in ["capture", "proxy"] {
+        for (k, n) in v[group].as_object().into_iter().flatten() {
+            t.row(vec![group.into(), k.clone(), cell(n)]);
+        }
+    }
+    t.row(vec!["tunnel".into(), "connections".into(), cell(&v["tunnel_connections"])]);
+    t.render()
+}
+
+pub fn clusters(v: &Value) -> String {
+    let mut t = Table::new(&["CLUSTER", "POLICY", "ENDPOINT", "POD", "HEALTH", "ACTIVE", "EJECTIONS"]);
+    for (name, c) in v.as_object().into_iter().flatten() {
+        for e in items(&c["endpoints"]) {
+            let health = if e["ejected"] == true { "ejected" } else { "healthy" };
+            t.row(vec![name.clone(), cell(&c["policy"]), cell(&e["addr"]), cell(&e["pod"]), health.into(), cell(&e["active"]), cell(&e["times_ejected"])]);
+        }
+    }
+    if t.is_empty() {
+        return "no upstream clusters yet (they appear with the first request to a Service)\n".into();
+    }
+    t.render()
+}
