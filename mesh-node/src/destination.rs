@@ -15,6 +15,7 @@ use crate::{
     config::{Cluster, Endpoint, HashKey, LbPolicy, Service, TrafficPolicy, labels_match},
     http::pool::PoolSettings,
     limits::Limits,
+    rate_limit::TokenBucket,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -60,6 +61,8 @@ pub struct Destination {
     pub policy: TrafficPolicy,
     pub balancer: Arc<ClusterBalancer>,
     pub limits: Arc<Limits>,
+    /// `mesh.io/rate-limit`: the Service's bucket, shared by all its ports and subsets.
+    pub rate_limit: Option<Arc<TokenBucket>>,
     pub hash_key: Option<HashKey>,
     pub pool: PoolSettings,
 }
@@ -72,6 +75,8 @@ pub struct Destinations {
     cache: Mutex<HashMap<(DestinationKey, bool), (u64, Arc<Destination>)>>,
     balancers: Balancers,
     limits: Mutex<HashMap<(DestinationKey, bool), Arc<Limits>>>,
+    /// By Service (namespace, name): one bucket per Service on the node.
+    rate_limits: Mutex<HashMap<(String, String), Arc<TokenBucket>>>,
 }
 
 impl Destinations {
@@ -117,7 +122,24 @@ impl Destinations {
             Some(LbPolicy::ConsistentHash(ch)) => Some(ch.key.clone()),
             _ => None,
         };
-        balancer.update(endpoints.clone(), lb, policy.outlier_detection.clone());
+        let mesh = rule.map(|r| r.mesh.clone()).unwrap_or_default();
+        balancer.update_with(endpoints.clone(), lb, mesh.peak_ewma, policy.outlier_detection.clone());
+        let rate_limit = {
+            let mut all = self.rate_limits.lock().unwrap_or_else(|e| e.into_inner());
+            let service = (key.namespace.clone(), key.service.clone());
+            match mesh.rate_limit {
+                Some(limit) => {
+                    let now = std::time::Instant::now();
+                    let bucket = all.entry(service).or_insert_with(|| Arc::new(TokenBucket::new(limit, now)));
+                    bucket.set_limit(limit, now);
+                    Some(bucket.clone())
+                }
+                None => {
+                    all.remove(&service);
+                    None
+                }
+            }
+        };
         let limits = {
             let mut all = self.limits.lock().unwrap_or_else(|e| e.into_inner());
             let limits = all.entry((key.clone(), http2)).or_insert_with(|| Arc::new(Limits::new(policy.connection_pool.as_ref(), http2)));
@@ -129,7 +151,7 @@ impl Destinations {
             max_requests_per_connection: limits.max_requests_per_connection(),
             idle_timeout: limits.idle_timeout().unwrap_or(DEFAULT_IDLE_TIMEOUT),
         };
-        Ok(Destination { key: key.clone(), name, endpoints, policy, balancer, limits, hash_key, pool })
+        Ok(Destination { key: key.clone(), name, endpoints, policy, balancer, limits, rate_limit, hash_key, pool })
     }
 
     /// Balancer state of every cluster, for the admin endpoint.
@@ -137,7 +159,11 @@ impl Destinations {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = serde_json::Map::new();
         for ((_, _), (_, dest)) in cache.iter() {
-            out.insert(dest.name.clone(), serde_json::to_value(dest.balancer.snapshot()).unwrap_or_default());
+            let mut value = serde_json::to_value(dest.balancer.snapshot()).unwrap_or_default();
+            if let (Some(bucket), Some(obj)) = (&dest.rate_limit, value.as_object_mut()) {
+                obj.insert("rate_limit".into(), serde_json::to_value(bucket.snapshot()).unwrap_or_default());
+            }
+            out.insert(dest.name.clone(), value);
         }
         serde_json::Value::Object(out)
     }

@@ -24,6 +24,7 @@ flags! {
     FAULT_INJECTED = 7, "FI", "Request aborted by fault injection.";
     UPSTREAM_RESET = 8, "UR", "Upstream reset the connection mid-request.";
     DOWNSTREAM_DISCONNECT = 9, "DC", "Downstream closed before the response completed.";
+    RATE_LIMITED = 10, "RL", "Refused by the local rate limit (`mesh.io/rate-limit`).";
 }
 
 impl ResponseFlags {

@@ -23,6 +23,7 @@ pub mod identity;
 pub mod limits;
 pub mod listener;
 pub mod protocol;
+pub mod rate_limit;
 pub mod route;
 pub mod stats;
 pub mod telemetry;

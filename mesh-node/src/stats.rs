@@ -51,6 +51,7 @@ proxy_stats!(
     flag_fi,
     flag_ur,
     flag_dc,
+    flag_rl,
 );
 
 impl ProxyStats {
@@ -68,6 +69,7 @@ impl ProxyStats {
                 "FI" => &self.flag_fi,
                 "UR" => &self.flag_ur,
                 "DC" => &self.flag_dc,
+                "RL" => &self.flag_rl,
                 _ => continue,
             };
             counter.inc();

@@ -14,6 +14,8 @@ pub(super) enum Policy {
     RoundRobin,
     Random,
     LeastRequest,
+    /// `mesh.io/load-balancer: peak-ewma` (see `peak_ewma`).
+    PeakEwma,
     RingHash { min_ring_size: u64 },
     Maglev { table_size: u64 },
 }
@@ -50,6 +52,7 @@ impl Policy {
             Policy::RoundRobin => "ROUND_ROBIN",
             Policy::Random => "RANDOM",
             Policy::LeastRequest => "LEAST_REQUEST",
+            Policy::PeakEwma => "PEAK_EWMA",
             Policy::RingHash { .. } => "RING_HASH",
             Policy::Maglev { .. } => "MAGLEV",
         }
@@ -72,7 +75,7 @@ impl HashTable {
             Policy::Maglev { table_size } => {
                 Some(HashTable::Maglev(Maglev::build(hosts, table_size)))
             }
-            Policy::RoundRobin | Policy::Random | Policy::LeastRequest => None,
+            Policy::RoundRobin | Policy::Random | Policy::LeastRequest | Policy::PeakEwma => None,
         }
     }
 

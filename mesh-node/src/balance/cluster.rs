@@ -5,9 +5,9 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use serde::Serialize;
@@ -18,6 +18,7 @@ use super::{
     clock::{Clock, SystemClock},
     least_request::{self, ActiveRequest},
     outlier::{HostOutlier, OutlierConfig},
+    peak_ewma::{self, Estimate},
 };
 use crate::config::{Endpoint, LbPolicy, OutlierDetection};
 
@@ -25,6 +26,8 @@ use crate::config::{Endpoint, LbPolicy, OutlierDetection};
 pub struct ClusterBalancer {
     name: String,
     clock: Arc<dyn Clock>,
+    /// The policy is PEAK_EWMA: latency reports are recorded (otherwise they skip the lock).
+    latency_aware: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -43,6 +46,8 @@ struct Host {
     endpoint: Endpoint,
     active: Arc<AtomicU32>,
     outlier: HostOutlier,
+    /// PEAK_EWMA's latency estimate; `None` until the first response under that policy.
+    latency: Option<Estimate>,
 }
 
 impl ClusterBalancer {
@@ -54,6 +59,7 @@ impl ClusterBalancer {
         ClusterBalancer {
             name,
             clock,
+            latency_aware: AtomicBool::new(false),
             state: Mutex::new(State {
                 hosts: Vec::new(),
                 index: HashMap::new(),
@@ -80,7 +86,21 @@ impl ClusterBalancer {
         lb: Option<LbPolicy>,
         outlier: Option<OutlierDetection>,
     ) {
-        let policy = Policy::new(lb.as_ref());
+        self.update_with(endpoints, lb, false, outlier);
+    }
+
+    /// [`update`](Self::update), with `peak_ewma` (the `mesh.io/load-balancer` annotation)
+    /// taking the place of `lb`. Latency estimates are forgotten when the policy stops
+    /// being PEAK_EWMA.
+    pub fn update_with(
+        &self,
+        endpoints: Vec<Endpoint>,
+        lb: Option<LbPolicy>,
+        peak_ewma: bool,
+        outlier: Option<OutlierDetection>,
+    ) {
+        let policy = if peak_ewma { Policy::PeakEwma } else { Policy::new(lb.as_ref()) };
+        self.latency_aware.store(peak_ewma, Ordering::Relaxed);
         let outlier = outlier.as_ref().map(OutlierConfig::new);
         let mut st = self.lock();
         let mut old: HashMap<SocketAddr, Host> =
@@ -107,6 +127,7 @@ impl ClusterBalancer {
                     endpoint,
                     active: Arc::new(AtomicU32::new(0)),
                     outlier: HostOutlier::default(),
+                    latency: None,
                 },
             };
             hosts.push(host);
@@ -114,6 +135,11 @@ impl ClusterBalancer {
         if outlier.is_none() {
             for h in &mut hosts {
                 h.outlier = HostOutlier::default();
+            }
+        }
+        if !peak_ewma {
+            for h in &mut hosts {
+                h.latency = None;
             }
         }
         let addrs: Vec<SocketAddr> = hosts.iter().map(|h| h.endpoint.addr).collect();
@@ -139,13 +165,14 @@ impl ClusterBalancer {
             st.return_expired(self.clock.now());
         }
         let ignore_ejection = st.panicking();
+        let now = if st.policy == Policy::PeakEwma { Some(self.clock.now()) } else { None };
         let chosen = st
-            .choose(hash, ignore_ejection, exclude)
+            .choose(hash, ignore_ejection, exclude, now)
             .or_else(|| {
                 if exclude.is_empty() {
                     None
                 } else {
-                    st.choose(hash, ignore_ejection, &[])
+                    st.choose(hash, ignore_ejection, &[], now)
                 }
             })
             .ok_or(PickError::NoHealthyUpstream)?;
@@ -154,6 +181,21 @@ impl ClusterBalancer {
             endpoint: host.endpoint.clone(),
             guard: ActiveRequest::start(&host.active),
         })
+    }
+
+    /// Time from sending a request to `addr` to its response headers, for PEAK_EWMA. Costs
+    /// nothing under the other policies.
+    pub fn report_latency(&self, addr: SocketAddr, rtt: Duration) {
+        if !self.latency_aware.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = self.clock.now();
+        let mut st = self.lock();
+        let Some(&i) = st.index.get(&addr) else { return };
+        match &mut st.hosts[i].latency {
+            Some(e) => e.observe(rtt, now),
+            slot @ None => *slot = Some(Estimate::new(rtt, now)),
+        }
     }
 
     /// Outcome of one request or connection attempt to `addr`; may eject it on the spot.
@@ -206,6 +248,8 @@ impl ClusterBalancer {
             }
         }
         st.ejected = st.hosts.iter().filter(|h| h.outlier.is_ejected()).count();
+        let peak_ewma = st.policy == Policy::PeakEwma;
+        let default_ns = st.default_latency_ns(now);
         ClusterSnapshot {
             name: self.name.clone(),
             policy: st.policy.name(),
@@ -228,6 +272,8 @@ impl ClusterBalancer {
                     consecutive_5xx: h.outlier.consecutive_5xx,
                     consecutive_gateway_errors: h.outlier.consecutive_gateway,
                     consecutive_local_origin_failures: h.outlier.consecutive_local_origin,
+                    latency_estimate_ms: peak_ewma
+                        .then(|| h.latency.map_or(default_ns, |e| e.current_ns(now)) / 1e6),
                 })
                 .collect(),
         }
@@ -255,11 +301,18 @@ impl State {
             .is_some_and(|cfg| cfg.panicking(self.ejected, self.hosts.len()))
     }
 
+    /// What an endpoint without a measurement counts as under PEAK_EWMA.
+    fn default_latency_ns(&self, now: Instant) -> f64 {
+        peak_ewma::default_estimate_ns(self.hosts.iter().filter_map(|h| h.latency.map(|e| e.current_ns(now))))
+    }
+
+    /// `now` is only read by PEAK_EWMA.
     fn choose(
         &mut self,
         hash: Option<u64>,
         ignore_ejection: bool,
         exclude: &[SocketAddr],
+        now: Option<Instant>,
     ) -> Option<usize> {
         let hosts = &self.hosts;
         let eligible = |i: usize| {
@@ -281,6 +334,16 @@ impl State {
             Policy::LeastRequest => least_request::pick(n, count, eligible, |i| {
                 hosts[i].active.load(Ordering::Relaxed)
             }),
+            Policy::PeakEwma => {
+                let now = now?;
+                let unmeasured = hosts.iter().any(|h| h.latency.is_none());
+                let default_ns = if unmeasured { self.default_latency_ns(now) } else { 0.0 };
+                peak_ewma::pick(n, count, eligible, |i| {
+                    let h = &hosts[i];
+                    let estimate = h.latency.map_or(default_ns, |e| e.current_ns(now));
+                    peak_ewma::cost(estimate, h.active.load(Ordering::Relaxed))
+                })
+            }
             Policy::RingHash { .. } | Policy::Maglev { .. } => {
                 self.table.as_ref()?.pick(hash, eligible)
             }
@@ -312,4 +375,7 @@ pub struct EndpointSnapshot {
     pub consecutive_5xx: u32,
     pub consecutive_gateway_errors: u32,
     pub consecutive_local_origin_failures: u32,
+    /// PEAK_EWMA's current latency estimate (absent under other policies).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_estimate_ms: Option<f64>,
 }

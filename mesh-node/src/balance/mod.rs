@@ -1,6 +1,7 @@
 //! Choosing one endpoint of an upstream cluster (a Service port, optionally a subset) with
 //! Istio DestinationRule semantics as Envoy applies them: ROUND_ROBIN, RANDOM, LEAST_REQUEST
-//! (Istio's default), ring hash and Maglev consistent hashing, outlier ejection and panic mode.
+//! (Istio's default), ring hash and Maglev consistent hashing, outlier ejection and panic mode,
+//! plus the mesh's own latency-aware PEAK_EWMA (`mesh.io/load-balancer: peak-ewma`).
 //!
 //! [`ClusterBalancer`] holds one cluster's state; [`Balancers`] keeps them by name across
 //! config reloads. [`Balancer`] is the older per-route round robin the L4 path still uses.
@@ -11,6 +12,7 @@ mod hash;
 mod least_request;
 mod maglev;
 mod outlier;
+mod peak_ewma;
 mod registry;
 mod ring_hash;
 mod rng;

@@ -289,3 +289,73 @@ fn shared_types_are_send_and_sync() {
     send_sync::<crate::limits::Limits>();
     send_sync::<crate::limits::RequestPermit>();
 }
+
+/// Sequential requests, one per simulated millisecond, each answered in `rtt(pod)`; returns how
+/// many went to each of the pods 1..=n.
+fn run_latency(b: &ClusterBalancer, clock: &ManualClock, requests: usize, rtt: impl Fn(SocketAddr) -> Duration) -> Vec<usize> {
+    let mut counts = vec![0; 8];
+    for _ in 0..requests {
+        let pick = b.pick(None, &[]).expect("pick");
+        let a = pick.endpoint.addr;
+        counts[usize::from(a.ip().to_string().rsplit('.').next().unwrap().parse::<u8>().unwrap())] += 1;
+        b.report_latency(a, rtt(a));
+        drop(pick);
+        clock.advance(Duration::from_millis(1));
+    }
+    counts
+}
+
+#[test]
+fn peak_ewma_avoids_a_slow_endpoint_and_recovers_when_it_is_fast_again() {
+    let clock = Arc::new(ManualClock::new());
+    let b = ClusterBalancer::with_clock("svc.ns:8080".into(), clock.clone());
+    let slow = |a: SocketAddr| if a == addr(3) { Duration::from_millis(30) } else { Duration::from_millis(1) };
+    let fast = |_: SocketAddr| Duration::from_millis(1);
+    // LEAST_REQUEST cannot tell: sequential requests tie and spread evenly.
+    b.update(eps(3), None, None);
+    let lr = run_latency(&b, &clock, 3000, slow);
+    assert!(lr[3] > 800, "{lr:?}");
+    b.update_with(eps(3), None, true, None);
+    assert_eq!(b.snapshot().policy, "PEAK_EWMA");
+    let ewma = run_latency(&b, &clock, 3000, slow);
+    assert!(ewma[3] < 30, "the slow endpoint is tried, then avoided: {ewma:?}");
+    let est = b.snapshot().endpoints[2].latency_estimate_ms.unwrap();
+    assert!(est > 20.0, "{est}");
+    // Fast again: its idle estimate decays (tau 10 s) until it is tried and measured fast.
+    run_latency(&b, &clock, 40_000, fast);
+    let recovered = run_latency(&b, &clock, 3000, fast);
+    assert!(recovered[3] > 700, "back to about a third: {recovered:?}");
+}
+
+#[test]
+fn peak_ewma_prefers_fewer_requests_in_flight_at_equal_latency() {
+    let clock = Arc::new(ManualClock::new());
+    let b = ClusterBalancer::with_clock("svc.ns:8080".into(), clock.clone());
+    b.update_with(eps(2), None, true, None);
+    for i in 1..=2 {
+        b.report_latency(addr(i), Duration::from_millis(5));
+    }
+    let held = b.pick(None, &[]).unwrap();
+    let busy = held.endpoint.addr;
+    for _ in 0..50 {
+        assert_ne!(pick_addr(&b), busy);
+    }
+}
+
+#[test]
+fn peak_ewma_new_endpoints_start_at_the_median_and_other_policies_forget_estimates() {
+    let clock = Arc::new(ManualClock::new());
+    let b = ClusterBalancer::with_clock("svc.ns:8080".into(), clock.clone());
+    b.update_with(eps(3), None, true, None);
+    // Nothing measured: 1 ms for everyone.
+    assert!(b.snapshot().endpoints.iter().all(|e| e.latency_estimate_ms == Some(1.0)));
+    for (i, ms) in [(1, 2), (2, 4), (3, 8)] {
+        b.report_latency(addr(i), Duration::from_millis(ms));
+    }
+    b.update_with(eps(4), None, true, None);
+    assert_eq!(b.snapshot().endpoints[3].latency_estimate_ms, Some(4.0));
+    // LEAST_REQUEST neither records nor shows estimates.
+    b.update(eps(4), None, None);
+    b.report_latency(addr(1), Duration::from_millis(2));
+    assert!(b.snapshot().endpoints.iter().all(|e| e.latency_estimate_ms.is_none()));
+}

@@ -206,14 +206,18 @@ pub(crate) fn decode(
         Kind::Service => typed::<k8s::Service>(value, &mut r)
             .and_then(|s| kube::service(s, &id, &mut r))
             .map(Object::Service),
-        Kind::DestinationRule => spec::<raw::DestinationRuleSpec>(value, &mut r).map(|s| {
-            Object::DestinationRule(Box::new(istio::convert::destination_rule(
-                &s,
-                &origin.namespace,
-                &origin.name,
-                &mut r,
-            )))
-        }),
+        Kind::DestinationRule => {
+            envelope_and_spec::<raw::DestinationRuleSpec>(value, &mut r).map(|(envelope, s)| {
+                let annotations = envelope.metadata.annotations.unwrap_or_default();
+                Object::DestinationRule(Box::new(istio::convert::destination_rule(
+                    &s,
+                    &origin.namespace,
+                    &origin.name,
+                    &annotations,
+                    &mut r,
+                )))
+            })
+        }
         Kind::VirtualService => spec::<raw::VirtualServiceSpec>(value, &mut r).map(|s| {
             Object::VirtualService(Box::new(istio::convert::virtual_service(
                 &s,
@@ -251,6 +255,15 @@ fn typed<'de, T: Deserialize<'de>>(value: &'de Value, r: &mut Reporter<'_>) -> O
 }
 
 fn spec<T: for<'de> Deserialize<'de>>(value: &Value, r: &mut Reporter<'_>) -> Option<T> {
+    envelope_and_spec(value, r).map(|(_, spec)| spec)
+}
+
+/// The spec and the envelope, for kinds that read their metadata (annotations).
+fn envelope_and_spec<T: for<'de> Deserialize<'de>>(
+    value: &Value,
+    r: &mut Reporter<'_>,
+) -> Option<(Envelope, T)> {
     let envelope: Envelope = typed(value, r)?;
-    typed(&envelope.spec, r)
+    let spec = typed(&envelope.spec, r)?;
+    Some((envelope, spec))
 }

@@ -1074,3 +1074,64 @@ async fn watcher_keeps_last_good_config_and_picks_up_fixes() {
     assert!(wait_for_change(&mut rx).await, "removal was not published");
     assert_eq!(rx.borrow().fingerprint(), initial_fp);
 }
+
+#[test]
+fn mesh_annotations_on_destination_rules() {
+    let dr = |annotations: &str, body: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  namespace: lemo-dev\n  name: smart\n  annotations:\n{annotations}spec:\n  host: recall\n{body}"
+        )
+    };
+    let ok = dr(
+        "    mesh.io/load-balancer: peak-ewma\n    mesh.io/rate-limit: 50/s\n    mesh.io/rate-limit-burst: \"10\"\n    other.example/free: anything\n",
+        "",
+    );
+    let mut files = sample_files();
+    files.push(("smart.yaml", &ok));
+    let cluster = Cluster::from_yaml_files(files).unwrap_or_else(|e| panic!("{e}"));
+    let rule = cluster.destination_rules().find(|r| r.name == "smart").expect("rule");
+    assert_eq!(rule.mesh, MeshPolicy { peak_ewma: true, rate_limit: Some(RateLimit { per_second: 50.0, burst: 10 }) });
+
+    // Burst defaults to one second of rate, at least 1; `/m` is per minute.
+    for (rate, want) in [("100/s", RateLimit { per_second: 100.0, burst: 100 }), ("30/m", RateLimit { per_second: 0.5, burst: 1 })] {
+        let doc = dr(&format!("    mesh.io/rate-limit: {rate}\n"), "");
+        let mut files = sample_files();
+        files.push(("smart.yaml", &doc));
+        let cluster = Cluster::from_yaml_files(files).unwrap_or_else(|e| panic!("{e}"));
+        let rule = cluster.destination_rules().find(|r| r.name == "smart").expect("rule");
+        assert_eq!(rule.mesh.rate_limit, Some(want));
+        assert!(!rule.mesh.peak_ewma);
+    }
+
+    let at = |key: &str, msg: &str| format!("smart.yaml: DestinationRule lemo-dev/smart: metadata.annotations[\"{key}\"]: {msg}");
+    let cases: Vec<(String, Vec<String>)> = vec![
+        (
+            dr("    mesh.io/rate-limit: fast\n", ""),
+            vec![at("mesh.io/rate-limit", "\"fast\" is not a rate like \"100/s\" or \"600/m\"")],
+        ),
+        (
+            dr("    mesh.io/rate-limit: 0/s\n    mesh.io/rate-limit-burst: \"-3\"\n", ""),
+            vec![
+                at("mesh.io/rate-limit", "\"0/s\" is not a rate like \"100/s\" or \"600/m\""),
+                at("mesh.io/rate-limit-burst", "\"-3\" is not a positive whole number of requests"),
+            ],
+        ),
+        (dr("    mesh.io/rate-limit-burst: \"5\"\n", ""), vec![at("mesh.io/rate-limit-burst", "needs mesh.io/rate-limit")]),
+        (dr("    mesh.io/load-balancer: fastest\n", ""), vec![at("mesh.io/load-balancer", "\"fastest\" is not one of peak-ewma")]),
+        (
+            dr("    mesh.io/ratelimit: 5/s\n", ""),
+            vec![at(
+                "mesh.io/ratelimit",
+                "unknown mesh annotation (expected one of: mesh.io/load-balancer, mesh.io/rate-limit, mesh.io/rate-limit-burst)",
+            )],
+        ),
+        (
+            dr("    mesh.io/load-balancer: peak-ewma\n", "  subsets:\n  - name: v1\n    labels: {version: v1}\n    trafficPolicy:\n      loadBalancer: {simple: ROUND_ROBIN}\n"),
+            vec![at("mesh.io/load-balancer", "peak-ewma cannot be combined with a loadBalancer in the trafficPolicy")],
+        ),
+    ];
+    for (doc, want) in &cases {
+        let want: Vec<&str> = want.iter().map(String::as_str).collect();
+        assert_problems(&[("smart.yaml", doc)], &want);
+    }
+}

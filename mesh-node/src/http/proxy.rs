@@ -124,6 +124,12 @@ async fn route_request(mut req: Request<Incoming>, conn: &Downstream, ctx: &Prox
     };
     log.cluster = destination.name.clone();
     log.destination = Some(destination.clone());
+    if let Some(bucket) = &destination.rate_limit
+        && !bucket.try_acquire()
+    {
+        log.flags.insert(ResponseFlags::RATE_LIMITED);
+        return rate_limited_reply(&parts);
+    }
 
     if let Some(r) = route {
         if let Some(rewrite) = &r.rewrite {
@@ -252,6 +258,7 @@ async fn forward(
             }
         };
         let request = upstream_request(parts, body, version);
+        let sent_at = Instant::now();
         let send = ctx.pool.send(&pick.endpoint, version, source, request, &destination.pool);
         let outcome = match policy.per_try_timeout {
             Some(t) => tokio::time::timeout(t, send).await.unwrap_or(Err(SendError::Timeout)),
@@ -260,6 +267,7 @@ async fn forward(
         let (attempt_kind, failure) = match outcome {
             Ok(response) => {
                 let status = response.status().as_u16();
+                destination.balancer.report_latency(addr, sent_at.elapsed());
                 destination.balancer.report(addr, Outcome::HttpStatus(status));
                 let grpc = grpc_status(response.headers());
                 let kind = Attempt::Response { status, grpc };
@@ -326,6 +334,21 @@ async fn forward(
     }
     log.flags.insert(ResponseFlags::RETRY_LIMIT_EXCEEDED);
     Err(last_failure.map(|(_, r)| r).unwrap_or_else(|| local_reply(StatusCode::SERVICE_UNAVAILABLE, "upstream failure\n")))
+}
+
+/// Envoy's local rate limit answer: 429 `local_rate_limited`, or for gRPC a trailers-only
+/// RESOURCE_EXHAUSTED (gRPC clients read grpc-status, not the HTTP status).
+fn rate_limited_reply(parts: &http::request::Parts) -> Response<ProxyBody> {
+    let grpc = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("application/grpc"));
+    if !grpc {
+        return local_reply(StatusCode::TOO_MANY_REQUESTS, "local_rate_limited");
+    }
+    let mut r = Response::new(http_body_util::Empty::<Bytes>::new().map_err(|never| match never {}).boxed());
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from_static("8"));
+    h.insert("grpc-message", HeaderValue::from_static("local_rate_limited"));
+    r
 }
 
 fn overflow_reply() -> Response<ProxyBody> {

@@ -19,7 +19,34 @@ pub struct DestinationRule {
     /// Empty means exported everywhere (Istio's default). `workloadSelector`
     /// is not supported, so a rule applies to every client.
     pub export_to: Vec<String>,
+    /// The mesh's own extensions, from `metadata.annotations["mesh.io/*"]`.
+    pub mesh: MeshPolicy,
 }
+
+/// Options Istio's schema has no field for, set by annotations on the DestinationRule and
+/// applied to every port and subset of its host.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MeshPolicy {
+    /// `mesh.io/load-balancer: peak-ewma`: latency-aware balancing instead of the
+    /// `trafficPolicy.loadBalancer` policy (the two cannot be combined).
+    pub peak_ewma: bool,
+    /// `mesh.io/rate-limit` (and `mesh.io/rate-limit-burst`): one token bucket per Service
+    /// on each node.
+    pub rate_limit: Option<RateLimit>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Tokens added per second.
+    pub per_second: f64,
+    /// Bucket size: requests admitted at once after a quiet spell.
+    pub burst: u32,
+}
+
+pub const ANNOTATION_LOAD_BALANCER: &str = "mesh.io/load-balancer";
+pub const ANNOTATION_RATE_LIMIT: &str = "mesh.io/rate-limit";
+pub const ANNOTATION_RATE_LIMIT_BURST: &str = "mesh.io/rate-limit-burst";
+const MESH_ANNOTATIONS: [&str; 3] = [ANNOTATION_LOAD_BALANCER, ANNOTATION_RATE_LIMIT, ANNOTATION_RATE_LIMIT_BURST];
 
 impl DestinationRule {
     pub fn subset(&self, name: &str) -> Option<&Subset> {
@@ -217,6 +244,7 @@ pub(crate) fn convert(
     spec: &raw::DestinationRuleSpec,
     namespace: &str,
     name: &str,
+    annotations: &BTreeMap<String, String>,
     r: &mut Reporter<'_>,
 ) -> DestinationRule {
     unsupported::destination_rule(r, spec);
@@ -259,6 +287,72 @@ pub(crate) fn convert(
         traffic_policy,
         subsets,
         export_to: common::export_to(r, &root.key("exportTo"), &spec.export_to),
+        mesh: mesh_policy(r, annotations, spec),
+    }
+}
+
+/// Reads and checks the `mesh.io/*` annotations; other annotations are not ours to judge.
+fn mesh_policy(r: &mut Reporter<'_>, annotations: &BTreeMap<String, String>, spec: &raw::DestinationRuleSpec) -> MeshPolicy {
+    let path = |key: &str| FieldPath::of(&["metadata", "annotations"]).key(key);
+    for key in annotations.keys().filter(|k| k.starts_with("mesh.io/")) {
+        if !MESH_ANNOTATIONS.contains(&key.as_str()) {
+            r.at(&path(key), format!("unknown mesh annotation (expected one of: {})", MESH_ANNOTATIONS.join(", ")));
+        }
+    }
+    let peak_ewma = match annotations.get(ANNOTATION_LOAD_BALANCER).map(String::as_str) {
+        None => false,
+        Some("peak-ewma") => {
+            let tp_has_lb = |tp: &raw::TrafficPolicy| {
+                tp.load_balancer.is_some() || tp.port_level_settings.iter().any(|p| p.load_balancer.is_some())
+            };
+            let conflict = spec.traffic_policy.as_ref().is_some_and(tp_has_lb)
+                || spec.subsets.iter().any(|s| s.traffic_policy.as_ref().is_some_and(tp_has_lb));
+            if conflict {
+                r.at(&path(ANNOTATION_LOAD_BALANCER), "peak-ewma cannot be combined with a loadBalancer in the trafficPolicy");
+            }
+            true
+        }
+        Some(other) => {
+            r.at(&path(ANNOTATION_LOAD_BALANCER), format!("{other:?} is not one of peak-ewma"));
+            false
+        }
+    };
+    let per_second = annotations.get(ANNOTATION_RATE_LIMIT).and_then(|v| match parse_rate(v) {
+        Some(rate) => Some(rate),
+        None => {
+            r.at(&path(ANNOTATION_RATE_LIMIT), format!("{v:?} is not a rate like \"100/s\" or \"600/m\""));
+            None
+        }
+    });
+    let burst = annotations.get(ANNOTATION_RATE_LIMIT_BURST).and_then(|v| {
+        if !annotations.contains_key(ANNOTATION_RATE_LIMIT) {
+            r.at(&path(ANNOTATION_RATE_LIMIT_BURST), format!("needs {ANNOTATION_RATE_LIMIT}"));
+            return None;
+        }
+        match v.trim().parse::<u32>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                r.at(&path(ANNOTATION_RATE_LIMIT_BURST), format!("{v:?} is not a positive whole number of requests"));
+                None
+            }
+        }
+    });
+    let rate_limit = per_second.map(|per_second| RateLimit {
+        per_second,
+        // One second's worth of tokens, and at least one request.
+        burst: burst.unwrap_or_else(|| (per_second.ceil() as u32).max(1)),
+    });
+    MeshPolicy { peak_ewma, rate_limit }
+}
+
+/// `"<n>/s"` or `"<n>/m"` with a positive whole `n`, as requests per second.
+fn parse_rate(text: &str) -> Option<f64> {
+    let (n, unit) = text.trim().split_once('/')?;
+    let n: u32 = n.trim().parse().ok().filter(|&n| n > 0)?;
+    match unit.trim() {
+        "s" => Some(f64::from(n)),
+        "m" => Some(f64::from(n) / 60.0),
+        _ => None,
     }
 }
 

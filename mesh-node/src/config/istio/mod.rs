@@ -21,8 +21,8 @@ pub(crate) use common::exported_to;
 pub use common::{Destination, Pattern, StringMatch};
 pub use destination_rule::{
     ClientTls, ConnectionPool, ConsistentHash, DestinationRule, H2UpgradePolicy, HashAlgorithm,
-    HashKey, HttpSettings, LbPolicy, LoadBalancer, OutlierDetection, PortTrafficPolicy, SimpleLb,
-    Subset, TcpSettings, TlsMode, TrafficPolicy,
+    HashKey, HttpSettings, LbPolicy, LoadBalancer, MeshPolicy, OutlierDetection, PortTrafficPolicy,
+    RateLimit, SimpleLb, Subset, TcpSettings, TlsMode, TrafficPolicy,
 };
 pub use peer_authentication::{MtlsMode, PeerAuthentication};
 pub use virtual_service::{

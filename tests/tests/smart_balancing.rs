@@ -1,0 +1,144 @@
+//! End to end: the mesh's own DestinationRule annotations — latency-aware balancing
+//! (`mesh.io/load-balancer: peak-ewma`) and local rate limits (`mesh.io/rate-limit`) — applied
+//! by the node proxy with real HTTP/1.1 and gRPC-shaped HTTP/2 clients in simulated pods.
+//! Needs root; run through `cargo xtask test`.
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use mesh_e2e::{ClusterSpec, SimCluster, bins};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(60);
+const VIP: &str = "10.96.0.50";
+
+/// Pods web-1..3 of app `web` over both nodes behind Service `web` (port 80 -> 8080), and a
+/// `client` pod on node-a.
+fn start_web() -> SimCluster {
+    let mut spec = ClusterSpec::new(2).namespace("demo", true).pod("client", "demo", 0, "client", 9000);
+    for (i, name) in ["web-1", "web-2", "web-3"].iter().enumerate() {
+        spec = spec.pod_labelled(name, "demo", i % 2, "web", &[], "http", 8080);
+    }
+    let spec = spec.service_named("web", "demo", [10, 96, 0, 50], "web", "http", 80, 8080);
+    let c = SimCluster::start(spec).expect("simulated cluster");
+    let probe = bins::path("mesh-probe");
+    for name in ["web-1", "web-2", "web-3"] {
+        c.serve_in_pod(name, &probe, &["http-serve", "--name", name, "--port", "8080"], 8080).expect("http server");
+    }
+    c
+}
+
+fn http(c: &SimCluster, args: &[&str]) -> Value {
+    http_path(c, "/", args)
+}
+
+fn http_path(c: &SimCluster, path: &str, args: &[&str]) -> Value {
+    let url = format!("http://{VIP}{path}");
+    let mut full = vec!["http", url.as_str()];
+    full.extend_from_slice(args);
+    let out = c.probe("client", &full, T).unwrap_or_else(|e| panic!("{e}\nnode-a log:\n{}", c.proxy_log(0)));
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+fn by_pod(v: &Value) -> BTreeMap<String, u64> {
+    v["by_pod"].as_object().map(|o| o.iter().map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0))).collect()).unwrap_or_default()
+}
+
+/// web-3's fraction of the requests the pods answered.
+fn slow_share(v: &Value) -> f64 {
+    let pods = by_pod(v);
+    let total: u64 = pods.values().sum();
+    assert!(total > 0, "{v}");
+    *pods.get("web-3").unwrap_or(&0) as f64 / total as f64
+}
+
+fn count(v: &Value, group: &str, key: &str) -> u64 {
+    v[group][key].as_u64().unwrap_or(0)
+}
+
+fn destination_rule(annotations: &str) -> String {
+    format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: web\n  namespace: demo\n  annotations:\n{annotations}spec:\n  host: web\n")
+}
+
+#[test]
+fn peak_ewma_sends_a_slow_pod_less_than_least_request_and_recovers() {
+    let c = start_web();
+    let slow = ["--count", "1500", "--concurrency", "4", "--header", "x-delay-pods: web-3=30", "--expect-all-ok"];
+
+    // Istio's default, LEAST_REQUEST: in-flight counts already favour the fast pods somewhat.
+    c.apply_config("policy.yaml", &destination_rule("    example.com/unrelated: \"yes\"\n")).unwrap();
+    let lr = http(&c, &slow);
+    let lr_share = slow_share(&lr);
+
+    c.apply_config("policy.yaml", &destination_rule("    mesh.io/load-balancer: peak-ewma\n")).unwrap();
+    let ewma = http(&c, &slow);
+    let ewma_share = slow_share(&ewma);
+    eprintln!("slow pod share: LEAST_REQUEST {lr_share:.3}, peak-ewma {ewma_share:.3}");
+    assert!(by_pod(&lr).get("web-3").copied().unwrap_or(0) >= 10, "LEAST_REQUEST still sends the slow pod some traffic: {lr}");
+    assert!(ewma_share < lr_share / 2.0, "peak-ewma {ewma_share:.3} vs LEAST_REQUEST {lr_share:.3}\n{ewma}\n{lr}");
+
+    let clusters = c.meshctl(0, &["-o", "json", "clusters"]).unwrap();
+    let clusters: Value = serde_json::from_slice(&clusters.stdout).unwrap();
+    let cluster = &clusters["outbound|80||web.demo.svc.cluster.local"];
+    assert_eq!(cluster["policy"], "PEAK_EWMA", "{clusters}");
+    let estimate = |pod: &str| {
+        cluster["endpoints"].as_array().unwrap().iter().find(|e| e["pod"] == pod).and_then(|e| e["latency_estimate_ms"].as_f64()).unwrap()
+    };
+    assert!(estimate("demo/web-3") > estimate("demo/web-1"), "{cluster}");
+
+    // Fast again: the slow pod's estimate decays (tau 10 s) until it is tried and measured fast.
+    let start = Instant::now();
+    loop {
+        let v = http(&c, &["--count", "200", "--concurrency", "4", "--expect-all-ok"]);
+        let share = slow_share(&v);
+        if share >= 0.15 {
+            eprintln!("recovered after {:.1} s (share {share:.3})", start.elapsed().as_secs_f64());
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "web-3 did not get its share back within 60 s: {v}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn rate_limit_admits_rate_plus_burst_and_answers_the_rest_at_once() {
+    let c = start_web();
+    c.apply_config("policy.yaml", &destination_rule("    mesh.io/rate-limit: 50/s\n    mesh.io/rate-limit-burst: \"10\"\n")).unwrap();
+
+    // ~200 req/s offered for 3 s.
+    let v = http(&c, &["--count", "600", "--rate", "200", "--concurrency", "32"]);
+    let ok = count(&v, "by_status", "200");
+    let limited = count(&v, "by_status", "429");
+    let elapsed_s = v["elapsed_ms"].as_f64().unwrap() / 1e3;
+    let expected = 50.0 * elapsed_s + 10.0;
+    eprintln!("admitted {ok} (expected ~{expected:.0}) of 600 in {elapsed_s:.2} s, {limited} answered 429");
+    assert_eq!(ok + limited, 600, "only 200 or 429: {v}");
+    assert!((ok as f64 - expected).abs() <= 0.25 * expected, "admitted {ok}, expected {expected:.0} ±25%: {v}");
+    // Most answers are 429s made by the proxy without any upstream: the median is one of them.
+    assert!(v["p50_us"].as_f64().unwrap() < 20_000.0, "429s are immediate: {v}");
+    assert!(elapsed_s < 4.5, "the client kept its pace, nothing queued: {v}");
+    assert!(c.counter(0, "proxy", "flag_rl") >= limited, "RL counted");
+
+    // The admin endpoint shows the bucket.
+    let clusters = c.meshctl(0, &["-o", "json", "clusters"]).unwrap();
+    let clusters: Value = serde_json::from_slice(&clusters.stdout).unwrap();
+    let bucket = &clusters["outbound|80||web.demo.svc.cluster.local"]["rate_limit"];
+    assert_eq!(bucket["burst"], 10, "{clusters}");
+    assert_eq!(bucket["rate_per_second"], 50.0, "{clusters}");
+
+    // Metrics carry the RL flag on the 429s.
+    let out = c.run_in_netns(&c.node(0).netns, Path::new("curl"), &["-s", "http://127.0.0.1:15020/metrics"], Duration::from_secs(10)).unwrap();
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        metrics.lines().any(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"429\"") && l.contains("response_flags=\"RL\"")),
+        "{metrics}"
+    );
+
+    // gRPC clients get RESOURCE_EXHAUSTED in a trailers-only answer.
+    let g = http_path(&c, "/grpc", &["--count", "100", "--concurrency", "10", "--h2", "--grpc"]);
+    assert!(count(&g, "by_grpc_status", "8") >= 50, "{g}");
+    assert!(count(&g, "by_grpc_status", "0") >= 1, "the burst still goes through: {g}");
+    assert_eq!(count(&g, "by_status", "200"), 100, "gRPC errors travel as HTTP 200: {g}");
+}
