@@ -32,6 +32,17 @@ pub(super) fn pick(
     eligible: impl Fn(usize) -> bool,
     active: impl Fn(usize) -> u32,
 ) -> Option<usize> {
+    power_of_two_choices(hosts, count, eligible, active)
+}
+
+/// Power of two choices: two distinct random eligible hosts, the lower `cost` wins, ties at
+/// random. Shared by LEAST_REQUEST (cost: active requests) and peak-EWMA (cost: latency x load).
+pub(super) fn power_of_two_choices<C: PartialOrd>(
+    hosts: usize,
+    count: usize,
+    eligible: impl Fn(usize) -> bool,
+    cost: impl Fn(usize) -> C,
+) -> Option<usize> {
     match count {
         0 => None,
         1 => nth_eligible(hosts, 0, eligible),
@@ -43,11 +54,13 @@ pub(super) fn pick(
             }
             let a = nth_eligible(hosts, a, &eligible)?;
             let b = nth_eligible(hosts, b, &eligible)?;
-            Some(match active(a).cmp(&active(b)) {
-                std::cmp::Ordering::Less => a,
-                std::cmp::Ordering::Greater => b,
-                std::cmp::Ordering::Equal if rng::next_u64() & 1 == 0 => a,
-                std::cmp::Ordering::Equal => b,
+            let (ca, cb) = (cost(a), cost(b));
+            Some(if ca < cb {
+                a
+            } else if cb < ca || rng::next_u64() & 1 == 0 {
+                b
+            } else {
+                a
             })
         }
     }

@@ -7,7 +7,7 @@
 //! wins back its share once its answers are fast.
 use std::time::{Duration, Instant};
 
-use super::{algorithms::nth_eligible, rng};
+
 
 /// Time constant of the decay (Linkerd's default).
 pub(super) const DECAY: Duration = Duration::from_secs(10);
@@ -67,27 +67,7 @@ pub(super) fn default_estimate_ns(measured: impl Iterator<Item = f64>) -> f64 {
 
 /// Two distinct random eligible hosts; the cheaper wins, ties at random.
 pub(super) fn pick(hosts: usize, count: usize, eligible: impl Fn(usize) -> bool, cost: impl Fn(usize) -> f64) -> Option<usize> {
-    match count {
-        0 => None,
-        1 => nth_eligible(hosts, 0, eligible),
-        _ => {
-            let a = rng::below(count);
-            let mut b = rng::below(count - 1);
-            if b >= a {
-                b += 1;
-            }
-            let a = nth_eligible(hosts, a, &eligible)?;
-            let b = nth_eligible(hosts, b, &eligible)?;
-            let (ca, cb) = (cost(a), cost(b));
-            Some(if ca < cb {
-                a
-            } else if cb < ca || rng::next_u64() & 1 == 0 {
-                b
-            } else {
-                a
-            })
-        }
-    }
+    super::least_request::power_of_two_choices(hosts, count, eligible, cost)
 }
 
 #[cfg(test)]
