@@ -12,6 +12,7 @@ use std::{
 
 use crate::{
     balance::{Balancers, ClusterBalancer},
+    concurrency::GradientLimiter,
     config::{Cluster, Endpoint, HashKey, LbPolicy, Service, TrafficPolicy, labels_match},
     http::pool::PoolSettings,
     limits::Limits,
@@ -63,6 +64,8 @@ pub struct Destination {
     pub limits: Arc<Limits>,
     /// `mesh.io/rate-limit`: the Service's bucket, shared by all its ports and subsets.
     pub rate_limit: Option<Arc<TokenBucket>>,
+    /// `mesh.io/adaptive-concurrency`: the Service's limiter, shared by all its ports and subsets.
+    pub concurrency: Option<Arc<GradientLimiter>>,
     pub hash_key: Option<HashKey>,
     pub pool: PoolSettings,
 }
@@ -77,6 +80,8 @@ pub struct Destinations {
     limits: Mutex<HashMap<(DestinationKey, bool), Arc<Limits>>>,
     /// By Service (namespace, name): one bucket per Service on the node.
     rate_limits: Mutex<HashMap<(String, String), Arc<TokenBucket>>>,
+    /// By Service (namespace, name): one adaptive concurrency limiter per Service on the node.
+    concurrency: Mutex<HashMap<(String, String), Arc<GradientLimiter>>>,
 }
 
 impl Destinations {
@@ -140,6 +145,22 @@ impl Destinations {
                 }
             }
         };
+        let concurrency = {
+            let mut all = self.concurrency.lock().unwrap_or_else(|e| e.into_inner());
+            let service = (key.namespace.clone(), key.service.clone());
+            match mesh.adaptive_concurrency {
+                Some(max) => {
+                    let limiter =
+                        all.entry(service).or_insert_with(|| Arc::new(GradientLimiter::new(max, std::time::Instant::now())));
+                    limiter.set_max(max);
+                    Some(limiter.clone())
+                }
+                None => {
+                    all.remove(&service);
+                    None
+                }
+            }
+        };
         let limits = {
             let mut all = self.limits.lock().unwrap_or_else(|e| e.into_inner());
             let limits = all.entry((key.clone(), http2)).or_insert_with(|| Arc::new(Limits::new(policy.connection_pool.as_ref(), http2)));
@@ -151,7 +172,7 @@ impl Destinations {
             max_requests_per_connection: limits.max_requests_per_connection(),
             idle_timeout: limits.idle_timeout().unwrap_or(DEFAULT_IDLE_TIMEOUT),
         };
-        Ok(Destination { key: key.clone(), name, endpoints, policy, balancer, limits, rate_limit, hash_key, pool })
+        Ok(Destination { key: key.clone(), name, endpoints, policy, balancer, limits, rate_limit, concurrency, hash_key, pool })
     }
 
     /// Balancer state of every cluster, for the admin endpoint.
@@ -162,6 +183,9 @@ impl Destinations {
             let mut value = serde_json::to_value(dest.balancer.snapshot()).unwrap_or_default();
             if let (Some(bucket), Some(obj)) = (&dest.rate_limit, value.as_object_mut()) {
                 obj.insert("rate_limit".into(), serde_json::to_value(bucket.snapshot()).unwrap_or_default());
+            }
+            if let (Some(limiter), Some(obj)) = (&dest.concurrency, value.as_object_mut()) {
+                obj.insert("adaptive_concurrency".into(), serde_json::to_value(limiter.snapshot()).unwrap_or_default());
             }
             out.insert(dest.name.clone(), value);
         }

@@ -25,6 +25,7 @@ flags! {
     UPSTREAM_RESET = 8, "UR", "Upstream reset the connection mid-request.";
     DOWNSTREAM_DISCONNECT = 9, "DC", "Downstream closed before the response completed.";
     RATE_LIMITED = 10, "RL", "Refused by the local rate limit (`mesh.io/rate-limit`).";
+    CONCURRENCY_LIMITED = 11, "CL", "Shed by the adaptive concurrency limit (`mesh.io/adaptive-concurrency`); the mesh's own code, not Envoy's.";
 }
 
 impl ResponseFlags {

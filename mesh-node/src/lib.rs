@@ -13,6 +13,7 @@ pub mod authz;
 pub mod balance;
 pub mod ca;
 pub mod capture;
+pub mod concurrency;
 pub mod config;
 pub mod daemon;
 pub mod destination;

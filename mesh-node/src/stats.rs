@@ -52,6 +52,7 @@ proxy_stats!(
     flag_ur,
     flag_dc,
     flag_rl,
+    flag_cl,
 );
 
 impl ProxyStats {
@@ -70,6 +71,7 @@ impl ProxyStats {
                 "UR" => &self.flag_ur,
                 "DC" => &self.flag_dc,
                 "RL" => &self.flag_rl,
+                "CL" => &self.flag_cl,
                 _ => continue,
             };
             counter.inc();

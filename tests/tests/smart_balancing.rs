@@ -1,5 +1,6 @@
 //! End to end: the mesh's own DestinationRule annotations — latency-aware balancing
-//! (`mesh.io/load-balancer: peak-ewma`) and local rate limits (`mesh.io/rate-limit`) — applied
+//! (`mesh.io/load-balancer: peak-ewma`), local rate limits (`mesh.io/rate-limit`) and adaptive
+//! concurrency (`mesh.io/adaptive-concurrency`) — applied
 //! by the node proxy with real HTTP/1.1 and gRPC-shaped HTTP/2 clients in simulated pods.
 //! Needs root; run through `cargo xtask test`.
 use std::{
@@ -141,4 +142,63 @@ fn rate_limit_admits_rate_plus_burst_and_answers_the_rest_at_once() {
     assert!(count(&g, "by_grpc_status", "8") >= 50, "{g}");
     assert!(count(&g, "by_grpc_status", "0") >= 1, "the burst still goes through: {g}");
     assert_eq!(count(&g, "by_status", "200"), 100, "gRPC errors travel as HTTP 200: {g}");
+}
+
+#[test]
+fn adaptive_concurrency_sheds_the_excess_quickly_and_bounds_admitted_latency() {
+    // One pod that processes 2 requests at once, 20 ms each (100 req/s); the rest queue.
+    let spec = ClusterSpec::new(1)
+        .namespace("demo", true)
+        .pod("client", "demo", 0, "client", 9000)
+        .pod_labelled("web-1", "demo", 0, "web", &[], "http", 8080)
+        .service_named("web", "demo", [10, 96, 0, 50], "web", "http", 80, 8080);
+    let c = SimCluster::start(spec).expect("simulated cluster");
+    let probe = bins::path("mesh-probe");
+    c.serve_in_pod("web-1", &probe, &["http-serve", "--name", "web-1", "--port", "8080", "--capacity", "2", "--service-ms", "20"], 8080)
+        .expect("http server");
+    let unloaded = http(&c, &["--count", "20", "--expect-all-ok"]);
+    let unloaded_p50 = unloaded["p50_us"].as_f64().unwrap();
+    // 200 req/s offered (twice the capacity) with up to 16 in flight.
+    let surge = ["--count", "600", "--rate", "200", "--concurrency", "16", "--timeout-ms", "10000"];
+
+    // Without protection everything queues at the pod: ~16 / 2 * 20 ms.
+    let open = http(&c, &surge);
+    assert_eq!(count(&open, "by_status", "200"), 600, "{open}");
+    let open_p99 = open["p99_us"].as_f64().unwrap();
+
+    c.apply_config("policy.yaml", &destination_rule("    mesh.io/adaptive-concurrency: \"on\"\n")).unwrap();
+    // A quiet spell lets the limiter see the latency without queueing.
+    http(&c, &["--count", "40", "--expect-all-ok"]);
+    let limited = http(&c, &surge);
+    let ok = count(&limited, "by_status", "200");
+    let shed = count(&limited, "by_status", "503");
+    let ok_p99 = limited["ok_p99_us"].as_f64().unwrap();
+    let shed_p50 = limited["not_ok_answers_p50_us"].as_f64().unwrap();
+    eprintln!(
+        "unloaded p50 {:.1} ms; without limit p99 {:.1} ms; adaptive: {ok} admitted (p99 {:.1} ms), {shed} shed (p50 {:.2} ms)",
+        unloaded_p50 / 1e3,
+        open_p99 / 1e3,
+        ok_p99 / 1e3,
+        shed_p50 / 1e3
+    );
+    assert_eq!(ok + shed, 600, "only 200 or 503: {limited}");
+    assert!(ok >= 100 && shed >= 100, "{limited}");
+    assert!(shed_p50 < 5_000.0, "sheds are immediate: {limited}");
+    assert!(ok_p99 < 5.0 * unloaded_p50, "admitted p99 {ok_p99} vs unloaded p50 {unloaded_p50}: {limited}");
+    assert!(open_p99 > 5.0 * unloaded_p50 && open_p99 > 2.0 * ok_p99, "without the limit requests queue: {open}");
+    assert!(c.counter(0, "proxy", "flag_cl") >= shed, "CL counted");
+
+    let clusters = c.meshctl(0, &["-o", "json", "clusters"]).unwrap();
+    let clusters: Value = serde_json::from_slice(&clusters.stdout).unwrap();
+    let limiter = &clusters["outbound|80||web.demo.svc.cluster.local"]["adaptive_concurrency"];
+    assert!(limiter["limit"].as_u64().is_some_and(|l| (1..=10).contains(&l)), "{clusters}");
+    assert!(limiter["min_rtt_ms"].as_f64().is_some_and(|ms| ms >= 20.0), "{clusters}");
+    assert_eq!(limiter["max_limit"], 1000, "{clusters}");
+
+    let out = c.run_in_netns(&c.node(0).netns, Path::new("curl"), &["-s", "http://127.0.0.1:15020/metrics"], Duration::from_secs(10)).unwrap();
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        metrics.lines().any(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"503\"") && l.contains("response_flags=\"CL\"")),
+        "{metrics}"
+    );
 }

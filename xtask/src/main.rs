@@ -2,6 +2,7 @@
 mod bench;
 mod bench_failure;
 mod bench_l7;
+mod bench_surge;
 mod bench_telemetry;
 mod bench_util;
 mod demo;
@@ -36,7 +37,8 @@ enum Task {
         seconds: Option<u64>,
     },
     /// Latency and throughput: direct pod-to-pod vs through the mesh (L4), per-request proxying
-    /// vs an Envoy sidecar pair (L7), and one failing pod of five (failure). Needs root.
+    /// vs an Envoy sidecar pair (L7), one failing pod of five (failure), and a surge past capacity
+    /// (surge). Needs root.
     Bench {
         /// Where to write the L4 JSON results; l7.json and failure.json go next to it.
         #[arg(long, default_value = "target/bench/l4.json")]
@@ -64,6 +66,8 @@ enum BenchPart {
     L4,
     L7,
     Failure,
+    /// Load doubling past capacity, without protection and with adaptive concurrency.
+    Surge,
     /// Only the telemetry on/off comparison of the l7 part, on a cluster of its own.
     Telemetry,
 }
@@ -140,6 +144,12 @@ fn main() -> anyhow::Result<()> {
             {
                 eprintln!("bench failure: {e:#}");
                 failed.push("failure");
+            }
+            if part(BenchPart::Surge)
+                && let Err(e) = bench_surge::run(&sibling("surge.json"))
+            {
+                eprintln!("bench surge: {e:#}");
+                failed.push("surge");
             }
             if only.contains(&BenchPart::Telemetry)
                 && let Err(e) = bench_telemetry::run_alone(&sibling("telemetry.json"), l7_seconds)

@@ -1090,7 +1090,7 @@ fn mesh_annotations_on_destination_rules() {
     files.push(("smart.yaml", &ok));
     let cluster = Cluster::from_yaml_files(files).unwrap_or_else(|e| panic!("{e}"));
     let rule = cluster.destination_rules().find(|r| r.name == "smart").expect("rule");
-    assert_eq!(rule.mesh, MeshPolicy { peak_ewma: true, rate_limit: Some(RateLimit { per_second: 50.0, burst: 10 }) });
+    assert_eq!(rule.mesh, MeshPolicy { peak_ewma: true, rate_limit: Some(RateLimit { per_second: 50.0, burst: 10 }), adaptive_concurrency: None });
 
     // Burst defaults to one second of rate, at least 1; `/m` is per minute.
     for (rate, want) in [("100/s", RateLimit { per_second: 100.0, burst: 100 }), ("30/m", RateLimit { per_second: 0.5, burst: 1 })] {
@@ -1101,6 +1101,20 @@ fn mesh_annotations_on_destination_rules() {
         let rule = cluster.destination_rules().find(|r| r.name == "smart").expect("rule");
         assert_eq!(rule.mesh.rate_limit, Some(want));
         assert!(!rule.mesh.peak_ewma);
+    }
+
+    // Adaptive concurrency: on with the default or a given upper bound; off is no limiter.
+    for (annotations, want) in [
+        ("    mesh.io/adaptive-concurrency: \"on\"\n", Some(1000)),
+        ("    mesh.io/adaptive-concurrency: \"on\"\n    mesh.io/adaptive-concurrency-max: \"64\"\n", Some(64)),
+        ("    mesh.io/adaptive-concurrency: \"off\"\n", None),
+    ] {
+        let doc = dr(annotations, "");
+        let mut files = sample_files();
+        files.push(("smart.yaml", &doc));
+        let cluster = Cluster::from_yaml_files(files).unwrap_or_else(|e| panic!("{e}"));
+        let rule = cluster.destination_rules().find(|r| r.name == "smart").expect("rule");
+        assert_eq!(rule.mesh.adaptive_concurrency, want, "{annotations}");
     }
 
     let at = |key: &str, msg: &str| format!("smart.yaml: DestinationRule lemo-dev/smart: metadata.annotations[\"{key}\"]: {msg}");
@@ -1118,11 +1132,20 @@ fn mesh_annotations_on_destination_rules() {
         ),
         (dr("    mesh.io/rate-limit-burst: \"5\"\n", ""), vec![at("mesh.io/rate-limit-burst", "needs mesh.io/rate-limit")]),
         (dr("    mesh.io/load-balancer: fastest\n", ""), vec![at("mesh.io/load-balancer", "\"fastest\" is not one of peak-ewma")]),
+        (dr("    mesh.io/adaptive-concurrency: \"yes\"\n", ""), vec![at("mesh.io/adaptive-concurrency", "\"yes\" is not one of on, off")]),
+        (
+            dr("    mesh.io/adaptive-concurrency: \"off\"\n    mesh.io/adaptive-concurrency-max: \"10\"\n", ""),
+            vec![at("mesh.io/adaptive-concurrency-max", "needs mesh.io/adaptive-concurrency: \"on\"")],
+        ),
+        (
+            dr("    mesh.io/adaptive-concurrency: \"on\"\n    mesh.io/adaptive-concurrency-max: \"0\"\n", ""),
+            vec![at("mesh.io/adaptive-concurrency-max", "\"0\" is not a positive whole number of requests")],
+        ),
         (
             dr("    mesh.io/ratelimit: 5/s\n", ""),
             vec![at(
                 "mesh.io/ratelimit",
-                "unknown mesh annotation (expected one of: mesh.io/load-balancer, mesh.io/rate-limit, mesh.io/rate-limit-burst)",
+                "unknown mesh annotation (expected one of: mesh.io/load-balancer, mesh.io/rate-limit, mesh.io/rate-limit-burst, mesh.io/adaptive-concurrency, mesh.io/adaptive-concurrency-max)",
             )],
         ),
         (

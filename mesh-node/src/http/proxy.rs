@@ -130,6 +130,16 @@ async fn route_request(mut req: Request<Incoming>, conn: &Downstream, ctx: &Prox
         log.flags.insert(ResponseFlags::RATE_LIMITED);
         return rate_limited_reply(&parts);
     }
+    let concurrency_permit = match &destination.concurrency {
+        Some(limiter) => match limiter.try_acquire() {
+            Some(p) => Some(p),
+            None => {
+                log.flags.insert(ResponseFlags::CONCURRENCY_LIMITED);
+                return local_reply(StatusCode::SERVICE_UNAVAILABLE, "reached concurrency limit");
+            }
+        },
+        None => None,
+    };
 
     if let Some(r) = route {
         if let Some(rewrite) = &r.rewrite {
@@ -146,7 +156,7 @@ async fn route_request(mut req: Request<Incoming>, conn: &Downstream, ctx: &Prox
 
     let (hash, set_cookie) = request_hash(&destination, &parts, conn.peer);
     let policy = RetryPolicy::from_route(route.and_then(|r| r.retries.as_ref()));
-    let forward = forward(ctx, &destination, &conn.source, &parts, body, version, &policy, hash, upgrade.is_some(), log);
+    let forward = forward(ctx, &destination, &conn.source, &parts, body, version, &policy, hash, upgrade.is_some(), concurrency_permit, log);
     let result = match route.and_then(|r| r.timeout) {
         Some(timeout) => match tokio::time::timeout(timeout, forward).await {
             Ok(r) => r,
@@ -229,6 +239,7 @@ async fn forward(
     policy: &RetryPolicy,
     hash: Option<u64>,
     upgrade: bool,
+    concurrency_permit: Option<crate::concurrency::ConcurrencyPermit>,
     log: &mut RequestLog,
 ) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
     let first = ReplayBody::new(body, replay::DEFAULT_LIMIT);
@@ -267,7 +278,11 @@ async fn forward(
         let (attempt_kind, failure) = match outcome {
             Ok(response) => {
                 let status = response.status().as_u16();
-                destination.balancer.report_latency(addr, sent_at.elapsed());
+                let rtt = sent_at.elapsed();
+                destination.balancer.report_latency(addr, rtt);
+                if let Some(limiter) = &destination.concurrency {
+                    limiter.sample(rtt);
+                }
                 destination.balancer.report(addr, Outcome::HttpStatus(status));
                 let grpc = grpc_status(response.headers());
                 let kind = Attempt::Response { status, grpc };
@@ -276,7 +291,8 @@ async fn forward(
                     if attempt > 1 && policy.should_retry(kind) {
                         log.flags.insert(ResponseFlags::RETRY_LIMIT_EXCEEDED);
                     }
-                    let guards: Vec<Box<dyn Any + Send + Sync>> = vec![Box::new(pick.guard), Box::new(permit), Box::new(retry_permit)];
+                    let guards: Vec<Box<dyn Any + Send + Sync>> =
+                        vec![Box::new(pick.guard), Box::new(permit), Box::new(retry_permit), Box::new(concurrency_permit)];
                     return Ok(response.map(|b| Guarded { inner: b, _guards: guards }.boxed()));
                 }
                 // Drain nothing: dropping the response resets the stream / closes the h1 conn.

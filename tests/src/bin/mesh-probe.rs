@@ -111,6 +111,13 @@ enum Cmd {
         /// instead of the pod name; for load tests.
         #[arg(long, default_value_t = 0)]
         body_bytes: usize,
+        /// Bounded capacity: at most N requests processed at once (each taking --service-ms);
+        /// the rest wait in a FIFO queue. Capacity is N * 1000 / service-ms requests a second.
+        #[arg(long)]
+        capacity: Option<usize>,
+        /// Processing time of each request in --capacity mode.
+        #[arg(long, default_value_t = 5)]
+        service_ms: u64,
     },
     /// HTTP requests over persistent connections; one JSON report line.
     Http(http_client::HttpArgs),
@@ -146,8 +153,8 @@ fn main() -> ExitCode {
         Cmd::Echo { addr, bytes } => echo(&addr, bytes),
         Cmd::Rr { addr, size, rate, seconds, conns } => rr(&addr, size, rate, seconds, conns),
         Cmd::Bulk { addr, bytes } => bulk(&addr, bytes),
-        Cmd::HttpServe { name, port, fail_every, delay_ms, body_bytes } => {
-            http_serve(http_server::ServerOpts { name, port, fail_every, delay_ms, body_bytes })
+        Cmd::HttpServe { name, port, fail_every, delay_ms, body_bytes, capacity, service_ms } => {
+            http_serve(http_server::ServerOpts { name, port, fail_every, delay_ms, body_bytes, capacity, service_ms })
         }
         Cmd::Http(args) => http(args),
         Cmd::HttpConcurrent(args) if args.concurrency.is_none() => Err(io::Error::other("http-concurrent needs --concurrency")),

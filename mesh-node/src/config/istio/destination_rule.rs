@@ -33,7 +33,13 @@ pub struct MeshPolicy {
     /// `mesh.io/rate-limit` (and `mesh.io/rate-limit-burst`): one token bucket per Service
     /// on each node.
     pub rate_limit: Option<RateLimit>,
+    /// `mesh.io/adaptive-concurrency: "on"` (and `mesh.io/adaptive-concurrency-max`): one
+    /// gradient concurrency limiter per Service on each node; the value is its upper bound.
+    pub adaptive_concurrency: Option<u32>,
 }
+
+/// Default upper bound of an adaptive concurrency limit.
+pub const DEFAULT_ADAPTIVE_CONCURRENCY_MAX: u32 = 1000;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RateLimit {
@@ -46,7 +52,15 @@ pub struct RateLimit {
 pub const ANNOTATION_LOAD_BALANCER: &str = "mesh.io/load-balancer";
 pub const ANNOTATION_RATE_LIMIT: &str = "mesh.io/rate-limit";
 pub const ANNOTATION_RATE_LIMIT_BURST: &str = "mesh.io/rate-limit-burst";
-const MESH_ANNOTATIONS: [&str; 3] = [ANNOTATION_LOAD_BALANCER, ANNOTATION_RATE_LIMIT, ANNOTATION_RATE_LIMIT_BURST];
+pub const ANNOTATION_ADAPTIVE_CONCURRENCY: &str = "mesh.io/adaptive-concurrency";
+pub const ANNOTATION_ADAPTIVE_CONCURRENCY_MAX: &str = "mesh.io/adaptive-concurrency-max";
+const MESH_ANNOTATIONS: [&str; 5] = [
+    ANNOTATION_LOAD_BALANCER,
+    ANNOTATION_RATE_LIMIT,
+    ANNOTATION_RATE_LIMIT_BURST,
+    ANNOTATION_ADAPTIVE_CONCURRENCY,
+    ANNOTATION_ADAPTIVE_CONCURRENCY_MAX,
+];
 
 impl DestinationRule {
     pub fn subset(&self, name: &str) -> Option<&Subset> {
@@ -342,7 +356,29 @@ fn mesh_policy(r: &mut Reporter<'_>, annotations: &BTreeMap<String, String>, spe
         // One second's worth of tokens, and at least one request.
         burst: burst.unwrap_or_else(|| (per_second.ceil() as u32).max(1)),
     });
-    MeshPolicy { peak_ewma, rate_limit }
+    let adaptive = match annotations.get(ANNOTATION_ADAPTIVE_CONCURRENCY).map(|v| v.trim()) {
+        None | Some("off") => false,
+        Some("on") => true,
+        Some(other) => {
+            r.at(&path(ANNOTATION_ADAPTIVE_CONCURRENCY), format!("{other:?} is not one of on, off"));
+            false
+        }
+    };
+    let max = annotations.get(ANNOTATION_ADAPTIVE_CONCURRENCY_MAX).and_then(|v| {
+        if !adaptive {
+            r.at(&path(ANNOTATION_ADAPTIVE_CONCURRENCY_MAX), format!("needs {ANNOTATION_ADAPTIVE_CONCURRENCY}: \"on\""));
+            return None;
+        }
+        match v.trim().parse::<u32>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                r.at(&path(ANNOTATION_ADAPTIVE_CONCURRENCY_MAX), format!("{v:?} is not a positive whole number of requests"));
+                None
+            }
+        }
+    });
+    let adaptive_concurrency = adaptive.then(|| max.unwrap_or(DEFAULT_ADAPTIVE_CONCURRENCY_MAX));
+    MeshPolicy { peak_ewma, rate_limit, adaptive_concurrency }
 }
 
 /// `"<n>/s"` or `"<n>/m"` with a positive whole `n`, as requests per second.

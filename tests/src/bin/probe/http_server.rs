@@ -35,6 +35,10 @@ pub struct ServerOpts {
     /// Size of the body of a plain `200` answer (and of the `/grpc` reply message); 0 keeps the
     /// classic `<pod name>\n` body.
     pub body_bytes: usize,
+    /// `--capacity N`: at most N requests processed at once, each for `service_ms`; the rest
+    /// queue (FIFO).
+    pub capacity: Option<usize>,
+    pub service_ms: u64,
 }
 
 struct State {
@@ -46,6 +50,10 @@ struct State {
     sized: Bytes,
     /// The `/grpc` reply: a 5-byte gRPC length prefix and a `--body-bytes` message.
     grpc_reply: Bytes,
+    /// `--capacity`: when each worker is next free. A request takes the worker free first, in
+    /// arrival order, and is answered at max(arrival, free) + service time: an exact FIFO queue
+    /// in front of N workers whose capacity timer slack cannot erode.
+    workers: Option<std::sync::Mutex<Vec<tokio::time::Instant>>>,
 }
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -59,7 +67,8 @@ async fn serve(opts: ServerOpts) -> anyhow::Result<bool> {
     let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], opts.port))).await?;
     let sized = Bytes::from(vec![b'x'; opts.body_bytes]);
     let grpc_reply = grpc_frame(opts.body_bytes.max(1));
-    let state = Arc::new(State { pod: HeaderValue::from_str(&opts.name)?, opts, requests: AtomicU64::new(0), sized, grpc_reply });
+    let workers = opts.capacity.map(|n| std::sync::Mutex::new(vec![tokio::time::Instant::now(); n.max(1)]));
+    let state = Arc::new(State { pod: HeaderValue::from_str(&opts.name)?, opts, requests: AtomicU64::new(0), sized, grpc_reply, workers });
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -98,6 +107,16 @@ async fn scripted(state: &State, req: Request<Incoming>) -> Response<Body> {
     let name = state.opts.name.as_str();
     let headers = req.headers();
 
+    if let Some(workers) = &state.workers {
+        let done = {
+            let mut free_at = workers.lock().expect("workers lock");
+            let now = tokio::time::Instant::now();
+            let worker = free_at.iter_mut().min().expect("at least one worker");
+            *worker = (*worker).max(now) + Duration::from_millis(state.opts.service_ms);
+            *worker
+        };
+        tokio::time::sleep_until(done).await;
+    }
     let delay = state.opts.delay_ms + header_u64(headers, "x-delay-ms").unwrap_or(0) + pod_delay(headers, name).unwrap_or(0);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;

@@ -9,6 +9,9 @@ const PODS_IN_ORDER: usize = 200;
 #[derive(Default)]
 pub struct Tally {
     latencies_us: Vec<f64>,
+    /// Split by outcome: 2xx (and gRPC ok) answers, and every other answer.
+    ok_latencies_us: Vec<f64>,
+    not_ok_latencies_us: Vec<f64>,
     by_pod: BTreeMap<String, u64>,
     by_status: BTreeMap<String, u64>,
     by_grpc_status: BTreeMap<String, u64>,
@@ -29,6 +32,9 @@ impl Tally {
         }
         if !(200..300).contains(&answer.status) || grpc_failed {
             self.not_ok += 1;
+            self.not_ok_latencies_us.push(latency_us);
+        } else {
+            self.ok_latencies_us.push(latency_us);
         }
         // Answers the proxy made itself (overflow, no healthy upstream) carry no x-pod.
         let pod = answer.pod.unwrap_or_else(|| "-".into());
@@ -72,6 +78,11 @@ impl Tally {
             out["by_grpc_status"] = serde_json::json!(self.by_grpc_status);
         }
         out["not_ok"] = self.not_ok.into();
+        for (key, v) in [("ok", &mut self.ok_latencies_us), ("not_ok_answers", &mut self.not_ok_latencies_us)] {
+            v.sort_by(f64::total_cmp);
+            out[format!("{key}_p50_us")] = percentile(v, 0.50).into();
+            out[format!("{key}_p99_us")] = percentile(v, 0.99).into();
+        }
         if let Some(body) = &self.last_body {
             out["last_body"] = body.clone().into();
         }
