@@ -51,6 +51,7 @@ pub fn cgroup_id(path: &Path) -> std::io::Result<u64> {
 pub fn pod_cgroups(root: &Path, uid: &str) -> Vec<u64> {
     let dashed = format!("pod{uid}");
     let underscored = format!("pod{}", uid.replace('-', "_"));
+    let underscored_slice = format!("{underscored}.");
     let mut found = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -63,7 +64,7 @@ pub fn pod_cgroups(root: &Path, uid: &str) -> Vec<u64> {
             let name = entry.file_name();
             let name = name.to_string_lossy();
             if name.ends_with(&dashed)
-                || name.contains(&format!("{underscored}."))
+                || name.contains(&underscored_slice)
                 || name.ends_with(&underscored)
             {
                 collect_subtree(&path, &mut found);
@@ -84,5 +85,95 @@ fn collect_subtree(dir: &Path, out: &mut Vec<u64>) {
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
             collect_subtree(&entry.path(), out);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    const UID: &str = "6f1c2d3e-1111-4222-8333-944455556666";
+    const OTHER: &str = "6f1c2d3e-1111-4222-8333-944455556667";
+
+    /// Creates `paths` under a temporary root; returns the root and the cgroup ids (inodes) of
+    /// the directories whose path contains `marker`, with their descendants.
+    fn tree(paths: &[&str], marker: &str) -> (tempfile::TempDir, BTreeSet<u64>) {
+        let root = tempfile::tempdir().unwrap();
+        let mut want = BTreeSet::new();
+        for p in paths {
+            fs::create_dir_all(root.path().join(p)).unwrap();
+        }
+        for p in paths {
+            let mut dir = root.path().to_path_buf();
+            let mut inside = false;
+            for part in Path::new(p).components() {
+                dir.push(part);
+                inside |= part.as_os_str().to_string_lossy().contains(marker);
+                if inside {
+                    want.insert(cgroup_id(&dir).unwrap());
+                }
+            }
+        }
+        (root, want)
+    }
+
+    fn found(root: &Path, uid: &str) -> BTreeSet<u64> {
+        pod_cgroups(root, uid).into_iter().collect()
+    }
+
+    #[test]
+    fn cgroupfs_driver_pods_and_their_containers() {
+        let (root, want) = tree(
+            &[
+                &format!("kubepods/burstable/pod{UID}/0123abcd"),
+                &format!("kubepods/burstable/pod{UID}/4567ef01"),
+                &format!("kubepods/besteffort/pod{OTHER}/89ab"),
+                "kubepods/besteffort",
+            ],
+            &format!("pod{UID}"),
+        );
+        assert_eq!(want.len(), 3);
+        assert_eq!(found(root.path(), UID), want);
+    }
+
+    #[test]
+    fn systemd_driver_slices_with_underscored_uids() {
+        let u = UID.replace('-', "_");
+        let o = OTHER.replace('-', "_");
+        let (root, want) = tree(
+            &[
+                &format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-0123.scope"),
+                &format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{o}.slice/cri-containerd-4567.scope"),
+            ],
+            &format!("pod{u}"),
+        );
+        assert_eq!(want.len(), 2);
+        assert_eq!(found(root.path(), UID), want);
+    }
+
+    #[test]
+    fn k3s_layouts_and_guaranteed_pods_directly_under_kubepods() {
+        // k3s with cgroup v2 and its default cgroupfs driver: /kubepods/<qos>/pod<uid>/<ctr>;
+        // Guaranteed pods sit directly under kubepods.
+        let (root, want) = tree(
+            &[
+                &format!("kubepods/pod{UID}/c0ffee"),
+                &format!("kubepods/besteffort/pod{OTHER}/bead"),
+                "system.slice/k3s.service",
+            ],
+            &format!("pod{UID}"),
+        );
+        assert_eq!(want.len(), 2);
+        assert_eq!(found(root.path(), UID), want);
+        assert!(found(root.path(), "not-a-pod").is_empty());
+    }
+
+    #[test]
+    fn a_uid_that_extends_another_does_not_match_it() {
+        let longer = format!("{UID}0");
+        let (root, _) = tree(&[&format!("kubepods/burstable/pod{longer}/x")], "never");
+        assert!(found(root.path(), UID).is_empty());
     }
 }
