@@ -28,7 +28,10 @@ use crate::{
 /// Everything `mesh-node run` is told.
 #[derive(Clone, Debug)]
 pub struct Options {
+    /// Config directory (file mode); empty when `kubernetes` is set.
     pub config_dir: PathBuf,
+    /// Take the config from this API server (list/watch) instead of `config_dir`.
+    pub kubernetes: Option<crate::discovery::ApiServer>,
     pub node: String,
     pub cgroup: PathBuf,
     /// Address pods are redirected to; defaults to the node's InternalIP from the config.
@@ -85,8 +88,23 @@ fn prefetch_certificates(tls: &Arc<MeshTls>, cluster: &Cluster, node: &str) -> V
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
-    let cluster = Cluster::load_dir(&opts.config_dir)
-        .map_err(|e| anyhow::anyhow!("config {}:\n{e}", opts.config_dir.display()))?;
+    let discovery = match &opts.kubernetes {
+        Some(api) => {
+            info!(api_server = ?api, "taking the config from the Kubernetes API");
+            let mut discovery = crate::discovery::spawn(api.clone(), crate::discovery::Options::default());
+            // Not ready (no listeners, no capture) before the first full sync of every kind.
+            if !discovery.wait_ready().await {
+                bail!("Kubernetes discovery stopped before the first sync");
+            }
+            Some(discovery)
+        }
+        None => None,
+    };
+    let cluster = match &discovery {
+        Some(d) => Cluster::clone(&d.config.borrow()),
+        None => Cluster::load_dir(&opts.config_dir)
+            .map_err(|e| anyhow::anyhow!("config {}:\n{e}", opts.config_dir.display()))?,
+    };
     let Some(node) = cluster.node(&opts.node) else {
         bail!("node {:?} is not defined in the config (add a v1 Node with an InternalIP)", opts.node);
     };
@@ -101,7 +119,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     })?;
     capture.sync(&cluster, &opts.node);
 
-    let mut config_rx = config::spawn_watcher(opts.config_dir.clone(), cluster, opts.config_poll);
+    let mut config_rx = match discovery {
+        Some(d) => d.config,
+        None => config::spawn_watcher(opts.config_dir.clone(), cluster, opts.config_poll),
+    };
     let stats = Arc::new(ProxyStats::default());
     let tls = match &opts.ca {
         Some(ca) => {

@@ -17,6 +17,7 @@ pub mod concurrency;
 pub mod config;
 pub mod daemon;
 pub mod destination;
+pub mod discovery;
 pub mod flags;
 pub mod hbone;
 pub mod http;

@@ -66,6 +66,13 @@ pub async fn status(state: &AdminState) -> Value {
 /// config stays the last good one, so this tells the two apart.
 pub async fn config_status(state: &AdminState) -> Value {
     let live = state.proxy.cluster();
+    if state.config_dir.as_os_str().is_empty() {
+        // Kubernetes mode: there is no directory to compare with.
+        return json!({
+            "source": "kubernetes", "generation": format!("{:016x}", live.fingerprint()),
+            "reloads": state.proxy_stats.config_reloads.get(), "status": "live", "problems": [],
+        });
+    }
     let dir = state.config_dir.clone();
     let loaded = tokio::task::spawn_blocking(move || Cluster::load_dir(&dir)).await;
     let generation = format!("{:016x}", live.fingerprint());
