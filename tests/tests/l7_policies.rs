@@ -3,7 +3,11 @@
 //! Needs root; run through `cargo xtask test`.
 use std::{collections::BTreeMap, time::Duration};
 
-use mesh_e2e::{ClusterSpec, SimCluster, bins, tools};
+use mesh_e2e::{
+    ClusterSpec, SimCluster, bins,
+    report::{self, by_pod, status_count},
+    tools,
+};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
@@ -33,20 +37,10 @@ fn start_http(spec: ClusterSpec, server_args: &[(&str, &[&str])]) -> SimCluster 
 }
 
 fn http(c: &SimCluster, path: &str, args: &[&str]) -> Value {
-    let url = format!("http://{VIP}{path}");
-    let mut full = vec!["http", url.as_str()];
-    full.extend_from_slice(args);
-    let out = c.probe("client", &full, T).unwrap_or_else(|e| panic!("{e}\nnode-a log:\n{}", c.proxy_log(0)));
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    report::http(c, "client", &format!("http://{VIP}{path}"), args, T)
 }
 
-fn by_pod(v: &Value) -> BTreeMap<String, u64> {
-    v["by_pod"].as_object().map(|o| o.iter().map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0))).collect()).unwrap_or_default()
-}
 
-fn status_count(v: &Value, status: &str) -> u64 {
-    v["by_status"][status].as_u64().unwrap_or(0)
-}
 
 fn policy(c: &SimCluster, yaml: &str) {
     c.apply_config("policy.yaml", yaml).unwrap();

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_e2e::{ClusterSpec, SimCluster, bins, cluster::CA_ADDRESS};
+use mesh_e2e::{ClusterSpec, SimCluster, bins, cluster::CA_ADDRESS, report::status_count};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(30);
@@ -97,9 +97,6 @@ fn summary(v: &Value) -> Value {
     v
 }
 
-fn status_count(v: &Value, status: &str) -> u64 {
-    v["by_status"][status].as_u64().unwrap_or(0)
-}
 
 /// A marker no other traffic contains.
 fn new_marker() -> String {

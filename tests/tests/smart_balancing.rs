@@ -4,12 +4,14 @@
 //! by the node proxy with real HTTP/1.1 and gRPC-shaped HTTP/2 clients in simulated pods.
 //! Needs root; run through `cargo xtask test`.
 use std::{
-    collections::BTreeMap,
     path::Path,
     time::{Duration, Instant},
 };
 
-use mesh_e2e::{ClusterSpec, SimCluster, bins};
+use mesh_e2e::{
+    ClusterSpec, SimCluster, bins,
+    report::{self, by_pod},
+};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
@@ -36,16 +38,9 @@ fn http(c: &SimCluster, args: &[&str]) -> Value {
 }
 
 fn http_path(c: &SimCluster, path: &str, args: &[&str]) -> Value {
-    let url = format!("http://{VIP}{path}");
-    let mut full = vec!["http", url.as_str()];
-    full.extend_from_slice(args);
-    let out = c.probe("client", &full, T).unwrap_or_else(|e| panic!("{e}\nnode-a log:\n{}", c.proxy_log(0)));
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    report::http(c, "client", &format!("http://{VIP}{path}"), args, T)
 }
 
-fn by_pod(v: &Value) -> BTreeMap<String, u64> {
-    v["by_pod"].as_object().map(|o| o.iter().map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0))).collect()).unwrap_or_default()
-}
 
 /// web-3's fraction of the requests the pods answered.
 fn slow_share(v: &Value) -> f64 {

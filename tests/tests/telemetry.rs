@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_e2e::{ClusterSpec, SimCluster, bins};
+use mesh_e2e::{ClusterSpec, SimCluster, bins, report};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
@@ -48,10 +48,7 @@ fn start(extra: &[&str]) -> SimCluster {
 }
 
 fn http(c: &SimCluster, url: &str, args: &[&str]) -> Value {
-    let mut full = vec!["http", url];
-    full.extend_from_slice(args);
-    let out = c.probe("client", &full, T).unwrap_or_else(|e| panic!("{e}\nnode-a log:\n{}", c.proxy_log(0)));
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    report::http(c, "client", url, args, T)
 }
 
 fn curl(c: &SimCluster, node: usize, args: &[&str]) -> String {
