@@ -21,35 +21,9 @@ const FAILING: &str = "recall-2";
 const TARGET_SUCCESS: f64 = 0.999;
 const TARGET_THROUGHPUT: f64 = 0.95;
 
-pub const POLICIES: &str = r#"apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata:
-  name: recall
-  namespace: lemo
-spec:
-  host: recall
-  trafficPolicy:
-    outlierDetection:
-      consecutive5xxErrors: 5
-      interval: 5s
-      baseEjectionTime: 30s
-      maxEjectionPercent: 50
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: recall
-  namespace: lemo
-spec:
-  hosts: [recall]
-  http:
-  - retries:
-      attempts: 2
-      retryOn: 5xx,reset,connect-failure
-      perTryTimeout: 1s
-    route:
-    - destination: {host: recall}
-"#;
+fn seed_policies() -> String {
+    crate::bench_util::seed_policies("recall", "lemo")
+}
 
 fn spec() -> ClusterSpec {
     let mut spec = ClusterSpec::new(2).namespace("lemo", true).pod("bff", "lemo", 0, "bff", 9000);
@@ -91,7 +65,7 @@ pub fn run(json_out: &Path, seconds: u64) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for (name, failing, policies) in [("healthy (reference)", false, false), ("one failing, no policies", true, false), ("one failing, outlier+retries", true, true)] {
         if policies {
-            c.apply_config("policy.yaml", POLICIES)?;
+            c.apply_config("policy.yaml", &seed_policies())?;
         }
         eprintln!("bench failure: {name}: {RATE} rps, {CONNS} conns, {seconds} s");
         let before = retries(&c);
@@ -155,7 +129,7 @@ pub fn run(json_out: &Path, seconds: u64) -> anyhow::Result<()> {
         json_out,
         &json!({
             "rate_rps": RATE, "conns": 4, "seconds": seconds, "failing_pod": FAILING,
-            "policies": POLICIES,
+            "policies": seed_policies(),
             "rows": rows,
             "with_policies": {"success_rate": success, "throughput_ratio": tput},
             "targets": {"success_rate_min": TARGET_SUCCESS, "throughput_ratio_min": TARGET_THROUGHPUT},

@@ -44,47 +44,9 @@ pub(crate) fn spec() -> ClusterSpec {
         .service_named("srv-grpc", "mesh", [10, 96, 3, 2], "srv", "grpc", 50051, 8080)
 }
 
-/// The failure scenario's policies (outlier detection, retries) plus Istio's default balancer
-/// made explicit, for both Services.
+/// The failure scenario's policies (outlier detection, retries) for both Services.
 pub(crate) fn policies() -> String {
-    let mut y = String::new();
-    for host in ["srv", "srv-grpc"] {
-        y.push_str(&format!(
-            r#"apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata:
-  name: {host}
-  namespace: mesh
-spec:
-  host: {host}
-  trafficPolicy:
-    loadBalancer:
-      simple: LEAST_REQUEST
-    outlierDetection:
-      consecutive5xxErrors: 5
-      interval: 5s
-      baseEjectionTime: 30s
-      maxEjectionPercent: 50
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: {host}
-  namespace: mesh
-spec:
-  hosts: [{host}]
-  http:
-  - retries:
-      attempts: 2
-      retryOn: 5xx,reset,connect-failure
-      perTryTimeout: 1s
-    route:
-    - destination: {{host: {host}}}
----
-"#
-        ));
-    }
-    y
+    ["srv", "srv-grpc"].iter().map(|host| crate::bench_util::seed_policies(host, "mesh")).collect()
 }
 
 #[derive(Clone, Copy, PartialEq)]

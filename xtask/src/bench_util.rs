@@ -137,3 +137,43 @@ mod tests {
         assert!((v["ok_rps"].as_f64().unwrap() - 15653.6).abs() < 0.5);
     }
 }
+
+/// The users' policies for one Service (the seed's DestinationRule and VirtualService): outlier
+/// detection 5 errors / 5s / 30s / 50% with Istio's default balancer made explicit, and retries
+/// 2 x 1s on 5xx,reset,connect-failure. Used by every bench that applies "the policies".
+pub fn seed_policies(host: &str, namespace: &str) -> String {
+    format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: {host}
+  namespace: {namespace}
+spec:
+  host: {host}
+  trafficPolicy:
+    loadBalancer:
+      simple: LEAST_REQUEST
+    outlierDetection:
+      consecutive5xxErrors: 5
+      interval: 5s
+      baseEjectionTime: 30s
+      maxEjectionPercent: 50
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: {host}
+  namespace: {namespace}
+spec:
+  hosts: [{host}]
+  http:
+  - retries:
+      attempts: 2
+      retryOn: 5xx,reset,connect-failure
+      perTryTimeout: 1s
+    route:
+    - destination: {{host: {host}}}
+---
+"#
+    )
+}
