@@ -1,5 +1,6 @@
 //! Finding cgroups: the cgroup2 mount, the attach point, and the cgroups that belong to a pod.
 use std::{
+    collections::HashMap,
     fs,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
@@ -45,14 +46,12 @@ pub fn cgroup_id(path: &Path) -> std::io::Result<u64> {
     Ok(fs::metadata(path)?.ino())
 }
 
-/// All cgroups below `root` that belong to the pod with this uid, with their descendants (a
-/// pod's processes live in per-container child cgroups). Kubelet names pod cgroups
-/// `pod<uid>` (cgroupfs driver) or `...-pod<uid with _>.slice` (systemd driver).
-pub fn pod_cgroups(root: &Path, uid: &str) -> Vec<u64> {
-    let dashed = format!("pod{uid}");
-    let underscored = format!("pod{}", uid.replace('-', "_"));
-    let underscored_slice = format!("{underscored}.");
-    let mut found = Vec::new();
+/// A pod's processes live in per-container child cgroups of its pod cgroup, so each pod maps
+/// to its pod cgroup and every descendant.
+/// Every pod cgroup below `root`, by pod uid, found in one walk of the tree (the capture
+/// re-syncs every second; one walk per pod would not scale with the node's pod count).
+pub fn pods_cgroups(root: &Path) -> HashMap<String, Vec<u64>> {
+    let mut found: HashMap<String, Vec<u64>> = HashMap::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let Ok(entries) = fs::read_dir(&dir) else { continue };
@@ -61,19 +60,23 @@ pub fn pod_cgroups(root: &Path, uid: &str) -> Vec<u64> {
                 continue;
             }
             let path = entry.path();
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name.ends_with(&dashed)
-                || name.contains(&underscored_slice)
-                || name.ends_with(&underscored)
-            {
-                collect_subtree(&path, &mut found);
-            } else {
-                stack.push(path);
+            match pod_uid(&entry.file_name().to_string_lossy()) {
+                Some(uid) => collect_subtree(&path, found.entry(uid).or_default()),
+                None => stack.push(path),
             }
         }
     }
     found
+}
+
+/// The pod uid a cgroup directory name carries: `pod<uid>` (cgroupfs) or
+/// `kubepods-<qos>-pod<uid with _>.slice` (systemd).
+fn pod_uid(name: &str) -> Option<String> {
+    let name = name.strip_suffix(".slice").unwrap_or(name);
+    let at = name.rfind("pod")?;
+    let uid = &name[at + 3..];
+    let uuid_like = uid.len() >= 32 && uid.chars().all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_');
+    (uuid_like && (at == 0 || name[..at].ends_with('-'))).then(|| uid.replace('_', "-"))
 }
 
 fn collect_subtree(dir: &Path, out: &mut Vec<u64>) {
@@ -120,7 +123,7 @@ mod tests {
     }
 
     fn found(root: &Path, uid: &str) -> BTreeSet<u64> {
-        pod_cgroups(root, uid).into_iter().collect()
+        pods_cgroups(root).remove(uid).unwrap_or_default().into_iter().collect()
     }
 
     #[test]

@@ -210,6 +210,7 @@ impl Capture {
         }
         let mut want_cgroups: BTreeMap<u64, PodEntry> = BTreeMap::new();
         let mut enrolled_pods = BTreeMap::new();
+        let mut pod_cgroups = cgroup::pods_cgroups(&self.cgroup);
         for pod in cluster.pods().filter(|p| cluster.is_enrolled(p)) {
             if let IpAddr::V4(v4) = pod.ip {
                 want_dests.entry(ip_key(v4)).or_insert(DEST_POD_IP);
@@ -217,7 +218,7 @@ impl Capture {
             if pod.node != node {
                 continue;
             }
-            let ids = cgroup::pod_cgroups(&self.cgroup, &pod.uid);
+            let ids = pod_cgroups.remove(&pod.uid).unwrap_or_default();
             let ip4 = match pod.ip {
                 IpAddr::V4(v4) => ip_key(v4),
                 IpAddr::V6(_) => 0,
