@@ -12,6 +12,11 @@ pub const INBOUND_PORT: u16 = 15008;
 /// `SO_MARK` the proxy puts on its own sockets; the capture never redirects a marked socket.
 pub const PROXY_MARK: u32 = 0x539;
 
+/// Version of the layout of the maps a new proxy takes over from the previous one (pinned in
+/// bpffs): bump it whenever a shared map's key, value, type or size changes, so a new release
+/// starts fresh maps instead of misreading the old ones' bytes.
+pub const MAP_LAYOUT: u32 = 1;
+
 /// Index into the `CONFIG` array map.
 pub const CONFIG_INDEX: u32 = 0;
 

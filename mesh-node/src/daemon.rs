@@ -8,11 +8,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use tokio::{net::TcpListener, signal::unix::SignalKind};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     admin::{self, AdminState},
-    capture::{Capture, CaptureOptions},
+    capture::{Capture, CaptureOptions, Release},
     config::{self, Cluster},
     destination::Destinations,
     http::pool::Pool,
@@ -20,7 +20,10 @@ use crate::{
     identity::{CaClientConfig, CertManager, CertManagerConfig, RotationConfig},
     tunnel::TunnelPool,
     upstream::Connector,
-    listener::{self, ProxyContext},
+    listener::{
+        self, ProxyContext,
+        drain::{Drain, Phase},
+    },
     stats::ProxyStats,
     telemetry::{self, MeshSources, Telemetry, TelemetryOptions},
 };
@@ -47,7 +50,20 @@ pub struct Options {
     pub ca: Option<CaOptions>,
     pub trust_domain: String,
     pub telemetry: TelemetryOptions,
+    /// bpffs directory of this node's pinned capture (links and shared maps), which a new
+    /// proxy takes over from the running one.
+    pub bpf_pin_dir: PathBuf,
+    /// On SIGTERM, how long in-flight requests and connections get to finish.
+    pub drain_timeout: Duration,
 }
+
+/// `--bpf-pin-dir` default: where Cilium and bpftool users expect pins.
+pub const DEFAULT_BPF_PIN_DIR: &str = "/sys/fs/bpf/mesh";
+/// `--drain-timeout` default: Kubernetes' default terminationGracePeriodSeconds (30 s) minus a
+/// margin for the final close and exit.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
+/// After the drain timeout, how long closing connections get before the process exits.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Where the node gets workload certificates.
 #[derive(Clone, Debug)]
@@ -61,11 +77,32 @@ pub struct CaOptions {
     pub cert_ttl: Duration,
 }
 
+/// Binds with SO_REUSEPORT: a new proxy binds the same ports while this one still serves,
+/// the kernel spreads new connections over both, and when this one closes its listeners the
+/// successor has them all (with `tcp_migrate_req`, also those still in our accept queues).
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     sock.set_reuseaddr(true)?;
+    sock.set_reuseport(true)?;
     sock.bind(addr).with_context(|| format!("binding the {what} listener to {addr}"))?;
     Ok(sock.listen(1024)?)
+}
+
+const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Turns on `net.ipv4.tcp_migrate_req` in our network namespace (the node's): when a proxy
+/// closes a listener, the connections in its accept queue (handshake done or in progress, not
+/// yet accepted) move to the successor's listener of the same SO_REUSEPORT group instead of
+/// being reset. It affects only reuseport groups.
+fn enable_listener_migration() {
+    match std::fs::read_to_string(MIGRATE_REQ) {
+        Ok(v) if v.trim() == "1" => debug!("tcp_migrate_req already on"),
+        Ok(_) => match std::fs::write(MIGRATE_REQ, "1") {
+            Ok(()) => info!("net.ipv4.tcp_migrate_req=1: connections queued on a stopping proxy's listeners move to its successor"),
+            Err(e) => warn!("cannot set net.ipv4.tcp_migrate_req=1 ({e}): connections queued on this proxy's listeners when it stops will be reset; set it on the node"),
+        },
+        Err(e) => warn!("cannot read {MIGRATE_REQ} ({e}; kernel older than 5.14?): connections queued on this proxy's listeners when it stops will be reset"),
+    }
 }
 
 /// Requests certificates for this node's mesh workloads ahead of time: the inbound side must
@@ -116,6 +153,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         proxy_ip,
         proxy_port: opts.outbound_port,
         bpf_log_level: opts.bpf_log_level,
+        pin_dir: opts.bpf_pin_dir.clone(),
     })?;
     capture.sync(&cluster, &opts.node);
 
@@ -124,6 +162,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         None => config::spawn_watcher(opts.config_dir.clone(), cluster, opts.config_poll),
     };
     let stats = Arc::new(ProxyStats::default());
+    let drain = Arc::new(Drain::default());
     let tls = match &opts.ca {
         Some(ca) => {
             let certs = CertManager::new(CertManagerConfig {
@@ -180,10 +219,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         pool: Pool::new(connector.clone()),
         connector,
         telemetry: telemetry.clone(),
+        drain: drain.clone(),
     });
     let unspecified: IpAddr = if proxy_ip.is_ipv4() { [0, 0, 0, 0].into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() };
     let outbound_addr = SocketAddr::new(unspecified, opts.outbound_port);
     let inbound_addr = SocketAddr::new(unspecified, opts.inbound_port);
+    enable_listener_migration();
     let outbound = bind(outbound_addr, "outbound").await?;
     let inbound = bind(inbound_addr, "inbound").await?;
     let admin_listener = bind(opts.admin, "admin").await?;
@@ -205,6 +246,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             .collect(),
         started: std::time::SystemTime::now(),
     });
+    // Each task owns its listener: aborting it closes the listener.
     let mut tasks = vec![
         tokio::spawn(listener::outbound::serve(outbound, ctx.clone())),
         tokio::spawn(listener::inbound::serve(inbound, ctx.clone())),
@@ -217,7 +259,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         info!(%addr, "metrics on /metrics");
     }
     admin_state.set_ready();
-    info!(node = %opts.node, outbound = opts.outbound_port, inbound = opts.inbound_port, "node proxy ready");
+    info!(node = %opts.node, outbound = opts.outbound_port, inbound = opts.inbound_port, pid = std::process::id(), start = ?capture.start(), "node proxy ready");
 
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
@@ -246,12 +288,64 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
         }
     }
-    for task in tasks {
+    shutdown(capture, tasks, &drain, &admin_state, opts.drain_timeout).await;
+    telemetry.flush();
+    Ok(())
+}
+
+/// Hands over to a successor, or uninstalls when there is none, then drains.
+async fn shutdown(capture: Capture, tasks: Vec<tokio::task::JoinHandle<()>>, drain: &Drain, admin_state: &AdminState, drain_timeout: Duration) {
+    let started = std::time::Instant::now();
+    // Without a successor, detach first: pods' new connections then go where they were going
+    // (as without the mesh) instead of to the listeners we are about to close.
+    let capture = match capture.superseded() {
+        Ok(true) => {
+            info!("a new proxy has taken the capture over; leaving it attached");
+            Some(capture)
+        }
+        Ok(false) => {
+            release(capture);
+            None
+        }
+        Err(e) => {
+            warn!("checking for a successor: {e}; leaving the capture attached");
+            Some(capture)
+        }
+    };
+    admin_state.ready.store(false, std::sync::atomic::Ordering::Release);
+    // Closing the listeners: new connections go to the successor (same ports, SO_REUSEPORT),
+    // and the kernel migrates those still queued here (tcp_migrate_req).
+    for task in &tasks {
         task.abort();
     }
-    telemetry.flush();
-    // Dropping the capture closes its bpf_links: the programs detach from the cgroup now.
-    drop(capture);
-    info!("capture detached; bye");
-    Ok(())
+    for task in tasks {
+        let _ = task.await;
+    }
+    let open = drain.open_connections();
+    info!(open_connections = open, timeout = ?drain_timeout, "listeners closed; draining");
+    drain.set(Phase::Draining);
+    let left = drain.wait_idle(drain_timeout).await;
+    if left > 0 {
+        info!(open_connections = left, "drain timeout: closing the connections still open");
+        drain.set(Phase::Closing);
+        let cut = drain.wait_idle(CLOSE_GRACE).await;
+        if cut > 0 {
+            warn!(connections = cut, "connections cut at exit");
+        }
+    }
+    info!(drain_ms = started.elapsed().as_millis() as u64, "drained");
+    if let Some(capture) = capture {
+        // Checks once more: leaves the capture to the successor, or detaches it if the links
+        // run our programs after all.
+        release(capture);
+    }
+    info!("bye");
+}
+
+fn release(capture: Capture) {
+    match capture.release() {
+        Ok(Release::HandedOver) => info!("capture left attached for the new proxy"),
+        Ok(Release::Detached { links, maps }) => info!(links, maps, "no successor: capture detached and unpinned"),
+        Err(e) => warn!("detaching the capture: {e} (run `mesh-node uninstall`)"),
+    }
 }

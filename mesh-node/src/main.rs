@@ -22,6 +22,13 @@ enum Command {
     },
     /// Run the mesh CA: signs workload certificates for node proxies over gRPC (TLS).
     Ca(mesh_node::ca::CaArgs),
+    /// Detach this node's capture and remove its bpffs pins (what a proxy stopping with no
+    /// successor does; for uninstalling after a crash, or with the proxy still running).
+    Uninstall {
+        /// bpffs directory of the node's pinned capture (as given to `run`).
+        #[arg(long, env = "MESH_BPF_PIN_DIR", default_value = daemon::DEFAULT_BPF_PIN_DIR)]
+        bpf_pin_dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -101,6 +108,15 @@ struct RunArgs {
     /// Access log on stdout, one line per request or connection: off, text or json.
     #[arg(long, env = "MESH_ACCESS_LOG", default_value = "off")]
     access_log: mesh_node::telemetry::AccessLogFormat,
+    /// bpffs directory where the capture's links and shared maps are pinned: a new proxy
+    /// started beside a running one takes them over, so restarts and upgrades lose nothing.
+    /// One directory per node.
+    #[arg(long, env = "MESH_BPF_PIN_DIR", default_value = daemon::DEFAULT_BPF_PIN_DIR)]
+    bpf_pin_dir: PathBuf,
+    /// On SIGTERM, how long in-flight requests and connections get to finish, in
+    /// milliseconds (keep it below the pod's terminationGracePeriodSeconds).
+    #[arg(long, env = "MESH_DRAIN_TIMEOUT_MS", default_value_t = daemon::DEFAULT_DRAIN_TIMEOUT.as_millis() as u64)]
+    drain_timeout_ms: u64,
 }
 
 /// `--metrics`: an address, or `off`.
@@ -140,6 +156,16 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Ca(args) => mesh_node::ca::run_cli(args),
+        Command::Uninstall { bpf_pin_dir } => match mesh_node::capture::uninstall(&bpf_pin_dir) {
+            Ok((links, maps)) => {
+                println!("{}: {links} links detached, {maps} maps unpinned", bpf_pin_dir.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mesh-node uninstall: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Validate { dir } => match Cluster::load_dir(&dir) {
             Ok(cluster) => {
                 println!(
@@ -198,6 +224,8 @@ fn main() -> ExitCode {
                     trace_sampling: args.trace_sampling,
                     access_log: args.access_log,
                 },
+                bpf_pin_dir: args.bpf_pin_dir,
+                drain_timeout: Duration::from_millis(args.drain_timeout_ms),
             };
             let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads.max(1)).enable_all().build() {
                 Ok(rt) => rt,

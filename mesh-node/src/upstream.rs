@@ -38,14 +38,25 @@ pub fn reset(stream: TcpStream) {
 /// node's proxy.
 pub enum UpstreamIo {
     Direct(TcpStream),
-    Tunnel(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>),
+    Tunnel(crate::tunnel::Tunnel),
+}
+
+impl UpstreamIo {
+    /// For a tunnel: becomes `true` once the far node proxy is draining (see
+    /// [`crate::tunnel::Tunnel::goaway`]); pools should not reuse a connection riding it.
+    pub fn tunnel_goaway(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        match self {
+            UpstreamIo::Direct(_) => None,
+            UpstreamIo::Tunnel(t) => Some(t.goaway()),
+        }
+    }
 }
 
 impl AsyncRead for UpstreamIo {
     fn poll_read(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Direct(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Tunnel(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tunnel(s) => std::pin::Pin::new(&mut s.io).poll_read(cx, buf),
         }
     }
 }
@@ -54,21 +65,21 @@ impl AsyncWrite for UpstreamIo {
     fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamIo::Direct(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            UpstreamIo::Tunnel(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tunnel(s) => std::pin::Pin::new(&mut s.io).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Direct(s) => std::pin::Pin::new(s).poll_flush(cx),
-            UpstreamIo::Tunnel(s) => std::pin::Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tunnel(s) => std::pin::Pin::new(&mut s.io).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Direct(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            UpstreamIo::Tunnel(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tunnel(s) => std::pin::Pin::new(&mut s.io).poll_shutdown(cx),
         }
     }
 }

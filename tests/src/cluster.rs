@@ -8,8 +8,12 @@
 //!   other nodes' pod subnets. No default route: nothing here can reach the outside world.
 //! - `<id>-p<k>`: a pod, 10.244.<node>.<k+10>, default route via its node.
 //!
-//! Everything is torn down on drop (also when a test panics): processes killed, namespaces
-//! deleted, cgroups removed.
+//! Each node proxy pins its capture (bpf links and shared maps) in its own directory of a bpffs
+//! the cluster mounts for itself (`<tmp>/mesh-e2e-<id>/bpffs/<node>`), so clusters never share
+//! pins and a restarted proxy takes its predecessor's over.
+//!
+//! Everything is torn down on drop (also when a test panics): processes killed, pins removed and
+//! the bpffs unmounted, namespaces deleted, cgroups removed.
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -136,7 +140,23 @@ pub struct SimNode {
     pub netns: String,
     pub cgroup: PathBuf,
     proxy: Mutex<Option<Child>>,
+    /// The extra `mesh-node run` arguments the proxy was started with (a restart reuses them).
+    proxy_args: Mutex<Vec<String>>,
 }
+
+/// What [`SimCluster::restart_proxy`] saw.
+#[derive(Debug)]
+pub struct Restart {
+    /// From starting the successor to its readiness.
+    pub successor_ready: Duration,
+    /// From SIGTERM to the old proxy's exit: its drain.
+    pub old_drain: Duration,
+    pub old_exit: std::process::ExitStatus,
+}
+
+/// The node proxies' drain timeout in the simulated cluster: short, so a test that stops a
+/// proxy with connections left open does not wait long, but far above what a drain needs.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
 
 pub struct SimCluster {
     pub id: String,
@@ -151,6 +171,9 @@ pub struct SimCluster {
     ca: Mutex<Option<Child>>,
     /// The CA's state (root key and certificate) and the node tokens.
     pub ca_dir: PathBuf,
+    /// This cluster's own bpffs (mounted once the directory exists and is mounted).
+    bpffs: PathBuf,
+    bpffs_mounted: bool,
 }
 
 /// Where the mesh CA listens: an address on the switch bridge, reachable from every node.
@@ -182,11 +205,16 @@ impl SimCluster {
             log_dir: log_dir.clone(),
             ca: Mutex::new(None),
             ca_dir: base.join("ca"),
+            bpffs: base.join("bpffs"),
+            bpffs_mounted: false,
         };
         // From here on, Drop cleans up whatever was built, also if building fails half way.
         fs::create_dir_all(&config_dir)?;
         fs::create_dir_all(&log_dir)?;
         fs::create_dir(&root_cgroup).with_context(|| format!("creating cgroup {}", root_cgroup.display()))?;
+        fs::create_dir_all(&cluster.bpffs)?;
+        sys::mount_bpffs(&cluster.bpffs)?;
+        cluster.bpffs_mounted = true;
         cluster.build_network()?;
         cluster.write_config()?;
         if spec.mtls {
@@ -227,7 +255,7 @@ impl SimCluster {
             sys::sysctl_in(&ns, "net.ipv4.ip_forward", "1")?;
             let cgroup = self.root_cgroup.join(node_name(i));
             fs::create_dir(&cgroup)?;
-            self.nodes.push(SimNode { name: node_name(i), ip, netns: ns, cgroup, proxy: Mutex::new(None) });
+            self.nodes.push(SimNode { name: node_name(i), ip, netns: ns, cgroup, proxy: Mutex::new(None), proxy_args: Mutex::new(Vec::new()) });
         }
         for i in 0..self.spec.nodes {
             for j in (0..self.spec.nodes).filter(|j| *j != i) {
@@ -366,6 +394,11 @@ impl SimCluster {
         fs::read_to_string(self.log_dir.join(format!("{}.log", self.nodes[node].name))).unwrap_or_default()
     }
 
+    /// The proxy log without terminal colours, so fields match as written (`pid=42`).
+    pub fn proxy_log_plain(&self, node: usize) -> String {
+        strip_ansi(&self.proxy_log(node))
+    }
+
     fn net_netns(&self) -> String {
         format!("{}-net", self.id)
     }
@@ -441,6 +474,23 @@ impl SimCluster {
 
     /// Like [`Self::start_proxy`], with extra `mesh-node run` arguments (telemetry flags...).
     pub fn start_proxy_with(&self, i: usize, extra_args: &[&str]) -> anyhow::Result<()> {
+        *self.nodes[i].proxy_args.lock().unwrap() = extra_args.iter().map(|a| a.to_string()).collect();
+        let mut child = self.spawn_proxy(i)?;
+        if let Err(e) = self.wait_ready(i, &mut child) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        *self.nodes[i].proxy.lock().unwrap() = Some(child);
+        Ok(())
+    }
+
+    /// node i's bpffs pin directory (`--bpf-pin-dir`).
+    pub fn pin_dir(&self, i: usize) -> PathBuf {
+        self.bpffs.join(&self.nodes[i].name)
+    }
+
+    fn spawn_proxy(&self, i: usize) -> anyhow::Result<Child> {
         let node = &self.nodes[i];
         let cgroup = node.cgroup.join("mesh-node");
         if !cgroup.exists() {
@@ -452,7 +502,10 @@ impl SimCluster {
             .arg("--config")
             .arg(&self.config_dir)
             .arg("--cgroup")
-            .arg(&node.cgroup);
+            .arg(&node.cgroup)
+            .arg("--bpf-pin-dir")
+            .arg(self.pin_dir(i))
+            .args(["--drain-timeout-ms", &DRAIN_TIMEOUT.as_millis().to_string()]);
         if self.spec.mtls {
             cmd.args(["--ca-address", CA_ADDRESS])
                 .arg("--ca-root")
@@ -463,33 +516,69 @@ impl SimCluster {
                 cmd.args(["--cert-ttl-secs", &ttl.to_string()]);
             }
         }
-        cmd.args(extra_args);
-        let child = cmd
-            .env("MESH_LOG", std::env::var("MESH_LOG").unwrap_or_else(|_| "info".into()))
+        cmd.args(node.proxy_args.lock().unwrap().iter());
+        cmd.env("MESH_LOG", std::env::var("MESH_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .enter(Some(&node.netns), Some(&cgroup))?
             .spawn()
-            .context("starting mesh-node")?;
-        *node.proxy.lock().unwrap() = Some(child);
-        self.wait_ready(i)
+            .context("starting mesh-node")
     }
 
-    fn wait_ready(&self, i: usize) -> anyhow::Result<()> {
+    /// Waits for this very process's "node proxy ready" line: while a predecessor still runs,
+    /// the admin and readiness ports (shared through SO_REUSEPORT) may answer for either.
+    fn wait_ready(&self, i: usize, child: &mut Child) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
+        let pid = format!("pid={}", child.id());
         while Instant::now() < deadline {
-            if let Some(child) = self.nodes[i].proxy.lock().unwrap().as_mut()
-                && let Some(status) = child.try_wait()?
-            {
+            if let Some(status) = child.try_wait()? {
                 bail!("mesh-node on {} exited with {status}:\n{}", self.nodes[i].name, self.proxy_log(i));
             }
-            if self.meshctl(i, &["ready"]).is_ok_and(|o| o.status.success()) {
+            if self.proxy_log_plain(i).lines().any(|l| l.contains("node proxy ready") && l.contains(&pid)) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         bail!("mesh-node on {} not ready after 20s:\n{}", self.nodes[i].name, self.proxy_log(i))
+    }
+
+    /// Restarts node i's proxy as a rolling update would: starts the successor beside the
+    /// running one (same ports, same pinned capture), waits until it is ready, then stops the
+    /// old one with SIGTERM and waits for it to drain and exit.
+    pub fn restart_proxy(&self, i: usize) -> anyhow::Result<Restart> {
+        let started = Instant::now();
+        let mut successor = self.spawn_proxy(i)?;
+        if let Err(e) = self.wait_ready(i, &mut successor) {
+            let _ = successor.kill();
+            let _ = successor.wait();
+            return Err(e.context(format!("successor proxy on {}", self.nodes[i].name)));
+        }
+        let successor_ready = started.elapsed();
+        let old = self.nodes[i].proxy.lock().unwrap().replace(successor);
+        let Some(mut old) = old else { bail!("no proxy was running on node {i}") };
+        let stopping = Instant::now();
+        unsafe { libc::kill(old.id() as i32, libc::SIGTERM) };
+        let old_exit = match wait_timeout(&mut old, DRAIN_TIMEOUT + Duration::from_secs(5)) {
+            Ok(status) => status,
+            Err(e) => {
+                let _ = old.kill();
+                let _ = old.wait();
+                return Err(e.context(format!("old proxy on {} did not exit after SIGTERM:\n{}", self.nodes[i].name, self.proxy_log(i))));
+            }
+        };
+        Ok(Restart { successor_ready, old_drain: stopping.elapsed(), old_exit })
+    }
+
+    /// Runs `mesh-node uninstall` for node i's pin directory; fails unless it succeeds.
+    pub fn uninstall(&self, i: usize) -> anyhow::Result<String> {
+        let mut cmd = Command::new(bins::path("mesh-node"));
+        cmd.arg("uninstall").arg("--bpf-pin-dir").arg(self.pin_dir(i)).stdin(Stdio::null());
+        let out = run_with_timeout(cmd, Duration::from_secs(10))?;
+        if !out.status.success() {
+            bail!("mesh-node uninstall: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The processes of the running node proxies, node by node: each `mesh-node` child and
@@ -514,7 +603,7 @@ impl SimCluster {
     pub fn stop_proxy(&self, i: usize) -> anyhow::Result<std::process::ExitStatus> {
         let Some(mut child) = self.nodes[i].proxy.lock().unwrap().take() else { bail!("no proxy running on node {i}") };
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        wait_timeout(&mut child, Duration::from_secs(10)).context("mesh-node did not exit after SIGTERM")
+        wait_timeout(&mut child, DRAIN_TIMEOUT + Duration::from_secs(5)).context("mesh-node did not exit after SIGTERM")
     }
 
     /// Runs `meshctl` in node i's network namespace (the admin port is node-local loopback).
@@ -702,6 +791,10 @@ impl Drop for SimCluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // Pins of proxies killed above (or that crashed): unpinning detaches their links.
+        if self.bpffs_mounted {
+            sys::unmount_bpffs(&self.bpffs);
+        }
         sys::remove_cgroup_tree(&self.root_cgroup);
         for ns in self.namespaces.iter().rev() {
             let _ = sys::ip(&["netns", "del", ns]);
@@ -710,6 +803,24 @@ impl Drop for SimCluster {
             let _ = fs::remove_dir_all(self.config_dir.parent().unwrap_or(&self.config_dir));
         }
     }
+}
+
+/// Removes ANSI escape sequences (`ESC [ ... letter`).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn rand_u64() -> u64 {

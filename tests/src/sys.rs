@@ -88,6 +88,38 @@ fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// Mounts a bpf filesystem of its own at `dir` (an empty directory).
+pub fn mount_bpffs(dir: &Path) -> anyhow::Result<()> {
+    let target = CString::new(dir.to_string_lossy().into_owned())?;
+    let (src, fstype) = (CString::new("bpf")?, CString::new("bpf")?);
+    // SAFETY: NUL-terminated strings that outlive the call; no mount data.
+    if unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) } != 0 {
+        bail!("mounting a bpffs at {}: {}", dir.display(), std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Removes every pin under a bpffs mount (unpinned links detach) and unmounts it.
+pub fn unmount_bpffs(dir: &Path) {
+    let mut dirs = Vec::new();
+    collect_dirs(dir, &mut dirs);
+    for d in dirs.iter().rev() {
+        if let Ok(entries) = fs::read_dir(d) {
+            for e in entries.flatten().filter(|e| !e.file_type().is_ok_and(|t| t.is_dir())) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        if d != dir {
+            let _ = fs::remove_dir(d);
+        }
+    }
+    let Ok(target) = CString::new(dir.to_string_lossy().into_owned()) else { return };
+    // SAFETY: a NUL-terminated path.
+    if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+        eprintln!("harness: unmounting {}: {}", dir.display(), std::io::Error::last_os_error());
+    }
+}
+
 /// Starts a command inside a network namespace and a cgroup, without `ip netns exec` (which
 /// remounts /sys and would hide cgroupfs from the child).
 pub trait EnterExt {

@@ -1,24 +1,30 @@
 //! Loads the eBPF capture programs, attaches them to the node's pod cgroup, and keeps their maps
 //! in step with the cluster config.
 //!
-//! Dropping [`Capture`] detaches everything: the programs are attached through bpf_links owned
-//! by this process, so even a crash leaves nothing behind.
+//! The programs' links and shared maps are pinned in bpffs ([`pin`]), so the capture outlives
+//! the process: a new proxy started beside a running one takes the links over (each now runs
+//! the new program) and the live maps with them, and the old proxy, seeing its programs
+//! replaced, leaves everything in place when it stops. A proxy that stops with no successor
+//! ([`Capture::release`]) and `mesh-node uninstall` detach and unpin everything. A proxy that
+//! crashes leaves the capture attached (pods' connections are refused until a proxy runs
+//! again, rather than escaping the mesh's policies).
 pub mod cgroup;
 mod orig_dst;
+pub mod pin;
 mod view;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
-    os::fd::AsFd as _,
-    path::PathBuf,
+    os::fd::{AsFd as _, OwnedFd},
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps},
+    programs::{CgroupSkb, CgroupSockAddr, SockOps},
 };
 use mesh_common::{CaptureConfig, DEST_POD_IP, DEST_SERVICE_VIP, MTLS_OPEN, MTLS_STRICT, PodEntry, PodPort, counter};
 pub use orig_dst::OrigDstTable;
@@ -45,6 +51,8 @@ pub enum CaptureError {
     Missing(&'static str),
     #[error("the capture needs an IPv4 address for the node proxy, got {0}")]
     NotIpv4(IpAddr),
+    #[error(transparent)]
+    Pin(#[from] pin::PinError),
 }
 
 /// Where captured connections should go, and what to attach to.
@@ -57,6 +65,39 @@ pub struct CaptureOptions {
     pub proxy_port: u16,
     /// aya-log level for the kernel programs (0 off .. 5 trace).
     pub bpf_log_level: u8,
+    /// bpffs directory where links and shared maps are pinned (one per node).
+    pub pin_dir: PathBuf,
+}
+
+/// The maps a new proxy shares with the one it replaces (everything but the log buffer and
+/// the programs' read-only globals, which belong to each loaded object).
+const SHARED_MAPS: [&str; 8] = ["CONFIG", "ENROLLED", "MESH_DESTS", "SOCK_ORIG", "ORIG_DST", "COUNTERS", "INBOUND_MTLS", "PROXY_SOURCES"];
+
+/// The programs and the cgroup hooks they are linked to.
+const HOOKS: [(&str, u32); 4] = [
+    ("mesh_connect4", pin::BPF_CGROUP_INET4_CONNECT),
+    ("mesh_connect6", pin::BPF_CGROUP_INET6_CONNECT),
+    ("mesh_sockops", pin::BPF_CGROUP_SOCK_OPS),
+    ("mesh_inbound", pin::BPF_CGROUP_INET_INGRESS),
+];
+
+/// How the capture was set up at start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Start {
+    /// Nothing was pinned: attached anew.
+    Fresh,
+    /// A previous proxy's links and maps were taken over.
+    TookOver,
+}
+
+/// What [`Capture::release`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// Another proxy has taken the links over: everything stays attached and pinned for it.
+    HandedOver,
+    /// No successor: links detached, pins removed.
+    Detached { links: usize, maps: usize },
 }
 
 /// What the capture currently knows, for the admin endpoint and `meshctl`.
@@ -79,6 +120,12 @@ pub struct Capture {
     state: Arc<Mutex<CaptureState>>,
     cgroup: PathBuf,
     view: Arc<BpfView>,
+    pin_dir: PathBuf,
+    /// Our links (also pinned); holding them open is not what keeps them attached, the pins are.
+    _links: Vec<OwnedFd>,
+    /// Kernel ids of our programs: a pinned link running another program means a successor.
+    prog_ids: Vec<u32>,
+    start: Start,
 }
 
 /// Per-CPU counters of the kernel programs.
@@ -110,11 +157,21 @@ impl Capture {
             return Err(CaptureError::NotIpv4(opts.proxy_ip));
         };
         let cgroup_path = cgroup::resolve(&opts.cgroup)?;
+        let cgroup_id = cgroup::cgroup_id(&cgroup_path).map_err(|e| CaptureError::Cgroup { path: cgroup_path.clone(), reason: e.to_string() })?;
         raise_memlock_limit();
 
-        let mut ebpf = EbpfLoader::new()
-            .override_global(aya_log::LEVEL, &opts.bpf_log_level, false)
-            .load(EBPF_OBJECT)?;
+        // Held until the links are in place: a stopping proxy or an uninstall waits for us.
+        let pins = pin::PinDir::lock(&opts.pin_dir)?;
+        let maps_dir = pins.maps_dir()?;
+        let mut loader = EbpfLoader::new();
+        loader.override_global(aya_log::LEVEL, &opts.bpf_log_level, false);
+        let map_paths: Vec<(&str, PathBuf)> = SHARED_MAPS.iter().map(|m| (*m, maps_dir.join(m))).collect();
+        for (name, path) in &map_paths {
+            // Loads the pinned map if there is one (a running or previous proxy's), else
+            // creates and pins it.
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_log_reader(logger),
             Err(e) => debug!("eBPF logs unavailable: {e}"),
@@ -124,7 +181,7 @@ impl Capture {
             path: cgroup_path.clone(),
             reason: e.to_string(),
         })?;
-        // Load both programs before taking maps out of the object: loading resolves map
+        // Load every program before taking maps out of the object: loading resolves map
         // references through the object's own map fds.
         let connect4: &mut CgroupSockAddr = program(&mut ebpf, "mesh_connect4")?;
         connect4.load().map_err(|source| CaptureError::Program { name: "mesh_connect4", source })?;
@@ -155,29 +212,90 @@ impl Capture {
         // The loaded programs hold their own references to CONFIG.
         drop(config);
 
-        // bpf_link attachments are always multi-attach in the kernel (flags must be 0), so we
-        // coexist with the CNI's and the host's own cgroup programs.
-        let connect4: &mut CgroupSockAddr = program(&mut ebpf, "mesh_connect4")?;
-        connect4
-            .attach(cgroup_file.as_fd(), CgroupAttachMode::Single)
-            .map_err(|source| CaptureError::Program { name: "mesh_connect4", source })?;
-        let connect6: &mut CgroupSockAddr = program(&mut ebpf, "mesh_connect6")?;
-        connect6
-            .attach(cgroup_file.as_fd(), CgroupAttachMode::Single)
-            .map_err(|source| CaptureError::Program { name: "mesh_connect6", source })?;
-        let sockops: &mut SockOps = program(&mut ebpf, "mesh_sockops")?;
-        sockops
-            .attach(cgroup_file.as_fd(), CgroupAttachMode::Single)
-            .map_err(|source| CaptureError::Program { name: "mesh_sockops", source })?;
-        let inbound: &mut CgroupSkb = program(&mut ebpf, "mesh_inbound")?;
-        inbound
-            .attach(cgroup_file.as_fd(), CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
-            .map_err(|source| CaptureError::Program { name: "mesh_inbound", source })?;
-        info!(cgroup = %cgroup_path.display(), proxy = %format!("{proxy_ip4}:{}", opts.proxy_port), "capture attached");
+        // Link each program: a pinned link (a running or previous proxy's) is switched to our
+        // program in one atomic step, so no connect in between goes uncaptured; otherwise a new
+        // link is attached. bpf_links are multi-attach: the CNI's and the host's own cgroup
+        // programs keep running.
+        let mut links = Vec::new();
+        let mut prog_ids = Vec::new();
+        let mut took_over = 0;
+        for (name, attach_type) in HOOKS {
+            let prog = ebpf.program(name).ok_or(CaptureError::Missing(name))?;
+            let prog_fd = prog.fd().map_err(|source| CaptureError::Program { name, source })?;
+            let id = prog.info().map_err(|source| CaptureError::Program { name, source })?.id();
+            let (link, setup) = pins.install_link(name, prog_fd.as_fd(), cgroup_file.as_fd(), cgroup_id, attach_type)?;
+            match setup {
+                pin::LinkSetup::Created => debug!(program = name, prog_id = id, "attached"),
+                pin::LinkSetup::TookOver { previous_prog } => {
+                    took_over += 1;
+                    info!(program = name, prog_id = id, previous_prog, "took over the pinned link");
+                }
+            }
+            links.push(link);
+            prog_ids.push(id);
+        }
+        pins.remove_stale_maps();
+        drop(pins);
+        let start = if took_over > 0 { Start::TookOver } else { Start::Fresh };
+        info!(
+            cgroup = %cgroup_path.display(),
+            proxy = %format!("{proxy_ip4}:{}", opts.proxy_port),
+            pin_dir = %opts.pin_dir.display(),
+            ?start,
+            "capture attached"
+        );
 
         let state = Arc::new(Mutex::new(CaptureState { cgroup: cgroup_path.clone(), ..Default::default() }));
         let view = Arc::new(BpfView::open(&ebpf, &cgroup_path, view_maps));
-        Ok(Self { ebpf, enrolled, dests, inbound_mtls, proxy_sources, counters, orig_dst, state, cgroup: cgroup_path, view })
+        Ok(Self {
+            ebpf,
+            enrolled,
+            dests,
+            inbound_mtls,
+            proxy_sources,
+            counters,
+            orig_dst,
+            state,
+            cgroup: cgroup_path,
+            view,
+            pin_dir: opts.pin_dir.clone(),
+            _links: links,
+            prog_ids,
+            start,
+        })
+    }
+
+    /// Whether this capture started fresh or took over a previous proxy's.
+    pub fn start(&self) -> Start {
+        self.start
+    }
+
+    /// Whether another proxy has taken the links over since we attached.
+    pub fn superseded(&self) -> Result<bool, CaptureError> {
+        let pins = pin::PinDir::lock(&self.pin_dir)?;
+        Ok(self.superseded_in(&pins))
+    }
+
+    fn superseded_in(&self, pins: &pin::PinDir) -> bool {
+        pins.links().iter().any(|(name, state)| match state {
+            Ok(s) => !self.prog_ids.contains(&s.prog_id),
+            Err(e) => {
+                warn!(link = name, "pinned link: {e}");
+                false
+            }
+        })
+    }
+
+    /// Stops capturing, unless a successor has taken over: then its links and the shared maps
+    /// stay as they are. Without one, detaches every link and removes the pins, so a clean
+    /// exit leaves nothing attached.
+    pub fn release(self) -> Result<Release, CaptureError> {
+        let pins = pin::PinDir::lock(&self.pin_dir)?;
+        if self.superseded_in(&pins) {
+            return Ok(Release::HandedOver);
+        }
+        let (links, maps) = pins.remove_all()?;
+        Ok(Release::Detached { links, maps })
     }
 
     pub fn orig_dst(&self) -> Arc<OrigDstTable> {
@@ -350,4 +468,10 @@ fn spawn_log_reader(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
             guard.clear_ready();
         }
     });
+}
+
+/// `mesh-node uninstall`: detaches the capture pinned in `pin_dir` and removes its pins, whether
+/// or not a proxy still runs. Returns (links detached, maps unpinned).
+pub fn uninstall(pin_dir: &Path) -> Result<(usize, usize), CaptureError> {
+    Ok(pin::uninstall(pin_dir)?)
 }

@@ -8,7 +8,14 @@ pub mod replay;
 pub mod retry;
 pub mod router;
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
@@ -17,9 +24,10 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
+use tokio::sync::Notify;
 use tracing::debug;
 
-use crate::listener::ProxyContext;
+use crate::listener::{ProxyContext, drain::Phase};
 pub use replay::BoxError;
 
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -51,14 +59,61 @@ where
     });
     let io = crate::telemetry::connections::Counted::new(io, Some(live.bytes().clone()), Vec::new());
     let conn = Arc::new(proxy::Downstream { peer, target, source });
-    let service = service_fn(move |req| {
-        let ctx = ctx.clone();
-        let conn = conn.clone();
-        async move { Ok::<_, Infallible>(proxy::handle(req, conn, ctx).await) }
+    let mut drain = ctx.drain.signal();
+    // Whether the client speaks HTTP/2 (known from its first request), and a wake-up for a
+    // draining connection that turns out to be HTTP/2.
+    let is_h2 = Arc::new(AtomicBool::new(false));
+    let h2_while_draining = Arc::new(Notify::new());
+    let service = service_fn({
+        let (drain, is_h2, h2_while_draining) = (drain.clone(), is_h2.clone(), h2_while_draining.clone());
+        move |req: hyper::Request<hyper::body::Incoming>| {
+            let ctx = ctx.clone();
+            let conn = conn.clone();
+            let version = req.version();
+            if version == hyper::Version::HTTP_2 {
+                is_h2.store(true, Ordering::Relaxed);
+                if drain.is_draining() {
+                    h2_while_draining.notify_one();
+                }
+            }
+            let drain = drain.clone();
+            async move {
+                let mut res = proxy::handle(req, conn, ctx).await;
+                // Draining (Envoy's behaviour): an HTTP/1.1 client learns from this answer to
+                // open its next connection anew, which reaches our successor; hyper closes the
+                // connection once the answer is written. Closing an idle keep-alive connection
+                // instead could race with a request the client is sending on it.
+                if drain.is_draining() && version < hyper::Version::HTTP_2 {
+                    res.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(res)
+            }
+        }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http2().timer(hyper_util::rt::TokioTimer::new());
-    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), service).await {
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    // When to shut the connection down gracefully: HTTP/2 at once when the drain starts (GOAWAY:
+    // the client sends new requests on a new connection; streams in flight finish); HTTP/1.1
+    // only at the end of the drain (closes it if idle, else after the answer in flight).
+    let shutdown = async {
+        drain.reached(Phase::Draining).await;
+        if !is_h2.load(Ordering::Relaxed) {
+            tokio::select! {
+                _ = drain.reached(Phase::Closing) => {}
+                _ = h2_while_draining.notified() => {}
+            }
+        }
+    };
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         debug!(%peer, "downstream connection: {e}");
     }
     drop(live);

@@ -13,6 +13,7 @@ use hyper::{
     client::conn::{http1, http2},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::watch;
 use tracing::debug;
 
 use super::replay::ReplayBody;
@@ -59,7 +60,18 @@ struct IdleH1 {
     sender: http1::SendRequest<ReplayBody>,
     since: Instant,
     used: u32,
+    /// For a connection through a tunnel: set when the far node proxy drains.
+    goaway: Option<watch::Receiver<bool>>,
 }
+
+/// Whether a connection rides a tunnel whose far node proxy is draining: it finishes the
+/// exchange in flight but takes no new one, so that proxy can stop (a new connection goes
+/// through a new tunnel, to its successor).
+fn draining(goaway: &Option<watch::Receiver<bool>>) -> bool {
+    goaway.as_ref().is_some_and(|g| *g.borrow())
+}
+
+type H2Slot = Arc<tokio::sync::Mutex<Option<(http2::SendRequest<ReplayBody>, Option<watch::Receiver<bool>>)>>>;
 
 /// Upstream connections belong to one calling identity: a connection opened for one pod (and
 /// authorized, and presenting that pod's certificate) is never reused for another.
@@ -68,7 +80,7 @@ type Key = (SocketAddr, Option<Identity>);
 #[derive(Default)]
 struct Endpoints {
     h1: HashMap<Key, Vec<IdleH1>>,
-    h2: HashMap<Key, Arc<tokio::sync::Mutex<Option<http2::SendRequest<ReplayBody>>>>>,
+    h2: HashMap<Key, H2Slot>,
 }
 
 pub struct Pool {
@@ -98,9 +110,11 @@ impl Pool {
             // Held across the connect so concurrent first requests share one connection.
             let mut slot = slot.lock().await;
             match slot.as_ref() {
-                Some(s) if !s.is_closed() => s.clone(),
+                Some((s, goaway)) if !s.is_closed() && !draining(goaway) => s.clone(),
                 _ => {
                     let io = self.connector.connect(endpoint, source, settings.connect_timeout).await?;
+                    let goaway = io.tunnel_goaway();
+                    self.retire_on_goaway(&goaway);
                     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                         .timer(hyper_util::rt::TokioTimer::new())
                         .handshake(TokioIo::new(io))
@@ -112,7 +126,7 @@ impl Pool {
                             debug!(%addr, "upstream h2 connection: {e}");
                         }
                     });
-                    *slot = Some(sender.clone());
+                    *slot = Some((sender.clone(), goaway));
                     sender
                 }
             }
@@ -124,10 +138,12 @@ impl Pool {
     async fn send_h1(&self, endpoint: &Endpoint, source: &Source, req: Request<ReplayBody>, settings: &PoolSettings) -> Result<Response<Incoming>, SendError> {
         let key: Key = (endpoint.addr, source.identity.clone());
         let reused = self.checkout_h1(&key, settings.idle_timeout);
-        let (mut sender, used) = match reused {
-            Some(idle) => (idle.sender, idle.used),
+        let (mut sender, used, goaway) = match reused {
+            Some(idle) => (idle.sender, idle.used, idle.goaway),
             None => {
                 let io = self.connector.connect(endpoint, source, settings.connect_timeout).await?;
+                let goaway = io.tunnel_goaway();
+                self.retire_on_goaway(&goaway);
                 let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await.map_err(SendError::Handshake)?;
                 let addr = endpoint.addr;
                 tokio::spawn(async move {
@@ -135,7 +151,7 @@ impl Pool {
                         debug!(%addr, "upstream h1 connection: {e}");
                     }
                 });
-                (sender, 0)
+                (sender, 0, goaway)
             }
         };
         let upgrade = req.headers().contains_key(hyper::header::UPGRADE);
@@ -146,9 +162,9 @@ impl Pool {
             // The connection is reusable once this response's body has been read.
             let idle = self.idle.clone();
             tokio::spawn(async move {
-                if sender.ready().await.is_ok() {
+                if sender.ready().await.is_ok() && !draining(&goaway) {
                     let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
-                    idle.h1.entry(key).or_default().push(IdleH1 { sender, since: Instant::now(), used });
+                    idle.h1.entry(key).or_default().push(IdleH1 { sender, since: Instant::now(), used, goaway });
                 }
             });
         }
@@ -159,11 +175,37 @@ impl Pool {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let stack = idle.h1.get_mut(key)?;
         while let Some(conn) = stack.pop() {
-            if conn.sender.is_ready() && conn.since.elapsed() < idle_timeout {
+            if conn.sender.is_ready() && conn.since.elapsed() < idle_timeout && !draining(&conn.goaway) {
                 return Some(conn);
             }
         }
         None
+    }
+
+    /// When the tunnel under a new connection reports GOAWAY, closes the idle pooled
+    /// connections riding draining tunnels at once, rather than at their next checkout: each
+    /// holds a stream open on the draining proxy, which waits for its streams before exiting.
+    fn retire_on_goaway(&self, goaway: &Option<watch::Receiver<bool>>) {
+        let Some(mut goaway) = goaway.clone() else { return };
+        let idle = self.idle.clone();
+        tokio::spawn(async move {
+            // Err: the tunnel connection is gone, and its pooled connections fail their checks.
+            if goaway.wait_for(|g| *g).await.is_err() {
+                return;
+            }
+            let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
+            for stack in idle.h1.values_mut() {
+                stack.retain(|c| !draining(&c.goaway));
+            }
+            for slot in idle.h2.values() {
+                // A slot being used right now is replaced by its next request instead.
+                if let Ok(mut slot) = slot.try_lock()
+                    && slot.as_ref().is_some_and(|(_, g)| draining(g))
+                {
+                    *slot = None;
+                }
+            }
+        });
     }
 
     /// Drops pooled connections to endpoints no longer in `live`.

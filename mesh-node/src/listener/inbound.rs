@@ -9,7 +9,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use super::ProxyContext;
+use super::{ProxyContext, drain::Phase};
 use crate::{
     authz::{self, Decision},
     identity::Identity,
@@ -31,7 +31,9 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
         };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
+        let open = ctx.drain.track();
         tokio::spawn(async move {
+            let _open = open;
             match ctx.connector.tunnels.tls().cloned() {
                 Some(tls) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream, peer)).await {
                     Err(_) => {
@@ -68,6 +70,7 @@ where
 {
     let addr = peer.addr;
     let peer = Arc::new(peer);
+    let mut drain = ctx.drain.signal();
     let service = service_fn(move |req| handle(req, peer.clone(), ctx.clone()));
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -75,7 +78,19 @@ where
         .initial_connection_window_size(tunnel::CONNECTION_WINDOW)
         .max_frame_size(tunnel::MAX_FRAME)
         .serve_connection(TokioIo::new(io), service);
-    if let Err(e) = conn.await {
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = drain.reached(Phase::Draining) => {
+            // GOAWAY: the peer opens new tunnel connections (to our successor, which shares the
+            // port) for new streams, while the streams already open here keep flowing until
+            // they end; the connection completes when the last one does.
+            debug!(peer = %addr, "draining: GOAWAY to the peer node proxy");
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         debug!(peer = %addr, "inbound connection: {e}");
     }
 }

@@ -1,5 +1,6 @@
 //! The proxy's listening sockets: outbound (captured pod connections) and inbound (tunnels
 //! from other node proxies).
+pub mod drain;
 pub mod inbound;
 pub mod outbound;
 
@@ -25,6 +26,8 @@ pub struct ProxyContext {
     pub connector: crate::upstream::Connector,
     /// Metrics, traces, access logs and the live-connections list.
     pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// Shutdown: every accepted connection is tracked, and told when to wind down.
+    pub drain: Arc<drain::Drain>,
 }
 
 impl ProxyContext {

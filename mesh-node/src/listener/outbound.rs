@@ -27,7 +27,12 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
             }
         };
         let ctx = ctx.clone();
-        tokio::spawn(async move { handle(stream, peer, ctx).await });
+        // Counted until the connection ends: a stopping proxy waits for it (or its drain timeout).
+        let open = ctx.drain.track();
+        tokio::spawn(async move {
+            handle(stream, peer, ctx).await;
+            drop(open);
+        });
     }
 }
 

@@ -1,0 +1,252 @@
+//! Restarts and upgrades without loss, on a simulated two-node cluster with real eBPF: a node
+//! proxy is replaced under continuous traffic (the successor takes over the pinned capture and
+//! shares the ports through SO_REUSEPORT, the old one drains), and no request fails and no
+//! connection is refused; uninstall leaves nothing attached or pinned.
+//! Needs root; run through `cargo xtask test`.
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use mesh_e2e::{ClusterSpec, SimCluster, bins, cluster::Restart};
+use serde_json::Value;
+
+const WEB_VIP: &str = "10.96.0.20";
+const WHO_VIP: &str = "10.96.0.21";
+/// HTTP requests per second of the continuous load.
+const RATE: u64 = 1000;
+/// Requests per `mesh-probe http` run; runs follow each other until the restarts are over.
+const RUN_REQUESTS: u64 = 3000;
+/// Upper bound on runs of each load loop (bounds the test's traffic in count and time).
+const MAX_RUNS: usize = 30;
+
+/// A client on node-a; `web` (HTTP) and `who` (TCP) each with one pod on node-a (same-node
+/// path) and one on node-b (HBONE tunnel between the node proxies).
+fn start() -> SimCluster {
+    let spec = ClusterSpec::new(2)
+        .namespace("demo", true)
+        .pod("client", "demo", 0, "client", 9000)
+        .pod_labelled("web-1", "demo", 0, "web", &[], "http", 8080)
+        .pod_labelled("web-2", "demo", 1, "web", &[], "http", 8080)
+        .pod("who-1", "demo", 0, "who", 7000)
+        .pod("who-2", "demo", 1, "who", 7000)
+        .service_named("web", "demo", [10, 96, 0, 20], "web", "http", 80, 8080)
+        .service("who", "demo", [10, 96, 0, 21], "who", 80, 7000);
+    let c = SimCluster::start(spec).expect("simulated cluster");
+    let probe = bins::path("mesh-probe");
+    for pod in ["web-1", "web-2"] {
+        c.serve_in_pod(pod, &probe, &["http-serve", "--name", pod, "--port", "8080"], 8080).unwrap();
+    }
+    for pod in ["who-1", "who-2"] {
+        c.serve_in_pod(pod, &probe, &["serve", "--name", pod, "--port", "7000"], 7000).unwrap();
+    }
+    c
+}
+
+/// What the load loops saw over all their runs.
+#[derive(Debug, Default)]
+struct HttpTotals {
+    runs: usize,
+    sent: u64,
+    ok: u64,
+    not_ok: u64,
+    errors: BTreeMap<String, u64>,
+    by_status: BTreeMap<String, u64>,
+    by_pod: BTreeMap<String, u64>,
+    connections_opened: u64,
+    min_achieved_rps: f64,
+}
+
+#[derive(Debug, Default)]
+struct TcpTotals {
+    runs: usize,
+    connections: u64,
+    by_pod: BTreeMap<String, u64>,
+    /// Failed connections by kind (refused, reset, eof, timeout...).
+    failures: BTreeMap<String, u64>,
+}
+
+/// `mesh-probe http` at RATE per second over 8 keep-alive connections, run after run until
+/// `stop` (and at least once after it was set), at most MAX_RUNS times.
+fn http_load(c: &SimCluster, stop: &AtomicBool) -> HttpTotals {
+    let url = format!("http://{WEB_VIP}/");
+    let (rate, count) = (RATE.to_string(), RUN_REQUESTS.to_string());
+    let mut t = HttpTotals { min_achieved_rps: f64::MAX, ..Default::default() };
+    while t.runs < MAX_RUNS {
+        let last = stop.load(Ordering::SeqCst);
+        let args = ["http", &url, "--rate", &rate, "--count", &count, "--conns", "8", "--timeout-ms", "5000"];
+        let out = c.run_in_pod("client", &bins::path("mesh-probe"), &args, Duration::from_secs(60)).expect("mesh-probe http");
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("mesh-probe http report ({e}): {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+        t.runs += 1;
+        t.sent += report["requests"].as_u64().unwrap();
+        t.not_ok += report["not_ok"].as_u64().unwrap();
+        t.connections_opened += report["connections_opened"].as_u64().unwrap_or(0);
+        t.min_achieved_rps = t.min_achieved_rps.min(report["achieved_rps"].as_f64().unwrap_or(0.0));
+        for (field, into) in [("errors", &mut t.errors), ("by_status", &mut t.by_status), ("by_pod", &mut t.by_pod)] {
+            for (k, v) in report[field].as_object().into_iter().flatten() {
+                *into.entry(k.clone()).or_default() += v.as_u64().unwrap_or(0);
+            }
+        }
+        if last {
+            break;
+        }
+    }
+    t.ok = t.by_status.iter().filter(|(s, _)| s.starts_with('2')).map(|(_, n)| n).sum();
+    t
+}
+
+/// Fresh TCP connections through the mesh, one every 2 ms (`mesh-probe who`, one line per
+/// connection: the answering pod, or `error <kind>`), run after run like [`http_load`].
+fn tcp_load(c: &SimCluster, stop: &AtomicBool) -> TcpTotals {
+    let addr = format!("{WHO_VIP}:80");
+    let mut t = TcpTotals::default();
+    while t.runs < MAX_RUNS {
+        let last = stop.load(Ordering::SeqCst);
+        let args = ["who", &addr, "--count", "1000", "--interval-ms", "2", "--timeout-ms", "3000"];
+        // Exits 1 when a connection failed; the lines say which.
+        let out = c.run_in_pod("client", &bins::path("mesh-probe"), &args, Duration::from_secs(120)).expect("mesh-probe who");
+        t.runs += 1;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            t.connections += 1;
+            let mut words = line.split_whitespace();
+            match (words.next(), words.next()) {
+                (Some("error"), kind) => *t.failures.entry(kind.unwrap_or("?").to_string()).or_default() += 1,
+                (Some(pod), _) => *t.by_pod.entry(pod.to_string()).or_default() += 1,
+                (None, _) => *t.failures.entry("empty line".into()).or_default() += 1,
+            }
+        }
+        if last {
+            break;
+        }
+    }
+    t
+}
+
+fn bpftool_cgroup_show(cgroup: &Path) -> String {
+    let out = Command::new("bpftool").arg("cgroup").arg("show").arg(cgroup).output().expect("bpftool");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn assert_capture_attached(c: &SimCluster, i: usize) {
+    let listing = bpftool_cgroup_show(&c.node(i).cgroup);
+    for hook in ["connect4", "connect6", "sock_ops", "ingress"] {
+        assert!(listing.contains(hook), "{}: {hook} should be attached:\n{listing}", c.node(i).name);
+    }
+    assert!(c.pin_dir(i).join("links").exists(), "{}: links should be pinned", c.node(i).name);
+}
+
+fn assert_nothing_left(c: &SimCluster, i: usize) {
+    let listing = bpftool_cgroup_show(&c.node(i).cgroup);
+    assert!(!["connect4", "connect6", "sock_ops", "ingress", "mesh_"].iter().any(|h| listing.contains(h)), "{}: still attached:\n{listing}", c.node(i).name);
+    let pin_dir = c.pin_dir(i);
+    let pins: Vec<_> = std::fs::read_dir(&pin_dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(!pin_dir.exists() && pins.is_empty(), "{}: pins left in {}: {pins:?}", c.node(i).name, pin_dir.display());
+}
+
+/// Lines of node i's log saying how its proxies started (`start=TookOver` / `start=Fresh`).
+fn starts(c: &SimCluster, i: usize) -> (usize, usize) {
+    let log = c.proxy_log_plain(i);
+    let ready = log.lines().filter(|l| l.contains("node proxy ready"));
+    ready.fold((0, 0), |(took, fresh), l| (took + l.contains("start=TookOver") as usize, fresh + l.contains("start=Fresh") as usize))
+}
+
+#[test]
+fn restarts_under_load_fail_no_request_and_refuse_no_connection_then_uninstall_leaves_nothing() {
+    let c = start();
+    // Both paths work before anything happens.
+    let who = c.probe("client", &["who", &format!("{WHO_VIP}:80"), "--count", "20"], Duration::from_secs(30)).unwrap();
+    assert!(who.contains("who-1") && who.contains("who-2"), "{who}");
+
+    let stop = AtomicBool::new(false);
+    let mut restarts: Vec<(String, Restart)> = Vec::new();
+    let began = Instant::now();
+    let (http, tcp) = std::thread::scope(|s| {
+        let http = s.spawn(|| http_load(&c, &stop));
+        let tcp = s.spawn(|| tcp_load(&c, &stop));
+        let restart = |i: usize| c.restart_proxy(i).unwrap_or_else(|e| panic!("{e:#}"));
+        std::thread::sleep(Duration::from_millis(1500));
+        // node-b first: the server side of the tunnels (node-a's pooled tunnel connections get
+        // GOAWAY and move to node-b's new proxy).
+        restarts.push(("node-b".into(), restart(1)));
+        std::thread::sleep(Duration::from_millis(1000));
+        // node-a: the client's own proxy (its keep-alive connections are told to reconnect).
+        restarts.push(("node-a".into(), restart(0)));
+        std::thread::sleep(Duration::from_millis(1000));
+        // Both at once.
+        let (a, b) = std::thread::scope(|s2| {
+            let a = s2.spawn(|| restart(0));
+            let b = s2.spawn(|| restart(1));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        restarts.push(("node-a (with node-b)".into(), a));
+        restarts.push(("node-b (with node-a)".into(), b));
+        std::thread::sleep(Duration::from_millis(1000));
+        stop.store(true, Ordering::SeqCst);
+        (http.join().unwrap(), tcp.join().unwrap())
+    });
+    let took = began.elapsed();
+    eprintln!("restarts (successor ready after, old proxy drained in): {restarts:#?}");
+    eprintln!("http over {took:?}: {http:?}");
+    eprintln!("tcp: {tcp:?}");
+
+    for (node, r) in &restarts {
+        assert!(r.old_exit.success(), "{node}: old proxy exited with {}", r.old_exit);
+    }
+    assert!(http.runs >= 2 && tcp.runs >= 2, "the load must span the restarts: {http:?} {tcp:?}");
+    assert!(http.sent >= RATE * 5, "{http:?}");
+    assert_eq!(http.not_ok, 0, "failed HTTP requests during restarts: {http:?}\nnode-a:\n{}\nnode-b:\n{}", c.proxy_log(0), c.proxy_log(1));
+    assert!(http.errors.is_empty(), "{http:?}");
+    assert_eq!(http.ok, http.sent, "every request answered 2xx: {http:?}");
+    assert!(http.by_pod.get("web-1").is_some_and(|n| *n > 0) && http.by_pod.get("web-2").is_some_and(|n| *n > 0), "both paths used: {http:?}");
+    assert!(http.min_achieved_rps > RATE as f64 * 0.8, "the load stayed near {RATE}/s: {http:?}");
+    assert!(tcp.failures.is_empty(), "refused or reset TCP connections during restarts: {tcp:?}\nnode-a:\n{}\nnode-b:\n{}", c.proxy_log(0), c.proxy_log(1));
+    assert!(tcp.connections >= 1000, "{tcp:?}");
+    assert!(tcp.by_pod.get("who-1").is_some_and(|n| *n > 0) && tcp.by_pod.get("who-2").is_some_and(|n| *n > 0), "both paths used: {tcp:?}");
+
+    // Each successor took over the pinned capture (no fresh attach), and each old proxy left
+    // it attached for its successor.
+    for i in 0..2 {
+        assert_eq!(starts(&c, i), (2, 1), "{}: two takeovers after the first start:\n{}", c.node(i).name, c.proxy_log(i));
+        let handed = c.proxy_log(i).matches("capture left attached for the new proxy").count();
+        assert_eq!(handed, 2, "{}:\n{}", c.node(i).name, c.proxy_log(i));
+        assert_capture_attached(&c, i);
+    }
+
+    // Uninstall with the proxies still running, as an operator removing the mesh would: the
+    // programs detach at once and the pins are gone.
+    for i in 0..2 {
+        let out = c.uninstall(i).unwrap();
+        assert!(out.contains("4 links detached"), "{out}");
+        assert_nothing_left(&c, i);
+    }
+    // Pods connect as without the mesh: a pod IP directly, the server sees the client itself.
+    let who2 = format!("{}:7000", c.pod("who-2").ip);
+    let out = c.probe("client", &["who", &who2], Duration::from_secs(10)).unwrap();
+    assert_eq!(out.trim(), format!("who-2 {}", c.pod("client").ip));
+    // The proxies still stop cleanly, and leave nothing behind either.
+    for i in 0..2 {
+        let status = c.stop_proxy(i).unwrap();
+        assert!(status.success(), "{status}:\n{}", c.proxy_log(i));
+        assert_nothing_left(&c, i);
+    }
+}
+
+#[test]
+fn a_clean_exit_with_no_successor_detaches_and_unpins() {
+    let c = start();
+    assert_capture_attached(&c, 0);
+    let status = c.stop_proxy(0).unwrap();
+    assert!(status.success(), "{status}:\n{}", c.proxy_log(0));
+    assert!(c.proxy_log(0).contains("no successor: capture detached and unpinned"), "{}", c.proxy_log(0));
+    assert_nothing_left(&c, 0);
+    // Uninstall after that finds nothing to do, and says so without failing.
+    assert_eq!(c.uninstall(0).unwrap().trim(), format!("{}: 0 links detached, 0 maps unpinned", c.pin_dir(0).display()));
+    // A new proxy starts fresh and captures again.
+    c.start_proxy(0).unwrap();
+    assert_eq!(starts(&c, 0), (0, 2));
+    let out = c.probe("client", &["who", &format!("{}:7000", c.pod("who-2").ip)], Duration::from_secs(10)).unwrap();
+    assert_eq!(out.trim(), "who-2 10.244.1.1", "captured again: node-b's proxy connected to the pod");
+}
