@@ -299,15 +299,15 @@ fn report(json_out: &Path, opts: &Opts, rows: &[Value], mtls: bool, stats: Vec<V
     )
 }
 
-struct Certs {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
+pub(crate) struct Certs {
+    pub(crate) ca: PathBuf,
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
 }
 
 /// A throw-away CA and one workload certificate (SPIFFE URI SAN, client and server use) that
 /// both Envoys present, made with openssl in `dir`.
-fn make_certs(dir: &Path) -> anyhow::Result<Certs> {
+pub(crate) fn make_certs(dir: &Path) -> anyhow::Result<Certs> {
     let d = |n: &str| dir.join(n);
     let openssl = |args: &[&str]| -> anyhow::Result<()> {
         let out = Command::new("openssl").args(args).output().context("running openssl")?;

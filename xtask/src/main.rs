@@ -1,7 +1,9 @@
 //! Project tasks: `cargo xtask setup | test | demo | bench`.
 mod bench;
+mod bench_chart;
 mod bench_failure;
 mod bench_l7;
+mod bench_overhead;
 mod bench_surge;
 mod bench_telemetry;
 mod bench_util;
@@ -40,6 +42,14 @@ enum Task {
     /// vs an Envoy sidecar pair (L7), one failing pod of five (failure), and a surge past capacity
     /// (surge). Needs root.
     Bench {
+        /// `overhead`: no mesh vs Envoy sidecars vs the mesh on the seed's seven services
+        /// (writes target/bench/overhead.{md,json,*.svg}); `micro`: Criterion benchmarks of the
+        /// proxy's hot paths. Without it: the l4/l7/failure/surge parts (see --only).
+        #[arg(value_enum)]
+        suite: Option<Suite>,
+        /// With `overhead`: short runs, a smoke test that every mode produces numbers.
+        #[arg(long)]
+        quick: bool,
         /// Where to write the L4 JSON results; l7.json and failure.json go next to it.
         #[arg(long, default_value = "target/bench/l4.json")]
         json: PathBuf,
@@ -59,6 +69,12 @@ enum Task {
         #[arg(long, value_enum, value_delimiter = ',')]
         only: Vec<BenchPart>,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Suite {
+    Overhead,
+    Micro,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -116,7 +132,15 @@ fn main() -> anyhow::Result<()> {
             setup::setup()?;
             require_root("the end-to-end tests")?;
             build_bins(false)?;
-            run(cargo().args(["test", "--workspace", "--exclude", "mesh-ebpf"]).args(&args))
+            run(cargo().args(["test", "--workspace", "--exclude", "mesh-ebpf"]).args(&args))?;
+            // The overhead benchmark's smoke test: every mode (no mesh, Envoy sidecars, mesh)
+            // produces numbers; what they are is the full benchmark's business.
+            if args.is_empty() {
+                let out = workspace_root().join("target/bench-smoke");
+                bench_overhead::run(&out, &bench_overhead::Opts { quick: true })?;
+                bench_overhead::check_numbers(&out.join("overhead.json"))?;
+            }
+            Ok(())
         }
         Task::Demo { seconds } => {
             setup::setup()?;
@@ -124,7 +148,21 @@ fn main() -> anyhow::Result<()> {
             build_bins(true)?;
             demo::run(seconds)
         }
-        Task::Bench { json, seconds, l7_seconds, max_seconds, envoy_plaintext, only } => {
+        Task::Bench { suite: Some(Suite::Micro), .. } => run(cargo().args(["bench", "-p", "mesh-node", "--bench", "hot_paths"])),
+        Task::Bench { suite: Some(Suite::Overhead), quick, .. } => {
+            setup::setup()?;
+            require_root("the benchmark")?;
+            if std::env::var_os("MESH_BENCH_PREBUILT").is_none() || std::env::var_os("MESH_BIN_DIR").is_none() {
+                build_bins(true)?;
+            }
+            let out = workspace_root().join("target/bench");
+            bench_overhead::run(&out, &bench_overhead::Opts { quick })?;
+            if quick {
+                bench_overhead::check_numbers(&out.join("overhead.json"))?;
+            }
+            Ok(())
+        }
+        Task::Bench { json, seconds, l7_seconds, max_seconds, envoy_plaintext, only, .. } => {
             let part = |p: BenchPart| only.is_empty() || only.contains(&p);
             setup::setup()?;
             require_root("the benchmark")?;

@@ -22,6 +22,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("python3", "python3"),
     // The telemetry e2e test scrapes the node proxies with a real Prometheus.
     ("prometheus", "prometheus"),
+    // The overhead benchmark steers pods' traffic into Envoy sidecars as istio-init does.
+    ("iptables", "iptables"),
+    ("openssl", "openssl"),
 ];
 
 /// The gRPC probes (`tests/grpc/*.py`) need a real gRPC stack; the tests find this venv at the

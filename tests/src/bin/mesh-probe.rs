@@ -10,6 +10,8 @@
 mod conn;
 #[path = "probe/http_client.rs"]
 mod http_client;
+#[path = "probe/fanout.rs"]
+mod fanout;
 #[path = "probe/http_server.rs"]
 mod http_server;
 #[path = "probe/report.rs"]
@@ -118,6 +120,11 @@ enum Cmd {
         /// Processing time of each request in --capacity mode.
         #[arg(long, default_value_t = 5)]
         service_ms: u64,
+        /// Before answering `/` or `/grpc`, call this downstream (NAME=grpc://HOST:PORT or
+        /// NAME=http://HOST:PORT; several comma-separated URLs are taken in turn); repeat for
+        /// more, all called at once. A failed call makes the answer a 502.
+        #[arg(long = "call")]
+        calls: Vec<String>,
     },
     /// HTTP requests over persistent connections; one JSON report line.
     Http(http_client::HttpArgs),
@@ -153,8 +160,8 @@ fn main() -> ExitCode {
         Cmd::Echo { addr, bytes } => echo(&addr, bytes),
         Cmd::Rr { addr, size, rate, seconds, conns } => rr(&addr, size, rate, seconds, conns),
         Cmd::Bulk { addr, bytes } => bulk(&addr, bytes),
-        Cmd::HttpServe { name, port, fail_every, delay_ms, body_bytes, capacity, service_ms } => {
-            http_serve(http_server::ServerOpts { name, port, fail_every, delay_ms, body_bytes, capacity, service_ms })
+        Cmd::HttpServe { name, port, fail_every, delay_ms, body_bytes, capacity, service_ms, calls } => {
+            http_serve(http_server::ServerOpts { name, port, fail_every, delay_ms, body_bytes, capacity, service_ms, calls })
         }
         Cmd::Http(args) => http(args),
         Cmd::HttpConcurrent(args) if args.concurrency.is_none() => Err(io::Error::other("http-concurrent needs --concurrency")),

@@ -27,6 +27,8 @@ use hyper_util::{
 };
 use tokio::{io::AsyncWriteExt as _, net::TcpListener};
 
+use super::fanout::{Call, Fanout};
+
 pub struct ServerOpts {
     pub name: String,
     pub port: u16,
@@ -39,6 +41,8 @@ pub struct ServerOpts {
     /// queue (FIFO).
     pub capacity: Option<usize>,
     pub service_ms: u64,
+    /// `--call NAME=URL[,URL...]`: downstream calls made for every `/` and `/grpc` request.
+    pub calls: Vec<String>,
 }
 
 struct State {
@@ -54,6 +58,8 @@ struct State {
     /// arrival order, and is answered at max(arrival, free) + service time: an exact FIFO queue
     /// in front of N workers whose capacity timer slack cannot erode.
     workers: Option<std::sync::Mutex<Vec<tokio::time::Instant>>>,
+    /// `--call`: the server lives as long as the process, so its client pools do too.
+    fanout: Option<&'static Fanout>,
 }
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -68,7 +74,13 @@ async fn serve(opts: ServerOpts) -> anyhow::Result<bool> {
     let sized = Bytes::from(vec![b'x'; opts.body_bytes]);
     let grpc_reply = grpc_frame(opts.body_bytes.max(1));
     let workers = opts.capacity.map(|n| std::sync::Mutex::new(vec![tokio::time::Instant::now(); n.max(1)]));
-    let state = Arc::new(State { pod: HeaderValue::from_str(&opts.name)?, opts, requests: AtomicU64::new(0), sized, grpc_reply, workers });
+    let fanout = if opts.calls.is_empty() {
+        None
+    } else {
+        let calls = opts.calls.iter().map(|c| Call::parse(c)).collect::<anyhow::Result<Vec<_>>>()?;
+        Some(&*Box::leak(Box::new(Fanout::new(calls, opts.body_bytes))))
+    };
+    let state = Arc::new(State { pod: HeaderValue::from_str(&opts.name)?, opts, requests: AtomicU64::new(0), sized, grpc_reply, workers, fanout });
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -133,6 +145,13 @@ async fn scripted(state: &State, req: Request<Incoming>) -> Response<Body> {
     }
 
     let path = req.uri().path().to_string();
+    if let Some(fanout) = state.fanout
+        && (path == "/" || path == "/grpc")
+        && let Err(e) = fanout.call_all(headers).await
+    {
+        let _ = req.into_body().collect().await;
+        return text(StatusCode::BAD_GATEWAY, format!("{name}: {e}\n"));
+    }
     match path.as_str() {
         "/headers" => json(StatusCode::OK, &headers_json(&req, name)),
         "/echo" => {

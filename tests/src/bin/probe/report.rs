@@ -5,6 +5,8 @@ use super::conn::Answer;
 
 /// How many `x-pod` values the report lists in order; enough to see a balancing pattern.
 const PODS_IN_ORDER: usize = 200;
+/// Quantiles listed in the report's `cdf_us`.
+const CDF_POINTS: [f64; 16] = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999, 1.0];
 
 #[derive(Default)]
 pub struct Tally {
@@ -74,6 +76,8 @@ impl Tally {
             "body_bytes": self.body_bytes,
             "pods_in_order": self.pods_in_order,
         });
+        // Enough points to draw a latency CDF.
+        out["cdf_us"] = CDF_POINTS.iter().map(|&q| serde_json::json!([q, p(q)])).collect::<Vec<_>>().into();
         if !self.by_grpc_status.is_empty() {
             out["by_grpc_status"] = serde_json::json!(self.by_grpc_status);
         }
