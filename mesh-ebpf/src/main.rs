@@ -20,9 +20,9 @@
 use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock},
     helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
-    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_skb, cgroup_sock_addr, map, sk_reuseport, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SkReuseportContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::{debug, warn};
@@ -236,6 +236,20 @@ fn inbound(ctx: &SkBuffContext) -> Option<i32> {
     count(counter::STRICT_DENIED);
     Some(DROP)
 }
+
+/// Attached to the node proxy's SO_REUSEPORT listener groups. When a proxy being replaced
+/// closes a listener, the kernel runs this for each connection still queued on it (handshake
+/// done or in progress, not yet accepted) to pick where it goes instead of resetting it; and for
+/// each new connection, to pick a listener. Selecting nothing and passing lets the kernel pick
+/// by hash among the listeners still open (its default), so the only effect is that queued
+/// connections migrate to the successor's listener, as with `net.ipv4.tcp_migrate_req=1` but
+/// without changing the node's sysctls (read-only in most containers).
+#[sk_reuseport(migrate)]
+pub fn mesh_reuseport(_ctx: SkReuseportContext) -> u32 {
+    SK_PASS
+}
+
+const SK_PASS: u32 = 1;
 
 #[cfg(not(test))]
 #[panic_handler]

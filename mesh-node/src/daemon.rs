@@ -79,7 +79,7 @@ pub struct CaOptions {
 
 /// Binds with SO_REUSEPORT: a new proxy binds the same ports while this one still serves,
 /// the kernel spreads new connections over both, and when this one closes its listeners the
-/// successor has them all (with `tcp_migrate_req`, also those still in our accept queues).
+/// successor has them all (and, see [`migrate_on_close`], those still in our accept queues).
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     sock.set_reuseaddr(true)?;
@@ -88,13 +88,31 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     Ok(sock.listen(1024)?)
 }
 
+/// When a proxy closes a listener, the connections in its accept queue (handshake done or in
+/// progress, not yet accepted) must move to the successor's listener of the same SO_REUSEPORT
+/// group instead of being reset. The capture's sk_reuseport program asks the kernel to do so;
+/// if it cannot be attached, `net.ipv4.tcp_migrate_req` does the same for the whole network
+/// namespace.
+fn migrate_on_close(capture: &mut Capture, listeners: &[(&str, &TcpListener)]) {
+    let mut attached = true;
+    for (what, listener) in listeners {
+        if let Err(e) = capture.migrate_on_close(*listener) {
+            warn!("{what} listener: attaching the migration program: {e}");
+            attached = false;
+        }
+    }
+    if attached {
+        debug!("listener migration program attached");
+    } else {
+        enable_migrate_req_sysctl();
+    }
+}
+
 const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 
-/// Turns on `net.ipv4.tcp_migrate_req` in our network namespace (the node's): when a proxy
-/// closes a listener, the connections in its accept queue (handshake done or in progress, not
-/// yet accepted) move to the successor's listener of the same SO_REUSEPORT group instead of
-/// being reset. It affects only reuseport groups.
-fn enable_listener_migration() {
+/// Turns on `net.ipv4.tcp_migrate_req` in our network namespace (the node's); it affects only
+/// SO_REUSEPORT groups.
+fn enable_migrate_req_sysctl() {
     match std::fs::read_to_string(MIGRATE_REQ) {
         Ok(v) if v.trim() == "1" => debug!("tcp_migrate_req already on"),
         Ok(_) => match std::fs::write(MIGRATE_REQ, "1") {
@@ -224,11 +242,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let unspecified: IpAddr = if proxy_ip.is_ipv4() { [0, 0, 0, 0].into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() };
     let outbound_addr = SocketAddr::new(unspecified, opts.outbound_port);
     let inbound_addr = SocketAddr::new(unspecified, opts.inbound_port);
-    enable_listener_migration();
     let outbound = bind(outbound_addr, "outbound").await?;
     let inbound = bind(inbound_addr, "inbound").await?;
     let admin_listener = bind(opts.admin, "admin").await?;
     let readiness = bind(opts.readiness, "readiness").await?;
+    migrate_on_close(&mut capture, &[("outbound", &outbound), ("inbound", &inbound), ("admin", &admin_listener), ("readiness", &readiness)]);
     let admin_state = Arc::new(AdminState {
         node: opts.node.clone(),
         ready: AtomicBool::new(false),

@@ -570,6 +570,22 @@ impl SimCluster {
         Ok(Restart { successor_ready, old_drain: stopping.elapsed(), old_exit })
     }
 
+    /// Starts a successor beside node i's running proxy and waits until it is ready, without
+    /// stopping the old one: returns the old proxy's pid for the caller to signal (the process
+    /// is killed with the cluster at the latest).
+    pub fn start_successor(&self, i: usize) -> anyhow::Result<u32> {
+        let mut successor = self.spawn_proxy(i)?;
+        if let Err(e) = self.wait_ready(i, &mut successor) {
+            let _ = successor.kill();
+            let _ = successor.wait();
+            return Err(e);
+        }
+        let Some(old) = self.nodes[i].proxy.lock().unwrap().replace(successor) else { bail!("no proxy was running on node {i}") };
+        let pid = old.id();
+        self.children.lock().unwrap().push(old);
+        Ok(pid)
+    }
+
     /// Runs `mesh-node uninstall` for node i's pin directory; fails unless it succeeds.
     pub fn uninstall(&self, i: usize) -> anyhow::Result<String> {
         let mut cmd = Command::new(bins::path("mesh-node"));

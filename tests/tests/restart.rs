@@ -23,6 +23,14 @@ const RUN_REQUESTS: u64 = 3000;
 /// Upper bound on runs of each load loop (bounds the test's traffic in count and time).
 const MAX_RUNS: usize = 30;
 
+/// The tests of this file one at a time: the load test measures a rate on a 2-core machine,
+/// which the other clusters' proxies would share.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A client on node-a; `web` (HTTP) and `who` (TCP) each with one pod on node-a (same-node
 /// path) and one on node-b (HBONE tunnel between the node proxies).
 fn start() -> SimCluster {
@@ -155,6 +163,7 @@ fn starts(c: &SimCluster, i: usize) -> (usize, usize) {
 
 #[test]
 fn restarts_under_load_fail_no_request_and_refuse_no_connection_then_uninstall_leaves_nothing() {
+    let _serial = serial();
     let c = start();
     // Both paths work before anything happens.
     let who = c.probe("client", &["who", &format!("{WHO_VIP}:80"), "--count", "20"], Duration::from_secs(30)).unwrap();
@@ -194,6 +203,9 @@ fn restarts_under_load_fail_no_request_and_refuse_no_connection_then_uninstall_l
 
     for (node, r) in &restarts {
         assert!(r.old_exit.success(), "{node}: old proxy exited with {}", r.old_exit);
+        // Drained: every connection ended by itself (HTTP clients told to reconnect, peers'
+        // pooled connections retired on GOAWAY), none was waited for until the timeout.
+        assert!(r.old_drain < mesh_e2e::cluster::DRAIN_TIMEOUT, "{node}: the old proxy waited for its drain timeout: {r:?}");
     }
     assert!(http.runs >= 2 && tcp.runs >= 2, "the load must span the restarts: {http:?} {tcp:?}");
     assert!(http.sent >= RATE * 5, "{http:?}");
@@ -201,7 +213,9 @@ fn restarts_under_load_fail_no_request_and_refuse_no_connection_then_uninstall_l
     assert!(http.errors.is_empty(), "{http:?}");
     assert_eq!(http.ok, http.sent, "every request answered 2xx: {http:?}");
     assert!(http.by_pod.get("web-1").is_some_and(|n| *n > 0) && http.by_pod.get("web-2").is_some_and(|n| *n > 0), "both paths used: {http:?}");
-    assert!(http.min_achieved_rps > RATE as f64 * 0.8, "the load stayed near {RATE}/s: {http:?}");
+    // Paced open-loop at RATE; a run takes longer (lower achieved rate) only if the client or
+    // the proxies fall behind, e.g. on a machine busy with other work.
+    assert!(http.min_achieved_rps > RATE as f64 * 0.6, "the load stayed near {RATE}/s: {http:?}");
     assert!(tcp.failures.is_empty(), "refused or reset TCP connections during restarts: {tcp:?}\nnode-a:\n{}\nnode-b:\n{}", c.proxy_log(0), c.proxy_log(1));
     assert!(tcp.connections >= 1000, "{tcp:?}");
     assert!(tcp.by_pod.get("who-1").is_some_and(|n| *n > 0) && tcp.by_pod.get("who-2").is_some_and(|n| *n > 0), "both paths used: {tcp:?}");
@@ -236,6 +250,7 @@ fn restarts_under_load_fail_no_request_and_refuse_no_connection_then_uninstall_l
 
 #[test]
 fn a_clean_exit_with_no_successor_detaches_and_unpins() {
+    let _serial = serial();
     let c = start();
     assert_capture_attached(&c, 0);
     let status = c.stop_proxy(0).unwrap();
@@ -249,4 +264,66 @@ fn a_clean_exit_with_no_successor_detaches_and_unpins() {
     assert_eq!(starts(&c, 0), (0, 2));
     let out = c.probe("client", &["who", &format!("{}:7000", c.pod("who-2").ip)], Duration::from_secs(10)).unwrap();
     assert_eq!(out.trim(), "who-2 10.244.1.1", "captured again: node-b's proxy connected to the pod");
+}
+
+/// Long-lived opaque TCP connections (request/response over one connection, through both node
+/// proxies and the tunnel between them) keep flowing while either proxy is replaced: the old
+/// proxy serves them until they end, and only then exits.
+#[test]
+fn open_tcp_connections_keep_flowing_through_a_restart_of_either_proxy() {
+    let _serial = serial();
+    let c = start();
+    let who2 = format!("{}:7000", c.pod("who-2").ip);
+    for node in [1, 0] {
+        let (rr, restart) = std::thread::scope(|s| {
+            // 2 connections, 100 exchanges a second for 3 s.
+            let rr = s.spawn(|| c.run_in_pod("client", &bins::path("mesh-probe"), &["rr", &who2, "--size", "512", "--rate", "100", "--seconds", "3", "--conns", "2"], Duration::from_secs(30)).unwrap());
+            std::thread::sleep(Duration::from_millis(700));
+            let restart = c.restart_proxy(node).unwrap_or_else(|e| panic!("{e:#}"));
+            (rr.join().unwrap(), restart)
+        });
+        let report: Value = serde_json::from_slice(&rr.stdout).unwrap_or_else(|e| panic!("rr report ({e}): {}", String::from_utf8_lossy(&rr.stderr)));
+        eprintln!("restart of {}: {restart:?}; rr: {report}", c.node(node).name);
+        assert!(restart.old_exit.success(), "{restart:?}");
+        assert_eq!(report["errors"], 0, "{}: a connection broke: {report}\n{}", c.node(node).name, c.proxy_log(node));
+        assert_eq!(report["requests"], 300, "{report}");
+        // The old proxy waited for the connections to end (about 2 s after the restart began),
+        // well before its drain timeout.
+        assert!(restart.old_drain > Duration::from_millis(1000) && restart.old_drain < mesh_e2e::cluster::DRAIN_TIMEOUT, "{restart:?}");
+    }
+}
+
+/// The kernel moves connections queued on a closing listener to the successor's listener of
+/// the same SO_REUSEPORT group (the capture's sk_reuseport migration program), instead of
+/// resetting them. Made deterministic by freezing the old proxy (SIGSTOP: it accepts nothing,
+/// so the connections the kernel hands to its listener wait in its accept queue), then killing
+/// it, which closes its listeners with those connections still queued.
+#[test]
+fn connections_queued_on_a_dying_proxy_move_to_its_successor() {
+    let _serial = serial();
+    let c = start();
+    let old = c.start_successor(0).unwrap() as i32;
+    assert_eq!(unsafe { libc::kill(old, libc::SIGSTOP) }, 0);
+    let frozen = Instant::now();
+    let addr = format!("{WHO_VIP}:80");
+    let results: Vec<(String, Duration)> = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..32)
+            .map(|_| {
+                s.spawn(|| {
+                    let out = c.run_in_pod("client", &bins::path("mesh-probe"), &["who", &addr, "--timeout-ms", "8000"], Duration::from_secs(20)).unwrap();
+                    (String::from_utf8_lossy(&out.stdout).trim().to_string(), frozen.elapsed())
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(unsafe { libc::kill(old, libc::SIGKILL) }, 0);
+        clients.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    eprintln!("{results:?}");
+    let failed: Vec<_> = results.iter().filter(|(line, _)| !line.starts_with("who-")).collect();
+    assert!(failed.is_empty(), "connections lost with the old proxy's listener: {failed:?}\n{}", c.proxy_log(0));
+    // Some connections did wait on the frozen proxy (answered only after it died), so the
+    // migration was exercised, not just the successor's own listener.
+    let waited = results.iter().filter(|(_, t)| *t >= Duration::from_millis(1500)).count();
+    assert!(waited > 0, "no connection was queued on the frozen proxy: {results:?}");
 }

@@ -24,7 +24,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{CgroupSkb, CgroupSockAddr, SockOps},
+    programs::{CgroupSkb, CgroupSockAddr, SkReuseport, SockOps},
 };
 use mesh_common::{CaptureConfig, DEST_POD_IP, DEST_SERVICE_VIP, MTLS_OPEN, MTLS_STRICT, PodEntry, PodPort, counter};
 pub use orig_dst::OrigDstTable;
@@ -191,6 +191,8 @@ impl Capture {
         sockops.load().map_err(|source| CaptureError::Program { name: "mesh_sockops", source })?;
         let inbound: &mut CgroupSkb = program(&mut ebpf, "mesh_inbound")?;
         inbound.load().map_err(|source| CaptureError::Program { name: "mesh_inbound", source })?;
+        let reuseport: &mut SkReuseport = program(&mut ebpf, "mesh_reuseport")?;
+        reuseport.load().map_err(|source| CaptureError::Program { name: "mesh_reuseport", source })?;
         let mut config: Array<MapData, CaptureConfig> = take_map(&mut ebpf, "CONFIG")?;
         let cfg = CaptureConfig {
             proxy_ip4: u32::from_ne_bytes(proxy_ip4.octets()),
@@ -263,6 +265,14 @@ impl Capture {
             prog_ids,
             start,
         })
+    }
+
+    /// Attaches the listener-migration program to the SO_REUSEPORT group of `listener`: when a
+    /// stopping proxy closes its listener of the group, the connections queued on it move to
+    /// its successor's instead of being reset (without needing `net.ipv4.tcp_migrate_req`).
+    pub fn migrate_on_close(&mut self, listener: &impl std::os::fd::AsFd) -> Result<(), CaptureError> {
+        let prog: &mut SkReuseport = program(&mut self.ebpf, "mesh_reuseport")?;
+        prog.attach(listener).map_err(|source| CaptureError::Program { name: "mesh_reuseport", source })
     }
 
     /// Whether this capture started fresh or took over a previous proxy's.
