@@ -5,9 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use super::server::CaOptions;
+use super::review::ReviewOptions;
+use super::server::{CaOptions, NodeAuthOptions, PodsFrom};
 use super::signer::TtlPolicy;
 use crate::config::parse_duration;
+use crate::discovery::ApiServer;
 
 #[derive(clap::Args, Debug)]
 pub struct CaArgs {
@@ -19,11 +21,36 @@ pub struct CaArgs {
     #[arg(long)]
     pub state_dir: PathBuf,
     /// Cluster config directory (watched): a node may only get identities of its pods.
-    #[arg(long, env = "MESH_CONFIG_DIR")]
-    pub config: PathBuf,
-    /// YAML map of node name to token.
+    #[arg(long, env = "MESH_CONFIG_DIR", required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    pub config: Option<PathBuf>,
+    /// YAML map of node name to token (static node credentials). Without it, --kubernetes
+    /// checks the nodes' projected ServiceAccount tokens with TokenReview.
+    #[arg(long, required_unless_present = "kubernetes")]
+    pub tokens: Option<PathBuf>,
+    /// Learn pods from the Kubernetes API (list/watch) instead of a config directory, and
+    /// authenticate nodes with TokenReview unless --tokens is given. In-cluster by default
+    /// (KUBERNETES_SERVICE_HOST/PORT and the ServiceAccount token and CA).
     #[arg(long)]
-    pub tokens: PathBuf,
+    pub kubernetes: bool,
+    /// API server URL (http:// or https://) for --kubernetes, instead of the in-cluster one.
+    #[arg(long, requires = "kubernetes")]
+    pub api_server: Option<String>,
+    /// Bearer token file for --api-server (the CA's own credentials).
+    #[arg(long, requires = "api_server")]
+    pub api_token_file: Option<PathBuf>,
+    /// CA bundle for an https --api-server.
+    #[arg(long, requires = "api_server")]
+    pub api_ca_file: Option<PathBuf>,
+    /// Audience the node proxies' projected tokens must be minted for.
+    #[arg(long, default_value = "mesh-ca", requires = "kubernetes", conflicts_with = "tokens")]
+    pub token_audience: String,
+    /// ServiceAccount of the node proxies, `namespace/name` (repeatable).
+    #[arg(long = "node-service-account", default_value = "mesh-system/mesh-node", requires = "kubernetes", conflicts_with = "tokens")]
+    pub node_service_accounts: Vec<String>,
+    /// How long a positive TokenReview is reused (0s: never). Bounds how long a deleted
+    /// node proxy pod's token keeps working.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, requires = "kubernetes", conflicts_with = "tokens")]
+    pub review_cache_ttl: Duration,
     #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
     /// Lifetime of a certificate when the request names none.
@@ -54,7 +81,34 @@ impl CaArgs {
         if self.default_ttl > self.max_ttl {
             return Err(format!("--default-ttl {:?} is longer than --max-ttl {:?}", self.default_ttl, self.max_ttl));
         }
-        let mut opts = CaOptions::new(self.listen, self.state_dir, self.config, self.tokens);
+        let api = if self.kubernetes {
+            let api = match &self.api_server {
+                Some(url) => ApiServer::new(url, self.api_token_file.as_deref(), self.api_ca_file.as_deref()),
+                None => ApiServer::in_cluster(),
+            };
+            Some(api.map_err(|e| format!("--kubernetes: {e}"))?)
+        } else {
+            None
+        };
+        let pods = match (&api, self.config) {
+            (Some(api), _) => PodsFrom::Kubernetes(api.clone()),
+            (None, Some(dir)) => PodsFrom::ConfigDir(dir),
+            (None, None) => return Err("--config DIR or --kubernetes is required".into()),
+        };
+        let auth = match (self.tokens, api) {
+            (Some(file), _) => NodeAuthOptions::TokensFile(file),
+            (None, Some(api)) => NodeAuthOptions::TokenReview {
+                api,
+                review: ReviewOptions {
+                    audience: self.token_audience,
+                    node_service_accounts: self.node_service_accounts,
+                    cache_ttl: self.review_cache_ttl,
+                    ..ReviewOptions::default()
+                },
+            },
+            (None, None) => return Err("--tokens FILE is required without --kubernetes".into()),
+        };
+        let mut opts = CaOptions::with(self.listen, self.state_dir, pods, auth);
         opts.trust_domain = self.trust_domain;
         opts.ttl = TtlPolicy { default: self.default_ttl, max: self.max_ttl };
         opts.root_cert = self.root_cert;

@@ -20,6 +20,8 @@ pub enum CaError {
     Tokens { path: String, message: String },
     #[error("cluster config: {0}")]
     Config(String),
+    #[error("TokenReview settings: {0}")]
+    Review(String),
     #[error("listen on {addr}: {message}")]
     Listen { addr: String, message: String },
     #[error("gRPC server: {0}")]

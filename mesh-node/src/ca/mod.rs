@@ -1,15 +1,20 @@
 //! The mesh CA: signs short-lived workload certificates from CSRs over Istio's gRPC CA API,
-//! for node proxies that prove who they are with a per-node token, and only for identities of
-//! pods scheduled on the calling node.
+//! for node proxies that prove which node they are, and only for identities of pods scheduled
+//! on the calling node.
+//!
+//! Two modes. File mode: pods from a watched config directory, nodes present a static per-node
+//! token. Kubernetes mode: pods listed and watched from the API server, nodes present their
+//! projected ServiceAccount token, checked with TokenReview, which also names the node.
 //!
 //! Files: `signer` (root key and certificate issuance), `store` (state directory, file
-//! permissions), `tokens` (node credentials), `proto` (the API's messages), `service` (the gRPC
-//! method: authentication and authorization), `server` (TLS listener, options), `cli`
-//! (`mesh-node ca`), `error`.
+//! permissions), `tokens` (static node tokens), `review` (TokenReview), `proto` (the API's
+//! messages), `service` (the gRPC method: authentication and authorization), `server` (TLS
+//! listener, options), `cli` (`mesh-node ca`), `error`.
 
 mod cli;
 mod error;
 pub mod proto;
+mod review;
 mod server;
 mod service;
 mod signer;
@@ -17,11 +22,14 @@ mod store;
 mod tokens;
 
 #[cfg(test)]
+mod review_tests;
+#[cfg(test)]
 mod tests;
 
 pub use cli::{CaArgs, run_cli};
 pub use error::CaError;
-pub use server::{CaOptions, CaServer, serve};
+pub use review::{NODE_NAME_EXTRA, ReviewError, ReviewOptions, ReviewedNode};
+pub use server::{CaOptions, CaServer, NodeAuthOptions, PodsFrom, serve};
 pub use signer::{CaSigner, TtlPolicy};
 pub use tokens::NodeTokens;
 

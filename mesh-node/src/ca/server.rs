@@ -19,11 +19,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
 use super::error::CaError;
-use super::service::CertificateService;
+use super::review::{ReviewOptions, TokenReviewer};
+use super::service::{CertificateService, NodeAuth, PodSource};
 use super::signer::{CaSigner, TtlPolicy};
 use super::store::{self, ROOT_CERT_FILE};
 use super::tokens::NodeTokens;
 use crate::config::{Cluster, spawn_watcher};
+use crate::discovery::ApiServer;
 use crate::identity::tls::{ALPN_H2, crypto_provider};
 
 /// The serving certificate is not rotated while the CA runs; a year outlives any sane run and
@@ -31,15 +33,32 @@ use crate::identity::tls::{ALPN_H2, crypto_provider};
 const SERVING_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Where the CA learns which pods run on which node.
+#[derive(Debug, Clone)]
+pub enum PodsFrom {
+    /// A watched directory of Kubernetes-style YAML (file mode).
+    ConfigDir(PathBuf),
+    /// List and watch Pods on this API server.
+    Kubernetes(ApiServer),
+}
+
+/// How node proxies authenticate.
+#[derive(Debug, Clone)]
+pub enum NodeAuthOptions {
+    /// A YAML map of node name to token.
+    TokensFile(PathBuf),
+    /// Projected ServiceAccount tokens checked with TokenReview on this API server.
+    TokenReview { api: ApiServer, review: ReviewOptions },
+}
+
 #[derive(Debug, Clone)]
 pub struct CaOptions {
     pub listen: SocketAddr,
     /// Holds the generated root key, and `root-cert.pem` for nodes in every case.
     pub state_dir: PathBuf,
-    /// Cluster config directory (Pods say which node runs which service account).
-    pub config_dir: PathBuf,
-    /// YAML map of node name to token.
-    pub tokens_file: PathBuf,
+    /// Pods say which node runs which service account.
+    pub pods: PodsFrom,
+    pub auth: NodeAuthOptions,
     pub trust_domain: String,
     pub ttl: TtlPolicy,
     /// A provided CA instead of a generated root: certificate chain (signing cert first, root
@@ -49,23 +68,37 @@ pub struct CaOptions {
     /// Extra DNS names or IPs for the serving certificate (how nodes reach the CA). The listen
     /// IP, loopback and `localhost` are always included.
     pub extra_sans: Vec<String>,
+    /// How often the config directory is checked (file mode).
     pub config_poll: Duration,
+    /// List/watch tunables (Kubernetes mode).
+    pub discovery: crate::discovery::Options,
 }
 
 impl CaOptions {
-    /// Options with the defaults of the CLI for everything but the paths.
+    /// File mode with the defaults of the CLI for everything but the paths.
     pub fn new(listen: SocketAddr, state_dir: PathBuf, config_dir: PathBuf, tokens_file: PathBuf) -> CaOptions {
+        CaOptions::with(listen, state_dir, PodsFrom::ConfigDir(config_dir), NodeAuthOptions::TokensFile(tokens_file))
+    }
+
+    /// Kubernetes mode: pods from `api`, node tokens reviewed by it, CLI defaults otherwise.
+    pub fn kubernetes(listen: SocketAddr, state_dir: PathBuf, api: ApiServer) -> CaOptions {
+        let auth = NodeAuthOptions::TokenReview { api: api.clone(), review: ReviewOptions::default() };
+        CaOptions::with(listen, state_dir, PodsFrom::Kubernetes(api), auth)
+    }
+
+    pub fn with(listen: SocketAddr, state_dir: PathBuf, pods: PodsFrom, auth: NodeAuthOptions) -> CaOptions {
         CaOptions {
             listen,
             state_dir,
-            config_dir,
-            tokens_file,
+            pods,
+            auth,
             trust_domain: crate::identity::DEFAULT_TRUST_DOMAIN.to_string(),
             ttl: TtlPolicy::default(),
             root_cert: None,
             root_key: None,
             extra_sans: Vec::new(),
             config_poll: Duration::from_millis(500),
+            discovery: crate::discovery::Options::default(),
         }
     }
 }
@@ -80,16 +113,41 @@ pub struct CaServer {
 }
 
 impl CaServer {
-    /// Loads or creates the root, the tokens and the cluster config, and binds the listener.
-    /// Must be called inside a Tokio runtime (the config watcher starts here).
+    /// Loads or creates the root, the node credentials and the pod source, and binds the
+    /// listener. Must be called inside a Tokio runtime (the config watcher or the pod
+    /// list/watch starts here).
     pub async fn bind(opts: CaOptions) -> Result<CaServer, CaError> {
         let signer = Arc::new(load_signer(&opts)?.with_ttl_policy(opts.ttl));
-        let tokens = NodeTokens::load(&opts.tokens_file)?;
-        if tokens.is_empty() {
-            tracing::warn!(path = %opts.tokens_file.display(), "no node tokens: every request will be refused");
-        }
-        let cluster = Cluster::load_dir(&opts.config_dir).map_err(|e| CaError::Config(e.to_string()))?;
-        let cluster = spawn_watcher(opts.config_dir.clone(), Arc::new(cluster), opts.config_poll);
+        let auth = match &opts.auth {
+            NodeAuthOptions::TokensFile(path) => {
+                let tokens = NodeTokens::load(path)?;
+                if tokens.is_empty() {
+                    tracing::warn!(path = %path.display(), "no node tokens: every request will be refused");
+                }
+                tracing::info!(path = %path.display(), nodes = tokens.len(), "nodes authenticate with static tokens");
+                NodeAuth::Tokens(tokens)
+            }
+            NodeAuthOptions::TokenReview { api, review } => {
+                let reviewer = Arc::new(TokenReviewer::new(api.clone(), review.clone()).map_err(CaError::Review)?);
+                tracing::info!(
+                    api_server = ?api,
+                    audience = %review.audience,
+                    service_accounts = ?review.node_service_accounts,
+                    "nodes authenticate with ServiceAccount tokens (TokenReview)"
+                );
+                NodeAuth::Review(reviewer)
+            }
+        };
+        let pods = match &opts.pods {
+            PodsFrom::ConfigDir(dir) => {
+                let cluster = Cluster::load_dir(dir).map_err(|e| CaError::Config(e.to_string()))?;
+                PodSource::Config(spawn_watcher(dir.clone(), Arc::new(cluster), opts.config_poll))
+            }
+            PodsFrom::Kubernetes(api) => {
+                tracing::info!(api_server = ?api, "pods from the Kubernetes API");
+                PodSource::Api(crate::discovery::spawn_pod_index(api.clone(), opts.discovery.clone()))
+            }
+        };
 
         let listener = TcpListener::bind(opts.listen)
             .await
@@ -101,7 +159,7 @@ impl CaServer {
         Ok(CaServer {
             listener,
             acceptor,
-            service: CertificateService::new(signer, tokens, cluster),
+            service: CertificateService::new(signer, auth, pods),
             local_addr,
             root_cert_path: opts.state_dir.join(ROOT_CERT_FILE),
         })

@@ -1,5 +1,6 @@
-//! `istio.v1.auth.IstioCertificateService/CreateCertificate`: authenticates the calling node by
-//! its token, allows only identities of pods scheduled on it, and signs.
+//! `istio.v1.auth.IstioCertificateService/CreateCertificate`: authenticates the calling node
+//! (static token, or TokenReview of its projected ServiceAccount token), allows only
+//! identities of pods scheduled on it, and signs.
 //!
 //! Written against tonic's server building blocks rather than generated code (no protoc here);
 //! it is the same shape tonic-build would emit for one unary method.
@@ -13,16 +14,35 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tonic::body::Body;
+use tonic::metadata::MetadataMap;
 use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 
 use super::proto::{CREATE_CERTIFICATE_PATH, IstioCertificateRequest, IstioCertificateResponse, NODE_HEADER, SERVICE_NAME};
+use super::review::TokenReviewer;
 use super::signer::CaSigner;
 use super::tokens::NodeTokens;
 use crate::config::Cluster;
+use crate::discovery::PodIndex;
 use crate::identity::Identity;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// How a node proves which node it is.
+pub(crate) enum NodeAuth {
+    /// A per-node secret from the tokens file; the node names itself in `x-mesh-node`.
+    Tokens(NodeTokens),
+    /// Its projected ServiceAccount token, reviewed by the API server, which names the node.
+    Review(Arc<TokenReviewer>),
+}
+
+/// Where the CA learns which pods run on which node.
+pub(crate) enum PodSource {
+    /// The watched config directory of file mode.
+    Config(watch::Receiver<Arc<Cluster>>),
+    /// Pods listed and watched from the API server.
+    Api(PodIndex),
+}
 
 #[derive(Clone)]
 pub(crate) struct CertificateService {
@@ -31,30 +51,51 @@ pub(crate) struct CertificateService {
 
 struct State {
     signer: Arc<CaSigner>,
-    tokens: NodeTokens,
-    cluster: watch::Receiver<Arc<Cluster>>,
+    auth: NodeAuth,
+    pods: PodSource,
 }
 
 impl CertificateService {
-    pub(crate) fn new(signer: Arc<CaSigner>, tokens: NodeTokens, cluster: watch::Receiver<Arc<Cluster>>) -> Self {
-        CertificateService { state: Arc::new(State { signer, tokens, cluster }) }
+    pub(crate) fn new(signer: Arc<CaSigner>, auth: NodeAuth, pods: PodSource) -> Self {
+        CertificateService { state: Arc::new(State { signer, auth, pods }) }
     }
 }
 
 impl State {
-    fn create_certificate(&self, request: Request<IstioCertificateRequest>) -> Result<IstioCertificateResponse, Status> {
-        let node = self.authenticate(&request)?;
+    async fn create_certificate(&self, request: Request<IstioCertificateRequest>) -> Result<IstioCertificateResponse, Status> {
+        let node = self.authenticate(request.metadata()).await?;
         let request = request.into_inner();
         let ttl = u64::try_from(request.validity_duration)
             .map(Duration::from_secs)
             .map_err(|_| refuse(&node, Status::invalid_argument("validity_duration is negative")))?;
-        let cluster = self.cluster.borrow().clone();
-        let on_node = |id: &Identity| {
-            cluster
-                .pods_on_node(&node)
-                .any(|pod| pod.namespace == id.namespace && pod.service_account == id.service_account)
+        let signed = match &self.pods {
+            PodSource::Config(cluster) => {
+                let cluster = cluster.borrow().clone();
+                self.signer.sign_csr(
+                    &request.csr,
+                    |id: &Identity| {
+                        cluster
+                            .pods_on_node(&node)
+                            .any(|pod| pod.namespace == id.namespace && pod.service_account == id.service_account)
+                    },
+                    ttl,
+                )
+            }
+            PodSource::Api(index) => {
+                // Refusing now would be a wrong answer (the pod may well exist); the node
+                // retries with backoff.
+                if !index.is_ready() {
+                    return Err(refuse(&node, Status::unavailable("the CA has not listed the cluster's pods yet; retry")));
+                }
+                let accounts = index.current();
+                self.signer.sign_csr(
+                    &request.csr,
+                    |id: &Identity| accounts.has(&node, &id.namespace, &id.service_account),
+                    ttl,
+                )
+            }
         };
-        let chain = self.signer.sign_csr(&request.csr, on_node, ttl).map_err(|e| {
+        let chain = signed.map_err(|e| {
             let code = e.grpc_code();
             let message = match e {
                 super::CaError::NotAllowed(id) => {
@@ -68,24 +109,43 @@ impl State {
         Ok(IstioCertificateResponse { cert_chain: chain })
     }
 
-    /// The node name, once its token checks out.
-    fn authenticate<T>(&self, request: &Request<T>) -> Result<String, Status> {
-        let metadata = request.metadata();
-        let node = metadata
-            .get(NODE_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| refuse("?", Status::unauthenticated(format!("missing {NODE_HEADER} metadata"))))?
-            .to_string();
-        let token = metadata
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| refuse(&node, Status::unauthenticated("missing authorization: Bearer <token> metadata")))?;
-        if !self.tokens.authenticate(&node, token.trim()) {
-            return Err(refuse(&node, Status::unauthenticated(format!("invalid token for node {node}"))));
+    /// The node name, once its credential checks out.
+    async fn authenticate(&self, metadata: &MetadataMap) -> Result<String, Status> {
+        let claimed = metadata.get(NODE_HEADER).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
+        let token = metadata.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        match &self.auth {
+            NodeAuth::Tokens(tokens) => {
+                let node = claimed
+                    .ok_or_else(|| refuse("?", Status::unauthenticated(format!("missing {NODE_HEADER} metadata"))))?;
+                let token = token.ok_or_else(|| {
+                    refuse(node, Status::unauthenticated("missing authorization: Bearer <token> metadata"))
+                })?;
+                if !tokens.authenticate(node, token.trim()) {
+                    return Err(refuse(node, Status::unauthenticated(format!("invalid token for node {node}"))));
+                }
+                Ok(node.to_string())
+            }
+            NodeAuth::Review(reviewer) => {
+                let who = claimed.unwrap_or("?");
+                let token = token.map(str::trim).filter(|t| !t.is_empty()).ok_or_else(|| {
+                    refuse(who, Status::unauthenticated("missing authorization: Bearer <ServiceAccount token> metadata"))
+                })?;
+                let reviewed =
+                    reviewer.review(token).await.map_err(|e| refuse(who, Status::new(e.grpc_code(), e.to_string())))?;
+                // The node name is the token's; a different claim is a misconfigured (or lying)
+                // node, worth a clear refusal rather than silently using either name.
+                if let Some(claimed) = claimed
+                    && claimed != reviewed.node
+                {
+                    let e = super::review::ReviewError::NodeMismatch {
+                        token_node: reviewed.node.clone(),
+                        claimed: claimed.to_string(),
+                    };
+                    return Err(refuse(who, Status::new(e.grpc_code(), e.to_string())));
+                }
+                Ok(reviewed.node)
+            }
         }
-        Ok(node)
     }
 }
 
@@ -108,7 +168,7 @@ impl UnaryService<IstioCertificateRequest> for CreateCertificate {
     fn call(&mut self, request: Request<IstioCertificateRequest>) -> Self::Future {
         let state = self.0.clone();
         // Signing is a few hundred microseconds of CPU: not worth a blocking-pool hop.
-        Box::pin(async move { state.create_certificate(request).map(Response::new) })
+        Box::pin(async move { state.create_certificate(request).await.map(Response::new) })
     }
 }
 

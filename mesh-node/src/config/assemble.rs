@@ -10,6 +10,7 @@ use super::error::{Problem, Reporter};
 use super::field_path::FieldPath;
 use super::host::{self, host_matches};
 use super::load::{Source, documents};
+use serde_yaml::Value;
 
 /// An object and where it was defined.
 type Placed<T> = (Origin, T);
@@ -26,48 +27,225 @@ struct Parts {
     authorization_policies: Vec<Placed<super::istio::AuthorizationPolicy>>,
 }
 
-pub(crate) fn assemble(sources: &[Source]) -> Result<Cluster, Vec<Problem>> {
-    let mut problems = Vec::new();
-    let mut parts = Parts::default();
-    let mut first_seen: HashMap<(Kind, String, String), String> = HashMap::new();
+impl Parts {
+    fn push(&mut self, origin: Origin, object: Object) {
+        match object {
+            Object::Namespace(o) => self.namespaces.push((origin, o)),
+            Object::Node(o) => self.nodes.push((origin, o)),
+            Object::Pod(o) => self.pods.push((origin, o)),
+            Object::Service(o) => self.services.push((origin, o)),
+            Object::DestinationRule(o) => self.destination_rules.push((origin, *o)),
+            Object::VirtualService(o) => self.virtual_services.push((origin, *o)),
+            Object::PeerAuthentication(o) => self.peer_authentications.push((origin, *o)),
+            Object::AuthorizationPolicy(o) => self.authorization_policies.push((origin, *o)),
+        }
+    }
+}
+
+/// Identifies an object across loads: kind, namespace (empty for cluster-scoped kinds), name.
+pub(crate) type ObjectKey = (Kind, String, String);
+
+fn key_of(origin: &Origin) -> ObjectKey {
+    (origin.kind, origin.namespace.clone(), origin.name.clone())
+}
+
+/// A named document: its object when it could be built, and its own problems.
+pub(crate) struct Decoded {
+    pub origin: Origin,
+    pub object: Option<Object>,
+    pub value: Value,
+    /// Indexes into the problems vector of [`decode_sources`] that this document caused.
+    pub problems: std::ops::Range<usize>,
+}
+
+/// Decodes every document of `sources` in order. Problems go to `problems` in file order; a
+/// duplicate (same kind, namespace and name as an earlier object) is reported and left out,
+/// so it is not in the result.
+fn decode_sources(sources: &[Source], problems: &mut Vec<Problem>) -> Vec<Decoded> {
+    let mut out = Vec::new();
+    let mut first_seen: HashMap<ObjectKey, String> = HashMap::new();
     for source in sources {
-        for (index, value) in documents(source, &mut problems) {
-            let Some((origin, object)) = decode(&source.rel, index, &value, &mut problems) else {
+        for (index, value) in documents(source, problems) {
+            let before = problems.len();
+            let Some((origin, object)) = decode(&source.rel, index, &value, problems) else {
                 continue;
             };
-            let key = (origin.kind, origin.namespace.clone(), origin.name.clone());
+            let key = key_of(&origin);
             if let Some(first) = first_seen.get(&key) {
                 let display = origin.display();
-                Reporter::new(&origin.file, &display, &mut problems).at(
+                Reporter::new(&origin.file, &display, problems).at(
                     &FieldPath::root(),
                     format!("duplicate object (first defined in {first})"),
                 );
                 continue;
             }
             first_seen.insert(key, origin.file.clone());
-            match object {
-                Object::Namespace(o) => parts.namespaces.push((origin, o)),
-                Object::Node(o) => parts.nodes.push((origin, o)),
-                Object::Pod(o) => parts.pods.push((origin, o)),
-                Object::Service(o) => parts.services.push((origin, o)),
-                Object::DestinationRule(o) => parts.destination_rules.push((origin, *o)),
-                Object::VirtualService(o) => parts.virtual_services.push((origin, *o)),
-                Object::PeerAuthentication(o) => parts.peer_authentications.push((origin, *o)),
-                Object::AuthorizationPolicy(o) => parts.authorization_policies.push((origin, *o)),
-            }
+            out.push(Decoded { origin, object, value, problems: before..problems.len() });
         }
     }
+    out
+}
 
+/// Strict assembly (file mode, `mesh-node validate`): any problem anywhere rejects the whole
+/// input, and every problem is reported at once.
+pub(crate) fn assemble(sources: &[Source]) -> Result<Cluster, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let mut parts = Parts::default();
+    for d in decode_sources(sources, &mut problems) {
+        if let Some(object) = d.object {
+            parts.push(d.origin, object);
+        }
+    }
     let known_namespaces = known_namespaces(&parts);
-    let is_ns = |ns: &str| known_namespaces.contains(ns);
-    check_pod_nodes(&parts, &mut problems);
-    check_pod_ips(&parts, &mut problems);
-    check_service_ips(&parts, &mut problems);
-    check_subsets(&parts, &is_ns, &mut problems);
+    let mut checks = Checks { problems: &mut problems, blamed: Vec::new() };
+    run_checks(&parts, &known_namespaces, &mut checks);
     if !problems.is_empty() {
         return Err(problems);
     }
     Ok(index(parts, known_namespaces))
+}
+
+/// The result of a per-object build ([`assemble_per_object`]).
+pub(crate) struct PerObject {
+    pub cluster: Cluster,
+    /// Objects left out or held at their last good version, in key order.
+    pub rejected: Vec<Rejected>,
+    /// Problems not attributable to one object (an unnamed document, a duplicate).
+    pub other: Vec<Problem>,
+    /// What was applied, by key: the input for the next build's fallbacks.
+    pub applied: BTreeMap<ObjectKey, Kept>,
+}
+
+/// An object as last applied.
+#[derive(Clone)]
+pub(crate) struct Kept {
+    pub origin: Origin,
+    pub object: Object,
+    pub value: Value,
+}
+
+pub(crate) struct Rejected {
+    pub key: ObjectKey,
+    pub display: String,
+    pub problems: Vec<Problem>,
+    /// The last good version of the object is still applied.
+    pub kept_previous: bool,
+}
+
+struct Candidate {
+    kept: Kept,
+    /// Unchanged since the last build: such objects win conflicts (a duplicate IP is blamed
+    /// on the newcomer), as the API server would have admitted the older one first.
+    settled: bool,
+    /// This is the last good version standing in for a rejected new one.
+    fallback: bool,
+}
+
+/// Per-object assembly (Kubernetes mode): an object with problems is left out, or replaced by
+/// its version in `last_good` when there is one, and everything else is applied. This is what
+/// Istio effectively does: one bad object must not freeze every other update.
+///
+/// Cross-object checks blame one object per problem; the blamed objects fall back or go and the
+/// checks run again, until nothing is blamed. Each round removes or replaces at least one
+/// object, and a fallback that is blamed is removed, so this ends.
+pub(crate) fn assemble_per_object(sources: &[Source], last_good: &BTreeMap<ObjectKey, Kept>) -> PerObject {
+    let mut problems = Vec::new();
+    let decoded = decode_sources(sources, &mut problems);
+    let mut rejected: BTreeMap<ObjectKey, Rejected> = BTreeMap::new();
+    let mut candidates: BTreeMap<ObjectKey, Candidate> = BTreeMap::new();
+    let fallback = |key: &ObjectKey, candidates: &mut BTreeMap<ObjectKey, Candidate>| {
+        if let Some(previous) = last_good.get(key) {
+            candidates.insert(key.clone(), Candidate { kept: previous.clone(), settled: true, fallback: true });
+        }
+    };
+    // Problems of documents that name no object (no apiVersion, kind or name; YAML syntax)
+    // and of duplicates hold nothing back: they are reported on their own.
+    let mut own = vec![false; problems.len()];
+    for d in decoded {
+        let key = key_of(&d.origin);
+        own[d.problems.clone()].fill(true);
+        match d.object {
+            Some(object) if d.problems.is_empty() => {
+                let settled = last_good.get(&key).is_some_and(|k| k.value == d.value);
+                let kept = Kept { origin: d.origin, object, value: d.value };
+                candidates.insert(key, Candidate { kept, settled, fallback: false });
+            }
+            _ => {
+                rejected.insert(
+                    key.clone(),
+                    Rejected {
+                        key: key.clone(),
+                        display: d.origin.display(),
+                        problems: problems[d.problems].to_vec(),
+                        kept_previous: false,
+                    },
+                );
+                fallback(&key, &mut candidates);
+            }
+        }
+    }
+    let other: Vec<Problem> = problems.into_iter().zip(own).filter(|(_, own)| !own).map(|(p, _)| p).collect();
+
+    loop {
+        let mut parts = Parts::default();
+        let order = candidates.iter().filter(|(_, c)| c.settled).chain(candidates.iter().filter(|(_, c)| !c.settled));
+        for (_, c) in order {
+            parts.push(c.kept.origin.clone(), c.kept.object.clone());
+        }
+        let known = known_namespaces(&parts);
+        let mut problems = Vec::new();
+        let mut checks = Checks { problems: &mut problems, blamed: Vec::new() };
+        run_checks(&parts, &known, &mut checks);
+        let blamed = std::mem::take(&mut checks.blamed);
+        if blamed.is_empty() {
+            for r in rejected.values_mut() {
+                r.kept_previous = candidates.get(&r.key).is_some_and(|c| c.fallback);
+            }
+            let applied = candidates.into_iter().map(|(k, c)| (k, c.kept)).collect();
+            return PerObject { cluster: index(parts, known), rejected: rejected.into_values().collect(), other, applied };
+        }
+        let mut round: BTreeSet<ObjectKey> = BTreeSet::new();
+        for (key, problem) in blamed.into_iter().zip(problems) {
+            let display = problem.object.clone().unwrap_or_default();
+            rejected
+                .entry(key.clone())
+                .or_insert_with(|| Rejected { key: key.clone(), display, problems: Vec::new(), kept_previous: false })
+                .problems
+                .push(problem);
+            round.insert(key);
+        }
+        // Once per object and round, or a second problem would also remove the fallback.
+        for key in round {
+            if let Some(c) = candidates.remove(&key)
+                && !c.fallback
+            {
+                fallback(&key, &mut candidates);
+            }
+        }
+    }
+}
+
+/// Collects cross-object problems and which object each one blames.
+struct Checks<'a> {
+    problems: &'a mut Vec<Problem>,
+    /// `blamed[i]` is the object of the i-th problem pushed through [`Checks::report`].
+    blamed: Vec<ObjectKey>,
+}
+
+impl Checks<'_> {
+    fn report(&mut self, origin: &Origin, field: &FieldPath, message: String) {
+        let display = origin.display();
+        Reporter::new(&origin.file, &display, self.problems).at(field, message);
+        self.blamed.push(key_of(origin));
+    }
+}
+
+fn run_checks(parts: &Parts, known_namespaces: &BTreeSet<String>, checks: &mut Checks<'_>) {
+    let is_ns = |ns: &str| known_namespaces.contains(ns);
+    check_pod_nodes(parts, checks);
+    check_pod_ips(parts, checks);
+    check_service_ips(parts, checks);
+    check_subsets(parts, &is_ns, checks);
 }
 
 fn known_namespaces(parts: &Parts) -> BTreeSet<String> {
@@ -89,11 +267,12 @@ fn known_namespaces(parts: &Parts) -> BTreeSet<String> {
     set
 }
 
-fn check_pod_nodes(parts: &Parts, problems: &mut Vec<Problem>) {
+fn check_pod_nodes(parts: &Parts, checks: &mut Checks<'_>) {
     let nodes: BTreeSet<&str> = parts.nodes.iter().map(|(_, n)| n.name.as_str()).collect();
     for (origin, pod) in &parts.pods {
         if !pod.node.is_empty() && !nodes.contains(pod.node.as_str()) {
-            Reporter::new(&origin.file, &origin.display(), problems).at(
+            checks.report(
+                origin,
                 &FieldPath::of(&["spec", "nodeName"]),
                 format!("node {:?} is not defined", pod.node),
             );
@@ -101,7 +280,7 @@ fn check_pod_nodes(parts: &Parts, problems: &mut Vec<Problem>) {
     }
 }
 
-fn check_pod_ips(parts: &Parts, problems: &mut Vec<Problem>) {
+fn check_pod_ips(parts: &Parts, checks: &mut Checks<'_>) {
     let mut owner: HashMap<IpAddr, String> = HashMap::new();
     for (origin, pod) in parts.pods.iter().filter(|(_, p)| !p.host_network) {
         let display = origin.display();
@@ -113,8 +292,7 @@ fn check_pod_ips(parts: &Parts, problems: &mut Vec<Problem>) {
             };
             match owner.get(ip) {
                 Some(other) if *other != display => {
-                    Reporter::new(&origin.file, &display, problems)
-                        .at(&path, format!("{ip} is already used by {other}"));
+                    checks.report(origin, &path, format!("{ip} is already used by {other}"));
                 }
                 Some(_) => {}
                 None => {
@@ -125,7 +303,7 @@ fn check_pod_ips(parts: &Parts, problems: &mut Vec<Problem>) {
     }
 }
 
-fn check_service_ips(parts: &Parts, problems: &mut Vec<Problem>) {
+fn check_service_ips(parts: &Parts, checks: &mut Checks<'_>) {
     let mut owner: HashMap<IpAddr, String> = HashMap::new();
     for (origin, svc) in &parts.services {
         let display = origin.display();
@@ -137,8 +315,7 @@ fn check_service_ips(parts: &Parts, problems: &mut Vec<Problem>) {
             };
             match owner.get(ip) {
                 Some(other) => {
-                    Reporter::new(&origin.file, &display, problems)
-                        .at(&path, format!("{ip} is already used by {other}"));
+                    checks.report(origin, &path, format!("{ip} is already used by {other}"));
                 }
                 None => {
                     owner.insert(*ip, display.clone());
@@ -150,14 +327,13 @@ fn check_service_ips(parts: &Parts, problems: &mut Vec<Problem>) {
 
 /// Istio rejects routes to subsets no DestinationRule defines (the traffic
 /// would be black-holed), so the error goes on the VirtualService.
-fn check_subsets(parts: &Parts, is_ns: &dyn Fn(&str) -> bool, problems: &mut Vec<Problem>) {
+fn check_subsets(parts: &Parts, is_ns: &dyn Fn(&str) -> bool, checks: &mut Checks<'_>) {
     let dr_hosts: Vec<String> = parts
         .destination_rules
         .iter()
         .map(|(_, dr)| host::canonical_host(&dr.host, &dr.namespace, is_ns))
         .collect();
     for (origin, vs) in &parts.virtual_services {
-        let display = origin.display();
         for (path, dest) in vs.destinations() {
             let Some(subset) = &dest.subset else { continue };
             let target = host::canonical_host(&dest.host, &vs.namespace, is_ns);
@@ -170,7 +346,8 @@ fn check_subsets(parts: &Parts, is_ns: &dyn Fn(&str) -> bool, problems: &mut Vec
                         host_matches(pattern, &target) && dr.subset(subset).is_some()
                     });
             if !defined {
-                Reporter::new(&origin.file, &display, problems).at(
+                checks.report(
+                    origin,
                     &path.key("subset"),
                     format!(
                         "subset {subset:?} is not defined by any DestinationRule for host {target}"

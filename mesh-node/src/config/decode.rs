@@ -123,16 +123,17 @@ struct Envelope {
     status: Option<Value>,
 }
 
-/// Decodes one document. Returns `None` for skipped kinds and for objects
-/// too broken to build; everything wrong is added to `problems`.
-/// Objects with field problems are still returned when they can be built, so
-/// cross-object checks do not pile follow-up errors on top.
+/// Decodes one document. Returns `None` for skipped kinds and for documents
+/// that cannot be named (no apiVersion, kind or name), and the origin without
+/// an object for objects too broken to build; everything wrong is added to
+/// `problems`. Objects with field problems are still returned when they can
+/// be built, so cross-object checks do not pile follow-up errors on top.
 pub(crate) fn decode(
     file: &str,
     index: usize,
     value: &Value,
     problems: &mut Vec<Problem>,
-) -> Option<(Origin, Object)> {
+) -> Option<(Origin, Option<Object>)> {
     let doc = format!("document {index}");
     let top = |problems: &mut Vec<Problem>, field: &str, message: &str| {
         problems.push(Problem {
@@ -242,7 +243,7 @@ pub(crate) fn decode(
                 &mut r,
             )))
         }),
-    }?;
+    };
     Some((origin, object))
 }
 

@@ -1,6 +1,7 @@
 //! Cluster configuration: a typed model of the Kubernetes and Istio objects
 //! the mesh acts on, loaded from a directory of YAML files and validated as a
-//! whole, plus a watcher that keeps the last good snapshot live.
+//! whole (or object by object for the Kubernetes API), plus a watcher that
+//! keeps the last good snapshot live.
 //!
 //! Problems are reported one per line as
 //! `<file>: <Kind> <namespace>/<name>: <field.path>: <message>`; Istio field
@@ -9,7 +10,8 @@
 //! Files: `load` (files and documents), `de` (path-tracking serde),
 //! `decode` (document → object), `kube` (core kinds), `istio/` (CRDs),
 //! `assemble` (cross-object checks, indexes), `cluster` (lookups),
-//! `host`, `duration`, `watch`, `error`.
+//! `per_object` (Kubernetes mode: an invalid object is held back, the rest
+//! applied), `host`, `duration`, `watch`, `error`.
 
 mod assemble;
 mod cluster;
@@ -23,6 +25,7 @@ mod istio;
 mod kube;
 mod load;
 mod model;
+mod per_object;
 mod watch;
 
 #[cfg(test)]
@@ -38,4 +41,5 @@ pub use model::{
     DATAPLANE_MODE_LABEL, Endpoint, Namespace, Node, Pod, Service, ServicePort, TargetPort,
     labels_match,
 };
+pub use per_object::{PerObjectBuild, PerObjectBuilder, RejectedObject};
 pub use watch::spawn_watcher;

@@ -3,30 +3,40 @@
 //!
 //! One reflector per kind (`reflector`) keeps a store of objects (`store`);
 //! after any change (debounced) the stores are rendered into one document per
-//! object and validated by [`Cluster::from_yaml_files`], so validation is
-//! exactly file mode's. A model that fails validation is logged and the last
-//! good one stays live. Ready means every kind has been listed once and a
-//! model has been published.
+//! object and built with file mode's decoding and checks, object by object
+//! ([`PerObjectBuilder`]): an invalid object is logged at warn and held back
+//! (at its last good version when there was one), everything else is applied.
+//! Ready means every kind has been listed once and a model has been published.
+//!
+//! `pods` is the CA's smaller view: which service accounts run on which node,
+//! from Pods alone.
 //!
 //! The protocol is spoken directly over hyper (`client`) rather than through
-//! kube-rs: it needs only GET, and the crates already in the tree suffice.
+//! kube-rs: it needs only GET and POST, and the crates already in the tree
+//! suffice.
 
 mod client;
+mod pods;
 mod reflector;
 mod store;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-pub use client::ApiServer;
+pub use client::{ApiError, ApiServer, SERVICE_ACCOUNT_DIR};
+pub use pods::{NodeAccounts, PodIndex, spawn_pod_index};
 
-use crate::config::Cluster;
+use crate::config::{Cluster, PerObjectBuilder, RejectedObject};
 use store::Shared;
 
 /// Tunables; the defaults suit a real cluster, tests shorten them.
@@ -53,14 +63,17 @@ impl Default for Options {
 }
 
 /// The running discovery: the model channel (same type as
-/// [`crate::config::spawn_watcher`]'s) and readiness.
+/// [`crate::config::spawn_watcher`]'s), what is held back, and readiness.
 pub struct Discovery {
     pub config: watch::Receiver<Arc<Cluster>>,
+    /// The objects the last build held back, with their problems.
+    pub rejected: watch::Receiver<Arc<Vec<RejectedObject>>>,
     ready: watch::Receiver<bool>,
+    rejections: Arc<AtomicU64>,
 }
 
 impl Discovery {
-    /// True once every kind has been listed and a valid model published.
+    /// True once every kind has been listed and a model published.
     pub fn is_ready(&self) -> bool {
         *self.ready.borrow()
     }
@@ -69,6 +82,12 @@ impl Discovery {
     pub async fn wait_ready(&mut self) -> bool {
         self.ready.wait_for(|r| *r).await.is_ok()
     }
+
+    /// How many times an object was held back since start (each new problem
+    /// with an object counts once, however many builds it survives).
+    pub fn rejections_total(&self) -> u64 {
+        self.rejections.load(Ordering::Relaxed)
+    }
 }
 
 /// Starts one reflector per kind and the model builder. Everything stops
@@ -76,7 +95,9 @@ impl Discovery {
 /// inside a Tokio runtime.
 pub fn spawn(api: ApiServer, opts: Options) -> Discovery {
     let (tx, rx) = watch::channel(Arc::new(Cluster::default()));
+    let (rejected_tx, rejected_rx) = watch::channel(Arc::new(Vec::new()));
     let (ready_tx, ready_rx) = watch::channel(false);
+    let rejections = Arc::new(AtomicU64::new(0));
     let api = Arc::new(api);
     let shared = Arc::new(Shared::default());
     let mut reflectors = JoinSet::new();
@@ -84,10 +105,14 @@ pub fn spawn(api: ApiServer, opts: Options) -> Discovery {
         reflectors.spawn(reflector::run(api.clone(), *res, shared.clone(), opts.clone()));
     }
     let kinds: Vec<&'static str> = reflector::RESOURCES.iter().map(|r| r.plural).collect();
+    let counter = rejections.clone();
     tokio::spawn(async move {
         // Owned here so the reflectors are aborted when this task ends.
         let _reflectors = reflectors;
         let mut seen: Option<u64> = None;
+        let mut builder = PerObjectBuilder::new();
+        // Rendered problems of the previous build, so each is logged once.
+        let mut reported: BTreeSet<String> = BTreeSet::new();
         loop {
             tokio::select! {
                 () = tx.closed() => return,
@@ -102,36 +127,72 @@ pub fn spawn(api: ApiServer, opts: Options) -> Discovery {
             }
             seen = Some(fingerprint);
             let built = tokio::task::spawn_blocking(move || {
-                Cluster::from_yaml_files(docs.iter().map(|(n, t)| (n.as_str(), t.as_str())))
+                let built = builder.build(docs.iter().map(|(n, t)| (n.as_str(), t.as_str())));
+                (builder, built)
             })
             .await;
-            match built {
-                Ok(Ok(cluster)) => {
-                    tracing::info!(
-                        pods = cluster.pods().count(),
-                        services = cluster.services().count(),
-                        "cluster model updated from the API server"
-                    );
-                    if tx.send(Arc::new(cluster)).is_err() {
-                        return;
-                    }
-                    ready_tx.send_replace(true);
+            let built = match built {
+                Ok((b, built)) => {
+                    builder = b;
+                    built
                 }
-                Ok(Err(e)) => {
-                    tracing::error!(
-                        count = e.problems().len(),
-                        "cluster objects rejected; keeping the last good model"
-                    );
-                    for problem in e.problems() {
-                        tracing::error!("{problem}");
-                    }
+                Err(e) => {
+                    // The builder's memory of last good objects went with the task: start over.
+                    tracing::error!("model build task failed: {e}");
+                    builder = PerObjectBuilder::new();
+                    seen = None;
+                    continue;
                 }
-                Err(e) => tracing::error!("model build task failed: {e}"),
+            };
+            reported = report(&built.rejected, &built.other, reported, &counter);
+            tracing::info!(
+                pods = built.cluster.pods().count(),
+                services = built.cluster.services().count(),
+                held_back = built.rejected.len(),
+                "cluster model updated from the API server"
+            );
+            if tx.send(Arc::new(built.cluster)).is_err() {
+                return;
             }
+            rejected_tx.send_replace(Arc::new(built.rejected));
+            ready_tx.send_replace(true);
         }
     });
-    Discovery {
-        config: rx,
-        ready: ready_rx,
+    Discovery { config: rx, rejected: rejected_rx, ready: ready_rx, rejections }
+}
+
+/// Logs each problem the first build it appears in (warn: the rest of the
+/// config is applied), and when an object that was held back is accepted
+/// again. Returns this build's problems, for the next call.
+fn report(
+    rejected: &[RejectedObject],
+    other: &[crate::config::Problem],
+    previous: BTreeSet<String>,
+    counter: &AtomicU64,
+) -> BTreeSet<String> {
+    let mut now = BTreeSet::new();
+    for r in rejected {
+        let line = r.to_string();
+        if !previous.contains(&line) {
+            counter.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(object = %r.object, kept_previous = r.kept_previous, "{line}");
+        }
+        now.insert(line);
     }
+    for p in other {
+        let line = p.to_string();
+        if !previous.contains(&line) {
+            tracing::warn!("{line}");
+        }
+        now.insert(line);
+    }
+    let held: BTreeSet<&str> = rejected.iter().map(|r| r.object.as_str()).collect();
+    for line in previous.difference(&now) {
+        if let Some((object, _)) = line.split_once(" rejected (")
+            && !held.contains(object)
+        {
+            tracing::info!(object, "object accepted again");
+        }
+    }
+    now
 }

@@ -5,11 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use http_body_util::BodyExt;
 use serde_json::Value;
 
-use super::client::{ApiServer, read_body};
+use super::client::{ApiError, ApiServer, read_body, snippet};
 use super::store::Shared;
 use super::Options;
 
@@ -67,7 +66,7 @@ enum ListError {
     NotServed,
     /// 410 Gone while paginating: the continue token expired.
     Gone,
-    Other(anyhow::Error),
+    Other(ApiError),
 }
 
 enum WatchEnd {
@@ -75,7 +74,7 @@ enum WatchEnd {
     Closed,
     /// 410 Gone: the resourceVersion is too old, relist.
     Gone,
-    Failed(anyhow::Error),
+    Failed(ApiError),
 }
 
 pub(crate) async fn run(api: Arc<ApiServer>, res: Resource, shared: Arc<Shared>, opts: Options) {
@@ -145,7 +144,9 @@ async fn list(api: &ApiServer, res: &Resource) -> Result<(&'static str, Vec<Valu
             }
             let resp = api.get(&query).await.map_err(ListError::Other)?;
             let status = resp.status();
-            let body = read_body(resp.into_body(), LIST_TIMEOUT).await.map_err(ListError::Other)?;
+            let body = read_body(resp.into_body(), LIST_TIMEOUT)
+                .await
+                .map_err(|message| ListError::Other(ApiError::Http { method: "GET", path: query.clone(), message }))?;
             if status == http::StatusCode::NOT_FOUND {
                 continue 'versions;
             }
@@ -153,14 +154,11 @@ async fn list(api: &ApiServer, res: &Resource) -> Result<(&'static str, Vec<Valu
                 return Err(ListError::Gone);
             }
             if !status.is_success() {
-                return Err(ListError::Other(anyhow::anyhow!(
-                    "GET {query}: {status}: {}",
-                    String::from_utf8_lossy(&body[..body.len().min(512)])
-                )));
+                return Err(ListError::Other(ApiError::Status { method: "GET", path: query, status, body: snippet(&body) }));
             }
-            let mut list: Value = serde_json::from_slice(&body)
-                .with_context(|| format!("GET {query}: invalid JSON"))
-                .map_err(ListError::Other)?;
+            let mut list: Value = serde_json::from_slice(&body).map_err(|e| {
+                ListError::Other(ApiError::Json { method: "GET", path: query.clone(), message: e.to_string() })
+            })?;
             let meta = list.get("metadata");
             let rv = meta.and_then(|m| m.get("resourceVersion")).and_then(Value::as_str).unwrap_or("").to_string();
             let next = meta.and_then(|m| m.get("continue")).and_then(Value::as_str).filter(|c| !c.is_empty()).map(str::to_string);
@@ -200,10 +198,7 @@ async fn watch(
     }
     if !status.is_success() {
         let body = read_body(resp.into_body(), LIST_TIMEOUT).await.unwrap_or_default();
-        return WatchEnd::Failed(anyhow::anyhow!(
-            "GET {query}: {status}: {}",
-            String::from_utf8_lossy(&body[..body.len().min(512)])
-        ));
+        return WatchEnd::Failed(ApiError::Status { method: "GET", path: query, status, body: snippet(&body) });
     }
     let mut body = resp.into_body();
     let mut buf: Vec<u8> = Vec::new();
@@ -211,9 +206,9 @@ async fn watch(
     let idle = opts.watch_timeout + Duration::from_secs(30);
     loop {
         let frame = match tokio::time::timeout(idle, body.frame()).await {
-            Err(_) => return WatchEnd::Failed(anyhow::anyhow!("watch idle for {idle:?}")),
+            Err(_) => return WatchEnd::Failed(watch_error(path, format!("idle for {idle:?}"))),
             Ok(None) => return WatchEnd::Closed,
-            Ok(Some(Err(e))) => return WatchEnd::Failed(anyhow::Error::new(e).context("watch stream")),
+            Ok(Some(Err(e))) => return WatchEnd::Failed(watch_error(path, format!("stream: {e}"))),
             Ok(Some(Ok(frame))) => frame,
         };
         let Ok(data) = frame.into_data() else { continue };
@@ -224,7 +219,7 @@ async fn watch(
             if line.is_empty() {
                 continue;
             }
-            match handle_event(res, version, line, rv, shared) {
+            match handle_event(res, version, path, line, rv, shared) {
                 Ok(None) => {}
                 Ok(Some(end)) => return end,
                 Err(e) => return WatchEnd::Failed(e),
@@ -233,14 +228,20 @@ async fn watch(
     }
 }
 
+fn watch_error(path: &str, message: String) -> ApiError {
+    ApiError::Watch { path: path.to_string(), message }
+}
+
 fn handle_event(
     res: &Resource,
     version: &'static str,
+    path: &str,
     line: &[u8],
     rv: &mut String,
     shared: &Shared,
-) -> anyhow::Result<Option<WatchEnd>> {
-    let mut event: Value = serde_json::from_slice(line).context("invalid watch event")?;
+) -> Result<Option<WatchEnd>, ApiError> {
+    let mut event: Value =
+        serde_json::from_slice(line).map_err(|e| watch_error(path, format!("invalid event: {e}")))?;
     let kind = event.get("type").and_then(Value::as_str).unwrap_or("").to_string();
     let object = event.get_mut("object").map(Value::take).unwrap_or(Value::Null);
     let object_rv = object
@@ -257,9 +258,9 @@ fn handle_event(
                 return Ok(Some(WatchEnd::Gone));
             }
             let message = object.get("message").and_then(Value::as_str).unwrap_or("");
-            bail!("watch error event (code {code:?}): {message}");
+            return Err(watch_error(path, format!("error event (code {code:?}): {message}")));
         }
-        other => bail!("unknown watch event type {other:?}"),
+        other => return Err(watch_error(path, format!("unknown event type {other:?}"))),
     }
     if let Some(new_rv) = object_rv {
         *rv = new_rv;

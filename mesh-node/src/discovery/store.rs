@@ -98,6 +98,17 @@ impl Shared {
         self.changed.notify_one();
     }
 
+    /// Runs `f` over one kind's objects (`namespace/name` -> object); `None`
+    /// until that kind has been listed once.
+    pub(crate) fn read<R>(&self, plural: &'static str, f: impl FnOnce(&BTreeMap<String, Value>) -> R) -> Option<R> {
+        let state = self.lock();
+        if !state.synced.contains(plural) {
+            return None;
+        }
+        let empty = BTreeMap::new();
+        Some(f(state.objects.get(plural).unwrap_or(&empty)))
+    }
+
     /// The documents, one per object as `(plural/namespace/name, JSON)`, in a
     /// stable order; `None` until every kind in `kinds` has been listed once.
     pub(crate) fn documents(&self, kinds: &[&'static str]) -> Option<Vec<(String, String)>> {

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use super::*;
 use crate::config::labels_match;
 
-const WAIT: Duration = Duration::from_secs(10);
+pub(super) const WAIT: Duration = Duration::from_secs(10);
 
 const SAMPLE: &[(&str, &str)] = &[
     ("authorization-policy.yaml", include_str!("../../../deploy/examples/lemo-dev/authorization-policy.yaml")),
@@ -43,22 +43,26 @@ impl Body for ChanBody {
 }
 
 #[derive(Default)]
-struct FakeState {
+pub(super) struct FakeState {
     rv: u64,
     /// path -> key -> object (as the server stores it, with apiVersion/kind).
-    objects: HashMap<String, BTreeMap<String, Value>>,
+    pub(super) objects: HashMap<String, BTreeMap<String, Value>>,
     watchers: HashMap<String, Vec<mpsc::UnboundedSender<Bytes>>>,
     /// Every request's path and query, in order.
-    requests: Vec<String>,
+    pub(super) requests: Vec<String>,
     /// Paths whose next watch answers an ERROR 410 event (or HTTP 410).
     gone_event: Vec<String>,
     gone_http: Vec<String>,
     /// Paths whose lists answer 500.
     fail_list: Vec<String>,
+    /// When set, requests without `Authorization: Bearer <this>` get 401.
+    pub(super) required_token: Option<String>,
+    /// The Authorization header of every request, in order.
+    pub(super) authorization: Vec<Option<String>>,
 }
 
 #[derive(Clone, Default)]
-struct Fake(Arc<Mutex<FakeState>>);
+pub(super) struct Fake(Arc<Mutex<FakeState>>);
 
 fn object_key(object: &Value) -> String {
     let ns = object.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("");
@@ -67,13 +71,13 @@ fn object_key(object: &Value) -> String {
 }
 
 impl Fake {
-    fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+    pub(super) fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
         self.0.lock().unwrap()
     }
 
     /// Serves every kind (no objects yet) at `versions`' first entry, except
     /// where `served` overrides the version for a kind.
-    fn new(served: &[(&str, &str)]) -> Fake {
+    pub(super) fn new(served: &[(&str, &str)]) -> Fake {
         let fake = Fake::default();
         let mut st = fake.state();
         for res in reflector::RESOURCES {
@@ -92,7 +96,7 @@ impl Fake {
     }
 
     /// Stores `object` (new rv) and tells the watchers.
-    fn apply(&self, event: &str, mut object: Value) {
+    pub(super) fn apply(&self, event: &str, mut object: Value) {
         let path = self.path_of(&object);
         let mut st = self.state();
         st.rv += 1;
@@ -126,15 +130,15 @@ impl Fake {
     }
 
     /// Ends every open watch stream on `path`.
-    fn close_watches(&self, path: &str) {
+    pub(super) fn close_watches(&self, path: &str) {
         self.state().watchers.remove(path);
     }
 
-    fn watcher_count(&self, path: &str) -> usize {
+    pub(super) fn watcher_count(&self, path: &str) -> usize {
         self.state().watchers.get(path).map_or(0, |w| w.iter().filter(|s| !s.is_closed()).count())
     }
 
-    fn requests(&self, prefix: &str) -> Vec<String> {
+    pub(super) fn requests(&self, prefix: &str) -> Vec<String> {
         self.state().requests.iter().filter(|r| r.starts_with(prefix)).cloned().collect()
     }
 
@@ -151,6 +155,13 @@ impl Fake {
                 .body(Full::new(Bytes::from(body.to_string())).boxed())
                 .unwrap()
         };
+        let authorization = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+        st.authorization.push(authorization.clone());
+        if let Some(token) = &st.required_token
+            && authorization.as_deref() != Some(format!("Bearer {token}").as_str())
+        {
+            return full(401, json!({"kind": "Status", "code": 401, "reason": "Unauthorized", "message": "Unauthorized"}));
+        }
         if !st.objects.contains_key(&path) {
             return full(404, json!({"kind": "Status", "code": 404, "reason": "NotFound"}));
         }
@@ -192,6 +203,30 @@ impl Fake {
         full(200, json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}))
     }
 
+    /// Serves HTTPS with `tls` (a certificate for 127.0.0.1) on loopback.
+    pub(super) async fn serve_tls(self, tls: Arc<rustls::ServerConfig>) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let fake = self.clone();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    // A client that refuses the certificate ends here.
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let svc = hyper::service::service_fn(move |req| {
+                        let resp = fake.handle(&req);
+                        async move { Ok::<_, Infallible>(resp) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+                });
+            }
+        });
+        addr
+    }
+
     async fn serve(self) -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -216,7 +251,7 @@ impl Fake {
 
 // ------------------------------------------------------------ helpers
 
-fn sample_objects() -> Vec<Value> {
+pub(super) fn sample_objects() -> Vec<Value> {
     let mut out = Vec::new();
     for (_, text) in SAMPLE {
         for doc in serde_yaml::Deserializer::from_str(text) {
@@ -229,12 +264,12 @@ fn sample_objects() -> Vec<Value> {
     out
 }
 
-fn file_mode() -> Cluster {
+pub(super) fn file_mode() -> Cluster {
     Cluster::from_yaml_files(SAMPLE.iter().copied()).unwrap()
 }
 
 /// Everything the proxy looks up, as text, to compare models.
-fn summary(c: &Cluster) -> String {
+pub(super) fn summary(c: &Cluster) -> String {
     let mut s = String::new();
     for n in c.nodes() {
         s += &format!("node {} {}\n", n.name, n.ip);
@@ -273,12 +308,12 @@ async fn start(fake: &Fake) -> Discovery {
 }
 
 /// Waits (bounded) until the published model satisfies `pred`.
-async fn until(d: &mut Discovery, what: &str, pred: impl Fn(&Cluster) -> bool) {
+pub(super) async fn until(d: &mut Discovery, what: &str, pred: impl Fn(&Cluster) -> bool) {
     let ok = tokio::time::timeout(WAIT, d.config.wait_for(|c| pred(c))).await;
     assert!(matches!(ok, Ok(Ok(_))), "timed out waiting for: {what}");
 }
 
-async fn until_true(what: &str, f: impl Fn() -> bool) {
+pub(super) async fn until_true(what: &str, f: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !f() {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
@@ -286,7 +321,7 @@ async fn until_true(what: &str, f: impl Fn() -> bool) {
     }
 }
 
-fn loaded_fake(served: &[(&str, &str)]) -> Fake {
+pub(super) fn loaded_fake(served: &[(&str, &str)]) -> Fake {
     let fake = Fake::new(served);
     for o in sample_objects() {
         fake.apply("ADDED", o);
@@ -294,7 +329,7 @@ fn loaded_fake(served: &[(&str, &str)]) -> Fake {
     fake
 }
 
-fn pod(c: &Cluster, name: &str) -> Option<crate::config::Pod> {
+pub(super) fn pod(c: &Cluster, name: &str) -> Option<crate::config::Pod> {
     c.pods().find(|p| p.name == name).cloned()
 }
 
@@ -540,30 +575,56 @@ async fn gone_relists_both_as_event_and_as_http_status() {
 }
 
 #[tokio::test]
-async fn invalid_change_keeps_the_last_good_model() {
+async fn an_invalid_object_is_held_back_and_the_rest_applied() {
     let fake = loaded_fake(&[]);
     let mut d = start(&fake).await;
     until_true("service watch", || fake.watcher_count("/api/v1/services") > 0).await;
+    until_true("rule watch", || fake.watcher_count("/apis/networking.istio.io/v1/destinationrules") > 0).await;
     let good = d.config.borrow().clone();
+    assert!(d.rejected.borrow().is_empty());
     let svc = good.services().find(|s| !s.is_headless()).cloned().unwrap();
+    let interval = |c: &Cluster| {
+        let dr = c.destination_rules().next().expect("a rule");
+        format!("{:?}", dr.traffic_policy.as_ref().and_then(|t| t.outlier_detection.as_ref()).and_then(|o| o.interval))
+    };
+    let before = interval(&good);
+
+    // In one burst: a Service taking another's cluster IP (new, invalid), an invalid edit
+    // of the DestinationRule (existing), and a valid Namespace change.
     let mut j = fake.state().objects["/api/v1/services"][&format!("{}/{}", svc.namespace, svc.name)].clone();
-    // Another Service with the same cluster IP: file mode rejects this.
     j["metadata"]["name"] = json!("dup-ip");
     fake.apply("ADDED", j);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(d.config.borrow().service(&svc.namespace, "dup-ip").is_none());
-    assert_eq!(d.config.borrow().fingerprint(), good.fingerprint());
-    // Fixing it (delete) is picked up; a later valid change publishes.
-    let dup = fake.state().objects["/api/v1/services"][&format!("{}/dup-ip", svc.namespace)].clone();
-    fake.apply("DELETED", dup);
+    let mut dr = fake.state().objects["/apis/networking.istio.io/v1/destinationrules"].values().next().cloned().unwrap();
+    let dr_name = format!("{}/{}", dr["metadata"]["namespace"].as_str().unwrap(), dr["metadata"]["name"].as_str().unwrap());
+    dr["spec"]["trafficPolicy"]["outlierDetection"]["interval"] = json!("ten");
+    fake.apply("MODIFIED", dr.clone());
     let mut ns = fake.state().objects["/api/v1/namespaces"].values().next().cloned().unwrap();
     ns["metadata"]["labels"]["extra"] = json!("1");
     fake.apply("MODIFIED", ns);
     let name = ns_name(&fake);
-    until(&mut d, "valid change published", move |c| {
+    until(&mut d, "the valid change is applied despite the invalid ones", move |c| {
         c.namespace(&name).is_some_and(|n| n.labels.contains_key("extra"))
     })
     .await;
+    let c = d.config.borrow().clone();
+    assert!(c.service(&svc.namespace, "dup-ip").is_none(), "the newcomer is left out");
+    assert!(c.service(&svc.namespace, &svc.name).is_some(), "the Service it collided with stays");
+    assert_eq!(interval(&c), before, "the rule keeps its last good version");
+    let rejected = d.rejected.borrow().clone();
+    let lines: Vec<String> = rejected.iter().map(ToString::to_string).collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines.iter().any(|l| l.starts_with(&format!("DestinationRule {dr_name} rejected (keeping its last good version): trafficPolicy.outlierDetection.interval: \"ten\" is not a duration"))), "{lines:?}");
+    assert!(lines.iter().any(|l| l.starts_with(&format!("Service {}/dup-ip rejected (left out): spec.clusterIP: ", svc.namespace)) && l.contains("is already used by")), "{lines:?}");
+    assert_eq!(d.rejections_total(), 2);
+
+    // Fixing both: nothing held back, the fix applied; the count stays.
+    let dup = fake.state().objects["/api/v1/services"][&format!("{}/dup-ip", svc.namespace)].clone();
+    fake.apply("DELETED", dup);
+    dr["spec"]["trafficPolicy"]["outlierDetection"]["interval"] = json!("20s");
+    fake.apply("MODIFIED", dr);
+    until(&mut d, "fixed rule applied", |c| interval(c) == "Some(20s)").await;
+    tokio::time::timeout(WAIT, d.rejected.wait_for(|r| r.is_empty())).await.expect("nothing held back").expect("open");
+    assert_eq!(d.rejections_total(), 2);
 }
 
 fn ns_name(fake: &Fake) -> String {
