@@ -165,3 +165,76 @@ async fn shutdown_signal() {
     }
     tracing::info!("mesh CA shutting down");
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        ca: CaArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<CaOptions, String> {
+        let cli = Cli::try_parse_from(["ca", "--state-dir", "/tmp/s"].iter().chain(args)).map_err(|e| e.to_string())?;
+        cli.ca.into_options()
+    }
+
+    #[test]
+    fn file_mode_kubernetes_mode_and_their_mixes() {
+        let opts = parse(&["--config", "/c", "--tokens", "/t.yaml"]).expect("file mode");
+        assert!(matches!(&opts.pods, PodsFrom::ConfigDir(d) if d.as_os_str() == "/c"));
+        assert!(matches!(&opts.auth, NodeAuthOptions::TokensFile(f) if f.as_os_str() == "/t.yaml"));
+
+        let opts = parse(&[
+            "--kubernetes",
+            "--api-server",
+            "http://127.0.0.1:8080",
+            "--token-audience",
+            "mesh",
+            "--node-service-account",
+            "kube-system/mesh-node",
+            "--node-service-account",
+            "mesh-system/mesh-node-canary",
+            "--review-cache-ttl",
+            "5s",
+        ])
+        .expect("Kubernetes mode");
+        assert!(matches!(&opts.pods, PodsFrom::Kubernetes(api) if format!("{api:?}") == "http://127.0.0.1:8080"));
+        let NodeAuthOptions::TokenReview { review, .. } = &opts.auth else { panic!("TokenReview expected") };
+        assert_eq!(review.audience, "mesh");
+        assert_eq!(review.node_service_accounts, ["kube-system/mesh-node", "mesh-system/mesh-node-canary"]);
+        assert_eq!(review.cache_ttl, Duration::from_secs(5));
+
+        // Defaults: audience mesh-ca, the DaemonSet's ServiceAccount.
+        let opts = parse(&["--kubernetes", "--api-server", "http://127.0.0.1:8080"]).expect("defaults");
+        let NodeAuthOptions::TokenReview { review, .. } = &opts.auth else { panic!("TokenReview expected") };
+        assert_eq!(review.audience, "mesh-ca");
+        assert_eq!(review.node_service_accounts, ["mesh-system/mesh-node"]);
+
+        // Pods from the API, static tokens (the static-node-tokens install component).
+        let opts = parse(&["--kubernetes", "--api-server", "http://127.0.0.1:8080", "--tokens", "/t.yaml"]).expect("mix");
+        assert!(matches!(&opts.pods, PodsFrom::Kubernetes(_)));
+        assert!(matches!(&opts.auth, NodeAuthOptions::TokensFile(_)));
+    }
+
+    #[test]
+    fn contradictory_or_missing_flags_are_named() {
+        let err = parse(&["--tokens", "/t.yaml"]).expect_err("no pod source");
+        assert!(err.contains("--config"), "{err}");
+        let err = parse(&["--config", "/c"]).expect_err("no node credentials");
+        assert!(err.contains("--tokens"), "{err}");
+        let err = parse(&["--config", "/c", "--kubernetes"]).expect_err("two pod sources");
+        assert!(err.contains("--config") && err.contains("--kubernetes"), "{err}");
+        let err = parse(&["--config", "/c", "--tokens", "/t", "--token-audience", "x"]).expect_err("review flag in file mode");
+        assert!(err.contains("--token-audience"), "{err}");
+        let err = parse(&["--kubernetes", "--api-server", "http://h:1", "--tokens", "/t", "--node-service-account", "a/b"])
+            .expect_err("review flag with static tokens");
+        assert!(err.contains("--node-service-account"), "{err}");
+        let err = parse(&["--kubernetes", "--api-server", "ftp://h"]).expect_err("bad URL");
+        assert_eq!(err, "--kubernetes: API server URL \"ftp://h\": must start with http:// or https://");
+    }
+}
