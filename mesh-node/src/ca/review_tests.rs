@@ -491,3 +491,52 @@ fn base64url(bytes: &[u8]) -> String {
     }
     out
 }
+
+/// The install (deploy/) and the CA's defaults agree: the DaemonSet's projected token has the
+/// audience the CA expects, runs under the ServiceAccount the CA accepts, and hands the token
+/// to the node proxy; the CA runs in Kubernetes mode with the RBAC that needs.
+#[test]
+fn install_manifests_match_the_ca_defaults() {
+    fn docs(text: &str) -> Vec<Value> {
+        serde_yaml::Deserializer::from_str(text).map(|d| <Value as serde::Deserialize>::deserialize(d).expect("yaml")).collect()
+    }
+    let ds = docs(include_str!("../../../deploy/daemonset.yaml")).remove(0);
+    let defaults = ReviewOptions::default();
+    let pod = &ds["spec"]["template"]["spec"];
+    let sa = format!("{}/{}", ds["metadata"]["namespace"].as_str().expect("ns"), pod["serviceAccountName"].as_str().expect("sa"));
+    assert_eq!(defaults.node_service_accounts, [sa]);
+    let volume = pod["volumes"].as_array().expect("volumes").iter().find(|v| v["name"] == "mesh-token").expect("mesh-token volume");
+    let source = &volume["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(source["audience"], json!(defaults.audience));
+    let container = &pod["containers"][0];
+    let mount = container["volumeMounts"].as_array().expect("mounts").iter().find(|m| m["name"] == "mesh-token").expect("mount");
+    let token_path = format!("{}/{}", mount["mountPath"].as_str().expect("path"), source["path"].as_str().expect("path"));
+    let args: Vec<&str> = container["args"].as_array().expect("args").iter().map(|a| a.as_str().expect("arg")).collect();
+    let flag = |name: &str| args.iter().position(|a| *a == name).and_then(|i| args.get(i + 1)).copied();
+    assert_eq!(flag("--node-token-file"), Some(token_path.as_str()));
+    assert!(args.contains(&"--kubernetes"), "{args:?}");
+
+    let ca = docs(include_str!("../../../deploy/ca.yaml"));
+    let deployment = ca.iter().find(|d| d["kind"] == "Deployment").expect("CA Deployment");
+    let ca_args = deployment["spec"]["template"]["spec"]["containers"][0]["args"].as_array().expect("args");
+    assert!(ca_args.contains(&json!("--kubernetes")) && !ca_args.contains(&json!("--tokens")), "{ca_args:?}");
+
+    let rbac = docs(include_str!("../../../deploy/rbac.yaml"));
+    let role = rbac.iter().find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "mesh-ca").expect("role");
+    let rules: Vec<(String, String, Vec<String>)> = role["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .map(|r| {
+            let s = |v: &Value| v.as_array().expect("list").iter().map(|x| x.as_str().expect("str").to_string()).collect::<Vec<_>>();
+            (s(&r["apiGroups"]).join(","), s(&r["resources"]).join(","), s(&r["verbs"]))
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            ("authentication.k8s.io".into(), "tokenreviews".into(), vec!["create".to_string()]),
+            (String::new(), "pods".into(), vec!["list".to_string(), "watch".to_string()]),
+        ]
+    );
+}

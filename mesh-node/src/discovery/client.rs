@@ -22,7 +22,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// What went wrong talking to the API server, or setting up to.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("KUBERNETES_SERVICE_HOST is not set (not running in a pod?); use an explicit API server URL")]
+    #[error("KUBERNETES_SERVICE_HOST is not set (not running in a pod?); pass --api-server URL")]
     NotInCluster,
     #[error("API server URL {url:?}: {message}")]
     Url { url: String, message: String },

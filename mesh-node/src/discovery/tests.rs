@@ -630,3 +630,34 @@ async fn an_invalid_object_is_held_back_and_the_rest_applied() {
 fn ns_name(fake: &Fake) -> String {
     fake.state().objects["/api/v1/namespaces"].values().next().unwrap()["metadata"]["name"].as_str().unwrap().to_string()
 }
+
+/// The install's RBAC for the node proxy (deploy/rbac.yaml) grants list and watch on exactly
+/// the kinds discovery reads: a kind added here without RBAC would leave nodes never ready, a
+/// grant left behind would be more than least privilege.
+#[test]
+fn install_rbac_grants_exactly_what_discovery_reads() {
+    use std::collections::BTreeSet;
+    let rbac = include_str!("../../../deploy/rbac.yaml");
+    let role = serde_yaml::Deserializer::from_str(rbac)
+        .map(|d| <Value as serde::Deserialize>::deserialize(d).unwrap())
+        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "mesh-node")
+        .expect("ClusterRole mesh-node");
+    let mut granted = BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        let verbs: BTreeSet<&str> = rule["verbs"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(verbs, BTreeSet::from(["list", "watch"]), "{rule}");
+        for group in rule["apiGroups"].as_array().unwrap() {
+            for resource in rule["resources"].as_array().unwrap() {
+                granted.insert((group.as_str().unwrap().to_string(), resource.as_str().unwrap().to_string()));
+            }
+        }
+    }
+    let read: BTreeSet<(String, String)> = reflector::RESOURCES
+        .iter()
+        .map(|r| {
+            let group = r.versions[0].rsplit_once('/').map_or("", |(g, _)| g);
+            (group.to_string(), r.plural.to_string())
+        })
+        .collect();
+    assert_eq!(granted, read);
+}
