@@ -1,8 +1,12 @@
 //! Builds a `Cluster` from decoded objects: duplicate detection, checks that
-//! span objects (nodes, IPs, subsets) and the lookup indexes.
+//! span objects (nodes, IPs, subsets) and the lookup indexes. Two ways: strict
+//! (any problem rejects the input: file mode) and per object (a problem holds
+//! back only its object: Kubernetes mode, see `per_object`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+
+use serde_yaml::Value;
 
 use super::cluster::Cluster;
 use super::decode::{Kind, Object, Origin, decode};
@@ -10,7 +14,6 @@ use super::error::{Problem, Reporter};
 use super::field_path::FieldPath;
 use super::host::{self, host_matches};
 use super::load::{Source, documents};
-use serde_yaml::Value;
 
 /// An object and where it was defined.
 type Placed<T> = (Origin, T);
@@ -50,7 +53,7 @@ fn key_of(origin: &Origin) -> ObjectKey {
 }
 
 /// A named document: its object when it could be built, and its own problems.
-pub(crate) struct Decoded {
+struct Decoded {
     pub origin: Origin,
     pub object: Option<Object>,
     pub value: Value,

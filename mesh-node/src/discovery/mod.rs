@@ -84,7 +84,8 @@ impl Discovery {
     }
 
     /// How many times an object was held back since start (each new problem
-    /// with an object counts once, however many builds it survives).
+    /// with an object counts once, however many builds it survives). Also
+    /// added to `mesh_config_errors_total`.
     pub fn rejections_total(&self) -> u64 {
         self.rejections.load(Ordering::Relaxed)
     }
@@ -175,6 +176,9 @@ fn report(
         let line = r.to_string();
         if !previous.contains(&line) {
             counter.fetch_add(1, Ordering::Relaxed);
+            // The same Prometheus counter file mode's rejected reloads go to
+            // (`mesh_config_errors_total` on :15020).
+            crate::telemetry::mesh_metrics::CONFIG_ERRORS.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(object = %r.object, kept_previous = r.kept_previous, "{line}");
         }
         now.insert(line);

@@ -588,6 +588,7 @@ async fn an_invalid_object_is_held_back_and_the_rest_applied() {
         format!("{:?}", dr.traffic_policy.as_ref().and_then(|t| t.outlier_detection.as_ref()).and_then(|o| o.interval))
     };
     let before = interval(&good);
+    let metric_before = crate::telemetry::mesh_metrics::CONFIG_ERRORS.load(std::sync::atomic::Ordering::Relaxed);
 
     // In one burst: a Service taking another's cluster IP (new, invalid), an invalid edit
     // of the DestinationRule (existing), and a valid Namespace change.
@@ -616,6 +617,9 @@ async fn an_invalid_object_is_held_back_and_the_rest_applied() {
     assert!(lines.iter().any(|l| l.starts_with(&format!("DestinationRule {dr_name} rejected (keeping its last good version): trafficPolicy.outlierDetection.interval: \"ten\" is not a duration"))), "{lines:?}");
     assert!(lines.iter().any(|l| l.starts_with(&format!("Service {}/dup-ip rejected (left out): spec.clusterIP: ", svc.namespace)) && l.contains("is already used by")), "{lines:?}");
     assert_eq!(d.rejections_total(), 2);
+    // Other tests may count too (one process-wide counter): at least these two.
+    let metric = crate::telemetry::mesh_metrics::CONFIG_ERRORS.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(metric >= metric_before + 2, "mesh_config_errors_total {metric_before} -> {metric}");
 
     // Fixing both: nothing held back, the fix applied; the count stays.
     let dup = fake.state().objects["/api/v1/services"][&format!("{}/dup-ip", svc.namespace)].clone();
