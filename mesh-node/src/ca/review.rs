@@ -44,7 +44,8 @@ impl Default for ReviewOptions {
             node_service_accounts: vec!["mesh-system/mesh-node".into()],
             cache_ttl: Duration::from_secs(60),
             cache_max: 4096,
-            timeout: Duration::from_secs(10),
+            // Under the node's 10 s request deadline, so it sees why rather than a timeout.
+            timeout: Duration::from_secs(5),
         }
     }
 }
@@ -179,9 +180,10 @@ impl TokenReviewer {
 
     fn remember(&self, hash: TokenHash, node: ReviewedNode, token: &str) {
         let mut ttl = self.options.cache_ttl;
-        // Never past the token's own expiry: an expired token must be refused, cached or not.
-        if let Some(left) = jwt_expiry(token).and_then(|exp| exp.duration_since(SystemTime::now()).ok()) {
-            ttl = ttl.min(left);
+        // Never past the token's own expiry: an expired token must be refused, cached or not
+        // (one already past it is not cached at all).
+        if let Some(exp) = jwt_expiry(token) {
+            ttl = ttl.min(exp.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO));
         }
         if ttl.is_zero() || self.options.cache_max == 0 {
             return;

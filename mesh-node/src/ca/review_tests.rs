@@ -391,7 +391,7 @@ async fn token_review_caches_positive_answers_only_and_briefly() {
     }
     let api = fake.clone().serve().await;
     let setup = Setup::new();
-    let review = ReviewOptions { cache_ttl: Duration::from_millis(800), ..ReviewOptions::default() };
+    let review = ReviewOptions { cache_ttl: Duration::from_secs(2), ..ReviewOptions::default() };
     let ca = start(setup.options(api, review)).await;
     let token_file = setup.token("node-a.token", "tok-a");
     let node_a = setup.client(ca.addr, "node-a", &token_file);
@@ -419,7 +419,7 @@ async fn token_review_caches_positive_answers_only_and_briefly() {
     assert_eq!(fake.reviews(), 3);
 
     // The cache entry expires.
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     request(&node_a, "bff").await.expect("issued");
     assert_eq!(fake.reviews(), 4, "reviewed again after the cache TTL");
 
@@ -435,9 +435,9 @@ async fn token_review_caches_positive_answers_only_and_briefly() {
 async fn token_review_cache_never_outlives_the_token() {
     logs();
     let fake = FakeApi::new();
-    // A JWT-shaped token expiring 1 s from now (the fake does not check expiry, so only the
-    // CA's cache bound makes it ask again).
-    let exp = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs() + 1;
+    // A JWT-shaped token expiring in 1 to 2 s (whole seconds); the fake does not check expiry,
+    // so only the CA's cache bound makes it ask again.
+    let exp = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs() + 2;
     let payload = base64url(format!("{{\"aud\":[\"mesh-ca\"],\"exp\":{exp}}}").as_bytes());
     let token = format!("eyJhbGciOiJub25lIn0.{payload}.");
     fake.state().tokens.insert(token.clone(), Known::node_proxy("node-a"));
@@ -448,9 +448,12 @@ async fn token_review_cache_never_outlives_the_token() {
     eventually(&node_a, "bff").await.expect("issued");
     request(&node_a, "bff").await.expect("issued");
     assert_eq!(fake.reviews(), 1);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     request(&node_a, "bff").await.expect("issued");
     assert_eq!(fake.reviews(), 2, "the 60 s cache TTL is cut to the token's expiry");
+    // Past its expiry the answer is not even cached.
+    request(&node_a, "bff").await.expect("issued");
+    assert_eq!(fake.reviews(), 3, "an expired token is reviewed every time");
 }
 
 #[tokio::test]
