@@ -112,8 +112,7 @@ pub fn spawn(api: ApiServer, opts: Options) -> Discovery {
         let _reflectors = reflectors;
         let mut seen: Option<u64> = None;
         let mut builder = PerObjectBuilder::new();
-        // Rendered problems of the previous build, so each is logged once.
-        let mut reported: BTreeSet<String> = BTreeSet::new();
+        let mut reported = Reported::default();
         loop {
             tokio::select! {
                 () = tx.closed() => return,
@@ -162,41 +161,46 @@ pub fn spawn(api: ApiServer, opts: Options) -> Discovery {
     Discovery { config: rx, rejected: rejected_rx, ready: ready_rx, rejections }
 }
 
+/// What the previous build reported, so each problem is logged once.
+#[derive(Default)]
+struct Reported {
+    /// Rendered problems.
+    lines: BTreeSet<String>,
+    /// `Kind namespace/name` of the objects held back.
+    objects: BTreeSet<String>,
+}
+
 /// Logs each problem the first build it appears in (warn: the rest of the
 /// config is applied), and when an object that was held back is accepted
-/// again. Returns this build's problems, for the next call.
+/// again. Returns what this build reported, for the next call.
 fn report(
     rejected: &[RejectedObject],
     other: &[crate::config::Problem],
-    previous: BTreeSet<String>,
+    previous: Reported,
     counter: &AtomicU64,
-) -> BTreeSet<String> {
-    let mut now = BTreeSet::new();
+) -> Reported {
+    let mut now = Reported::default();
     for r in rejected {
         let line = r.to_string();
-        if !previous.contains(&line) {
+        if !previous.lines.contains(&line) {
             counter.fetch_add(1, Ordering::Relaxed);
             // The same Prometheus counter file mode's rejected reloads go to
             // (`mesh_config_errors_total` on :15020).
             crate::telemetry::mesh_metrics::CONFIG_ERRORS.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(object = %r.object, kept_previous = r.kept_previous, "{line}");
         }
-        now.insert(line);
+        now.lines.insert(line);
+        now.objects.insert(r.object.clone());
     }
     for p in other {
         let line = p.to_string();
-        if !previous.contains(&line) {
+        if !previous.lines.contains(&line) {
             tracing::warn!("{line}");
         }
-        now.insert(line);
+        now.lines.insert(line);
     }
-    let held: BTreeSet<&str> = rejected.iter().map(|r| r.object.as_str()).collect();
-    for line in previous.difference(&now) {
-        if let Some((object, _)) = line.split_once(" rejected (")
-            && !held.contains(object)
-        {
-            tracing::info!(object, "object accepted again");
-        }
+    for object in previous.objects.difference(&now.objects) {
+        tracing::info!(object = %object, "object accepted again (or deleted)");
     }
     now
 }
