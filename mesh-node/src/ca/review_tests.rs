@@ -312,10 +312,11 @@ async fn token_review_issues_for_the_token_nodes_pods_only() {
 
     // What the API server saw: the node's token for the CA's audience, and the CA's own
     // credentials on every request.
-    let st = fake.state();
-    assert!(st.reviews.iter().all(|(t, a)| t == "tok-a" && a == &["mesh-ca".to_string()]), "{:?}", st.reviews);
-    assert!(st.authorization.iter().all(|a| a.as_deref() == Some("Bearer ca-credential")), "{:?}", st.authorization);
-    drop(st);
+    {
+        let st = fake.state();
+        assert!(st.reviews.iter().all(|(t, a)| t == "tok-a" && a == &["mesh-ca".to_string()]), "{:?}", st.reviews);
+        assert!(st.authorization.iter().all(|a| a.as_deref() == Some("Bearer ca-credential")), "{:?}", st.authorization);
+    }
 
     // A pod scheduled later (watch event) is allowed once the CA sees it.
     let (code, _) = refusal(request(&node_a, "recall").await);
