@@ -94,7 +94,7 @@ pub fn latency_cdf(report: &Value) -> String {
         let _ = writeln!(s, "<text x=\"{xv:.1}\" y=\"{}\" text-anchor=\"middle\" font-size=\"11\" {FONT}>{}</text>", bottom + 16.0, trim_num(decade));
         decade *= 10.0;
     }
-    for q in [0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0] {
+    for q in [0.0, 0.25, 0.5, 0.75, 0.9, 1.0] {
         let yv = y(q);
         let _ = writeln!(s, "<line x1=\"{left}\" y1=\"{yv:.1}\" x2=\"{right}\" y2=\"{yv:.1}\" stroke=\"#eee\"/>");
         let _ = writeln!(s, "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\" font-size=\"11\" {FONT}>{q}</text>", left - 6.0, yv + 4.0);

@@ -177,6 +177,18 @@ fn run_in(out_dir: &Path, opts: &Opts, envoy: &Path, work: &Path) -> anyhow::Res
     for mode in [Mode::NoMesh, Mode::Sidecars, Mode::Mesh] {
         eprintln!("bench overhead: {} ...", mode.name());
         let result = run_mode(mode, &d, envoy, work, &certs).with_context(|| format!("mode {:?}", mode.name()))?;
+        eprintln!(
+            "bench overhead: {}: steady p50 {:.2} p99 {:.2} ms, success {:.4}, proxy {:.3} vCPU, {:.1} MiB; burst p99 {:.2} ms; saturation {:.0} service rps; one pod failing: success {:.4}",
+            mode.name(),
+            result.steady["p50_ms"].as_f64().unwrap_or(0.0),
+            result.steady["p99_ms"].as_f64().unwrap_or(0.0),
+            result.steady["success"].as_f64().unwrap_or(0.0),
+            result.steady["proxy_vcpu"].as_f64().unwrap_or(0.0),
+            result.steady["proxy_rss_mean_mib"].as_f64().unwrap_or(0.0),
+            result.burst["p99_ms"].as_f64().unwrap_or(0.0),
+            result.saturation["service_ok_rps"].as_f64().unwrap_or(0.0),
+            result.failure["success"].as_f64().unwrap_or(0.0),
+        );
         modes.push((mode, result));
     }
     let report = summarize(&modes, opts, started.elapsed().as_secs_f64());
@@ -282,7 +294,7 @@ fn run_mode(mode: Mode, d: &Durations, envoy: &Path, work: &Path, certs: &crate:
     let fail_header = format!("x-fail-pods: {FAILING_POD}");
     let failure = measured(&c, &bff, rate, d.failure, &[&fail_header], &proxies, None)?;
     let peak_rss_mib = sampler.stop();
-    let hwm_mib = proxies.iter().map(|p| hwm_mib(*p)).sum();
+    let hwm_mib = proxies.iter().map(|p| hwm_mib(*p)).fold(0.0, |a, b| a + b);
     if mode != Mode::NoMesh && proxies.iter().any(|p| !Path::new(&format!("/proc/{p}")).exists()) {
         bail!("a proxy process exited during the run");
     }
@@ -354,7 +366,8 @@ fn saturate(c: &SimCluster, url: &str, seconds: u64, proxies: &[u32], work: &Pat
 }
 
 fn rss_total(pids: &[u32]) -> f64 {
-    pids.iter().map(|p| rss_mib(*p)).sum()
+    // Folded from +0.0: an empty f64 sum is -0.0.
+    pids.iter().map(|p| rss_mib(*p)).fold(0.0, |a, b| a + b)
 }
 
 fn hwm_mib(pid: u32) -> f64 {
