@@ -136,6 +136,8 @@ fn main() -> anyhow::Result<()> {
             // The overhead benchmark's smoke test: every mode (no mesh, Envoy sidecars, mesh)
             // produces numbers; what they are is the full benchmark's business.
             if args.is_empty() {
+                // The Criterion hot-path benchmarks, each run once as a test, so they keep building.
+                run(cargo().args(["test", "-p", "mesh-node", "--bench", "hot_paths"]))?;
                 let out = workspace_root().join("target/bench-smoke");
                 bench_overhead::run(&out, &bench_overhead::Opts { quick: true })?;
                 bench_overhead::check_numbers(&out.join("overhead.json"))?;
