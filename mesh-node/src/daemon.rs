@@ -80,12 +80,40 @@ pub struct CaOptions {
 /// Binds with SO_REUSEPORT: a new proxy binds the same ports while this one still serves,
 /// the kernel spreads new connections over both, and when this one closes its listeners the
 /// successor has them all (and, see [`migrate_on_close`], those still in our accept queues).
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+/// Bound early, so a proxy that cannot have its ports fails before it takes the capture over;
+/// [`listen`] later, once it can serve (only then does it get connections).
+fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpSocket> {
     let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     sock.set_reuseaddr(true)?;
     sock.set_reuseport(true)?;
     sock.bind(addr).with_context(|| format!("binding the {what} listener to {addr}"))?;
-    Ok(sock.listen(1024)?)
+    Ok(sock)
+}
+
+fn listen(sock: tokio::net::TcpSocket, what: &str) -> anyhow::Result<TcpListener> {
+    sock.listen(1024).with_context(|| format!("listening on the {what} port"))
+}
+
+/// The capture between attach and readiness: if the start fails in between, the links go back
+/// to the proxy we were taking over from (or are detached if we created them).
+struct Starting(Option<Capture>);
+
+impl Starting {
+    fn get(&mut self) -> &mut Capture {
+        self.0.as_mut().expect("the capture is only taken once started")
+    }
+
+    fn started(mut self) -> Capture {
+        self.0.take().expect("the capture is only taken once started")
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(capture) = self.0.take() {
+            capture.abandon();
+        }
+    }
 }
 
 /// When a proxy closes a listener, the connections in its accept queue (handshake done or in
@@ -166,13 +194,24 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let proxy_ip = opts.proxy_ip.unwrap_or(node.ip);
     let cluster = Arc::new(cluster);
 
-    let mut capture = Capture::attach(&CaptureOptions {
+    crate::capture::require_root()?;
+    let unspecified: IpAddr = if proxy_ip.is_ipv4() { [0, 0, 0, 0].into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() };
+    let outbound_addr = SocketAddr::new(unspecified, opts.outbound_port);
+    let inbound_addr = SocketAddr::new(unspecified, opts.inbound_port);
+    let outbound = bind(outbound_addr, "outbound")?;
+    let inbound = bind(inbound_addr, "inbound")?;
+    let admin_listener = bind(opts.admin, "admin")?;
+    let readiness = bind(opts.readiness, "readiness")?;
+    let metrics = opts.telemetry.metrics.map(|addr| bind(addr, "metrics").map(|s| (addr, s))).transpose()?;
+
+    let mut starting = Starting(Some(Capture::attach(&CaptureOptions {
         cgroup: opts.cgroup.clone(),
         proxy_ip,
         proxy_port: opts.outbound_port,
         bpf_log_level: opts.bpf_log_level,
         pin_dir: opts.bpf_pin_dir.clone(),
-    })?;
+    })?));
+    let capture = starting.get();
     capture.sync(&cluster, &opts.node);
 
     let mut config_rx = match discovery {
@@ -239,14 +278,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         telemetry: telemetry.clone(),
         drain: drain.clone(),
     });
-    let unspecified: IpAddr = if proxy_ip.is_ipv4() { [0, 0, 0, 0].into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() };
-    let outbound_addr = SocketAddr::new(unspecified, opts.outbound_port);
-    let inbound_addr = SocketAddr::new(unspecified, opts.inbound_port);
-    let outbound = bind(outbound_addr, "outbound").await?;
-    let inbound = bind(inbound_addr, "inbound").await?;
-    let admin_listener = bind(opts.admin, "admin").await?;
-    let readiness = bind(opts.readiness, "readiness").await?;
-    migrate_on_close(&mut capture, &[("outbound", &outbound), ("inbound", &inbound), ("admin", &admin_listener), ("readiness", &readiness)]);
+    let outbound = listen(outbound, "outbound")?;
+    let inbound = listen(inbound, "inbound")?;
+    let admin_listener = listen(admin_listener, "admin")?;
+    let readiness = listen(readiness, "readiness")?;
+    let capture = starting.get();
+    migrate_on_close(capture, &[("outbound", &outbound), ("inbound", &inbound), ("admin", &admin_listener), ("readiness", &readiness)]);
     let admin_state = Arc::new(AdminState {
         node: opts.node.clone(),
         ready: AtomicBool::new(false),
@@ -271,11 +308,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         tokio::spawn(admin::serve_admin(admin_listener, admin_state.clone())),
         tokio::spawn(admin::serve_readiness(readiness, admin_state.clone())),
     ];
-    if let Some(addr) = opts.telemetry.metrics {
-        let metrics = bind(addr, "metrics").await?;
+    if let Some((addr, metrics)) = metrics {
+        let metrics = listen(metrics, "metrics")?;
         tasks.push(tokio::spawn(telemetry::server::serve(metrics, telemetry.clone())));
         info!(%addr, "metrics on /metrics");
     }
+    let mut capture = starting.started();
     admin_state.set_ready();
     info!(node = %opts.node, outbound = opts.outbound_port, inbound = opts.inbound_port, pid = std::process::id(), start = ?capture.start(), "node proxy ready");
 

@@ -475,7 +475,7 @@ impl SimCluster {
     /// Like [`Self::start_proxy`], with extra `mesh-node run` arguments (telemetry flags...).
     pub fn start_proxy_with(&self, i: usize, extra_args: &[&str]) -> anyhow::Result<()> {
         *self.nodes[i].proxy_args.lock().unwrap() = extra_args.iter().map(|a| a.to_string()).collect();
-        let mut child = self.spawn_proxy(i)?;
+        let mut child = self.spawn_proxy(i, &[])?;
         if let Err(e) = self.wait_ready(i, &mut child) {
             let _ = child.kill();
             let _ = child.wait();
@@ -490,7 +490,7 @@ impl SimCluster {
         self.bpffs.join(&self.nodes[i].name)
     }
 
-    fn spawn_proxy(&self, i: usize) -> anyhow::Result<Child> {
+    fn spawn_proxy(&self, i: usize, extra_args: &[&str]) -> anyhow::Result<Child> {
         let node = &self.nodes[i];
         let cgroup = node.cgroup.join("mesh-node");
         if !cgroup.exists() {
@@ -516,7 +516,7 @@ impl SimCluster {
                 cmd.args(["--cert-ttl-secs", &ttl.to_string()]);
             }
         }
-        cmd.args(node.proxy_args.lock().unwrap().iter());
+        cmd.args(node.proxy_args.lock().unwrap().iter()).args(extra_args);
         cmd.env("MESH_LOG", std::env::var("MESH_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -548,7 +548,7 @@ impl SimCluster {
     /// old one with SIGTERM and waits for it to drain and exit.
     pub fn restart_proxy(&self, i: usize) -> anyhow::Result<Restart> {
         let started = Instant::now();
-        let mut successor = self.spawn_proxy(i)?;
+        let mut successor = self.spawn_proxy(i, &[])?;
         if let Err(e) = self.wait_ready(i, &mut successor) {
             let _ = successor.kill();
             let _ = successor.wait();
@@ -574,7 +574,12 @@ impl SimCluster {
     /// stopping the old one: returns the old proxy's pid for the caller to signal (the process
     /// is killed with the cluster at the latest).
     pub fn start_successor(&self, i: usize) -> anyhow::Result<u32> {
-        let mut successor = self.spawn_proxy(i)?;
+        self.start_successor_with(i, &[])
+    }
+
+    /// Like [`Self::start_successor`], with extra `mesh-node run` arguments for the successor.
+    pub fn start_successor_with(&self, i: usize, extra_args: &[&str]) -> anyhow::Result<u32> {
+        let mut successor = self.spawn_proxy(i, extra_args)?;
         if let Err(e) = self.wait_ready(i, &mut successor) {
             let _ = successor.kill();
             let _ = successor.wait();

@@ -125,6 +125,8 @@ pub struct Capture {
     _links: Vec<OwnedFd>,
     /// Kernel ids of our programs: a pinned link running another program means a successor.
     prog_ids: Vec<u32>,
+    /// Per hook, the program the pinned link ran before we took it over.
+    previous: Vec<(&'static str, Option<u32>)>,
     start: Start,
 }
 
@@ -149,10 +151,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 impl Capture {
     pub fn attach(opts: &CaptureOptions) -> Result<Self, CaptureError> {
-        let uid = unsafe { libc::geteuid() };
-        if uid != 0 {
-            return Err(CaptureError::NotRoot(uid));
-        }
+        require_root()?;
         let IpAddr::V4(proxy_ip4) = opts.proxy_ip else {
             return Err(CaptureError::NotIpv4(opts.proxy_ip));
         };
@@ -220,6 +219,7 @@ impl Capture {
         // programs keep running.
         let mut links = Vec::new();
         let mut prog_ids = Vec::new();
+        let mut previous = Vec::new();
         let mut took_over = 0;
         for (name, attach_type) in HOOKS {
             let prog = ebpf.program(name).ok_or(CaptureError::Missing(name))?;
@@ -227,10 +227,14 @@ impl Capture {
             let id = prog.info().map_err(|source| CaptureError::Program { name, source })?.id();
             let (link, setup) = pins.install_link(name, prog_fd.as_fd(), cgroup_file.as_fd(), cgroup_id, attach_type)?;
             match setup {
-                pin::LinkSetup::Created => debug!(program = name, prog_id = id, "attached"),
+                pin::LinkSetup::Created => {
+                    debug!(program = name, prog_id = id, "attached");
+                    previous.push((name, None));
+                }
                 pin::LinkSetup::TookOver { previous_prog } => {
                     took_over += 1;
                     info!(program = name, prog_id = id, previous_prog, "took over the pinned link");
+                    previous.push((name, Some(previous_prog)));
                 }
             }
             links.push(link);
@@ -263,6 +267,7 @@ impl Capture {
             pin_dir: opts.pin_dir.clone(),
             _links: links,
             prog_ids,
+            previous,
             start,
         })
     }
@@ -294,6 +299,35 @@ impl Capture {
                 false
             }
         })
+    }
+
+    /// Undoes the attach of a proxy whose start failed: the links taken over from a running
+    /// proxy go back to its programs (it keeps serving as if we had never started); links we
+    /// created are detached and unpinned.
+    pub fn abandon(self) {
+        if self.start == Start::Fresh {
+            match self.release() {
+                Ok(r) => info!(?r, "start failed: capture released"),
+                Err(e) => warn!("start failed; releasing the capture: {e}"),
+            }
+            return;
+        }
+        let pins = match pin::PinDir::lock(&self.pin_dir) {
+            Ok(p) => p,
+            Err(e) => return warn!("start failed; handing the capture back: {e}"),
+        };
+        let current: BTreeMap<String, u32> = pins.links().into_iter().filter_map(|(n, s)| Some((n, s.ok()?.prog_id))).collect();
+        for (name, prev) in &self.previous {
+            let ours = current.get(*name).is_some_and(|id| self.prog_ids.contains(id));
+            match prev {
+                Some(prev) if ours => match pins.restore_link(name, *prev) {
+                    Ok(()) => info!(program = name, prog_id = prev, "start failed: link handed back to the previous program"),
+                    // Its proxy is gone: ours, equivalent, keeps running from the pin.
+                    Err(e) => warn!(program = name, "start failed; handing the link back: {e}"),
+                },
+                _ => {}
+            }
+        }
     }
 
     /// Stops capturing, unless a successor has taken over: then its links and the shared maps
@@ -478,6 +512,15 @@ fn spawn_log_reader(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
             guard.clear_ready();
         }
     });
+}
+
+/// Loading and attaching the capture needs root; checked first, so that is what a user hears.
+pub fn require_root() -> Result<(), CaptureError> {
+    let uid = unsafe { libc::geteuid() };
+    if uid != 0 {
+        return Err(CaptureError::NotRoot(uid));
+    }
+    Ok(())
 }
 
 /// `mesh-node uninstall`: detaches the capture pinned in `pin_dir` and removes its pins, whether

@@ -50,6 +50,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 // bpf(2) commands and constants used here (include/uapi/linux/bpf.h).
 const BPF_OBJ_PIN: u32 = 6;
 const BPF_OBJ_GET: u32 = 7;
+const BPF_PROG_GET_FD_BY_ID: u32 = 13;
 const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
 const BPF_LINK_CREATE: u32 = 28;
 const BPF_LINK_UPDATE: u32 = 29;
@@ -88,6 +89,13 @@ struct LinkUpdateAttr {
 #[repr(C)]
 struct LinkDetachAttr {
     link_fd: u32,
+}
+
+#[repr(C)]
+struct GetFdByIdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
 }
 
 #[repr(C)]
@@ -267,6 +275,20 @@ impl PinDir {
         let link = link_create(prog, cgroup, attach_type).map_err(|error| PinError::Syscall { call: "BPF_LINK_CREATE", path: path.clone(), error })?;
         obj_pin(link.as_fd(), &path).map_err(|error| PinError::Syscall { call: "BPF_OBJ_PIN", path, error })?;
         Ok((link, LinkSetup::Created))
+    }
+
+    /// Points the pinned link of `program` back at the program with kernel id `prog_id` (the
+    /// previous proxy's, when our start failed after taking over), if that program still exists.
+    pub fn restore_link(&self, program: &str, prog_id: u32) -> Result<(), PinError> {
+        let path = self.link_path(program);
+        let link = obj_get(&path).map_err(|error| PinError::Syscall { call: "BPF_OBJ_GET", path: path.clone(), error })?;
+        let mut attr = GetFdByIdAttr { id: prog_id, next_id: 0, open_flags: 0 };
+        let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).map_err(|error| PinError::Syscall { call: "BPF_PROG_GET_FD_BY_ID", path: path.clone(), error })?;
+        // SAFETY: BPF_PROG_GET_FD_BY_ID returned a new file descriptor that nothing else owns.
+        let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let mut attr = LinkUpdateAttr { link_fd: fd_u32(link.as_fd()), new_prog_fd: fd_u32(prog.as_fd()), flags: 0, old_prog_fd: 0 };
+        bpf(BPF_LINK_UPDATE, &mut attr).map_err(|error| PinError::Syscall { call: "BPF_LINK_UPDATE", path, error })?;
+        Ok(())
     }
 
     /// The pinned links, by program name, with what the kernel says about each.
