@@ -236,11 +236,14 @@ fn classify(e: hyper::Error) -> SendError {
     }
 }
 
+/// HTTP/2 says the upstream did not process the request: REFUSED_STREAM, or a graceful GOAWAY
+/// (NO_ERROR) that the stream was beyond (a server shutting down or being replaced) or that
+/// arrived before it was sent. Either way it is safe to retry anywhere.
 fn is_refused_stream(e: &hyper::Error) -> bool {
     let mut source = std::error::Error::source(e);
     while let Some(err) = source {
         if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM) || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR));
         }
         source = err.source();
     }
