@@ -344,13 +344,20 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
         }
     }
-    shutdown(capture, tasks, &drain, &admin_state, opts.drain_timeout).await;
+    // A second SIGTERM or SIGINT during the drain cuts it short.
+    let again = async move {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+    };
+    shutdown(capture, tasks, &drain, &admin_state, opts.drain_timeout, again).await;
     telemetry.flush();
     Ok(())
 }
 
 /// Hands over to a successor, or uninstalls when there is none, then drains.
-async fn shutdown(capture: Capture, tasks: Vec<tokio::task::JoinHandle<()>>, drain: &Drain, admin_state: &AdminState, drain_timeout: Duration) {
+async fn shutdown(capture: Capture, tasks: Vec<tokio::task::JoinHandle<()>>, drain: &Drain, admin_state: &AdminState, drain_timeout: Duration, again: impl Future<Output = ()>) {
     let started = std::time::Instant::now();
     // Without a successor, detach first: pods' new connections then go where they were going
     // (as without the mesh) instead of to the listeners we are about to close.
@@ -380,7 +387,13 @@ async fn shutdown(capture: Capture, tasks: Vec<tokio::task::JoinHandle<()>>, dra
     let open = drain.open_connections();
     info!(open_connections = open, timeout = ?drain_timeout, "listeners closed; draining");
     drain.set(Phase::Draining);
-    let left = drain.wait_idle(drain_timeout).await;
+    let left = tokio::select! {
+        left = drain.wait_idle(drain_timeout) => left,
+        _ = again => {
+            info!("second signal: ending the drain now");
+            drain.open_connections()
+        }
+    };
     if left > 0 {
         info!(open_connections = left, "drain timeout: closing the connections still open");
         drain.set(Phase::Closing);
