@@ -56,6 +56,9 @@ pub struct Answer {
     pub body: Option<Vec<u8>>,
     /// The `grpc-status` trailer (or header, for a trailers-only answer), if any.
     pub grpc_status: Option<String>,
+    /// The server said `connection: close`: this HTTP/1.1 connection must not carry another
+    /// request (a draining proxy says it, then closes).
+    pub close: bool,
 }
 
 enum Sender {
@@ -134,8 +137,9 @@ impl Pool {
                     read_answer(resp, keep_body).await
                 };
                 let result = tokio::time::timeout_at(deadline, exchange).await.unwrap_or(Err("timeout"));
-                // An HTTP/1.1 connection with an abandoned exchange cannot be reused.
-                if result.is_err() {
+                // An HTTP/1.1 connection with an abandoned exchange cannot be reused, nor one
+                // the server announced it will close.
+                if result.as_ref().map_or(true, |a| a.close) {
                     *guard = None;
                 }
                 result
@@ -160,6 +164,7 @@ impl Pool {
 async fn read_answer(resp: hyper::Response<Incoming>, keep_body: bool) -> Result<Answer, &'static str> {
     let status = resp.status().as_u16();
     let pod = resp.headers().get("x-pod").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let close = resp.headers().get(hyper::header::CONNECTION).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
     let mut grpc_status = resp.headers().get("grpc-status").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let mut body = resp.into_body();
     let mut kept = keep_body.then(Vec::new);
@@ -180,7 +185,7 @@ async fn read_answer(resp: hyper::Response<Incoming>, keep_body: bool) -> Result
             }
         }
     }
-    Ok(Answer { status, pod, body_len, body: kept, grpc_status })
+    Ok(Answer { status, pod, body_len, body: kept, grpc_status, close })
 }
 
 /// Sorts a failure into the kinds the mesh tests tell apart: a peer that went away mid-exchange
