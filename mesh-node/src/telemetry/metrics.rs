@@ -1,8 +1,12 @@
 //! Istio's standard metrics, with Istio's names, labels and buckets, so the Istio Grafana
 //! dashboards and Kiali's graph read them unchanged.
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    hash::{BuildHasherDefault, Hasher},
+    sync::{Arc, Mutex},
+};
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, core::Collector};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, core::Collector};
 
 use super::{
     TelemetryError,
@@ -128,6 +132,103 @@ impl TcpSeries {
     }
 }
 
+/// The four HTTP series of one label set, looked up once and then reused: `with_label_values`
+/// hashes all 21 label values (FNV, byte by byte) and takes a read lock, four times per
+/// request, which showed up in the node proxy's profile. The handles update the very same
+/// series, so what `/metrics` shows is unchanged.
+struct RequestSeries {
+    requests: IntCounter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+/// A request series' labels in cheap-to-compare form: the peers by identity (the [`Workload`]
+/// and [`ServiceLabels`] of a config snapshot are shared `Arc`s; the entry holds them, so an
+/// address cannot be reused by another value while it is cached) and the outcome's strings.
+struct SeriesKey {
+    reporter: Reporter,
+    mtls: bool,
+    source: Arc<Workload>,
+    destination: Arc<Workload>,
+    service: Arc<ServiceLabels>,
+    protocol: Box<str>,
+    code: Box<str>,
+    grpc_status: Box<str>,
+    flags: Box<str>,
+}
+
+impl SeriesKey {
+    fn is(&self, p: &CachedPeering, o: &RequestOutcome) -> bool {
+        self.reporter == p.reporter
+            && self.mtls == p.mtls
+            && Arc::ptr_eq(&self.source, p.source)
+            && Arc::ptr_eq(&self.destination, p.destination)
+            && Arc::ptr_eq(&self.service, p.service)
+            && *self.protocol == *o.protocol
+            && *self.code == *o.code
+            && *self.grpc_status == *o.grpc_status
+            && *self.flags == *o.flags
+    }
+}
+
+/// A cached request peering: like [`Peering`], with the shared label sets themselves.
+pub struct CachedPeering<'a> {
+    pub reporter: Reporter,
+    pub source: &'a Arc<Workload>,
+    pub destination: &'a Arc<Workload>,
+    pub service: &'a Arc<ServiceLabels>,
+    pub mtls: bool,
+}
+
+/// The cache is keyed by an already mixed 64-bit hash.
+#[derive(Default)]
+struct U64Hasher(u64);
+
+impl Hasher for U64Hasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type SeriesCache = HashMap<u64, Vec<(SeriesKey, Arc<RequestSeries>)>, BuildHasherDefault<U64Hasher>>;
+
+/// Past this many label sets the cache starts over (a bound, never reached by a normal
+/// cluster: entries are cleared at each config change anyway).
+const SERIES_CACHE_MAX: usize = 4096;
+
+fn mix(h: u64, v: u64) -> u64 {
+    (h.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95)
+}
+
+fn mix_str(mut h: u64, s: &str) -> u64 {
+    for chunk in s.as_bytes().chunks(8) {
+        let mut w = [0u8; 8];
+        w[..chunk.len()].copy_from_slice(chunk);
+        h = mix(h, u64::from_le_bytes(w));
+    }
+    mix(h, s.len() as u64)
+}
+
+fn series_hash(p: &CachedPeering, o: &RequestOutcome) -> u64 {
+    let mut h = mix(0, p.reporter as u64 | (u64::from(p.mtls) << 8));
+    h = mix(h, Arc::as_ptr(p.source) as u64);
+    h = mix(h, Arc::as_ptr(p.destination) as u64);
+    h = mix(h, Arc::as_ptr(p.service) as u64);
+    for s in [o.protocol, o.code, o.grpc_status, o.flags] {
+        h = mix_str(h, s);
+    }
+    h
+}
+
 pub struct IstioMetrics {
     requests: IntCounterVec,
     duration: HistogramVec,
@@ -137,6 +238,8 @@ pub struct IstioMetrics {
     tcp_received: IntCounterVec,
     tcp_opened: IntCounterVec,
     tcp_closed: IntCounterVec,
+    /// Handles of the HTTP series recorded so far; see [`RequestSeries`].
+    series: Mutex<(SeriesCache, usize)>,
 }
 
 impl IstioMetrics {
@@ -153,6 +256,7 @@ impl IstioMetrics {
             tcp_received: counter("istio_tcp_received_bytes_total", "Bytes received from the downstream (request direction) of TCP connections", &tcp)?,
             tcp_opened: counter("istio_tcp_connections_opened_total", "TCP connections opened", &tcp)?,
             tcp_closed: counter("istio_tcp_connections_closed_total", "TCP connections closed", &tcp)?,
+            series: Mutex::default(),
         };
         for c in m.collectors() {
             registry.register(c)?;
@@ -173,7 +277,58 @@ impl IstioMetrics {
         ]
     }
 
-    pub fn record_request(&self, peering: &Peering, outcome: &RequestOutcome) {
+    /// Records one request like [`Self::record_request`], through cached series handles.
+    pub fn record_request_cached(&self, peering: &CachedPeering, outcome: &RequestOutcome) {
+        let hash = series_hash(peering, outcome);
+        let mut guard = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        let (cache, len) = &mut *guard;
+        let found = cache.get(&hash).and_then(|b| b.iter().find(|(k, _)| k.is(peering, outcome))).map(|(_, s)| s.clone());
+        let series = match found {
+            Some(s) => s,
+            None => {
+                if *len >= SERIES_CACHE_MAX {
+                    cache.clear();
+                    *len = 0;
+                }
+                let plain = Peering {
+                    reporter: peering.reporter,
+                    source: peering.source,
+                    destination: peering.destination,
+                    service: peering.service,
+                    mtls: peering.mtls,
+                };
+                let v = Self::request_labels(&plain, outcome);
+                let s = Arc::new(RequestSeries {
+                    requests: self.requests.with_label_values(&v),
+                    duration: self.duration.with_label_values(&v),
+                    request_bytes: self.request_bytes.with_label_values(&v),
+                    response_bytes: self.response_bytes.with_label_values(&v),
+                });
+                let key = SeriesKey {
+                    reporter: peering.reporter,
+                    mtls: peering.mtls,
+                    source: peering.source.clone(),
+                    destination: peering.destination.clone(),
+                    service: peering.service.clone(),
+                    protocol: outcome.protocol.into(),
+                    code: outcome.code.into(),
+                    grpc_status: outcome.grpc_status.into(),
+                    flags: outcome.flags.into(),
+                };
+                cache.entry(hash).or_default().push((key, s.clone()));
+                *len += 1;
+                s
+            }
+        };
+        // Recorded under the lock: `retain_workloads` takes it too, so no update can land in a
+        // series it has just removed.
+        series.requests.inc();
+        series.duration.observe(outcome.duration_ms);
+        series.request_bytes.observe(outcome.request_bytes as f64);
+        series.response_bytes.observe(outcome.response_bytes as f64);
+    }
+
+    fn request_labels<'a>(peering: &'a Peering, outcome: &'a RequestOutcome) -> [&'a str; 21] {
         let p = peering.values();
         let mut v: [&str; 21] = [""; 21];
         v[..16].copy_from_slice(&p);
@@ -182,6 +337,11 @@ impl IstioMetrics {
         v[18] = outcome.grpc_status;
         v[19] = outcome.flags;
         v[20] = security_policy(peering.mtls);
+        v
+    }
+
+    pub fn record_request(&self, peering: &Peering, outcome: &RequestOutcome) {
+        let v = Self::request_labels(peering, outcome);
         self.requests.with_label_values(&v).inc();
         self.duration.with_label_values(&v).observe(outcome.duration_ms);
         self.request_bytes.with_label_values(&v).observe(outcome.request_bytes as f64);
@@ -204,6 +364,10 @@ impl IstioMetrics {
     /// name), so workloads that left the config leave the registry too. Series of "unknown"
     /// peers stay: they are bounded by the label values they can take.
     pub fn retain_workloads(&self, live: &HashSet<(String, String)>) -> usize {
+        // Cached handles of removed series would count into series no longer exported: start
+        // the cache over, holding its lock so no request records in between.
+        let mut series = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        *series = Default::default();
         let mut removed = 0;
         for vec in [&self.requests, &self.tcp_sent, &self.tcp_received, &self.tcp_opened, &self.tcp_closed] {
             removed += retain(vec, live, |v, labels| v.remove(labels).is_ok());
@@ -230,4 +394,65 @@ fn retain<V: Collector>(vec: &V, live: &HashSet<(String, String)>, remove: impl 
         }
     }
     removed
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use prometheus::{Encoder as _, Registry, TextEncoder};
+
+    use super::*;
+
+    fn text(registry: &Registry) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&registry.gather(), &mut buf).unwrap();
+        String::from_utf8(buf).unwrap()
+    }
+
+    fn workload(name: &str) -> Arc<Workload> {
+        Arc::new(Workload { name: name.into(), namespace: "ns".into(), node: "n".into(), ..Workload::unknown() })
+    }
+
+    /// The cached handles export exactly what per-request label lookups export.
+    #[test]
+    fn cached_series_record_what_label_lookups_record() {
+        let (plain_reg, cached_reg) = (Registry::new(), Registry::new());
+        let (plain, cached) = (IstioMetrics::register(&plain_reg).unwrap(), IstioMetrics::register(&cached_reg).unwrap());
+        let (a, b, svc) = (workload("a"), workload("b"), Arc::new(ServiceLabels::unknown()));
+        for (i, (code, grpc, flags)) in [("200", "", "-"), ("200", "", "-"), ("503", "", "UF"), ("200", "0", "-"), ("200", "14", "-"), ("200", "0", "-")].into_iter().enumerate() {
+            let outcome = RequestOutcome {
+                protocol: if grpc.is_empty() { "http" } else { "grpc" },
+                code,
+                grpc_status: grpc,
+                flags,
+                duration_ms: i as f64 * 3.0,
+                request_bytes: 1024,
+                response_bytes: 100 * i as u64,
+            };
+            for (reporter, src, dst) in [(Reporter::Source, &a, &b), (Reporter::Destination, &a, &b), (Reporter::Source, &b, &a)] {
+                plain.record_request(&Peering { reporter, source: src, destination: dst, service: &svc, mtls: true }, &outcome);
+                cached.record_request_cached(&CachedPeering { reporter, source: src, destination: dst, service: &svc, mtls: true }, &outcome);
+            }
+        }
+        assert_eq!(text(&plain_reg), text(&cached_reg));
+        assert!(text(&cached_reg).contains("istio_requests_total"));
+    }
+
+    /// A series dropped by `retain_workloads` is recreated by the next request, not updated
+    /// through a stale handle.
+    #[test]
+    fn retain_workloads_starts_the_cache_over() {
+        let registry = Registry::new();
+        let m = IstioMetrics::register(&registry).unwrap();
+        let (a, b, svc) = (workload("a"), workload("b"), Arc::new(ServiceLabels::unknown()));
+        let outcome = RequestOutcome { protocol: "http", code: "200", grpc_status: "", flags: "-", duration_ms: 1.0, request_bytes: 1, response_bytes: 1 };
+        let peering = CachedPeering { reporter: Reporter::Source, source: &a, destination: &b, service: &svc, mtls: false };
+        m.record_request_cached(&peering, &outcome);
+        assert_eq!(m.retain_workloads(&HashSet::new()), 4);
+        assert!(!text(&registry).contains("istio_requests_total{"));
+        m.record_request_cached(&peering, &outcome);
+        assert!(text(&registry).contains("istio_requests_total{"));
+        assert!(text(&registry).contains("istio_requests_total{") && text(&registry).lines().any(|l| l.starts_with("istio_requests_total{") && l.ends_with(" 1")));
+    }
 }

@@ -20,7 +20,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use super::{
     Telemetry,
     access_log::{AccessEntry, rfc3339},
-    metrics::{Peering, Reporter, RequestOutcome},
+    metrics::{CachedPeering, Reporter, RequestOutcome},
     propagation::hex,
     trace::{ActiveSpan, AttrValue, FinishedSpan},
     workload::{ServiceLabels, Workload},
@@ -149,12 +149,12 @@ impl Pending {
                 request_bytes,
                 response_bytes,
             };
-            let mut peering = Peering { reporter: Reporter::Source, source: &self.source, destination: &self.destination, service: &self.service, mtls };
-            metrics.record_request(&peering, &outcome);
+            let mut peering = CachedPeering { reporter: Reporter::Source, source: &self.source, destination: &self.destination, service: &self.service, mtls };
+            metrics.record_request_cached(&peering, &outcome);
             // Same node: no other proxy sees this request, so this one reports both sides.
             if self.destination.node == t.node {
                 peering.reporter = Reporter::Destination;
-                metrics.record_request(&peering, &outcome);
+                metrics.record_request_cached(&peering, &outcome);
             }
         }
         let trace_id = x.span.as_ref().map(|s| hex(&s.context.trace_id));
