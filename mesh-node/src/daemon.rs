@@ -55,6 +55,10 @@ pub struct Options {
     pub bpf_pin_dir: PathBuf,
     /// On SIGTERM, how long in-flight requests and connections get to finish.
     pub drain_timeout: Duration,
+    /// TEST ONLY (hidden `--test-ready-delay-ms`): wait this long, listening but not ready,
+    /// before becoming ready, so tests can probe a successor's not-ready window. Zero in
+    /// production.
+    pub test_ready_delay: Duration,
 }
 
 /// `--bpf-pin-dir` default: where Cilium and bpftool users expect pins.
@@ -171,6 +175,16 @@ fn prefetch_certificates(tls: &Arc<MeshTls>, cluster: &Cluster, node: &str) -> V
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
+    // First thing: from now until we are ready, the proxy we may be replacing answers "not
+    // ready" to probes (which may be meant for us: the ports are shared). Dropped on any
+    // early return, i.e. when the process exits.
+    let announcement = match crate::capture::announce::Announcement::new(&opts.bpf_pin_dir) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            warn!("{e}; during this start the running proxy may answer readiness probes meant for this one");
+            None
+        }
+    };
     let discovery = match &opts.kubernetes {
         Some(api) => {
             info!(api_server = ?api, "taking the config from the Kubernetes API");
@@ -300,6 +314,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             .chain(opts.telemetry.metrics.map(|m| ("metrics", m)))
             .collect(),
         started: std::time::SystemTime::now(),
+        successors: crate::capture::announce::Successors::new(&opts.bpf_pin_dir),
     });
     // Each task owns its listener: aborting it closes the listener.
     let mut tasks = vec![
@@ -313,8 +328,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(telemetry::server::serve(metrics, telemetry.clone())));
         info!(%addr, "metrics on /metrics");
     }
+    if !opts.test_ready_delay.is_zero() {
+        warn!(delay = ?opts.test_ready_delay, "test-only readiness delay (--test-ready-delay-ms)");
+        tokio::time::sleep(opts.test_ready_delay).await;
+    }
     let mut capture = starting.started();
     admin_state.set_ready();
+    // Ready: the proxy we replace may say "ready" again (it is stopped next).
+    drop(announcement);
     info!(node = %opts.node, outbound = opts.outbound_port, inbound = opts.inbound_port, pid = std::process::id(), start = ?capture.start(), "node proxy ready");
 
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;

@@ -117,6 +117,10 @@ struct RunArgs {
     /// milliseconds (keep it below the pod's terminationGracePeriodSeconds).
     #[arg(long, env = "MESH_DRAIN_TIMEOUT_MS", default_value_t = daemon::DEFAULT_DRAIN_TIMEOUT.as_millis() as u64)]
     drain_timeout_ms: u64,
+    /// TEST ONLY, hidden from --help: stay listening but not ready for this many
+    /// milliseconds after the start (e2e tests probe a successor's not-ready window).
+    #[arg(long, hide = true, default_value_t = 0)]
+    test_ready_delay_ms: u64,
 }
 
 /// `--metrics`: an address, or `off`.
@@ -226,6 +230,7 @@ fn main() -> ExitCode {
                 },
                 bpf_pin_dir: args.bpf_pin_dir,
                 drain_timeout: Duration::from_millis(args.drain_timeout_ms),
+                test_ready_delay: Duration::from_millis(args.test_ready_delay_ms),
             };
             let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads.max(1)).enable_all().build() {
                 Ok(rt) => rt,

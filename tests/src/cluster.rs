@@ -591,6 +591,11 @@ impl SimCluster {
         Ok(pid)
     }
 
+    /// The pid of node i's current proxy (the successor, after a restart), if one runs.
+    pub fn proxy_pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].proxy.lock().unwrap().as_ref().map(Child::id)
+    }
+
     /// Runs `mesh-node uninstall` for node i's pin directory; fails unless it succeeds.
     pub fn uninstall(&self, i: usize) -> anyhow::Result<String> {
         let mut cmd = Command::new(bins::path("mesh-node"));

@@ -347,3 +347,71 @@ fn a_successor_that_fails_to_start_hands_the_capture_back() {
     assert!(c.proxy_log(0).contains("no successor: capture detached and unpinned"), "{}", c.proxy_log(0));
     assert_nothing_left(&c, 0);
 }
+
+/// During a restart both proxies listen on the readiness port (SO_REUSEPORT), so a probe meant
+/// for the new pod may reach the old proxy. While the successor is starting and not ready
+/// (held not ready for 3 s by the test-only `--test-ready-delay-ms`, after it has taken the
+/// capture over and listens), no probe may answer "ready" on its behalf: every probe answers
+/// 503, whichever proxy gets it. Once the successor is ready, both answer 200.
+#[test]
+fn readiness_is_not_reported_for_a_successor_before_it_is_ready() {
+    let _serial = serial();
+    let c = start();
+    let old = c.proxy_pid(0).expect("node-a's proxy");
+    let url = format!("http://{}:15021/healthz/ready", c.node(0).ip);
+    let netns = c.node(0).netns.clone();
+    // Fresh connections (one curl each), so the kernel spreads them over both listeners.
+    // Each line: status code and the answering process (`x-mesh-pid`).
+    let script = format!(r#"for i in $(seq 20); do curl -s -o /dev/null --max-time 2 -w '%{{http_code}} %header{{x-mesh-pid}}\n' {url}; done"#);
+    let probe_batch = || -> Vec<(u16, u32)> {
+        let out = c.run_in_netns(&netns, Path::new("/bin/sh"), &["-c", &script], Duration::from_secs(60)).expect("curl probes");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next().and_then(|c| c.parse().ok()).unwrap_or(0), w.next().and_then(|p| p.parse().ok()).unwrap_or(0))
+            })
+            .collect()
+    };
+    let done = AtomicBool::new(false);
+    let (during, returned) = std::thread::scope(|s| {
+        let prober = s.spawn(|| {
+            let mut seen = Vec::new();
+            while !done.load(Ordering::SeqCst) {
+                seen.extend(probe_batch());
+            }
+            seen
+        });
+        let returned = c.start_successor_with(0, &["--test-ready-delay-ms", "3000"]);
+        done.store(true, Ordering::SeqCst);
+        (prober.join().unwrap(), returned)
+    });
+    assert_eq!(returned.unwrap_or_else(|e| panic!("{e:#}")), old);
+    let new = c.proxy_pid(0).expect("the successor");
+    let after: Vec<(u16, u32)> = (0..3).flat_map(|_| probe_batch()).collect();
+    let summary = |probes: &[(u16, u32)]| {
+        let mut by: BTreeMap<String, usize> = BTreeMap::new();
+        for (code, pid) in probes {
+            let who = if *pid == old { "old" } else if *pid == new { "new" } else { "?" };
+            *by.entry(format!("{code} from {who}")).or_default() += 1;
+        }
+        by
+    };
+    eprintln!("old pid {old}, new pid {new}; during the start: {:?}; after: {:?}", summary(&during), summary(&after));
+
+    assert!(during.iter().all(|(code, _)| *code == 200 || *code == 503), "every probe answered: {:?}", summary(&during));
+    // The successor's not-ready window: from its first answer to its last "not ready" (the
+    // probes run one after the other, so it was not ready yet when every probe before that was
+    // answered). Its listeners are in the group by then, so the probes are spread over both
+    // proxies.
+    let first_new = during.iter().position(|(_, pid)| *pid == new).expect("the successor answered probes while starting");
+    let last_not_ready = during.iter().rposition(|(code, pid)| *pid == new && *code == 503).expect("the successor answered 503 while starting");
+    let window = &during[first_new..=last_not_ready];
+    let from_old = window.iter().filter(|(_, pid)| *pid == old).count();
+    assert!(window.len() >= 20 && from_old >= 5, "the window held probes answered by both proxies: {:?}", summary(window));
+    let ready_in_window: Vec<_> = window.iter().filter(|(code, _)| *code == 200).collect();
+    assert!(ready_in_window.is_empty(), "\"ready\" answered before the successor was ready (old pid {old}): {:?}\n{}", summary(window), c.proxy_log(0));
+    // Ready: both proxies answer 200 again (the old one until it is stopped).
+    assert!(after.iter().all(|(code, _)| *code == 200), "after the successor is ready: {:?}", summary(&after));
+    assert!(after.iter().any(|(_, p)| *p == old) && after.iter().any(|(_, p)| *p == new), "both proxies answered: {:?}", summary(&after));
+}

@@ -56,6 +56,9 @@ pub struct AdminState {
     /// The daemon's listening sockets by role (`outbound`, `inbound`, `admin`, `readiness`).
     pub listeners: Vec<(&'static str, SocketAddr)>,
     pub started: SystemTime,
+    /// Other proxies of this node that are starting: while one is, we do not answer "ready"
+    /// (see [`crate::capture::announce`]).
+    pub successors: crate::capture::announce::Successors,
 }
 
 impl AdminState {
@@ -151,17 +154,33 @@ async fn admin(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Respons
     })
 }
 
+/// Which process answered a probe: during a restart two proxies share the port.
+const PID_HEADER: &str = "x-mesh-pid";
+
 fn ready(state: &AdminState) -> Response<Full<Bytes>> {
-    if state.is_ready() {
-        reply::respond(StatusCode::OK, "ready\n")
-    } else {
+    let mut res = if !state.is_ready() {
         reply::respond(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-    }
+    } else {
+        // The probe may be meant for a starting successor (same port, SO_REUSEPORT): saying
+        // "ready" for it before it has taken over would let the rollout stop us too early.
+        match state.successors.starting().as_slice() {
+            [] => reply::respond(StatusCode::OK, "ready\n"),
+            pids => {
+                debug!(?pids, "readiness withheld: a successor is starting");
+                reply::respond(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: a new proxy is starting (pid {pids:?})\n"))
+            }
+        }
+    };
+    res.headers_mut().insert(PID_HEADER, hyper::header::HeaderValue::from(std::process::id()));
+    res
 }
 
 async fn readiness(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match req.uri().path() {
         "/healthz/ready" => ready(&state),
+        // For a liveness probe: this process serves. Unlike readiness it does not turn 503
+        // while a successor starts, so the running proxy is not restarted for that.
+        "/healthz/live" => reply::respond(StatusCode::OK, "live\n"),
         _ => reply::respond(StatusCode::NOT_FOUND, ""),
     })
 }
@@ -171,7 +190,7 @@ pub async fn serve_admin(listener: TcpListener, state: Arc<AdminState>) {
     serve(listener, state, |req, st| Box::pin(admin(req, st))).await
 }
 
-/// Serves `/healthz/ready` only, for kubelet probes.
+/// Serves `/healthz/ready` and `/healthz/live` only, for kubelet probes.
 pub async fn serve_readiness(listener: TcpListener, state: Arc<AdminState>) {
     serve(listener, state, |req, st| Box::pin(readiness(req, st))).await
 }

@@ -23,6 +23,9 @@ pub async fn status(state: &AdminState) -> Value {
     json!({
         "node": state.node,
         "ready": state.is_ready(),
+        // During a restart two proxies share the admin port: which one answered.
+        "pid": std::process::id(),
+        "successors_starting": state.successors.starting(),
         "uptime_seconds": SystemTime::now().duration_since(state.started).unwrap_or(Duration::ZERO).as_secs(),
         "log_level": super::log_level::current(),
         "config": config_status(state).await,

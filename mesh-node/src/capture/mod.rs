@@ -8,6 +8,7 @@
 //! ([`Capture::release`]) and `mesh-node uninstall` detach and unpin everything. A proxy that
 //! crashes leaves the capture attached (pods' connections are refused until a proxy runs
 //! again, rather than escaping the mesh's policies).
+pub mod announce;
 pub mod cgroup;
 mod orig_dst;
 pub mod pin;

@@ -172,6 +172,14 @@ pub fn status(v: &Value) -> String {
     let cfg = &v["config"];
     t.row(vec!["node".into(), cell(&v["node"])]);
     t.row(vec!["ready".into(), cell(&v["ready"])]);
+    // During a restart two proxies share the admin port and either may answer: the pid says
+    // which one this is.
+    let mut process = format!("pid {}", cell(&v["pid"]));
+    let starting: Vec<String> = items(&v["successors_starting"]).map(cell).collect();
+    if !starting.is_empty() {
+        process.push_str(&format!("; a new proxy is starting (pid {}): readiness answers 503 until it is ready", starting.join(", ")));
+    }
+    t.row(vec!["process".into(), process]);
     t.row(vec!["uptime".into(), v["uptime_seconds"].as_u64().map(human_secs).unwrap_or("-".into())]);
     t.row(vec!["log level".into(), cell(&v["log_level"])]);
     t.row(vec!["config".into(), format!("generation {}, {}, {} reloads, {}", cell(&cfg["generation"]), cell(&cfg["status"]), cfg["reloads"], cell(&cfg["dir"]))]);
@@ -247,4 +255,16 @@ pub fn clusters(v: &Value) -> String {
         return "no upstream clusters yet (they appear with the first request to a Service)\n".into();
     }
     t.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn status_shows_the_pid_and_a_starting_successor() {
+        let v = json!({"node": "node-a", "ready": true, "pid": 4242, "successors_starting": [4343], "uptime_seconds": 5});
+        let out = super::status(&v);
+        assert!(out.contains("pid 4242; a new proxy is starting (pid 4343)"), "{out}");
+    }
 }
