@@ -228,9 +228,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let capture = starting.get();
     capture.sync(&cluster, &opts.node);
 
-    let mut config_rx = match discovery {
-        Some(d) => d.config,
-        None => config::spawn_watcher(opts.config_dir.clone(), cluster, opts.config_poll),
+    let (mut config_rx, held_back) = match discovery {
+        Some(d) => {
+            let held_back = d.held_back_view();
+            (d.config, Some(held_back))
+        }
+        None => (config::spawn_watcher(opts.config_dir.clone(), cluster, opts.config_poll), None),
     };
     let stats = Arc::new(ProxyStats::default());
     let drain = Arc::new(Drain::default());
@@ -315,6 +318,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             .collect(),
         started: std::time::SystemTime::now(),
         successors: crate::capture::announce::Successors::new(&opts.bpf_pin_dir),
+        held_back,
     });
     // Each task owns its listener: aborting it closes the listener.
     let mut tasks = vec![

@@ -6,6 +6,7 @@
 //! `/log_level`.
 mod bpf;
 mod certs;
+mod config_errors;
 pub mod log_level;
 mod reply;
 mod routes;
@@ -59,6 +60,8 @@ pub struct AdminState {
     /// Other proxies of this node that are starting: while one is, we do not answer "ready"
     /// (see [`crate::capture::announce`]).
     pub successors: crate::capture::announce::Successors,
+    /// What Kubernetes discovery holds back (None in file mode).
+    pub held_back: Option<crate::discovery::HeldBackView>,
 }
 
 impl AdminState {
@@ -110,7 +113,7 @@ impl AdminState {
     }
 }
 
-const ENDPOINTS: &str = "endpoints: /status /config_dump /config_status /workloads /services /endpoints?service=NS/NAME \
+const ENDPOINTS: &str = "endpoints: /status /config_dump /config_status /config_errors /workloads /services /endpoints?service=NS/NAME \
 /routes[?service=NS/NAME] /certs /connections /bpf /stats /clusters /log_level (GET; POST ?level=LEVEL) /ready\n";
 
 async fn admin(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -134,6 +137,7 @@ async fn admin(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Respons
         "/stats" => json(state.stats()),
         "/config_dump" => json(state.config_dump()),
         "/config_status" => json(status::config_status(&state).await),
+        "/config_errors" => json(config_errors::config_errors(state.held_back.as_ref(), SystemTime::now())),
         "/clusters" => json(state.proxy.destinations.snapshot()),
         "/workloads" => json(workloads::workloads(&state)),
         "/services" => json(services::services(&state)),

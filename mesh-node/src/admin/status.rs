@@ -70,10 +70,16 @@ pub async fn status(state: &AdminState) -> Value {
 pub async fn config_status(state: &AdminState) -> Value {
     let live = state.proxy.cluster();
     if state.config_dir.as_os_str().is_empty() {
-        // Kubernetes mode: there is no directory to compare with.
+        // Kubernetes mode: there is no directory to compare with; what matters is which
+        // objects discovery holds back.
+        let errors = super::config_errors::config_errors(state.held_back.as_ref(), SystemTime::now());
+        let held_back = errors["held_back"].as_array().cloned().unwrap_or_default();
+        let problems: Vec<&str> = held_back.iter().filter_map(|h| h["message"].as_str()).collect();
         return json!({
             "source": "kubernetes", "generation": format!("{:016x}", live.fingerprint()),
-            "reloads": state.proxy_stats.config_reloads.get(), "status": "live", "problems": [],
+            "reloads": state.proxy_stats.config_reloads.get(),
+            "status": if held_back.is_empty() { "live" } else { "held-back" },
+            "problems": problems, "held_back": held_back, "rejections_total": errors["rejections_total"],
         });
     }
     let dir = state.config_dir.clone();

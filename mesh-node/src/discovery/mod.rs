@@ -25,10 +25,10 @@ mod tests;
 #[cfg(test)]
 mod tls_tests;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -70,6 +70,44 @@ pub struct Discovery {
     pub rejected: watch::Receiver<Arc<Vec<RejectedObject>>>,
     ready: watch::Receiver<bool>,
     rejections: Arc<AtomicU64>,
+    held_back: watch::Receiver<Arc<Vec<HeldBack>>>,
+}
+
+/// An object the model is built without (or with its last good version), and since when:
+/// what the admin API shows.
+#[derive(Clone, Debug)]
+pub struct HeldBack {
+    pub rejected: RejectedObject,
+    /// The first build of the current run of builds that held it back (a new problem with an
+    /// object that is already held back does not reset it).
+    pub since: SystemTime,
+}
+
+/// What the admin API reads of discovery: cheap to clone, outlives nothing.
+#[derive(Clone, Debug)]
+pub struct HeldBackView {
+    held_back: watch::Receiver<Arc<Vec<HeldBack>>>,
+    rejections: Arc<AtomicU64>,
+}
+
+impl HeldBackView {
+    /// A view of a fixed list (tests of the admin API).
+    pub fn fixed(held_back: Vec<HeldBack>, rejections_total: u64) -> Self {
+        let (tx, rx) = watch::channel(Arc::new(held_back));
+        // The last value stays readable after the sender is gone.
+        drop(tx);
+        Self { held_back: rx, rejections: Arc::new(AtomicU64::new(rejections_total)) }
+    }
+
+    /// The objects the last build held back.
+    pub fn current(&self) -> Arc<Vec<HeldBack>> {
+        self.held_back.borrow().clone()
+    }
+
+    /// See [`Discovery::rejections_total`].
+    pub fn rejections_total(&self) -> u64 {
+        self.rejections.load(Ordering::Relaxed)
+    }
 }
 
 impl Discovery {
@@ -89,6 +127,11 @@ impl Discovery {
     pub fn rejections_total(&self) -> u64 {
         self.rejections.load(Ordering::Relaxed)
     }
+
+    /// The held-back objects with their first-seen times, for the admin API.
+    pub fn held_back_view(&self) -> HeldBackView {
+        HeldBackView { held_back: self.held_back.clone(), rejections: self.rejections.clone() }
+    }
 }
 
 /// Starts one reflector per kind and the model builder. Everything stops
@@ -97,6 +140,7 @@ impl Discovery {
 pub fn spawn(api: ApiServer, opts: Options) -> Discovery {
     let (tx, rx) = watch::channel(Arc::new(Cluster::default()));
     let (rejected_tx, rejected_rx) = watch::channel(Arc::new(Vec::new()));
+    let (held_back_tx, held_back_rx) = watch::channel(Arc::new(Vec::new()));
     let (ready_tx, ready_rx) = watch::channel(false);
     let rejections = Arc::new(AtomicU64::new(0));
     let api = Arc::new(api);
@@ -154,11 +198,14 @@ pub fn spawn(api: ApiServer, opts: Options) -> Discovery {
             if tx.send(Arc::new(built.cluster)).is_err() {
                 return;
             }
+            let now = SystemTime::now();
+            let held_back = built.rejected.iter().map(|r| HeldBack { rejected: r.clone(), since: reported.since.get(&r.object).copied().unwrap_or(now) }).collect();
+            held_back_tx.send_replace(Arc::new(held_back));
             rejected_tx.send_replace(Arc::new(built.rejected));
             ready_tx.send_replace(true);
         }
     });
-    Discovery { config: rx, rejected: rejected_rx, ready: ready_rx, rejections }
+    Discovery { config: rx, rejected: rejected_rx, ready: ready_rx, rejections, held_back: held_back_rx }
 }
 
 /// What the previous build reported, so each problem is logged once.
@@ -168,6 +215,8 @@ struct Reported {
     lines: BTreeSet<String>,
     /// `Kind namespace/name` of the objects held back.
     objects: BTreeSet<String>,
+    /// Since when each of them has been held back without interruption.
+    since: BTreeMap<String, SystemTime>,
 }
 
 /// Logs each problem the first build it appears in (warn: the rest of the
@@ -191,6 +240,8 @@ fn report(
         }
         now.lines.insert(line);
         now.objects.insert(r.object.clone());
+        let since = previous.since.get(&r.object).copied().unwrap_or_else(SystemTime::now);
+        now.since.insert(r.object.clone(), since);
     }
     for p in other {
         let line = p.to_string();
@@ -203,4 +254,34 @@ fn report(
         tracing::info!(object = %object, "object accepted again (or deleted)");
     }
     now
+}
+
+#[cfg(test)]
+mod held_back_tests {
+    use super::*;
+    use crate::config::Problem;
+
+    fn rejected(object: &str, message: &str) -> RejectedObject {
+        let problem = Problem { file: String::new(), location: None, object: None, field: Some("spec".into()), message: message.into() };
+        RejectedObject { object: object.into(), problems: vec![problem], kept_previous: true }
+    }
+
+    /// `since` is when an object started being held back: it survives later builds (even with
+    /// a different problem), and starts over once the object was accepted in between.
+    #[test]
+    fn held_back_since_is_kept_across_builds_and_reset_after_acceptance() {
+        let counter = AtomicU64::new(0);
+        let dr = "DestinationRule demo/echo";
+        let first = report(&[rejected(dr, "bad")], &[], Reported::default(), &counter);
+        let since = first.since[dr];
+        std::thread::sleep(Duration::from_millis(5));
+        let again = report(&[rejected(dr, "worse")], &[], first, &counter);
+        assert_eq!(again.since[dr], since, "still held back: same since");
+        assert_eq!(counter.load(Ordering::Relaxed), 2, "each new problem counts once");
+        let accepted = report(&[], &[], again, &counter);
+        assert!(accepted.since.is_empty());
+        std::thread::sleep(Duration::from_millis(5));
+        let back = report(&[rejected(dr, "bad")], &[], accepted, &counter);
+        assert!(back.since[dr] > since, "held back anew");
+    }
 }

@@ -151,6 +151,17 @@ fn certificates(c: &Value) -> Vec<Check> {
 fn config(c: &Value) -> Check {
     let dir = c["dir"].as_str().unwrap_or("?");
     match c["status"].as_str() {
+        // Kubernetes mode: every object from the API server is applied.
+        Some("live") => pass("config valid", format!("every object from the API server is applied (generation {})", c["generation"].as_str().unwrap_or("?"))),
+        Some("held-back") => {
+            let held: Vec<&Value> = c["held_back"].as_array().into_iter().flatten().collect();
+            let first = held.first().and_then(|h| h["message"].as_str()).unwrap_or("");
+            fail(
+                "config valid",
+                format!("{} object(s) held back: {first}", held.len()),
+                "fix the object (kubectl edit); until then its last good version stays applied (or it is left out). `meshctl status` lists each, and GET /config_errors has the details",
+            )
+        }
         Some("in-sync") => pass("config valid", format!("{dir} is live (generation {})", c["generation"].as_str().unwrap_or("?"))),
         Some("pending") => pass("config valid", format!("{dir} changed and is valid; the daemon picks it up within its poll interval")),
         Some("rejected") => {
@@ -181,4 +192,25 @@ pub fn render(checks: &[Check]) -> String {
     let failed = checks.iter().filter(|c| c.outcome == Outcome::Fail).count();
     out.push_str(&if failed == 0 { "\nStatus check results are ✔\n".to_owned() } else { format!("\n{failed} check(s) failed ✘\n") });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn kubernetes_config_fails_the_check_while_objects_are_held_back() {
+        let live = config(&json!({"source": "kubernetes", "status": "live", "generation": "00ab", "problems": [], "held_back": []}));
+        assert!(live.outcome == Outcome::Pass, "{}", live.detail);
+        let held = config(&json!({
+            "source": "kubernetes", "status": "held-back", "generation": "00ab",
+            "held_back": [{"kind": "DestinationRule", "namespace": "demo", "name": "echo",
+                "message": "DestinationRule demo/echo rejected (keeping its last good version): trafficPolicy.outlierDetection.interval: \"ten\" is not a duration"}],
+        }));
+        assert!(held.outcome == Outcome::Fail);
+        assert!(held.detail.starts_with("1 object(s) held back: DestinationRule demo/echo rejected"), "{}", held.detail);
+        assert!(held.hint.as_deref().is_some_and(|h| h.contains("/config_errors")));
+    }
 }

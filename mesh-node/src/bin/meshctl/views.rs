@@ -182,7 +182,12 @@ pub fn status(v: &Value) -> String {
     t.row(vec!["process".into(), process]);
     t.row(vec!["uptime".into(), v["uptime_seconds"].as_u64().map(human_secs).unwrap_or("-".into())]);
     t.row(vec!["log level".into(), cell(&v["log_level"])]);
-    t.row(vec!["config".into(), format!("generation {}, {}, {} reloads, {}", cell(&cfg["generation"]), cell(&cfg["status"]), cfg["reloads"], cell(&cfg["dir"]))]);
+    let source = if cfg["source"] == "kubernetes" { "Kubernetes API".to_owned() } else { cell(&cfg["dir"]) };
+    t.row(vec!["config".into(), format!("generation {}, {}, {} reloads, {}", cell(&cfg["generation"]), cell(&cfg["status"]), cfg["reloads"], source)]);
+    for h in items(&cfg["held_back"]) {
+        let age = h["seconds_ago"].as_u64().map(human_secs).unwrap_or("-".into());
+        t.row(vec!["held back".into(), format!("{} (for {age})", cell(&h["message"]))]);
+    }
     t.row(vec![
         "capture".into(),
         format!(
@@ -262,9 +267,15 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn status_shows_the_pid_and_a_starting_successor() {
-        let v = json!({"node": "node-a", "ready": true, "pid": 4242, "successors_starting": [4343], "uptime_seconds": 5});
+    fn status_shows_the_pid_a_starting_successor_and_held_back_objects() {
+        let v = json!({
+            "node": "node-a", "ready": true, "pid": 4242, "successors_starting": [4343], "uptime_seconds": 5,
+            "config": {"source": "kubernetes", "generation": "00ab", "status": "held-back", "reloads": 2,
+                "held_back": [{"message": "Service demo/dup rejected (left out): spec.clusterIP: 10.96.0.1 is already used by Service demo/a", "seconds_ago": 120}]},
+        });
         let out = super::status(&v);
         assert!(out.contains("pid 4242; a new proxy is starting (pid 4343)"), "{out}");
+        assert!(out.contains("Kubernetes API"), "{out}");
+        assert!(out.contains("held back") && out.contains("Service demo/dup rejected (left out): spec.clusterIP") && out.contains("(for 2m"), "{out}");
     }
 }
