@@ -112,20 +112,8 @@ impl Pool {
             match slot.as_ref() {
                 Some((s, goaway)) if !s.is_closed() && !draining(goaway) => s.clone(),
                 _ => {
-                    let io = self.connector.connect(endpoint, source, settings.connect_timeout).await?;
-                    let goaway = io.tunnel_goaway();
-                    self.retire_on_goaway(&goaway);
-                    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .handshake(TokioIo::new(io))
-                        .await
-                        .map_err(SendError::Handshake)?;
-                    let addr = endpoint.addr;
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            debug!(%addr, "upstream h2 connection: {e}");
-                        }
-                    });
+                    // Boxed (see `connect_h1`).
+                    let (sender, goaway) = Box::pin(self.connect_h2(endpoint, source, settings)).await?;
                     *slot = Some((sender.clone(), goaway));
                     sender
                 }
@@ -141,16 +129,7 @@ impl Pool {
         let (mut sender, used, goaway) = match reused {
             Some(idle) => (idle.sender, idle.used, idle.goaway),
             None => {
-                let io = self.connector.connect(endpoint, source, settings.connect_timeout).await?;
-                let goaway = io.tunnel_goaway();
-                self.retire_on_goaway(&goaway);
-                let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await.map_err(SendError::Handshake)?;
-                let addr = endpoint.addr;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.with_upgrades().await {
-                        debug!(%addr, "upstream h1 connection: {e}");
-                    }
-                });
+                let (sender, goaway) = Box::pin(self.connect_h1(endpoint, source, settings)).await?;
                 (sender, 0, goaway)
             }
         };
@@ -169,6 +148,53 @@ impl Pool {
             });
         }
         Ok(response)
+    }
+
+    /// Opens a new HTTP/1.1 connection. Called boxed: the connect (tunnel, TLS handshake)
+    /// future is several KiB, and inline it would make every request's future that large,
+    /// which the runtime copies around per request (task creation, completion; it showed up
+    /// as memmove in the profile) although connecting is rare.
+    async fn connect_h1(
+        &self,
+        endpoint: &Endpoint,
+        source: &Source,
+        settings: &PoolSettings,
+    ) -> Result<(http1::SendRequest<ReplayBody>, Option<watch::Receiver<bool>>), SendError> {
+        let io = self.connector.connect(endpoint, source, settings.connect_timeout).await?;
+        let goaway = io.tunnel_goaway();
+        self.retire_on_goaway(&goaway);
+        let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await.map_err(SendError::Handshake)?;
+        let addr = endpoint.addr;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(%addr, "upstream h1 connection: {e}");
+            }
+        });
+        Ok((sender, goaway))
+    }
+
+    /// Opens a new HTTP/2 connection; called boxed, as `connect_h1`.
+    async fn connect_h2(
+        &self,
+        endpoint: &Endpoint,
+        source: &Source,
+        settings: &PoolSettings,
+    ) -> Result<(http2::SendRequest<ReplayBody>, Option<watch::Receiver<bool>>), SendError> {
+        let io = self.connector.connect(endpoint, source, settings.connect_timeout).await?;
+        let goaway = io.tunnel_goaway();
+        self.retire_on_goaway(&goaway);
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(SendError::Handshake)?;
+        let addr = endpoint.addr;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%addr, "upstream h2 connection: {e}");
+            }
+        });
+        Ok((sender, goaway))
     }
 
     fn checkout_h1(&self, key: &Key, idle_timeout: Duration) -> Option<IdleH1> {
