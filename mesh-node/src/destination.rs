@@ -75,7 +75,9 @@ const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 #[derive(Default)]
 pub struct Destinations {
-    cache: Mutex<HashMap<(DestinationKey, bool), (u64, Arc<Destination>)>>,
+    /// By a hash of (key, http2), so a request looks its cluster up from borrowed names,
+    /// without building (allocating) a [`DestinationKey`]; entries: (http2, generation, cluster).
+    cache: Mutex<HashMap<u64, Vec<(bool, u64, Arc<Destination>)>>>,
     balancers: Balancers,
     limits: Mutex<HashMap<(DestinationKey, bool), Arc<Limits>>>,
     /// By Service (namespace, name): one bucket per Service on the node.
@@ -87,15 +89,35 @@ pub struct Destinations {
 impl Destinations {
     /// `http2`: whether requests to this cluster go over HTTP/2 (the limits differ).
     pub fn resolve(&self, cluster: &Cluster, key: &DestinationKey, http2: bool) -> Result<Arc<Destination>, DestinationError> {
+        self.resolve_parts(cluster, &key.namespace, &key.service, key.port, key.subset.as_deref(), http2)
+    }
+
+    /// [`Self::resolve`] from the key's parts; the key is only built when the cluster is not
+    /// cached yet (once per config snapshot), not per request.
+    pub fn resolve_parts(
+        &self,
+        cluster: &Cluster,
+        namespace: &str,
+        service: &str,
+        port: u16,
+        subset: Option<&str>,
+        http2: bool,
+    ) -> Result<Arc<Destination>, DestinationError> {
         let generation = cluster.fingerprint();
-        let cache_key = (key.clone(), http2);
-        if let Some((generation_seen, dest)) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&cache_key)
-            && *generation_seen == generation
+        let hash = key_hash(namespace, service, port, subset, http2);
+        let is = |d: &Destination| d.key.port == port && d.key.namespace == namespace && d.key.service == service && d.key.subset.as_deref() == subset;
+        if let Some(bucket) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&hash)
+            && let Some((_, _, dest)) = bucket.iter().find(|(h2, g, d)| *h2 == http2 && *g == generation && is(d))
         {
             return Ok(dest.clone());
         }
-        let dest = Arc::new(self.build(cluster, key, http2)?);
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(cache_key, (generation, dest.clone()));
+        let key = DestinationKey { namespace: namespace.to_owned(), service: service.to_owned(), port, subset: subset.map(str::to_owned) };
+        let dest = Arc::new(self.build(cluster, &key, http2)?);
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let bucket = cache.entry(hash).or_default();
+        // Replaces the entry of an older snapshot, as the keyed map used to.
+        bucket.retain(|(h2, _, d)| !(*h2 == http2 && is(d)));
+        bucket.push((http2, generation, dest.clone()));
         Ok(dest)
     }
 
@@ -179,7 +201,7 @@ impl Destinations {
     pub fn snapshot(&self) -> serde_json::Value {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = serde_json::Map::new();
-        for ((_, _), (_, dest)) in cache.iter() {
+        for (_, _, dest) in cache.values().flatten() {
             let mut value = serde_json::to_value(dest.balancer.snapshot()).unwrap_or_default();
             if let (Some(bucket), Some(obj)) = (&dest.rate_limit, value.as_object_mut()) {
                 obj.insert("rate_limit".into(), serde_json::to_value(bucket.snapshot()).unwrap_or_default());
@@ -191,6 +213,13 @@ impl Destinations {
         }
         serde_json::Value::Object(out)
     }
+}
+
+fn key_hash(namespace: &str, service: &str, port: u16, subset: Option<&str>, http2: bool) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::hash::DefaultHasher::new();
+    (namespace, service, port, subset, http2).hash(&mut h);
+    h.finish()
 }
 
 /// A subset's policy overrides the rule's, field by field (Istio's merge).

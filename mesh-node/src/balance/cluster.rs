@@ -43,7 +43,7 @@ struct State {
 }
 
 struct Host {
-    endpoint: Endpoint,
+    endpoint: Arc<Endpoint>,
     active: Arc<AtomicU32>,
     outlier: HostOutlier,
     /// PEAK_EWMA's latency estimate; `None` until the first response under that policy.
@@ -120,11 +120,11 @@ impl ClusterBalancer {
             index.insert(endpoint.addr, hosts.len());
             let host = match old.remove(&endpoint.addr) {
                 Some(mut kept) => {
-                    kept.endpoint = endpoint;
+                    kept.endpoint = Arc::new(endpoint);
                     kept
                 }
                 None => Host {
-                    endpoint,
+                    endpoint: Arc::new(endpoint),
                     active: Arc::new(AtomicU32::new(0)),
                     outlier: HostOutlier::default(),
                     latency: None,

@@ -31,7 +31,9 @@ use crate::config::Endpoint;
 /// LEAST_REQUEST counts it as active until then.
 #[derive(Debug)]
 pub struct Pick {
-    pub endpoint: Endpoint,
+    /// Shared with the balancer's host: a pick costs a reference count, not a copy of the
+    /// endpoint's strings, per request.
+    pub endpoint: std::sync::Arc<Endpoint>,
     pub guard: ActiveRequest,
 }
 

@@ -35,7 +35,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for name in listed {
         headers.remove(name);
     }
-    for name in ["keep-alive", "proxy-connection", "transfer-encoding"] {
+    // Names made once (not parsed from strings on every request and response).
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    for name in [KEEP_ALIVE, PROXY_CONNECTION, header::TRANSFER_ENCODING] {
         headers.remove(name);
     }
     if !keep_upgrade {

@@ -1,6 +1,6 @@
 //! When a failed attempt is retried (Envoy's `retry_on` semantics as Istio configures them),
 //! and how long to wait before the next try.
-use std::time::Duration;
+use std::{sync::LazyLock, time::Duration};
 
 use http::StatusCode;
 
@@ -26,17 +26,20 @@ const GRPC_RESOURCE_EXHAUSTED: u8 = 8;
 const GRPC_INTERNAL: u8 = 13;
 const GRPC_UNAVAILABLE: u8 = 14;
 
-pub struct RetryPolicy {
+/// Istio's default retries, built once: a request borrows its policy instead of copying it.
+static ISTIO_DEFAULT: LazyLock<HttpRetry> = LazyLock::new(HttpRetry::istio_default);
+
+pub struct RetryPolicy<'a> {
     pub attempts: u32,
     pub per_try_timeout: Option<Duration>,
-    conditions: Vec<RetryOn>,
+    conditions: &'a [RetryOn],
 }
 
-impl RetryPolicy {
+impl<'a> RetryPolicy<'a> {
     /// The route's `retries`, or Istio's default when the route has none.
-    pub fn from_route(retries: Option<&HttpRetry>) -> Self {
-        let r = retries.cloned().unwrap_or_else(HttpRetry::istio_default);
-        let conditions = if r.retry_on.is_empty() { HttpRetry::istio_default().retry_on } else { r.retry_on };
+    pub fn from_route(retries: Option<&'a HttpRetry>) -> Self {
+        let r = retries.unwrap_or(&ISTIO_DEFAULT);
+        let conditions = if r.retry_on.is_empty() { &ISTIO_DEFAULT.retry_on } else { &r.retry_on };
         Self { attempts: r.attempts, per_try_timeout: r.per_try_timeout, conditions }
     }
 
@@ -84,8 +87,9 @@ pub fn backoff(retry: u32, roll: f64) -> Duration {
 mod tests {
     use super::*;
 
-    fn policy(on: &[RetryOn]) -> RetryPolicy {
-        RetryPolicy::from_route(Some(&HttpRetry { attempts: 2, per_try_timeout: None, retry_on: on.to_vec(), retry_remote_localities: false }))
+    fn policy(on: &[RetryOn]) -> RetryPolicy<'static> {
+        let retry = Box::leak(Box::new(HttpRetry { attempts: 2, per_try_timeout: None, retry_on: on.to_vec(), retry_remote_localities: false }));
+        RetryPolicy::from_route(Some(retry))
     }
 
     #[test]

@@ -33,6 +33,8 @@ use crate::{
 
 /// What the access log and span need from the request, copied only when they are on.
 struct RequestDetails {
+    /// Wall clock start, for the access log (a clock read spared when it is off).
+    start_wall: SystemTime,
     method: http::Method,
     path: String,
     authority: Option<String>,
@@ -44,7 +46,6 @@ struct RequestDetails {
 pub struct HttpExchange {
     telemetry: Arc<Telemetry>,
     start: Instant,
-    start_wall: SystemTime,
     peer: SocketAddr,
     version: Version,
     grpc: bool,
@@ -60,11 +61,16 @@ pub struct RouteOutcome {
     pub destination: Option<Arc<Destination>>,
     /// The Service the client addressed, labelled when there is no `destination`.
     pub target: Option<ServiceTarget>,
-    pub cluster: String,
     pub request_bytes: Option<Arc<AtomicU64>>,
 }
 
 impl RouteOutcome {
+    /// The upstream cluster's (Envoy) name; empty when routing failed. Read from the
+    /// destination rather than copied into each request.
+    fn cluster(&self) -> &str {
+        self.destination.as_ref().map_or("", |d| d.name.as_str())
+    }
+
     /// (namespace, name, port) of the Service the request is labelled with.
     fn service(&self) -> (&str, &str, u16) {
         match (&self.destination, &self.target) {
@@ -84,6 +90,7 @@ impl HttpExchange {
     pub fn start<B>(telemetry: &Arc<Telemetry>, req: &mut Request<B>, peer: SocketAddr) -> Self {
         let span = telemetry.tracer.as_ref().and_then(|t| t.start(req.headers_mut()));
         let details = (telemetry.access_log.enabled() || span.is_some()).then(|| RequestDetails {
+            start_wall: SystemTime::now(),
             method: req.method().clone(),
             path: req.uri().path_and_query().map_or_else(|| req.uri().path().to_string(), |p| p.as_str().to_string()),
             authority: req.uri().authority().map(|a| a.to_string()).or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)),
@@ -91,7 +98,7 @@ impl HttpExchange {
             request_id: req.headers().get("x-request-id").cloned(),
         });
         let grpc = req.headers().get(http::header::CONTENT_TYPE).is_some_and(|c| c.as_bytes().starts_with(b"application/grpc"));
-        Self { telemetry: telemetry.clone(), start: Instant::now(), start_wall: SystemTime::now(), peer, version: req.version(), grpc, details, span }
+        Self { telemetry: telemetry.clone(), start: Instant::now(), peer, version: req.version(), grpc, details, span }
     }
 
     /// Wraps the response so the request is recorded when its body ends (or is dropped).
@@ -109,8 +116,9 @@ impl HttpExchange {
     }
 }
 
-fn grpc_status(headers: &HeaderMap) -> Option<String> {
-    headers.get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string)
+/// `grpc-status`, when it is text; kept as the header value (a shared buffer, no copy).
+fn grpc_status(headers: &HeaderMap) -> Option<HeaderValue> {
+    headers.get("grpc-status").filter(|v| v.to_str().is_ok()).cloned()
 }
 
 /// Everything known when the response headers go out; completed by the body's end.
@@ -121,7 +129,7 @@ struct Pending {
     destination: Arc<Workload>,
     service: Arc<ServiceLabels>,
     route: RouteOutcome,
-    grpc_status: Option<String>,
+    grpc_status: Option<HeaderValue>,
 }
 
 impl Pending {
@@ -143,7 +151,7 @@ impl Pending {
             let outcome = RequestOutcome {
                 protocol: if x.grpc { "grpc" } else { "http" },
                 code: &code,
-                grpc_status: self.grpc_status.as_deref().unwrap_or(""),
+                grpc_status: header_str(&self.grpc_status).unwrap_or(""),
                 flags: &flags,
                 duration_ms: duration.as_secs_f64() * 1e3,
                 request_bytes,
@@ -162,7 +170,7 @@ impl Pending {
             && let Some(d) = &x.details
         {
             t.access_log.write(&AccessEntry {
-                start_time: rfc3339(x.start_wall),
+                start_time: rfc3339(d.start_wall),
                 method: Some(d.method.as_str()),
                 path: Some(&d.path),
                 protocol: protocol_name(x.version),
@@ -175,7 +183,7 @@ impl Pending {
                 request_id: header_str(&d.request_id),
                 authority: d.authority.as_deref(),
                 upstream_host: self.route.upstream.map(|u| u.to_string()),
-                upstream_cluster: Some(&self.route.cluster).filter(|c| !c.is_empty()).map(|c| c.as_str()),
+                upstream_cluster: Some(self.route.cluster()).filter(|c| !c.is_empty()),
                 downstream_remote_address: x.peer.to_string(),
                 source_workload: format!("{}/{}", self.source.namespace, self.source.name),
                 source_principal: &self.source.principal,
@@ -192,8 +200,8 @@ impl Pending {
                 ("http.protocol", AttrValue::Str(protocol_name(x.version).into())),
                 ("http.status_code", AttrValue::Int(self.status.into())),
                 ("response_flags", AttrValue::Str(flags.to_string())),
-                ("upstream_cluster", AttrValue::Str(self.route.cluster.clone())),
-                ("upstream_cluster.name", AttrValue::Str(self.route.cluster.clone())),
+                ("upstream_cluster", AttrValue::Str(self.route.cluster().to_owned())),
+                ("upstream_cluster.name", AttrValue::Str(self.route.cluster().to_owned())),
                 ("peer.address", AttrValue::Str(x.peer.ip().to_string())),
                 ("request_size", AttrValue::Int(request_bytes as i64)),
                 ("response_size", AttrValue::Int(response_bytes as i64)),
