@@ -20,7 +20,7 @@ use anyhow::{Context as _, bail};
 use mesh_e2e::{ClusterSpec, SimCluster, bins};
 use serde_json::{Value, json};
 
-use crate::bench_util::{cpu_seconds, h2load, ms, ok_count, probe_json, rss_mib, verdict, write_json};
+use crate::bench_util::{path_str, cpu_seconds, h2load, ms, ok_count, probe_json, rss_mib, verdict, write_json};
 
 const RATE: u64 = 1000;
 const BODY: usize = 1024;
@@ -86,12 +86,7 @@ pub struct Opts {
 }
 
 pub fn run(json_out: &Path, opts: &Opts) -> anyhow::Result<()> {
-    let envoy = crate::setup::envoy()?;
-    let work = std::env::temp_dir().join(format!("mesh-bench-l7-{}", std::process::id()));
-    fs::create_dir_all(&work)?;
-    let result = run_in(json_out, opts, &envoy, &work);
-    let _ = fs::remove_dir_all(&work);
-    result
+    crate::bench_util::with_envoy_workdir("l7", |envoy, work| run_in(json_out, opts, envoy, work))
 }
 
 fn run_in(json_out: &Path, opts: &Opts, envoy: &Path, work: &Path) -> anyhow::Result<()> {
@@ -211,9 +206,6 @@ fn run_in(json_out: &Path, opts: &Opts, envoy: &Path, work: &Path) -> anyhow::Re
     report(json_out, opts, &rows, tls.is_some(), stats)
 }
 
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
-}
 
 fn report(json_out: &Path, opts: &Opts, rows: &[Value], mtls: bool, stats: Vec<Value>) -> anyhow::Result<()> {
     let f = |r: &Value, k: &str| r[k].as_f64().unwrap_or(0.0);
@@ -329,9 +321,9 @@ pub(crate) fn make_certs(dir: &Path) -> anyhow::Result<Certs> {
     Ok(Certs { ca: d("ca.crt"), cert: d("leaf.crt"), key: d("leaf.key") })
 }
 
-const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
-const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
-const HTTP_OPTS: &str = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+pub(crate) const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+pub(crate) const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+pub(crate) const HTTP_OPTS: &str = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
 fn common_tls(c: &Certs) -> String {
     format!(

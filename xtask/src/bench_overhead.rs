@@ -45,7 +45,7 @@ use serde_json::{Value, json};
 
 use crate::{
     bench_chart,
-    bench_util::{cpu_seconds, h2load, probe_json, rss_mib, verdict, write_json},
+    bench_util::{cpu_seconds, h2load, path_str, probe_json, rss_mib, verdict, write_json},
 };
 
 const NS: &str = "shop";
@@ -156,12 +156,7 @@ impl Durations {
 }
 
 pub fn run(out_dir: &Path, opts: &Opts) -> anyhow::Result<()> {
-    let envoy = crate::setup::envoy()?;
-    let work = std::env::temp_dir().join(format!("mesh-bench-overhead-{}", std::process::id()));
-    fs::create_dir_all(&work)?;
-    let result = run_in(out_dir, opts, &envoy, &work);
-    let _ = fs::remove_dir_all(&work);
-    result
+    crate::bench_util::with_envoy_workdir("overhead", |envoy, work| run_in(out_dir, opts, envoy, work))
 }
 
 fn run_in(out_dir: &Path, opts: &Opts, envoy: &Path, work: &Path) -> anyhow::Result<()> {
@@ -494,13 +489,8 @@ fn start_sidecars(c: &SimCluster, envoy: &Path, work: &Path, certs: &crate::benc
     Ok(pids)
 }
 
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
-}
 
-const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
-const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
-const HTTP_OPTS: &str = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+use crate::bench_l7::{HCM, HTTP_OPTS, ROUTER};
 const ORIGINAL_DST: &str = "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst";
 const TLS_INSPECTOR: &str = "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
 const UPSTREAM_TLS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";

@@ -104,6 +104,22 @@ fn parse_duration(s: &str) -> Option<f64> {
     s.strip_suffix('s')?.parse().ok()
 }
 
+/// Runs `f` with the Envoy binary (installed if missing) and a scratch directory for its
+/// configs and certificates, removed afterwards whether `f` succeeded or not.
+pub fn with_envoy_workdir<T>(name: &str, f: impl FnOnce(&Path, &Path) -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let envoy = crate::setup::envoy()?;
+    let work = std::env::temp_dir().join(format!("mesh-bench-{name}-{}", std::process::id()));
+    fs::create_dir_all(&work)?;
+    let result = f(&envoy, &work);
+    let _ = fs::remove_dir_all(&work);
+    result
+}
+
+/// A path as the `&str` a command line takes (the benches' temp paths are UTF-8).
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
 pub fn write_json(path: &Path, report: &Value) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)?;
