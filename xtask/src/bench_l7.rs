@@ -420,23 +420,7 @@ static_resources:
     address: {{socket_address: {{address: 0.0.0.0, port_value: {ENVOY_IN}}}}}
     filter_chains:
     - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": {HCM}
-          stat_prefix: inbound
-          codec_type: AUTO
-          route_config:
-            name: inbound
-            virtual_hosts:
-            - name: local
-              domains: ["*"]
-              routes:
-              - match: {{prefix: "/"}}
-                route: {{cluster: local, timeout: 0s}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": {ROUTER}}}
-{transport}  clusters:
+{hcm}{transport}  clusters:
   - name: local
     type: STATIC
     connect_timeout: 1s
@@ -451,6 +435,31 @@ static_resources:
       endpoints:
       - lb_endpoints:
         - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 8080}}}}}}
+"#,
+        hcm = hcm_to_cluster("inbound", "local"),
+    )
+}
+
+/// An HTTP connection manager filter (a `filters:` list item, at a filter chain's indentation)
+/// sending every request to `cluster` with no route timeout: a sidecar's inbound side.
+pub(crate) fn hcm_to_cluster(stat_prefix: &str, cluster: &str) -> String {
+    format!(
+        r#"      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": {HCM}
+          stat_prefix: {stat_prefix}
+          codec_type: AUTO
+          route_config:
+            name: {cluster}
+            virtual_hosts:
+            - name: {cluster}
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                route: {{cluster: {cluster}, timeout: 0s}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": {ROUTER}}}
 "#
     )
 }

@@ -661,26 +661,7 @@ const RETRY_POLICY: &str = retry_policy!();
 
 /// The inbound HTTP filter chain's filters: to the app on localhost, in the caller's protocol.
 fn inbound_filters(pod: &str) -> String {
-    format!(
-        r#"      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": {HCM}
-          stat_prefix: inbound_{pod}
-          codec_type: AUTO
-          route_config:
-            name: inbound
-            virtual_hosts:
-            - name: inbound
-              domains: ["*"]
-              routes:
-              - match: {{prefix: "/"}}
-                route: {{cluster: inbound, timeout: 0s}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": {ROUTER}}}
-"#
-    )
+    format!("      filters:\n{}", crate::bench_l7::hcm_to_cluster(&format!("inbound_{pod}"), "inbound"))
 }
 
 // ---------------------------------------------------------------------------------------------
