@@ -29,5 +29,7 @@ pub mod rate_limit;
 pub mod route;
 pub mod stats;
 pub mod telemetry;
+#[cfg(test)]
+mod test_http;
 pub mod tunnel;
 pub mod upstream;

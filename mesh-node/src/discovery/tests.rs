@@ -10,7 +10,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::{Body, Frame};
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -205,47 +204,11 @@ impl Fake {
 
     /// Serves HTTPS with `tls` (a certificate for 127.0.0.1) on loopback.
     pub(super) async fn serve_tls(self, tls: Arc<rustls::ServerConfig>) -> std::net::SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else { return };
-                let fake = self.clone();
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    // A client that refuses the certificate ends here.
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
-                    let svc = hyper::service::service_fn(move |req| {
-                        let resp = fake.handle(&req);
-                        async move { Ok::<_, Infallible>(resp) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
-                });
-            }
-        });
-        addr
+        crate::test_http::serve(Some(tls), move |req| std::future::ready(self.handle(&req))).await
     }
 
     async fn serve(self) -> std::net::SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else { return };
-                let fake = self.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let resp = fake.handle(&req);
-                        async move { Ok::<_, Infallible>(resp) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
-                });
-            }
-        });
-        addr
+        crate::test_http::serve(None, move |req| std::future::ready(self.handle(&req))).await
     }
 }
 
