@@ -37,19 +37,13 @@ struct RunArgs {
     #[arg(long, env = "MESH_CONFIG_DIR", required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
     config: Option<PathBuf>,
     /// Take the config from the Kubernetes API (list/watch) instead of a directory.
-    /// In-cluster by default (KUBERNETES_SERVICE_HOST/PORT and the ServiceAccount token and CA);
-    /// --api-server overrides.
+    /// In a pod, in-cluster (KUBERNETES_SERVICE_HOST/PORT and the ServiceAccount token and CA);
+    /// elsewhere the kubeconfig (KUBECONFIG or ~/.kube/config); --api-server or --kubeconfig
+    /// override.
     #[arg(long)]
     kubernetes: bool,
-    /// API server URL (http:// or https://) for --kubernetes, instead of the in-cluster one.
-    #[arg(long, requires = "kubernetes")]
-    api_server: Option<String>,
-    /// Bearer token file for --api-server.
-    #[arg(long, requires = "api_server")]
-    api_token_file: Option<PathBuf>,
-    /// CA bundle for an https --api-server.
-    #[arg(long, requires = "api_server")]
-    api_ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    api: mesh_node::discovery::ApiArgs,
     /// This node's name (a v1 Node in the config).
     #[arg(long, env = "NODE_NAME")]
     node: String,
@@ -190,11 +184,7 @@ fn main() -> ExitCode {
             let kubernetes = if !args.kubernetes {
                 None
             } else {
-                let api = match &args.api_server {
-                    Some(url) => mesh_node::discovery::ApiServer::new(url, args.api_token_file.as_deref(), args.api_ca_file.as_deref()),
-                    None => mesh_node::discovery::ApiServer::in_cluster(),
-                };
-                match api {
+                match args.api.api_server() {
                     Ok(api) => Some(api),
                     Err(e) => {
                         eprintln!("--kubernetes: {e:#}");

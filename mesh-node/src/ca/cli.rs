@@ -9,7 +9,7 @@ use super::review::ReviewOptions;
 use super::server::{CaOptions, NodeAuthOptions, PodsFrom};
 use super::signer::TtlPolicy;
 use crate::config::parse_duration;
-use crate::discovery::ApiServer;
+use crate::discovery::ApiArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct CaArgs {
@@ -28,19 +28,14 @@ pub struct CaArgs {
     #[arg(long, required_unless_present = "kubernetes")]
     pub tokens: Option<PathBuf>,
     /// Learn pods from the Kubernetes API (list/watch) instead of a config directory, and
-    /// authenticate nodes with TokenReview unless --tokens is given. In-cluster by default
-    /// (KUBERNETES_SERVICE_HOST/PORT and the ServiceAccount token and CA).
+    /// authenticate nodes with TokenReview unless --tokens is given. In a pod, in-cluster
+    /// (KUBERNETES_SERVICE_HOST/PORT and the ServiceAccount token and CA); elsewhere the
+    /// kubeconfig (KUBECONFIG or ~/.kube/config); --api-server or --kubeconfig override.
+    /// Pods and TokenReviews go through one client with the CA's own credentials.
     #[arg(long)]
     pub kubernetes: bool,
-    /// API server URL (http:// or https://) for --kubernetes, instead of the in-cluster one.
-    #[arg(long, requires = "kubernetes")]
-    pub api_server: Option<String>,
-    /// Bearer token file for --api-server (the CA's own credentials).
-    #[arg(long, requires = "api_server")]
-    pub api_token_file: Option<PathBuf>,
-    /// CA bundle for an https --api-server.
-    #[arg(long, requires = "api_server")]
-    pub api_ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub api: ApiArgs,
     /// Audience the node proxies' projected tokens must be minted for.
     #[arg(long, default_value = "mesh-ca", requires = "kubernetes", conflicts_with = "tokens")]
     pub token_audience: String,
@@ -82,11 +77,7 @@ impl CaArgs {
             return Err(format!("--default-ttl {:?} is longer than --max-ttl {:?}", self.default_ttl, self.max_ttl));
         }
         let api = if self.kubernetes {
-            let api = match &self.api_server {
-                Some(url) => ApiServer::new(url, self.api_token_file.as_deref(), self.api_ca_file.as_deref()),
-                None => ApiServer::in_cluster(),
-            };
-            Some(api.map_err(|e| format!("--kubernetes: {e}"))?)
+            Some(self.api.api_server().map_err(|e| format!("--kubernetes: {e}"))?)
         } else {
             None
         };

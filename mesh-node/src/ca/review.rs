@@ -17,7 +17,8 @@ use serde_json::Value;
 
 use crate::discovery::{ApiError, ApiServer};
 
-const REVIEW_PATH: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+/// The request, as errors name it.
+const REVIEW: &str = "POST /apis/authentication.k8s.io/v1/tokenreviews";
 /// Where the API server puts the node a bound token's pod runs on.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
@@ -207,13 +208,14 @@ impl TokenReviewer {
             spec: TokenReviewSpec { audiences: Some(vec![self.options.audience.clone()]), token: Some(token.to_string()) },
             status: None,
         };
-        let answer: Value = self.api.post_json(REVIEW_PATH, &request, self.options.timeout).await?;
-        let status: TokenReviewStatus = match answer.get("status") {
-            Some(status) => serde_json::from_value(status.clone())
-                .map_err(|e| ReviewError::Api(format!("unexpected TokenReview status: {e}")))?,
-            None => TokenReviewStatus::default(),
-        };
-        self.judge(status)
+        // The client discovery's pod index uses too: the CA's own credentials, one connection pool.
+        let reviews: kube::Api<TokenReview> = kube::Api::all(self.api.client()?);
+        let timeout = self.options.timeout;
+        let answer = tokio::time::timeout(timeout, reviews.create(&kube::api::PostParams::default(), &request))
+            .await
+            .map_err(|_| ReviewError::Api(format!("{REVIEW} on {:?}: no answer in {timeout:?}", self.api)))?
+            .map_err(|e| self.api.error(REVIEW, &e))?;
+        self.judge(answer.status.unwrap_or_default())
     }
 
     /// The checks, in the order a misconfiguration is most usefully named.

@@ -3,20 +3,15 @@
 //! node sees for each way its token can be wrong.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::body::{Body, Frame};
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::*;
 use crate::discovery::ApiServer;
+use crate::discovery::fake_api::Fake;
 use crate::identity::{CaClient, CaClientConfig, Identity, IdentityError, new_csr};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -40,30 +35,23 @@ impl Known {
     }
 }
 
+/// What the fake API server knows of tokens, and the reviews it was asked for.
 #[derive(Default)]
-struct ApiState {
+struct TokenState {
     tokens: HashMap<String, Known>,
-    pods: Vec<Value>,
-    fail_pod_list: bool,
     /// Every TokenReview received: the token and the audiences asked for.
     reviews: Vec<(String, Vec<String>)>,
-    authorization: Vec<Option<String>>,
-    watchers: Vec<mpsc::UnboundedSender<Bytes>>,
-    rv: u64,
 }
 
-#[derive(Clone, Default)]
-struct FakeApi(Arc<Mutex<ApiState>>);
-
-struct ChanBody(mpsc::UnboundedReceiver<Bytes>);
-
-impl Body for ChanBody {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
-    }
+/// Discovery's fake API server (pods list/watch, every request recorded) with a TokenReview
+/// endpoint answering as a real API server does.
+#[derive(Clone)]
+struct FakeApi {
+    api: Fake,
+    reviews: Arc<Mutex<TokenState>>,
 }
+
+const PODS: &str = "/api/v1/pods";
 
 fn pod(name: &str, node: &str, account: &str) -> Value {
     json!({
@@ -75,17 +63,21 @@ fn pod(name: &str, node: &str, account: &str) -> Value {
 
 impl FakeApi {
     fn new() -> FakeApi {
-        let fake = FakeApi::default();
-        {
-            let mut st = fake.state();
-            st.pods = vec![pod("bff-0", "node-a", "bff"), pod("rank-0", "node-b", "rank")];
-            st.tokens.insert("tok-a".into(), Known::node_proxy("node-a"));
-        }
+        let fake = FakeApi { api: Fake::serving(&[PODS]), reviews: Arc::default() };
+        fake.api.state().accepted_tokens = Some(vec![CA_CREDENTIAL.into()]);
+        fake.api.apply_at(PODS, "ADDED", pod("bff-0", "node-a", "bff"));
+        fake.api.apply_at(PODS, "ADDED", pod("rank-0", "node-b", "rank"));
+        fake.state().tokens.insert("tok-a".into(), Known::node_proxy("node-a"));
+        let answer = fake.clone();
+        fake.api.on_post(
+            "/apis/authentication.k8s.io/v1/tokenreviews",
+            Arc::new(move |request: &Value| (201, answer.review(request))),
+        );
         fake
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, ApiState> {
-        self.0.lock().unwrap()
+    fn state(&self) -> std::sync::MutexGuard<'_, TokenState> {
+        self.reviews.lock().unwrap()
     }
 
     fn reviews(&self) -> usize {
@@ -93,13 +85,15 @@ impl FakeApi {
     }
 
     fn add_pod(&self, pod: Value) {
-        let mut st = self.state();
-        st.rv += 1;
-        let mut pod = pod;
-        pod["metadata"]["resourceVersion"] = json!(st.rv.to_string());
-        st.pods.push(pod.clone());
-        let line = Bytes::from(format!("{}\n", json!({"type": "ADDED", "object": pod})));
-        st.watchers.retain(|w| w.send(line.clone()).is_ok());
+        self.api.apply_at(PODS, "ADDED", pod);
+    }
+
+    fn fail_pod_list(&self, fail: bool) {
+        let mut st = self.api.state();
+        st.fail_list.retain(|p| p != PODS);
+        if fail {
+            st.fail_list.push(PODS.into());
+        }
     }
 
     fn review(&self, request: &Value) -> Value {
@@ -137,49 +131,8 @@ impl FakeApi {
         json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "metadata": {}, "spec": request["spec"], "status": status})
     }
 
-    async fn handle(&self, req: http::Request<hyper::body::Incoming>) -> http::Response<BoxBody<Bytes, Infallible>> {
-        let full = |status: u16, body: Value| {
-            http::Response::builder()
-                .status(status)
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(body.to_string())).boxed())
-                .unwrap()
-        };
-        let authorization = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
-        self.state().authorization.push(authorization.clone());
-        if authorization.as_deref() != Some(&format!("Bearer {CA_CREDENTIAL}")) {
-            return full(401, json!({"kind": "Status", "code": 401, "message": "Unauthorized"}));
-        }
-        let (parts, body) = req.into_parts();
-        let query = parts.uri.query().unwrap_or("");
-        match (parts.method.as_str(), parts.uri.path()) {
-            ("POST", "/apis/authentication.k8s.io/v1/tokenreviews") => {
-                let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                let request: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                full(201, self.review(&request))
-            }
-            ("GET", "/api/v1/pods") if query.contains("watch=1") => {
-                let (tx, rx) = mpsc::unbounded_channel();
-                self.state().watchers.push(tx);
-                http::Response::builder().header("content-type", "application/json").body(ChanBody(rx).boxed()).unwrap()
-            }
-            ("GET", "/api/v1/pods") => {
-                let st = self.state();
-                if st.fail_pod_list {
-                    return full(500, json!({"kind": "Status", "code": 500, "message": "etcd is sad"}));
-                }
-                full(200, json!({"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": st.rv.to_string()}, "items": st.pods}))
-            }
-            _ => full(404, json!({"kind": "Status", "code": 404})),
-        }
-    }
-
     async fn serve(self) -> std::net::SocketAddr {
-        crate::test_http::serve(None, move |req| {
-            let fake = self.clone();
-            async move { fake.handle(req).await }
-        })
-        .await
+        self.api.serve(None).await
     }
 }
 
@@ -191,7 +144,8 @@ struct Setup {
 impl Setup {
     fn new() -> Setup {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("ca-credential"), format!("{CA_CREDENTIAL}\n")).expect("credential");
+        // As kubelet writes it: no line break.
+        std::fs::write(dir.path().join("ca-credential"), CA_CREDENTIAL).expect("credential");
         Setup { dir }
     }
 
@@ -214,7 +168,7 @@ impl Setup {
             debounce: Duration::from_millis(10),
             backoff_initial: Duration::from_millis(10),
             backoff_max: Duration::from_millis(100),
-            watch_timeout: Duration::from_secs(60),
+            ..crate::discovery::Options::default()
         };
         opts
     }
@@ -303,7 +257,10 @@ async fn token_review_issues_for_the_token_nodes_pods_only() {
     {
         let st = fake.state();
         assert!(st.reviews.iter().all(|(t, a)| t == "tok-a" && a == &["mesh-ca".to_string()]), "{:?}", st.reviews);
-        assert!(st.authorization.iter().all(|a| a.as_deref() == Some("Bearer ca-credential")), "{:?}", st.authorization);
+        let authorization = fake.api.authorizations();
+        assert!(authorization.iter().all(|a| a.as_deref() == Some("Bearer ca-credential")), "{authorization:?}");
+        // Pods and reviews went through one client: one token, one place it came from.
+        assert!(authorization.len() > st.reviews.len(), "pod list and watch requests too");
     }
 
     // A pod scheduled later (watch event) is allowed once the CA sees it.
@@ -449,7 +406,7 @@ async fn token_review_cache_never_outlives_the_token() {
 async fn unavailable_until_pods_are_listed_and_while_the_api_server_is_down() {
     logs();
     let fake = FakeApi::new();
-    fake.state().fail_pod_list = true;
+    fake.fail_pod_list(true);
     let api = fake.clone().serve().await;
     let setup = Setup::new();
     let ca = start(setup.options(api, ReviewOptions::default())).await;
@@ -457,7 +414,7 @@ async fn unavailable_until_pods_are_listed_and_while_the_api_server_is_down() {
     let (code, message) = refusal(request(&node_a, "bff").await);
     assert_eq!(code, tonic::Code::Unavailable, "{message}");
     assert_eq!(message, "the CA has not listed the cluster's pods yet; retry");
-    fake.state().fail_pod_list = false;
+    fake.fail_pod_list(false);
     eventually(&node_a, "bff").await.expect("issued once the pods are listed");
 
     // No API server at all: the review cannot be made, which the node retries.
@@ -469,7 +426,9 @@ async fn unavailable_until_pods_are_listed_and_while_the_api_server_is_down() {
     let node_a = setup.client(ca.addr, "node-a", &setup.token("node-a.token", "tok-a"));
     let (code, message) = refusal(request(&node_a, "bff").await);
     assert_eq!(code, tonic::Code::Unavailable, "{message}");
-    assert!(message.starts_with(&format!("TokenReview failed: connecting to the API server http://{dead_addr}")), "{message}");
+    let prefix = format!("TokenReview failed: POST /apis/authentication.k8s.io/v1/tokenreviews on http://{dead_addr}: ");
+    assert!(message.starts_with(&prefix), "{message}");
+    assert!(message.contains("Connection refused"), "{message}");
 }
 
 fn base64url(bytes: &[u8]) -> String {

@@ -1,25 +1,29 @@
 //! Kubernetes API discovery: builds the same [`Cluster`] model file mode
 //! builds, from list + watch on the API server instead of a directory.
 //!
-//! One reflector per kind (`reflector`) keeps a store of objects (`store`);
-//! after any change (debounced) the stores are rendered into one document per
-//! object and built with file mode's decoding and checks, object by object
-//! ([`PerObjectBuilder`]): an invalid object is logged at warn and held back
-//! (at its last good version when there was one), everything else is applied.
-//! Ready means every kind has been listed once and a model has been published.
+//! The API is spoken by kube-rs: `api` turns the flags (in-cluster, `--api-server`,
+//! kubeconfig) into a [`kube::Config`] and one shared [`kube::Client`]; `watcher` runs one
+//! kube-runtime watcher per kind (`kinds`: pagination, bookmarks, 410 relists, backoff,
+//! token file reloads are kube-rs's), adding the fallback through a kind's API versions and
+//! "not served" as empty. Each kind's objects are kept in a store (`store`); after any change
+//! (debounced) the stores are rendered into one document per object and built with file
+//! mode's decoding and checks, object by object ([`PerObjectBuilder`]): an invalid object is
+//! logged at warn and held back (at its last good version when there was one), everything
+//! else is applied. Ready means every kind has been listed once and a model has been
+//! published.
 //!
-//! `pods` is the CA's smaller view: which service accounts run on which node,
-//! from Pods alone.
-//!
-//! The protocol is spoken directly over hyper (`client`) rather than through
-//! kube-rs: it needs only GET and POST, and the crates already in the tree
-//! suffice.
+//! `pods` is the CA's smaller view: which service accounts run on which node, from Pods
+//! alone, in a kube-runtime reflector of typed Pods.
 
-mod client;
+mod api;
+mod cli;
+mod kinds;
 mod pods;
-mod reflector;
 mod store;
+mod watcher;
 
+#[cfg(test)]
+pub(crate) mod fake_api;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -33,7 +37,8 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-pub use client::{ApiError, ApiServer, SERVICE_ACCOUNT_DIR};
+pub use api::{ApiError, ApiServer, SERVICE_ACCOUNT_DIR, TOKEN_FILE_RELOAD};
+pub use cli::ApiArgs;
 pub use pods::{NodeAccounts, PodIndex, spawn_pod_index};
 
 use crate::config::{Cluster, PerObjectBuilder, RejectedObject};
@@ -47,8 +52,10 @@ pub struct Options {
     /// First retry delay after a failed list or watch; doubles up to `backoff_max`.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
-    /// `timeoutSeconds` asked of the server for each watch.
+    /// `timeoutSeconds` asked of the server for each list and watch.
     pub watch_timeout: Duration,
+    /// Objects per list page (`limit`; the server hands a `continue` token for the rest).
+    pub page_size: u32,
 }
 
 impl Default for Options {
@@ -58,6 +65,8 @@ impl Default for Options {
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             watch_timeout: Duration::from_secs(290),
+            // client-go's page size.
+            page_size: 500,
         }
     }
 }
@@ -134,7 +143,7 @@ impl Discovery {
     }
 }
 
-/// Starts one reflector per kind and the model builder. Everything stops
+/// Starts one watcher per kind and the model builder. Everything stops
 /// when every receiver of `Discovery::config` is dropped. Must be called
 /// inside a Tokio runtime.
 pub fn spawn(api: ApiServer, opts: Options) -> Discovery {
@@ -143,17 +152,16 @@ pub fn spawn(api: ApiServer, opts: Options) -> Discovery {
     let (held_back_tx, held_back_rx) = watch::channel(Arc::new(Vec::new()));
     let (ready_tx, ready_rx) = watch::channel(false);
     let rejections = Arc::new(AtomicU64::new(0));
-    let api = Arc::new(api);
     let shared = Arc::new(Shared::default());
-    let mut reflectors = JoinSet::new();
-    for res in reflector::RESOURCES {
-        reflectors.spawn(reflector::run(api.clone(), *res, shared.clone(), opts.clone()));
+    let mut watchers = JoinSet::new();
+    for kind in kinds::KINDS {
+        watchers.spawn(watcher::run(api.clone(), *kind, shared.clone(), opts.clone()));
     }
-    let kinds: Vec<&'static str> = reflector::RESOURCES.iter().map(|r| r.plural).collect();
+    let kinds: Vec<&'static str> = kinds::KINDS.iter().map(|k| k.plural).collect();
     let counter = rejections.clone();
     tokio::spawn(async move {
-        // Owned here so the reflectors are aborted when this task ends.
-        let _reflectors = reflectors;
+        // Owned here so the watchers are aborted when this task ends.
+        let _watchers = watchers;
         let mut seen: Option<u64> = None;
         let mut builder = PerObjectBuilder::new();
         let mut reported = Reported::default();

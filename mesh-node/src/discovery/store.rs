@@ -88,7 +88,7 @@ impl Shared {
         self.changed.notify_one();
     }
 
-    pub(crate) fn delete(&self, _kind: &'static str, plural: &'static str, object: &Value) {
+    pub(crate) fn delete(&self, plural: &'static str, object: &Value) {
         let Some(k) = key(object) else { return };
         let mut state = self.lock();
         if let Some(store) = state.objects.get_mut(plural) {
@@ -96,17 +96,6 @@ impl Shared {
         }
         drop(state);
         self.changed.notify_one();
-    }
-
-    /// Runs `f` over one kind's objects (`namespace/name` -> object); `None`
-    /// until that kind has been listed once.
-    pub(crate) fn read<R>(&self, plural: &'static str, f: impl FnOnce(&BTreeMap<String, Value>) -> R) -> Option<R> {
-        let state = self.lock();
-        if !state.synced.contains(plural) {
-            return None;
-        }
-        let empty = BTreeMap::new();
-        Some(f(state.objects.get(plural).unwrap_or(&empty)))
     }
 
     /// The documents, one per object as `(plural/namespace/name, JSON)`, in a

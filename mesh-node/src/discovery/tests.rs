@@ -1,18 +1,12 @@
-//! Discovery against an in-process fake API server speaking list/watch.
+//! Discovery against the in-process fake API server (`fake_api`), driven as kube-runtime's
+//! watcher drives a real one.
 
-use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::body::{Body, Frame};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
+use super::fake_api::Fake;
+use super::kinds::KINDS;
 use super::*;
 use crate::config::labels_match;
 
@@ -25,192 +19,6 @@ const SAMPLE: &[(&str, &str)] = &[
     ("peer-authentication.yaml", include_str!("../../../deploy/examples/lemo-dev/peer-authentication.yaml")),
     ("virtual-services.yaml", include_str!("../../../deploy/examples/lemo-dev/virtual-services.yaml")),
 ];
-
-// ------------------------------------------------------------ fake server
-
-struct ChanBody(mpsc::UnboundedReceiver<Bytes>);
-
-impl Body for ChanBody {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
-    }
-}
-
-#[derive(Default)]
-pub(super) struct FakeState {
-    rv: u64,
-    /// path -> key -> object (as the server stores it, with apiVersion/kind).
-    pub(super) objects: HashMap<String, BTreeMap<String, Value>>,
-    watchers: HashMap<String, Vec<mpsc::UnboundedSender<Bytes>>>,
-    /// Every request's path and query, in order.
-    pub(super) requests: Vec<String>,
-    /// Paths whose next watch answers an ERROR 410 event (or HTTP 410).
-    gone_event: Vec<String>,
-    gone_http: Vec<String>,
-    /// Paths whose lists answer 500.
-    fail_list: Vec<String>,
-    /// When set, requests without `Authorization: Bearer <this>` get 401.
-    pub(super) required_token: Option<String>,
-    /// The Authorization header of every request, in order.
-    pub(super) authorization: Vec<Option<String>>,
-}
-
-#[derive(Clone, Default)]
-pub(super) struct Fake(Arc<Mutex<FakeState>>);
-
-fn object_key(object: &Value) -> String {
-    let ns = object.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("");
-    let name = object.pointer("/metadata/name").and_then(Value::as_str).unwrap();
-    format!("{ns}/{name}")
-}
-
-impl Fake {
-    pub(super) fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
-        self.0.lock().unwrap()
-    }
-
-    /// Serves every kind (no objects yet) at `versions`' first entry, except
-    /// where `served` overrides the version for a kind.
-    pub(super) fn new(served: &[(&str, &str)]) -> Fake {
-        let fake = Fake::default();
-        let mut st = fake.state();
-        for res in reflector::RESOURCES {
-            let version = served.iter().find(|(k, _)| *k == res.kind).map_or(res.versions[0], |(_, v)| *v);
-            st.objects.insert(res.path(version), BTreeMap::new());
-        }
-        drop(st);
-        fake
-    }
-
-    fn path_of(&self, object: &Value) -> String {
-        let kind = object["kind"].as_str().unwrap();
-        let st = self.state();
-        let res = reflector::RESOURCES.iter().find(|r| r.kind == kind).unwrap();
-        res.versions.iter().map(|v| res.path(v)).find(|p| st.objects.contains_key(p)).unwrap()
-    }
-
-    /// Stores `object` (new rv) and tells the watchers.
-    pub(super) fn apply(&self, event: &str, mut object: Value) {
-        let path = self.path_of(&object);
-        let mut st = self.state();
-        st.rv += 1;
-        let rv = st.rv.to_string();
-        object["metadata"]["resourceVersion"] = json!(rv);
-        let key = object_key(&object);
-        let store = st.objects.get_mut(&path).unwrap();
-        if event == "DELETED" {
-            store.remove(&key);
-        } else {
-            store.insert(key, object.clone());
-        }
-        let line = format!("{}\n", json!({"type": event, "object": object}));
-        if let Some(ws) = st.watchers.get_mut(&path) {
-            ws.retain(|w| w.send(Bytes::from(line.clone())).is_ok());
-        }
-    }
-
-    fn bookmark(&self, kind: &str, rv: u64) {
-        let res = reflector::RESOURCES.iter().find(|r| r.kind == kind).unwrap();
-        let path = res.path(res.versions[0]);
-        let mut st = self.state();
-        st.rv = st.rv.max(rv);
-        let line = format!(
-            "{}\n",
-            json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": res.versions[0], "metadata": {"resourceVersion": rv.to_string()}}})
-        );
-        for w in st.watchers.get_mut(&path).into_iter().flatten() {
-            let _ = w.send(Bytes::from(line.clone()));
-        }
-    }
-
-    /// Ends every open watch stream on `path`.
-    pub(super) fn close_watches(&self, path: &str) {
-        self.state().watchers.remove(path);
-    }
-
-    pub(super) fn watcher_count(&self, path: &str) -> usize {
-        self.state().watchers.get(path).map_or(0, |w| w.iter().filter(|s| !s.is_closed()).count())
-    }
-
-    pub(super) fn requests(&self, prefix: &str) -> Vec<String> {
-        self.state().requests.iter().filter(|r| r.starts_with(prefix)).cloned().collect()
-    }
-
-    fn handle(&self, req: &http::Request<hyper::body::Incoming>) -> http::Response<BoxBody<Bytes, Infallible>> {
-        let path = req.uri().path().to_string();
-        let query = req.uri().query().unwrap_or("").to_string();
-        let params: HashMap<&str, &str> = query.split('&').filter_map(|kv| kv.split_once('=')).collect();
-        let mut st = self.state();
-        st.requests.push(format!("{path}?{query}"));
-        let full = |status: u16, body: Value| {
-            http::Response::builder()
-                .status(status)
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(body.to_string())).boxed())
-                .unwrap()
-        };
-        let authorization = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
-        st.authorization.push(authorization.clone());
-        if let Some(token) = &st.required_token
-            && authorization.as_deref() != Some(format!("Bearer {token}").as_str())
-        {
-            return full(401, json!({"kind": "Status", "code": 401, "reason": "Unauthorized", "message": "Unauthorized"}));
-        }
-        if !st.objects.contains_key(&path) {
-            return full(404, json!({"kind": "Status", "code": 404, "reason": "NotFound"}));
-        }
-        if params.get("watch") == Some(&"1") {
-            if let Some(i) = st.gone_http.iter().position(|p| *p == path) {
-                st.gone_http.remove(i);
-                return full(410, json!({"kind": "Status", "code": 410, "reason": "Expired"}));
-            }
-            let (tx, rx) = mpsc::unbounded_channel();
-            if let Some(i) = st.gone_event.iter().position(|p| *p == path) {
-                st.gone_event.remove(i);
-                let line = json!({"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old resource version"}});
-                let _ = tx.send(Bytes::from(format!("{line}\n")));
-                // Keep the stream open: the client must act on the event alone.
-                st.watchers.entry(format!("{path}#gone")).or_default().push(tx);
-            } else {
-                st.watchers.entry(path).or_default().push(tx);
-            }
-            return http::Response::builder()
-                .header("content-type", "application/json")
-                .body(ChanBody(rx).boxed())
-                .unwrap();
-        }
-        if st.fail_list.contains(&path) {
-            return full(500, json!({"kind": "Status", "code": 500, "message": "boom"}));
-        }
-        let objects = st.objects.get(&path).unwrap();
-        let items: Vec<Value> = objects
-            .values()
-            .map(|o| {
-                // Real list items carry no apiVersion/kind.
-                let mut o = o.clone();
-                let m = o.as_object_mut().unwrap();
-                m.remove("apiVersion");
-                m.remove("kind");
-                o
-            })
-            .collect();
-        full(200, json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}))
-    }
-
-    /// Serves HTTPS with `tls` (a certificate for 127.0.0.1) on loopback.
-    pub(super) async fn serve_tls(self, tls: Arc<rustls::ServerConfig>) -> std::net::SocketAddr {
-        crate::test_http::serve(Some(tls), move |req| std::future::ready(self.handle(&req))).await
-    }
-
-    async fn serve(self) -> std::net::SocketAddr {
-        crate::test_http::serve(None, move |req| std::future::ready(self.handle(&req))).await
-    }
-}
 
 // ------------------------------------------------------------ helpers
 
@@ -256,15 +64,24 @@ pub(super) fn summary(c: &Cluster) -> String {
     s
 }
 
-async fn start(fake: &Fake) -> Discovery {
-    let addr = fake.clone().serve().await;
-    let api = ApiServer::new(&format!("http://{addr}"), None, None).unwrap();
-    let opts = Options {
+/// Tunables for tests: short debounce and backoff.
+pub(super) fn fast() -> Options {
+    Options {
         debounce: Duration::from_millis(20),
         backoff_initial: Duration::from_millis(10),
         backoff_max: Duration::from_millis(100),
         watch_timeout: Duration::from_secs(60),
-    };
+        page_size: 500,
+    }
+}
+
+async fn start(fake: &Fake) -> Discovery {
+    start_with(fake, fast()).await
+}
+
+async fn start_with(fake: &Fake, opts: Options) -> Discovery {
+    let addr = fake.clone().serve(None).await;
+    let api = ApiServer::new(&format!("http://{addr}"), None, None).unwrap();
     let mut d = spawn(api, opts);
     tokio::time::timeout(WAIT, d.wait_ready()).await.expect("ready in time");
     d
@@ -326,8 +143,8 @@ async fn initial_list_builds_the_file_mode_model() {
     assert_eq!(got.virtual_services().count(), want.virtual_services().count());
     assert_eq!(got.authorization_policies().count(), want.authorization_policies().count());
     // The fallback really happened.
-    assert!(!fake.requests("/apis/networking.istio.io/v1/virtualservices").is_empty());
-    assert!(!fake.requests("/apis/networking.istio.io/v1beta1/virtualservices?watch=1").is_empty());
+    assert!(!fake.lists("/apis/networking.istio.io/v1/virtualservices").is_empty());
+    assert!(!fake.watches("/apis/networking.istio.io/v1beta1/virtualservices").is_empty());
 }
 
 #[tokio::test]
@@ -335,12 +152,12 @@ async fn not_ready_until_every_kind_is_listed() {
     // Services' list fails (500): nothing is published and the node is not ready.
     let fake = loaded_fake(&[]);
     fake.state().fail_list.push("/api/v1/services".into());
-    let addr = fake.clone().serve().await;
+    let addr = fake.clone().serve(None).await;
     let api = ApiServer::new(&format!("http://{addr}"), None, None).unwrap();
-    let opts = Options { debounce: Duration::from_millis(10), backoff_initial: Duration::from_millis(10), backoff_max: Duration::from_millis(50), ..Options::default() };
-    let mut d = spawn(api, opts);
+    let mut d = spawn(api, Options { backoff_max: Duration::from_millis(50), ..fast() });
     until_true("the other kinds are watched", || fake.watcher_count("/api/v1/pods") > 0).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The failing list is retried (after a backoff) and never makes the node ready.
+    until_true("the Service list retried", || fake.lists("/api/v1/services").len() >= 3).await;
     assert!(!d.is_ready());
     assert_eq!(d.config.borrow().pods().count(), 0);
     // The retried list succeeds: ready, with the full model.
@@ -358,13 +175,14 @@ async fn kinds_not_served_count_as_empty() {
             fake.apply("ADDED", o);
         }
     }
-    for res in reflector::RESOURCES.iter().filter(|r| r.versions[0].contains('/')) {
-        fake.state().objects.remove(&res.path(res.versions[0]));
+    for kind in KINDS.iter().filter(|k| k.versions[0].contains("istio")) {
+        fake.state().objects.remove(&kind.path(kind.versions[0]));
     }
     let d = start(&fake).await;
     assert!(d.config.borrow().pods().count() > 0);
     assert_eq!(d.config.borrow().destination_rules().count(), 0);
-    assert!(!fake.requests("/apis/networking.istio.io/v1alpha3/destinationrules").is_empty());
+    // Every version was tried.
+    assert!(!fake.lists("/apis/networking.istio.io/v1alpha3/destinationrules").is_empty());
 }
 
 #[tokio::test]
@@ -463,78 +281,122 @@ async fn subset_membership_follows_labels() {
 }
 
 #[tokio::test]
-async fn closed_watch_rewatches_from_last_resource_version_and_bookmarks_advance_it() {
+async fn closed_watch_resumes_from_the_last_event_and_bookmarks_keep_it_inside_the_watch_window() {
     let fake = loaded_fake(&[]);
     let mut d = start(&fake).await;
     until_true("node watch", || fake.watcher_count("/api/v1/nodes") > 0).await;
-    let lists_before = fake.requests("/api/v1/nodes?limit").len();
+    let lists_before = fake.lists("/api/v1/nodes").len();
+    let watch = fake.watches("/api/v1/nodes").pop().expect("a node watch");
+    assert_eq!(watch.param("allowWatchBookmarks"), Some("true"), "{watch:?}");
+    assert_eq!(watch.param("timeoutSeconds"), Some("60"), "{watch:?}");
 
-    // An event advances the rv to the object's.
+    // An event advances the client's resourceVersion to the object's.
     let c = d.config.borrow().clone();
     let node = c.nodes().next().unwrap().name.clone();
     let mut nj = fake.state().objects["/api/v1/nodes"][&format!("/{node}")].clone();
-    nj["metadata"]["labels"] = json!({"changed": "yes"});
+    nj["status"]["addresses"] = json!([{"type": "InternalIP", "address": "172.18.0.99"}]);
     fake.apply("MODIFIED", nj);
-    let event_rv = fake.state().rv;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let event_rv = fake.state().rv.to_string();
+    until(&mut d, "the node change", |c| c.nodes().any(|n| n.ip.to_string() == "172.18.0.99")).await;
     fake.close_watches("/api/v1/nodes");
-    until_true("re-watch from the event's rv", || {
-        fake.requests("/api/v1/nodes?watch=1").iter().any(|r| r.contains(&format!("resourceVersion={event_rv}&")))
+    until_true("re-watch from the event's resourceVersion", || {
+        fake.watches("/api/v1/nodes").iter().any(|w| w.param("resourceVersion") == Some(event_rv.as_str()))
     })
     .await;
     until_true("node watch again", || fake.watcher_count("/api/v1/nodes") > 0).await;
 
-    // A bookmark advances it without an object change.
-    fake.bookmark("Node", 9999);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Other kinds move on; the server then compacts its history. Without the bookmark the
+    // node watch would resume from a resourceVersion outside the window (410, relist).
+    let mut ns = fake.state().objects["/api/v1/namespaces"].values().next().cloned().unwrap();
+    ns["metadata"]["labels"]["moved"] = json!("on");
+    fake.apply("MODIFIED", ns);
+    let bookmark_rv = fake.bookmark("/api/v1/nodes", "Node", "v1").to_string();
+    fake.compact();
+    // The stream delivers what was sent before it ends: the bookmark, then the close.
     fake.close_watches("/api/v1/nodes");
-    until_true("re-watch from the bookmark", || {
-        fake.requests("/api/v1/nodes?watch=1").iter().any(|r| r.contains("resourceVersion=9999&"))
+    until_true("re-watch from the bookmark's resourceVersion", || {
+        fake.watches("/api/v1/nodes").iter().any(|w| w.param("resourceVersion") == Some(bookmark_rv.as_str()))
     })
     .await;
-    // No relist for a plain close or a bookmark.
-    assert_eq!(fake.requests("/api/v1/nodes?limit").len(), lists_before);
-    let _ = &mut d;
+    until_true("node watch again", || fake.watcher_count("/api/v1/nodes") > 0).await;
+    // No relist for a plain close, nor after a bookmark.
+    assert_eq!(fake.lists("/api/v1/nodes").len(), lists_before);
 }
 
 #[tokio::test]
-async fn gone_relists_both_as_event_and_as_http_status() {
+async fn a_watch_outside_the_window_gets_410_and_relists() {
     let fake = loaded_fake(&[]);
     let mut d = start(&fake).await;
     until_true("pod watch", || fake.watcher_count("/api/v1/pods") > 0).await;
-    let lists = || fake.requests("/api/v1/pods?limit").len();
-    let before = lists();
+    let before = fake.lists("/api/v1/pods").len();
 
-    // A pod removed server-side without an event reaching the client (the
-    // watch history was compacted away): the next watch answers ERROR 410.
+    // A pod removed while the client was away, its event compacted away: the resumed watch
+    // is answered with an ERROR event carrying a 410 Status; the client must list again.
     let c = d.config.borrow().clone();
     let gone = a_pod(&c);
-    let j = pod_json(&fake, &gone.namespace, &gone.name);
-    {
-        let mut st = fake.state();
-        st.gone_event.push("/api/v1/pods".into());
-        st.objects.get_mut("/api/v1/pods").unwrap().remove(&format!("{}/{}", gone.namespace, gone.name));
-        st.rv += 1;
-        st.watchers.remove("/api/v1/pods");
-    }
-    // ERROR 410 event -> relist -> the pod is gone from the model.
-    until_true("relist after 410 event", || lists() > before).await;
+    let key = format!("{}/{}", gone.namespace, gone.name);
+    fake.change_unseen("/api/v1/pods", |pods| {
+        pods.remove(&key);
+    });
+    fake.close_watches("/api/v1/pods");
+    until_true("relist after the 410 event", || fake.lists("/api/v1/pods").len() > before).await;
     let name = gone.name.clone();
     until(&mut d, "deleted pod gone after relist", move |c| pod(c, &name).is_none()).await;
+    // The relist was a fresh one (no continue token), and the watch resumes from its rv.
+    let relist = fake.lists("/api/v1/pods").pop().expect("relist");
+    assert_eq!(relist.param("continue"), None);
+    let rv = fake.state().rv.to_string();
+    until_true("watch from the relist's resourceVersion", || {
+        fake.watches("/api/v1/pods").iter().any(|w| w.param("resourceVersion") == Some(rv.as_str()))
+    })
+    .await;
+}
 
-    // HTTP 410 on the watch request -> relist again; the pod comes back.
+#[tokio::test]
+async fn lists_are_paginated_and_an_expired_continue_token_lists_again_from_the_start() {
+    let fake = loaded_fake(&[]);
+    let pods = fake.state().objects["/api/v1/pods"].len();
+    assert!(pods >= 3, "the sample has several pods");
+    // The first page's continue token has expired by the time the client asks for page 2.
+    fake.state().expire_continue.push("/api/v1/pods".into());
+    let d = start_with(&fake, Options { page_size: 2, ..fast() }).await;
+    assert_eq!(summary(&d.config.borrow()), summary(&file_mode()));
+
+    let lists = fake.lists("/api/v1/pods");
+    assert!(lists.iter().all(|l| l.param("limit") == Some("2")), "{lists:?}");
+    // Page 1, page 2 refused (410), then a fresh list from page 1 through to the last page.
+    let pages = pods.div_ceil(2);
+    assert_eq!(lists.len(), 2 + pages, "{lists:?}");
+    assert_eq!(lists[0].param("continue"), None);
+    assert!(lists[1].param("continue").is_some());
+    assert_eq!(lists[2].param("continue"), None, "listed again from the start");
+    assert!(lists[3..].iter().all(|l| l.param("continue").is_some()));
+    // The watch starts from the list's resourceVersion.
+    let rv = fake.state().rv.to_string();
     until_true("pod watch", || fake.watcher_count("/api/v1/pods") > 0).await;
-    let before = lists();
-    fake.state().gone_http.push("/api/v1/pods".into());
-    {
-        let mut st = fake.state();
-        st.rv += 1;
-        st.objects.get_mut("/api/v1/pods").unwrap().insert(format!("{}/{}", gone.namespace, gone.name), j);
-    }
-    fake.close_watches("/api/v1/pods");
-    until_true("relist after HTTP 410", || lists() > before).await;
-    let name = gone.name.clone();
-    until(&mut d, "pod back after relist", move |c| pod(c, &name).is_some()).await;
+    assert_eq!(fake.watches("/api/v1/pods")[0].param("resourceVersion"), Some(rv.as_str()));
+}
+
+#[tokio::test]
+async fn failures_are_retried_with_backoff() {
+    // Services' list fails: retried with growing delays (10 ms doubling, capped at 80 ms, each
+    // plus up to as much jitter).
+    let fake = loaded_fake(&[]);
+    fake.state().fail_list.push("/api/v1/services".into());
+    let addr = fake.clone().serve(None).await;
+    let api = ApiServer::new(&format!("http://{addr}"), None, None).unwrap();
+    let opts = Options { backoff_initial: Duration::from_millis(10), backoff_max: Duration::from_millis(80), ..fast() };
+    let mut d = spawn(api, opts);
+    until_true("six tries", || fake.lists("/api/v1/services").len() >= 6).await;
+    let tries: Vec<_> = fake.lists("/api/v1/services").iter().map(|s| s.at).take(6).collect();
+    let gaps: Vec<Duration> = tries.windows(2).map(|w| w[1] - w[0]).collect();
+    // Without backoff the gaps would be a few ms; with it 10, 20, 40, 80, 80 ms at least.
+    let least = [10, 20, 40, 80, 80].map(Duration::from_millis);
+    assert!(gaps.iter().zip(least).all(|(g, l)| *g >= l), "{gaps:?}");
+    assert!(gaps[0] < Duration::from_millis(80), "starts small: {gaps:?}");
+    assert!(!d.is_ready());
+    fake.state().fail_list.clear();
+    tokio::time::timeout(WAIT, d.wait_ready()).await.expect("ready once the list succeeds");
 }
 
 #[tokio::test]
@@ -619,7 +481,7 @@ fn install_rbac_grants_exactly_what_discovery_reads() {
             }
         }
     }
-    let read: BTreeSet<(String, String)> = reflector::RESOURCES
+    let read: BTreeSet<(String, String)> = KINDS
         .iter()
         .map(|r| {
             let group = r.versions[0].rsplit_once('/').map_or("", |(g, _)| g);

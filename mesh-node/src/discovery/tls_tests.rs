@@ -1,16 +1,18 @@
-//! The in-cluster path: HTTPS to the API server verified with the cluster CA
-//! (`ca.crt`), and the ServiceAccount token as bearer, re-read per request.
-//! Against the fake API server of `tests`, over TLS with rcgen-made certificates.
+//! The in-cluster and kubeconfig paths: HTTPS to the API server verified with the cluster CA,
+//! the ServiceAccount token (or the kubeconfig's credentials) as bearer, a rotated token file
+//! picked up. Against the fake API server (`fake_api`), over TLS with rcgen-made certificates.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Namespace;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::json;
 
-use super::tests::{Fake, WAIT, file_mode, loaded_fake, summary, until, until_true};
+use super::fake_api::Fake;
+use super::tests::{WAIT, fast, file_mode, loaded_fake, summary, until};
 use super::*;
 
 /// A cluster CA and an API server certificate it issued for `sans`.
@@ -43,7 +45,8 @@ impl Pki {
     }
 }
 
-/// A ServiceAccount directory as kubelet mounts it.
+/// A ServiceAccount directory as kubelet mounts it (kubelet writes the token without a
+/// line break).
 fn sa_dir(token: &str, ca_pem: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("token"), token).expect("token");
@@ -51,41 +54,60 @@ fn sa_dir(token: &str, ca_pem: &str) -> tempfile::TempDir {
     dir
 }
 
-fn fast() -> Options {
-    Options {
-        debounce: Duration::from_millis(20),
-        backoff_initial: Duration::from_millis(10),
-        backoff_max: Duration::from_millis(100),
-        watch_timeout: Duration::from_secs(60),
-    }
-}
-
 fn in_cluster(addr: std::net::SocketAddr, dir: &Path) -> ApiServer {
     ApiServer::in_cluster_from(Some("127.0.0.1"), Some(&addr.port().to_string()), dir).expect("in-cluster API server")
 }
 
-#[tokio::test]
-async fn in_cluster_discovery_over_tls_sends_the_current_token() {
-    let pki = Pki::new(&["127.0.0.1", "kubernetes.default.svc"]);
-    let dir = sa_dir("token-1\n", &pki.ca_pem);
-    let fake = loaded_fake(&[]);
-    fake.state().required_token = Some("token-1".into());
-    let addr = fake.clone().serve_tls(pki.server.clone()).await;
+/// One list of Namespaces through `api`'s client, as discovery's watchers make them.
+async fn list_namespaces(api: &ApiServer) -> Result<(), ApiError> {
+    let namespaces: kube::Api<Namespace> = kube::Api::all(api.client()?);
+    namespaces.list(&Default::default()).await.map(drop).map_err(|e| api.error("list namespaces", &e))
+}
 
-    let mut d = spawn(in_cluster(addr, dir.path()), fast());
+fn bearer(token: &str) -> Option<String> {
+    Some(format!("Bearer {token}"))
+}
+
+/// kubelet rotates the projected token; kube-rs reads the token file again after
+/// [`TOKEN_FILE_RELOAD`] (about a minute, as client-go), so requests carry the new token from
+/// then on. The old token stays valid meanwhile (bound tokens are valid until they expire),
+/// which the fake models by accepting both until the new one has been seen.
+#[tokio::test]
+async fn in_cluster_discovery_over_tls_picks_up_a_rotated_token() {
+    let pki = Pki::new(&["127.0.0.1", "kubernetes.default.svc"]);
+    let dir = sa_dir("token-1", &pki.ca_pem);
+    let fake = loaded_fake(&[]);
+    fake.state().accepted_tokens = Some(vec!["token-1".into()]);
+    let addr = fake.clone().serve(Some(pki.server.clone())).await;
+
+    // Watches of 1 s: the watchers keep making requests, as real ones do every few minutes.
+    let client_made = Instant::now();
+    let mut d = spawn(in_cluster(addr, dir.path()), Options { watch_timeout: Duration::from_secs(1), ..fast() });
     tokio::time::timeout(WAIT, d.wait_ready()).await.expect("ready over TLS in time");
     assert_eq!(summary(&d.config.borrow()), summary(&file_mode()));
-    let seen = fake.state().authorization.clone();
+    let seen = fake.authorizations();
     assert!(!seen.is_empty());
-    assert!(seen.iter().all(|a| a.as_deref() == Some("Bearer token-1")), "{seen:?}");
+    assert!(seen.iter().all(|a| *a == bearer("token-1")), "{seen:?}");
 
-    // kubelet rotates the projected token; from now on the server accepts only the new one.
-    until_true("namespace watch", || fake.watcher_count("/api/v1/namespaces") > 0).await;
-    std::fs::write(dir.path().join("token"), "token-2\n").expect("rotate");
-    fake.state().required_token = Some("token-2".into());
-    fake.close_watches("/api/v1/namespaces");
-    // The fake does not replay missed events: change the object once the new watch is open.
-    until_true("namespace re-watch", || fake.watcher_count("/api/v1/namespaces") > 0).await;
+    std::fs::write(dir.path().join("token"), "token-2").expect("rotate");
+    fake.state().accepted_tokens = Some(vec!["token-1".into(), "token-2".into()]);
+    let deadline = TOKEN_FILE_RELOAD + Duration::from_secs(20);
+    let picked_up = tokio::time::timeout(deadline, async {
+        while !fake.authorizations().contains(&bearer("token-2")) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(picked_up.is_ok(), "the rotated token was not sent within {deadline:?}");
+    let after = client_made.elapsed();
+    assert!(after >= TOKEN_FILE_RELOAD, "re-read after {after:?}: earlier than kube-rs documents");
+    // From the first request with the new token on, only the new token.
+    let seen = fake.authorizations();
+    let first_new = seen.iter().position(|a| *a == bearer("token-2")).expect("seen");
+    assert!(seen[first_new..].iter().all(|a| *a == bearer("token-2")), "{:?}", &seen[first_new..]);
+
+    // The old token expires: discovery goes on with the new one.
+    fake.state().accepted_tokens = Some(vec!["token-2".into()]);
     let mut ns = fake.state().objects["/api/v1/namespaces"].values().next().cloned().expect("a namespace");
     ns["metadata"]["labels"]["rotated"] = json!("yes");
     let name = ns["metadata"]["name"].as_str().expect("name").to_string();
@@ -94,25 +116,24 @@ async fn in_cluster_discovery_over_tls_sends_the_current_token() {
         c.namespace(&name).is_some_and(|n| n.labels.contains_key("rotated"))
     })
     .await;
-    assert!(fake.state().authorization.iter().any(|a| a.as_deref() == Some("Bearer token-2")));
 }
 
 #[tokio::test]
 async fn in_cluster_refuses_a_server_the_cluster_ca_did_not_sign_or_name() {
     let pki = Pki::new(&["127.0.0.1"]);
     let fake = Fake::new(&[]);
-    let addr = fake.clone().serve_tls(pki.server.clone()).await;
+    let addr = fake.clone().serve(Some(pki.server.clone())).await;
 
     // ca.crt of another cluster.
     let stranger = Pki::new(&["127.0.0.1"]);
     let dir = sa_dir("token", &stranger.ca_pem);
-    let err = in_cluster(addr, dir.path()).get("/api/v1/namespaces").await.expect_err("untrusted server");
-    let msg = err.to_string();
-    assert!(msg.starts_with(&format!("TLS handshake with the API server https://127.0.0.1:{}", addr.port())), "{msg}");
+    let api = in_cluster(addr, dir.path());
+    let msg = list_namespaces(&api).await.expect_err("untrusted server").to_string();
+    assert!(msg.starts_with(&format!("list namespaces on https://127.0.0.1:{}: ", addr.port())), "{msg}");
     // rustls names the cause: BadSignature here (the stranger CA has the same subject, as every
     // cluster's "kubernetes" CA does), UnknownIssuer for a CA of another name.
     assert!(msg.contains("invalid peer certificate: BadSignature"), "{msg}");
-    let mut d = spawn(in_cluster(addr, dir.path()), fast());
+    let mut d = spawn(api, fast());
     assert!(tokio::time::timeout(Duration::from_millis(300), d.wait_ready()).await.is_err());
 
     // The right CA, but a name the certificate does not carry.
@@ -123,30 +144,24 @@ async fn in_cluster_refuses_a_server_the_cluster_ca_did_not_sign_or_name() {
         Some(&dir.path().join("ca.crt")),
     )
     .expect("api");
-    let msg = by_name.get("/api/v1/namespaces").await.expect_err("wrong name").to_string();
+    let msg = list_namespaces(&by_name).await.expect_err("wrong name").to_string();
     assert!(msg.contains("certificate not valid for name \"localhost\""), "{msg}");
     // Nothing reached the server's HTTP layer.
-    assert!(fake.state().requests.is_empty());
+    assert!(fake.state().seen.is_empty());
 }
 
 #[tokio::test]
 async fn a_refused_token_is_reported_with_the_status() {
     let pki = Pki::new(&["127.0.0.1"]);
     let fake = Fake::new(&[]);
-    fake.state().required_token = Some("good".into());
-    let addr = fake.clone().serve_tls(pki.server.clone()).await;
+    fake.state().accepted_tokens = Some(vec!["good".into()]);
+    let addr = fake.clone().serve(Some(pki.server.clone())).await;
     let dir = sa_dir("stale", &pki.ca_pem);
     let api = in_cluster(addr, dir.path());
-    let err = api
-        .post_json::<_, serde_json::Value>("/apis/authentication.k8s.io/v1/tokenreviews", &json!({}), WAIT)
-        .await
-        .expect_err("401");
-    assert!(matches!(err, ApiError::Status { status: http::StatusCode::UNAUTHORIZED, .. }), "{err:?}");
-    assert!(
-        err.to_string().starts_with("POST /apis/authentication.k8s.io/v1/tokenreviews: 401 Unauthorized: {"),
-        "{err}"
-    );
-    assert_eq!(fake.state().authorization, [Some("Bearer stale".to_string())]);
+    let err = list_namespaces(&api).await.expect_err("401");
+    assert_eq!(err.status(), Some(401), "{err:?}");
+    assert_eq!(err.to_string(), format!("list namespaces on https://127.0.0.1:{}: 401 Unauthorized: Unauthorized", addr.port()));
+    assert_eq!(fake.authorizations(), [bearer("stale")]);
 }
 
 #[test]
@@ -162,12 +177,96 @@ fn in_cluster_settings_are_checked_with_clear_errors() {
     let token = empty.path().join("token");
     assert!(err.to_string().starts_with(&format!("API token file {}: ", token.display())), "{err}");
 
-    std::fs::write(empty.path().join("token"), "t").expect("token");
+    // kube-rs would send the line break as part of the token: refused up front, by name.
+    std::fs::write(&token, "t\n").expect("token");
+    let err = ApiServer::in_cluster_from(Some("10.43.0.1"), Some("443"), empty.path()).expect_err("line break");
+    assert!(err.to_string().starts_with(&format!("API token file {}: has leading or trailing whitespace", token.display())), "{err}");
+
+    std::fs::write(&token, "t").expect("token");
     std::fs::write(empty.path().join("ca.crt"), "not a certificate\n").expect("ca");
     let err = ApiServer::in_cluster_from(Some("10.43.0.1"), None, empty.path()).expect_err("bad ca");
     assert!(err.to_string().ends_with("ca.crt: no PEM certificate in it"), "{err}");
 
     // An IPv6 service host is bracketed into the URL.
     let api = ApiServer::in_cluster_from(Some("fd00::1"), Some("6443"), dir.path()).expect("v6");
-    assert_eq!(format!("{api:?}"), "https://fd00::1:6443");
+    assert_eq!(format!("{api:?}"), "https://[fd00::1]:6443");
+}
+
+/// A kubeconfig with two contexts: `good` (the right CA, a token file) and `stranger`
+/// (current-context: another cluster's CA).
+fn kubeconfig(dir: &Path, addr: std::net::SocketAddr, pki: &Pki, stranger: &Pki) -> std::path::PathBuf {
+    std::fs::write(dir.join("ca.crt"), &pki.ca_pem).expect("ca");
+    std::fs::write(dir.join("stranger.crt"), &stranger.ca_pem).expect("ca");
+    std::fs::write(dir.join("token"), "kubeconfig-token").expect("token");
+    let config = format!(
+        "apiVersion: v1
+kind: Config
+current-context: stranger
+clusters:
+- name: good
+  cluster: {{server: 'https://127.0.0.1:{port}', certificate-authority: '{dir}/ca.crt'}}
+- name: stranger
+  cluster: {{server: 'https://127.0.0.1:{port}', certificate-authority: '{dir}/stranger.crt'}}
+users:
+- name: dev
+  user: {{tokenFile: '{dir}/token'}}
+contexts:
+- name: good
+  context: {{cluster: good, user: dev}}
+- name: stranger
+  context: {{cluster: stranger, user: dev}}
+",
+        port = addr.port(),
+        dir = dir.display()
+    );
+    let path = dir.join("config");
+    std::fs::write(&path, config).expect("kubeconfig");
+    path
+}
+
+/// Out of the cluster, `--kubeconfig FILE --kube-context NAME` (or the file's current-context).
+#[tokio::test]
+async fn discovery_from_a_kubeconfig_context() {
+    let (pki, stranger) = (Pki::new(&["127.0.0.1"]), Pki::new(&["127.0.0.1"]));
+    let fake = loaded_fake(&[]);
+    fake.state().accepted_tokens = Some(vec!["kubeconfig-token".into()]);
+    let addr = fake.clone().serve(Some(pki.server.clone())).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = kubeconfig(dir.path(), addr, &pki, &stranger);
+
+    // The flags as `mesh-node run` and `mesh-node ca` parse them.
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[arg(long)]
+        kubernetes: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    }
+    let path_arg = path.display().to_string();
+    let cli = <Cli as clap::Parser>::try_parse_from(["x", "--kubernetes", "--kubeconfig", &path_arg, "--kube-context", "good"])
+        .expect("flags");
+    let api = cli.api.api_server().expect("kubeconfig");
+    assert_eq!(format!("{api:?}"), format!("https://127.0.0.1:{}", addr.port()));
+    let mut d = spawn(api, fast());
+    tokio::time::timeout(WAIT, d.wait_ready()).await.expect("ready from the kubeconfig");
+    assert_eq!(summary(&d.config.borrow()), summary(&file_mode()));
+    assert!(fake.authorizations().iter().all(|a| *a == bearer("kubeconfig-token")));
+
+    // The current-context names a cluster whose CA did not sign the server.
+    let current = ApiServer::from_kubeconfig(Some(&path), None).expect("current context");
+    let msg = list_namespaces(&current).await.expect_err("other cluster's CA").to_string();
+    assert!(msg.contains("invalid peer certificate"), "{msg}");
+
+    let err = ApiServer::from_kubeconfig(Some(&path), Some("nope")).expect_err("no such context");
+    assert_eq!(err.to_string(), format!("kubeconfig {}: no context named \"nope\"", path.display()));
+    let missing = dir.path().join("missing");
+    let err = ApiServer::from_kubeconfig(Some(&missing), None).expect_err("no file");
+    assert!(err.to_string().starts_with(&format!("kubeconfig {}: ", missing.display())), "{err}");
+    // Flags that contradict each other.
+    let err = <Cli as clap::Parser>::try_parse_from(["x", "--kubernetes", "--kubeconfig", "k", "--api-server", "http://h:1"])
+        .err()
+        .expect("conflict");
+    assert!(err.to_string().contains("--kubeconfig"), "{err}");
+    let err = <Cli as clap::Parser>::try_parse_from(["x", "--kubeconfig", "k"]).err().expect("needs --kubernetes");
+    assert!(err.to_string().contains("--kubernetes"), "{err}");
 }

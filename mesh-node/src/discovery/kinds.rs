@@ -1,0 +1,91 @@
+//! The kinds the mesh reads from the API server and the API versions each is served at.
+//! Built-in kinds take their group, version and plural from their k8s-openapi type; Istio's
+//! are listed by hand, newest version first (older clusters serve only older ones).
+
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use kube::discovery::ApiResource;
+
+/// A kind the mesh reads and the API versions it is served at, preferred first.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Kind {
+    pub kind: &'static str,
+    pub plural: &'static str,
+    /// `v1` for the core group, `group/version` otherwise.
+    pub versions: &'static [&'static str],
+}
+
+/// A built-in kind as its k8s-openapi type names it.
+macro_rules! builtin {
+    ($t:ty) => {
+        Kind {
+            kind: <$t as k8s_openapi::Resource>::KIND,
+            plural: <$t as k8s_openapi::Resource>::URL_PATH_SEGMENT,
+            versions: &[<$t as k8s_openapi::Resource>::API_VERSION],
+        }
+    };
+}
+
+pub(crate) const KINDS: &[Kind] = &[
+    builtin!(Namespace),
+    builtin!(Node),
+    builtin!(Pod),
+    builtin!(Service),
+    Kind {
+        kind: "DestinationRule",
+        plural: "destinationrules",
+        versions: &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"],
+    },
+    Kind {
+        kind: "VirtualService",
+        plural: "virtualservices",
+        versions: &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"],
+    },
+    Kind {
+        kind: "PeerAuthentication",
+        plural: "peerauthentications",
+        versions: &["security.istio.io/v1", "security.istio.io/v1beta1"],
+    },
+    Kind {
+        kind: "AuthorizationPolicy",
+        plural: "authorizationpolicies",
+        versions: &["security.istio.io/v1", "security.istio.io/v1beta1"],
+    },
+];
+
+impl Kind {
+    /// The kind at `api_version` (one of `versions`), for a dynamic kube-rs `Api`.
+    pub(crate) fn api_resource(&self, api_version: &str) -> ApiResource {
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        ApiResource {
+            group: group.to_string(),
+            version: version.to_string(),
+            api_version: api_version.to_string(),
+            kind: self.kind.to_string(),
+            plural: self.plural.to_string(),
+        }
+    }
+
+    /// The collection's URL path at `api_version` (logs, the fake API server of the tests).
+    pub(crate) fn path(&self, api_version: &str) -> String {
+        if api_version.contains('/') {
+            format!("/apis/{api_version}/{}", self.plural)
+        } else {
+            format!("/api/{api_version}/{}", self.plural)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_kinds_are_named_as_the_api_server_serves_them() {
+        let pods = KINDS.iter().find(|k| k.kind == "Pod").expect("Pod");
+        assert_eq!(pods.path(pods.versions[0]), "/api/v1/pods");
+        assert_eq!(pods.api_resource("v1").group, "");
+        let dr = KINDS.iter().find(|k| k.kind == "DestinationRule").expect("DestinationRule");
+        let ar = dr.api_resource("networking.istio.io/v1beta1");
+        assert_eq!((ar.group.as_str(), ar.version.as_str()), ("networking.istio.io", "v1beta1"));
+    }
+}
