@@ -3,6 +3,7 @@
 //! are listed by hand, newest version first (older clusters serve only older ones).
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::discovery::ApiResource;
 
 /// A kind the mesh reads and the API versions it is served at, preferred first.
@@ -30,6 +31,9 @@ pub(crate) const KINDS: &[Kind] = &[
     builtin!(Node),
     builtin!(Pod),
     builtin!(Service),
+    // Endpoints as Kubernetes' own consumers (kube-proxy, Envoy, ztunnel) read them, with
+    // readiness and termination; Services without a selector have only these.
+    builtin!(EndpointSlice),
     Kind {
         kind: "DestinationRule",
         plural: "destinationrules",
@@ -81,11 +85,13 @@ mod tests {
 
     #[test]
     fn builtin_kinds_are_named_as_the_api_server_serves_them() {
+        let slices = KINDS.iter().find(|k| k.kind == "EndpointSlice").expect("EndpointSlice");
+        assert_eq!((slices.plural, slices.versions), ("endpointslices", &["discovery.k8s.io/v1"][..]));
+        assert_eq!(slices.path(slices.versions[0]), "/apis/discovery.k8s.io/v1/endpointslices");
         let pods = KINDS.iter().find(|k| k.kind == "Pod").expect("Pod");
         assert_eq!(pods.path(pods.versions[0]), "/api/v1/pods");
+        let ar = slices.api_resource("discovery.k8s.io/v1");
+        assert_eq!((ar.group.as_str(), ar.version.as_str()), ("discovery.k8s.io", "v1"));
         assert_eq!(pods.api_resource("v1").group, "");
-        let dr = KINDS.iter().find(|k| k.kind == "DestinationRule").expect("DestinationRule");
-        let ar = dr.api_resource("networking.istio.io/v1beta1");
-        assert_eq!((ar.group.as_str(), ar.version.as_str()), ("networking.istio.io", "v1beta1"));
     }
 }
