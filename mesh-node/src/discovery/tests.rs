@@ -456,6 +456,57 @@ async fn an_invalid_object_is_held_back_and_the_rest_applied() {
     assert_eq!(d.rejections_total(), 2);
 }
 
+/// EndpointSlices are watched like every other kind: a selector-less Service (as
+/// `default/kubernetes`) gets its endpoints from them, with their conditions, and follows
+/// their changes and deletion.
+#[tokio::test]
+async fn endpoint_slices_give_a_selectorless_service_its_endpoints() {
+    let fake = loaded_fake(&[]);
+    fake.apply("ADDED", json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": "default", "name": "kubernetes"},
+        "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "https", "port": 443, "targetPort": 6443}]},
+    }));
+    let mut slice = json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"namespace": "default", "name": "kubernetes", "labels": {"kubernetes.io/service-name": "kubernetes"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": ["172.30.0.254"], "conditions": {"ready": true}},
+            {"addresses": ["172.30.0.253"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+        ],
+    });
+    fake.apply("ADDED", slice.clone());
+    let mut d = start(&fake).await;
+    assert!(!fake.lists("/apis/discovery.k8s.io/v1/endpointslices").is_empty());
+    let endpoints = |c: &Cluster| {
+        let svc = c.service("default", "kubernetes").expect("the Service");
+        assert!(svc.selector.is_none());
+        c.endpoints(svc, 443).iter().map(|e| (e.addr.to_string(), e.conditions.ready, e.conditions.terminating)).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        endpoints(&d.config.borrow()),
+        [("172.30.0.253:6443".to_string(), false, true), ("172.30.0.254:6443".to_string(), true, false)]
+    );
+
+    // The terminating endpoint is gone, a new one is not ready yet.
+    slice["endpoints"] = json!([
+        {"addresses": ["172.30.0.254"], "conditions": {"ready": true}},
+        {"addresses": ["172.30.0.252"], "conditions": {"ready": false, "serving": false, "terminating": false}},
+    ]);
+    fake.apply("MODIFIED", slice.clone());
+    until(&mut d, "the slice change", move |c| {
+        endpoints(c) == [("172.30.0.252:6443".to_string(), false, false), ("172.30.0.254:6443".to_string(), true, false)]
+    })
+    .await;
+    fake.apply("DELETED", slice);
+    until(&mut d, "no endpoints without the slice", |c| {
+        c.service("default", "kubernetes").is_some_and(|svc| c.endpoints(svc, 443).is_empty())
+    })
+    .await;
+}
+
 fn ns_name(fake: &Fake) -> String {
     fake.state().objects["/api/v1/namespaces"].values().next().unwrap()["metadata"]["name"].as_str().unwrap().to_string()
 }
