@@ -8,7 +8,7 @@
 //! tokens at 80% of their lifetime (an hour at least), and the old token stays valid until it
 //! expires, so that delay costs nothing; client-go re-reads once a minute too.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -108,16 +108,15 @@ impl ApiServer {
     /// (`KUBERNETES_SERVICE_HOST` set) the in-cluster config, else the kubeconfig of
     /// `KUBECONFIG` or `~/.kube/config` at its current context.
     pub fn infer() -> Result<ApiServer, ApiError> {
-        if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|h| !h.is_empty()) {
-            return ApiServer::in_cluster();
+        ApiServer::infer_from(&Environment::current())
+    }
+
+    /// [`ApiServer::infer`] in the given environment.
+    pub(crate) fn infer_from(env: &Environment) -> Result<ApiServer, ApiError> {
+        if env.service_host.is_some() {
+            return ApiServer::in_cluster_from(env.service_host.as_deref(), env.service_port.as_deref(), &env.service_account_dir);
         }
-        let env = std::env::var("KUBECONFIG").ok().filter(|v| !v.is_empty());
-        let home = std::env::var_os("HOME").map(|h| Path::new(&h).join(".kube/config"));
-        if env.is_none() && !home.as_ref().is_some_and(|p| p.exists()) {
-            let looked_at = home.map_or("$HOME is not set".into(), |p| format!("KUBECONFIG is not set, {} does not exist", p.display()));
-            return Err(ApiError::NoCluster { kubeconfig: looked_at });
-        }
-        ApiServer::from_kubeconfig(None, None)
+        ApiServer::from_kubeconfig_files(&env.kubeconfig_files()?, None)
     }
 
     /// From the in-cluster environment: `KUBERNETES_SERVICE_HOST`/`_PORT` and the mounted
@@ -168,38 +167,34 @@ impl ApiServer {
     /// From a kubeconfig (out-of-cluster runs): `path`, or `KUBECONFIG` (a `:`-separated list,
     /// merged) or `~/.kube/config` when `None`; `context`, or the file's current-context.
     pub fn from_kubeconfig(path: Option<&Path>, context: Option<&str>) -> Result<ApiServer, ApiError> {
-        let source_name = match path {
-            Some(p) => p.display().to_string(),
-            None => match std::env::var("KUBECONFIG") {
-                Ok(v) if !v.is_empty() => format!("KUBECONFIG={v}"),
-                _ => "~/.kube/config".to_string(),
-            },
+        let files = match path {
+            Some(p) => vec![p.to_path_buf()],
+            None => Environment::current().kubeconfig_files()?,
         };
-        let err = |message: String| ApiError::Kubeconfig { source_name: source_name.clone(), message };
-        let kubeconfig = match path {
-            Some(p) => Kubeconfig::read_from(p),
-            None => Kubeconfig::read(),
-        }
-        .map_err(|e| err(chain(&e)))?;
-        ApiServer::from_kubeconfig_value(kubeconfig, context).map_err(|e| match e {
-            ApiError::Kubeconfig { message, .. } => err(message),
-            other => other,
-        })
+        ApiServer::from_kubeconfig_files(&files, context)
     }
 
-    /// [`ApiServer::from_kubeconfig`] of an already parsed kubeconfig.
-    pub fn from_kubeconfig_value(mut kubeconfig: Kubeconfig, context: Option<&str>) -> Result<ApiServer, ApiError> {
-        let err = |e: KubeconfigError| ApiError::Kubeconfig { source_name: "(given)".into(), message: chain(&e) };
+    /// The kubeconfig merged from `files` (the first file to set a value wins, as kubectl
+    /// merges `KUBECONFIG`).
+    fn from_kubeconfig_files(files: &[PathBuf], context: Option<&str>) -> Result<ApiServer, ApiError> {
+        let source_name = files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(":");
+        let err = |message: String| ApiError::Kubeconfig { source_name: source_name.clone(), message };
+        let mut merged: Option<Kubeconfig> = None;
+        for file in files {
+            let next = Kubeconfig::read_from(file).map_err(|e| err(chain(&e)))?;
+            merged = Some(match merged {
+                None => next,
+                Some(m) => m.merge(next).map_err(|e| err(chain(&e)))?,
+            });
+        }
+        let mut kubeconfig = merged.ok_or_else(|| err("no file".into()))?;
         if let Some(context) = context {
             if !kubeconfig.contexts.iter().any(|c| c.name == context) {
-                return Err(ApiError::Kubeconfig {
-                    source_name: "(given)".into(),
-                    message: format!("no context named {context:?}"),
-                });
+                return Err(err(format!("no context named {context:?}")));
             }
             kubeconfig.current_context = Some(context.to_string());
         }
-        let config = kube::Config::try_from(kubeconfig).map_err(err)?;
+        let config = kube::Config::try_from(kubeconfig).map_err(|e: KubeconfigError| err(chain(&e)))?;
         if let Some(file) = &config.auth_info.token_file {
             check_token_file(Path::new(file))?;
         }
@@ -234,6 +229,47 @@ impl ApiServer {
     }
 }
 
+/// What [`ApiServer::infer`] reads of the process's environment.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Environment {
+    /// `KUBERNETES_SERVICE_HOST`/`_PORT` (set by kubelet in every pod).
+    pub service_host: Option<String>,
+    pub service_port: Option<String>,
+    pub service_account_dir: PathBuf,
+    /// `KUBECONFIG`: files separated by `:`.
+    pub kubeconfig: Option<String>,
+    pub home: Option<PathBuf>,
+}
+
+impl Environment {
+    fn current() -> Environment {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Environment {
+            service_host: var("KUBERNETES_SERVICE_HOST"),
+            service_port: var("KUBERNETES_SERVICE_PORT"),
+            service_account_dir: PathBuf::from(SERVICE_ACCOUNT_DIR),
+            kubeconfig: var("KUBECONFIG"),
+            home: std::env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from),
+        }
+    }
+
+    /// `KUBECONFIG`'s files, else `~/.kube/config` if it exists.
+    fn kubeconfig_files(&self) -> Result<Vec<PathBuf>, ApiError> {
+        if let Some(list) = &self.kubeconfig {
+            return Ok(list.split(':').filter(|p| !p.is_empty()).map(PathBuf::from).collect());
+        }
+        let Some(home) = &self.home else {
+            return Err(ApiError::NoCluster { kubeconfig: "KUBECONFIG and HOME are not set".into() });
+        };
+        let file = home.join(".kube/config");
+        if !file.exists() {
+            let kubeconfig = format!("KUBECONFIG is not set, {} does not exist", file.display());
+            return Err(ApiError::NoCluster { kubeconfig });
+        }
+        Ok(vec![file])
+    }
+}
+
 /// The CA bundle as DER certificates; at least one.
 fn read_ca(path: &Path) -> Result<Vec<Vec<u8>>, ApiError> {
     let mut out = Vec::new();
@@ -263,4 +299,21 @@ fn check_token_file(path: &Path) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Discovery's watchers, the CA's pod index and its TokenReviews are handed clones of one
+    /// `ApiServer`: they must end up on one client (one pool, one cached token).
+    #[tokio::test]
+    async fn clones_share_one_client() {
+        let api = ApiServer::new("http://127.0.0.1:1", None, None).expect("api");
+        let clone = api.clone();
+        assert!(clone.client.get().is_none(), "made on first use");
+        api.client().expect("client");
+        assert!(clone.client.get().is_some(), "the clone sees the client made through the original");
+        assert!(Arc::ptr_eq(&api.client, &clone.client));
+    }
 }

@@ -270,3 +270,54 @@ async fn discovery_from_a_kubeconfig_context() {
     let err = <Cli as clap::Parser>::try_parse_from(["x", "--kubeconfig", "k"]).err().expect("needs --kubernetes");
     assert!(err.to_string().contains("--kubernetes"), "{err}");
 }
+
+/// `--kubernetes` alone: in a pod (KUBERNETES_SERVICE_HOST set) the in-cluster config, even
+/// with a KUBECONFIG around; elsewhere KUBECONFIG's files merged as kubectl merges them (the
+/// first to set the current-context wins), else ~/.kube/config; with none, an error saying
+/// where it looked.
+#[tokio::test]
+async fn the_default_is_in_cluster_in_a_pod_and_the_kubeconfig_elsewhere() {
+    use super::api::Environment;
+    let (pki, stranger) = (Pki::new(&["127.0.0.1"]), Pki::new(&["127.0.0.1"]));
+    let fake = Fake::new(&[]);
+    let addr = fake.clone().serve(Some(pki.server.clone())).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let full = kubeconfig(dir.path(), addr, &pki, &stranger);
+    let sa = sa_dir("in-cluster-token", &pki.ca_pem);
+    let pod = Environment {
+        service_host: Some("127.0.0.1".into()),
+        service_port: Some(addr.port().to_string()),
+        service_account_dir: sa.path().to_path_buf(),
+        kubeconfig: Some(full.display().to_string()),
+        home: Some(dir.path().to_path_buf()),
+    };
+    list_namespaces(&ApiServer::infer_from(&pod).expect("in-cluster")).await.expect("listed");
+    assert_eq!(fake.authorizations().last().cloned().flatten(), bearer("in-cluster-token"));
+
+    // Outside a pod: KUBECONFIG=first:full, first only picks the context.
+    let first = dir.path().join("first");
+    std::fs::write(&first, "apiVersion: v1\nkind: Config\ncurrent-context: good\n").expect("first");
+    let workstation = Environment {
+        service_host: None,
+        kubeconfig: Some(format!("{}:{}", first.display(), full.display())),
+        ..pod.clone()
+    };
+    list_namespaces(&ApiServer::infer_from(&workstation).expect("kubeconfig")).await.expect("listed with the good context");
+    assert_eq!(fake.authorizations().last().cloned().flatten(), bearer("kubeconfig-token"));
+
+    // No KUBECONFIG: ~/.kube/config, when there is one.
+    let home = tempfile::tempdir().expect("home");
+    let no_env = Environment { kubeconfig: None, home: Some(home.path().to_path_buf()), ..workstation.clone() };
+    let err = ApiServer::infer_from(&no_env).expect_err("nothing to go by");
+    let want = format!(
+        "not in a pod (KUBERNETES_SERVICE_HOST is not set) and no kubeconfig (KUBECONFIG is not set, {}/.kube/config does not exist); \
+         pass --api-server URL or --kubeconfig FILE",
+        home.path().display()
+    );
+    assert_eq!(err.to_string(), want);
+    std::fs::create_dir(home.path().join(".kube")).expect("mkdir");
+    std::fs::copy(&full, home.path().join(".kube/config")).expect("copy");
+    let api = ApiServer::infer_from(&no_env).expect("~/.kube/config");
+    // Its current-context is the stranger cluster's: the CA check proves which file was read.
+    assert!(list_namespaces(&api).await.expect_err("stranger CA").to_string().contains("invalid peer certificate"));
+}
