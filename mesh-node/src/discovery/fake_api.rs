@@ -85,6 +85,8 @@ pub(crate) struct FakeState {
     pub fail_list: Vec<String>,
     /// Paths whose next list page with a `continue` token answers 410 Expired.
     pub expire_continue: Vec<String>,
+    /// Paths whose next watch request answers HTTP 410 (instead of the usual ERROR event).
+    pub refuse_watch_gone: Vec<String>,
     /// When set, requests without `Authorization: Bearer <one of these>` get 401.
     pub accepted_tokens: Option<Vec<String>>,
     posts: HashMap<String, PostHandler>,
@@ -332,6 +334,10 @@ impl FakeState {
     }
 
     fn watch(&mut self, path: &str, seen: &Seen) -> http::Response<BoxBody<Bytes, Infallible>> {
+        if let Some(i) = self.refuse_watch_gone.iter().position(|p| p == path) {
+            self.refuse_watch_gone.remove(i);
+            return respond(410, &status(410, "Expired", "too old resource version"));
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let timeout = seen.param("timeoutSeconds").and_then(|t| t.parse().ok()).unwrap_or(290);
         let from: u64 = seen.param("resourceVersion").and_then(|r| r.parse().ok()).unwrap_or(self.rv);

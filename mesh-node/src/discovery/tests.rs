@@ -185,6 +185,22 @@ async fn kinds_not_served_count_as_empty() {
     assert!(!fake.lists("/apis/networking.istio.io/v1alpha3/destinationrules").is_empty());
 }
 
+/// A CRD uninstalled while watched: its watch is answered 404, no version is served any more,
+/// the kind counts as empty.
+#[tokio::test]
+async fn a_crd_removed_while_watched_empties_its_kind() {
+    let fake = loaded_fake(&[]);
+    let mut d = start(&fake).await;
+    let path = "/apis/networking.istio.io/v1/destinationrules";
+    until_true("rule watch", || fake.watcher_count(path) > 0).await;
+    assert!(d.config.borrow().destination_rules().count() > 0);
+    fake.state().objects.remove(path);
+    fake.close_watches(path);
+    until(&mut d, "no rules once the CRD is gone", |c| c.destination_rules().count() == 0).await;
+    // Every version was looked at again.
+    until_true("v1alpha3 tried", || !fake.lists("/apis/networking.istio.io/v1alpha3/destinationrules").is_empty()).await;
+}
+
 #[tokio::test]
 async fn dead_api_server_is_never_ready() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -350,6 +366,29 @@ async fn a_watch_outside_the_window_gets_410_and_relists() {
         fake.watches("/api/v1/pods").iter().any(|w| w.param("resourceVersion") == Some(rv.as_str()))
     })
     .await;
+}
+
+/// Some servers (and proxies) refuse the watch request itself with HTTP 410: listed again
+/// too, rather than the watch retried from the same expired resourceVersion forever.
+#[tokio::test]
+async fn a_watch_refused_with_http_410_relists() {
+    let fake = loaded_fake(&[]);
+    let mut d = start(&fake).await;
+    until_true("pod watch", || fake.watcher_count("/api/v1/pods") > 0).await;
+    let before = fake.lists("/api/v1/pods").len();
+    let c = d.config.borrow().clone();
+    let gone = a_pod(&c);
+    let key = format!("{}/{}", gone.namespace, gone.name);
+    {
+        let mut st = fake.state();
+        st.refuse_watch_gone.push("/api/v1/pods".into());
+        st.objects.get_mut("/api/v1/pods").expect("pods").remove(&key);
+    }
+    fake.close_watches("/api/v1/pods");
+    until_true("relist after the HTTP 410", || fake.lists("/api/v1/pods").len() > before).await;
+    let name = gone.name.clone();
+    until(&mut d, "deleted pod gone after relist", move |c| pod(c, &name).is_none()).await;
+    until_true("pod watch again", || fake.watcher_count("/api/v1/pods") > 0).await;
 }
 
 #[tokio::test]

@@ -82,9 +82,28 @@ pub(crate) fn log_error(kind: &str, api_version: &str, e: &watcher::Error) {
     }
 }
 
-/// Whether `e` says the kind is not served at this version (CRD missing, or another version).
+/// The status of an error answer to a list or watch request. kube-rs does not check a watch
+/// response's HTTP status: an error answer surfaces as a `WatchFailed` item with its Status.
+fn answered(e: &watcher::Error) -> Option<u16> {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => Some(status.code),
+        _ => None,
+    }
+}
+
+/// Whether `e` says the kind is not served at this version (CRD missing or removed, or
+/// served at another version).
 fn not_served(e: &watcher::Error) -> bool {
-    matches!(e, watcher::Error::InitialListFailed(kube::Error::Api(status)) if status.code == 404)
+    answered(e) == Some(404)
+}
+
+/// A watch request refused with HTTP 410 (rather than the usual ERROR event): kube-runtime
+/// would retry the watch from the same expired resourceVersion forever, so the caller starts a
+/// new watcher, which lists first.
+fn gone_at_watch_start(e: &watcher::Error) -> bool {
+    !matches!(e, watcher::Error::InitialListFailed(_)) && answered(e) == Some(410)
 }
 
 /// Keeps `kind`'s objects in `shared`, forever (the task is aborted to stop).
@@ -112,34 +131,42 @@ pub(crate) async fn run(api: ApiServer, kind: Kind, shared: Arc<Shared>, opts: O
 }
 
 /// Runs the watcher of `kind` at `version` into `shared`; returns when that version is not
-/// served (404 on the list).
+/// served (404).
 async fn watch_version(client: kube::Client, kind: Kind, version: &'static str, shared: &Shared, opts: &Options) {
-    let api: Api<DynamicObject> = Api::all_with(client, &kind.api_resource(version));
-    let mut events = std::pin::pin!(stream(api, opts));
-    // A (re)list in progress: the objects of its pages so far.
-    let mut listing: Option<Vec<Value>> = None;
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(Event::Init) => listing = Some(Vec::new()),
-            Ok(Event::InitApply(object)) => listing.get_or_insert_default().extend(to_value(kind, object)),
-            Ok(Event::InitDone) => {
-                let items = listing.take().unwrap_or_default();
-                tracing::debug!(kind = kind.kind, api_version = version, count = items.len(), "listed");
-                shared.replace(kind.kind, kind.plural, version, items);
-            }
-            Ok(Event::Apply(object)) => {
-                if let Some(object) = to_value(kind, object) {
-                    shared.upsert(kind.kind, kind.plural, version, object);
+    loop {
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &kind.api_resource(version));
+        let mut events = std::pin::pin!(stream(api, opts));
+        // A (re)list in progress: the objects of its pages so far.
+        let mut listing: Option<Vec<Value>> = None;
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(Event::Init) => listing = Some(Vec::new()),
+                Ok(Event::InitApply(object)) => listing.get_or_insert_default().extend(to_value(kind, object)),
+                Ok(Event::InitDone) => {
+                    let items = listing.take().unwrap_or_default();
+                    tracing::debug!(kind = kind.kind, api_version = version, count = items.len(), "listed");
+                    shared.replace(kind.kind, kind.plural, version, items);
                 }
-            }
-            Ok(Event::Delete(object)) => {
-                if let Some(object) = to_value(kind, object) {
-                    shared.delete(kind.plural, &object);
+                Ok(Event::Apply(object)) => {
+                    if let Some(object) = to_value(kind, object) {
+                        shared.upsert(kind.kind, kind.plural, version, object);
+                    }
                 }
+                Ok(Event::Delete(object)) => {
+                    if let Some(object) = to_value(kind, object) {
+                        shared.delete(kind.plural, &object);
+                    }
+                }
+                Err(e) if not_served(&e) => return,
+                Err(e) if gone_at_watch_start(&e) => {
+                    tracing::info!(kind = kind.kind, api_version = version, "watch refused with 410 Gone; listing again");
+                    break;
+                }
+                Err(e) => log_error(kind.kind, version, &e),
             }
-            Err(e) if not_served(&e) => return,
-            Err(e) => log_error(kind.kind, version, &e),
         }
+        // The watcher ended (it does not on its own): after a pause, a new one.
+        tokio::time::sleep(opts.backoff_initial).await;
     }
 }
 
