@@ -1,6 +1,6 @@
 //! The CA's view of the cluster: which service accounts have pods on which node, from Pods
 //! alone (the CA's RBAC allows listing pods and nothing else it would need the full model
-//! for). A kube-runtime reflector keeps the typed k8s-openapi Pods.
+//! for). A kube-runtime reflector store keeps the typed k8s-openapi Pods.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -8,10 +8,10 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, Store, store::Writer};
 use tokio::sync::{Notify, watch};
 
-use super::watcher::{log_error, stream};
+use super::watcher::{gone_at_watch_start, log_error, stream};
 use super::{ApiServer, Options};
 
 /// Service accounts of the running pods, per node.
@@ -117,8 +117,10 @@ fn listed(store: &Store<Pod>) -> Option<NodeAccounts> {
     Some(NodeAccounts::from_pods(pods.iter().map(AsRef::as_ref)))
 }
 
-/// Runs the reflector into `writer`, telling `changed` after each event.
-async fn reflect(api: ApiServer, writer: reflector::store::Writer<Pod>, changed: Arc<Notify>, opts: Options) {
+/// Keeps `writer`'s store current from the Pods watcher (what kube-runtime's `reflector`
+/// does, plus a new watcher when a watch is refused with HTTP 410), telling `changed` after
+/// each event.
+async fn reflect(api: ApiServer, mut writer: Writer<Pod>, changed: Arc<Notify>, opts: Options) {
     let client = loop {
         match api.client() {
             Ok(client) => break client,
@@ -128,13 +130,23 @@ async fn reflect(api: ApiServer, writer: reflector::store::Writer<Pod>, changed:
             }
         }
     };
-    let pods: Api<Pod> = Api::all(client);
-    let mut events = std::pin::pin!(reflector::reflector(writer, stream(pods, &opts)));
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(_) => changed.notify_one(),
-            Err(e) => log_error("Pod", "v1", &e),
+    loop {
+        let pods: Api<Pod> = Api::all(client.clone());
+        let mut events = std::pin::pin!(stream(pods, &opts));
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(event) => {
+                    writer.apply_watcher_event(&event);
+                    changed.notify_one();
+                }
+                Err(e) if gone_at_watch_start(&e) => {
+                    tracing::info!(kind = "Pod", "watch refused with 410 Gone; listing again");
+                    break;
+                }
+                Err(e) => log_error("Pod", "v1", &e),
+            }
         }
+        tokio::time::sleep(opts.backoff_initial).await;
     }
 }
 
@@ -143,5 +155,74 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::discovery::fake_api::Fake;
+
+    const PODS: &str = "/api/v1/pods";
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn pod(name: &str, node: &str, account: &str, ip: Option<&str>) -> Value {
+        let mut status = json!({"phase": "Running"});
+        if let Some(ip) = ip {
+            status["podIP"] = json!(ip);
+        }
+        json!({
+            "metadata": {"namespace": "demo", "name": name},
+            "spec": {"nodeName": node, "serviceAccountName": account, "containers": [{"name": "app"}]},
+            "status": status,
+        })
+    }
+
+    async fn until(index: &PodIndex, what: &str, f: impl Fn(&NodeAccounts) -> bool) {
+        let mut rx = index.accounts.clone();
+        let ok = tokio::time::timeout(WAIT, rx.wait_for(|a| f(a))).await;
+        assert!(matches!(ok, Ok(Ok(_))), "timed out waiting for: {what}");
+    }
+
+    /// The CA's index follows Pods through a 410 (event after compaction, and HTTP 410 on the
+    /// watch request), counting only pods that run (scheduled, with an IP).
+    #[tokio::test]
+    async fn pod_index_follows_pods_through_relists() {
+        let fake = Fake::serving(&[PODS]);
+        fake.apply_at(PODS, "ADDED", pod("a", "node-a", "web", Some("10.0.0.1")));
+        fake.apply_at(PODS, "ADDED", pod("b", "node-b", "db", Some("10.0.0.2")));
+        fake.apply_at(PODS, "ADDED", pod("pending", "node-a", "batch", None));
+        let addr = fake.clone().serve(None).await;
+        let api = ApiServer::new(&format!("http://{addr}"), None, None).expect("api");
+        let opts = Options { debounce: Duration::from_millis(10), backoff_initial: Duration::from_millis(10), ..Options::default() };
+        let mut index = spawn_pod_index(api, opts);
+        assert!(tokio::time::timeout(WAIT, index.wait_ready()).await.expect("ready in time"));
+        let now = index.current();
+        assert_eq!(now.pods(), 2, "{now:?}");
+        assert!(now.has("node-a", "demo", "web") && now.has("node-b", "demo", "db"));
+        assert!(!now.has("node-a", "demo", "batch"), "no IP yet: not running");
+
+        // Removed while the watch was down and the history compacted: ERROR 410, relist.
+        fake.change_unseen(PODS, |pods| {
+            pods.remove("demo/b");
+        });
+        fake.close_watches(PODS);
+        until(&index, "b gone", |a| !a.has("node-b", "demo", "db")).await;
+
+        // The watch request itself refused with 410 (history not compacted, so only a relist
+        // can show the pod stored without an event): relisted too.
+        let lists = fake.lists(PODS).len();
+        {
+            let mut st = fake.state();
+            st.refuse_watch_gone.push(PODS.into());
+            st.objects.get_mut(PODS).expect("pods").insert("demo/c".into(), pod("c", "node-b", "cache", Some("10.0.0.3")));
+        }
+        fake.close_watches(PODS);
+        until(&index, "c seen", |a| a.has("node-b", "demo", "cache")).await;
+        assert!(fake.lists(PODS).len() > lists);
     }
 }

@@ -102,7 +102,7 @@ fn not_served(e: &watcher::Error) -> bool {
 /// A watch request refused with HTTP 410 (rather than the usual ERROR event): kube-runtime
 /// would retry the watch from the same expired resourceVersion forever, so the caller starts a
 /// new watcher, which lists first.
-fn gone_at_watch_start(e: &watcher::Error) -> bool {
+pub(crate) fn gone_at_watch_start(e: &watcher::Error) -> bool {
     !matches!(e, watcher::Error::InitialListFailed(_)) && answered(e) == Some(410)
 }
 
