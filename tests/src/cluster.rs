@@ -447,7 +447,7 @@ impl SimCluster {
             .map(std::ffi::OsStr::new)
             .chain([state_dir.as_os_str(), "--config".as_ref(), config.as_os_str(), "--tokens".as_ref(), tokens.as_os_str()])
             .collect();
-        let mut cmd = spec.command(&bins::path("mesh-node"), &args)?;
+        let mut cmd = spec.command(&bins::path("mesh-node"), &args);
         cmd.env("MESH_LOG", std::env::var("MESH_LOG").unwrap_or_else(|_| "info".into())).enter(Some(&self.net_netns()), None)?;
         let mut ca = Container::spawn(cmd, &self.log_dir.join("ca.log"), "mesh CA listening").context("starting mesh-node ca")?;
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -556,7 +556,7 @@ impl SimCluster {
         args.extend(extra_args.iter().map(|a| a.to_string()));
         let spec = ContainerSpec { security: self.proxy_security.clone(), cgroup, bpffs: Some(self.node_bpffs(i)) };
         let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
-        let mut cmd = spec.command(&bins::path("mesh-node"), &args)?;
+        let mut cmd = spec.command(&bins::path("mesh-node"), &args);
         cmd.env("MESH_LOG", std::env::var("MESH_LOG").unwrap_or_else(|_| "info".into())).enter(Some(&node.netns), None)?;
         Container::spawn(cmd, &self.log_dir.join(format!("{}.log", node.name)), "node proxy ready").context("starting mesh-node")
     }
@@ -945,6 +945,12 @@ pub fn preflight() -> anyhow::Result<()> {
     }
     if Command::new("ip").arg("-V").output().is_err() {
         bail!("`ip` (iproute2) is not installed: run `cargo xtask setup`");
+    }
+    // The proxies' and the CA's containers (`container`).
+    for tool in ["unshare", "setpriv", "mount"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            bail!("`{tool}` (util-linux) is not installed: the node proxies run in containers made with it");
+        }
     }
     sys::cgroup2_mount()?;
     Ok(())

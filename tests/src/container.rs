@@ -168,7 +168,7 @@ exec setpriv "$@"
 impl ContainerSpec {
     /// The command that runs `program args` in this container; enter the node's network
     /// namespace on it ([`crate::sys::EnterExt`]) before spawning.
-    pub fn command(&self, program: &Path, args: &[&OsStr]) -> anyhow::Result<Command> {
+    pub fn command(&self, program: &Path, args: &[&OsStr]) -> Command {
         let s = &self.security;
         let caps = std::iter::once("-all".to_string()).chain(s.capabilities.iter().map(|c| format!("+{}", c.to_lowercase()))).collect::<Vec<_>>().join(",");
         let mut cmd = Command::new("unshare");
@@ -176,8 +176,8 @@ impl ContainerSpec {
         cmd.args(["--pid", "--fork", "--kill-child", "--mount", "--mount-proc", "--ipc", "--", "/bin/sh", "-c", SCRIPT, "container-init"])
             .arg(self.cgroup.join("cgroup.procs"))
             .arg(self.bpffs.as_deref().unwrap_or(Path::new("")));
-        // setpriv: user first (root keeps its capabilities across setresuid only with keep-caps;
-        // a non-root user gets none after exec anyway), then the capability sets.
+        // The manifest's user (the CA's), then the capability sets: after the exec root has
+        // exactly these, a non-root user none whatever they say.
         if s.run_as_user != 0 || s.run_as_group != 0 {
             cmd.args(["--reuid", &s.run_as_user.to_string(), "--regid", &s.run_as_group.to_string(), "--clear-groups"]);
         }
@@ -185,7 +185,7 @@ impl ContainerSpec {
             cmd.arg("--no-new-privs");
         }
         cmd.args(["--inh-caps", &caps, "--ambient-caps", &caps, "--bounding-set", &caps, "--"]).arg(program).args(args);
-        Ok(cmd)
+        cmd
     }
 }
 
