@@ -156,10 +156,12 @@ pub struct ContainerSpec {
 /// detached (in this namespace only) and a cgroup2 mount put in its place, read-only as the
 /// DaemonSet's `cgroup` volume: the same hierarchy a hostPath of the host's cgroup2 root
 /// shows, and the only cgroup2 entry of the container's /proc/mounts (where the proxy looks).
+/// /proc/sys is read-only, as container runtimes mount it (sysctls are the node's business).
 const SCRIPT: &str = r#"set -e
 echo 0 > "$1"
 umount --recursive --lazy /sys/fs/cgroup
 mount -t cgroup2 -o ro,nosuid,nodev,noexec cgroup2 /sys/fs/cgroup
+mount --bind -o ro /proc/sys /proc/sys
 if [ -n "$2" ]; then mount --bind "$2" /sys/fs/bpf; fi
 shift 2
 exec setpriv "$@"

@@ -501,6 +501,7 @@ fn proxies_and_the_ca_run_as_their_manifests_containers() {
         let (fstype, options) = &mounts["/sys/fs/cgroup"];
         assert!(fstype == "cgroup2" && options.split(',').any(|o| o == "ro"), "{name}: /sys/fs/cgroup is {fstype} {options}");
         assert_eq!(mounts["/sys/fs/bpf"].0, "bpf", "{name}: {mounts:?}");
+        assert!(mounts["/proc/sys"].1.split(',').any(|o| o == "ro"), "{name}: {mounts:?}");
         assert!(!mounts.contains_key("/sys/fs/cgroup/unified"), "{name}: the host's cgroup mounts are not in the container: {mounts:?}");
         // The proxy attached from its view of the cgroup tree and pinned in its view of bpffs,
         // which the host sees in the node's bpffs.
