@@ -6,8 +6,8 @@
 //! ([`tls`], [`verify`]) turns a [`WorkloadCert`] into rustls configs whose verifiers check
 //! the chain against the mesh roots and the SPIFFE ID instead of a host name.
 //!
-//! Files: `spiffe` (the ID), `csr` (keys and CSRs), `cert` (issued certificates, reading the
-//! ID out of one), `verify` (rustls verifiers), `tls` (configs), `ca_client` (gRPC client),
+//! Files: `spiffe` (the ID), `names` (Kubernetes name rules), `csr` (keys and CSRs), `cert` (issued certificates, reading the ID out of one),
+//! `verify` (rustls verifiers), `tls` (configs), `ca_client` (gRPC client),
 //! `manager` (cache and single-flight issuance), `rotation` (renewal task), `error`.
 
 mod ca_client;
@@ -15,6 +15,7 @@ mod cert;
 mod csr;
 mod error;
 mod manager;
+mod names;
 mod rotation;
 mod spiffe;
 pub mod tls;
