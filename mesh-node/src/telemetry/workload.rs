@@ -193,7 +193,9 @@ mod tests {
         let ns63 = format!("n{}", "s".repeat(62));
         let long_sa = format!("{}.{}", "a".repeat(126), "b".repeat(126));
         let node = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nstatus: {addresses: [{type: InternalIP, address: 172.18.0.2}]}\n---\n";
-        let yaml = node.to_string() + &pod_yaml("lemo-dev", "reader", "recall.reader", "10.244.0.20") + &pod_yaml(&ns63, "long", &long_sa, "10.244.0.21");
+        // Enrolled namespaces: pods outside the mesh have no principal.
+        let enrolled = |ns: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\n");
+        let yaml = node.to_string() + &enrolled("lemo-dev") + &enrolled(&ns63) + &pod_yaml("lemo-dev", "reader", "recall.reader", "10.244.0.20") + &pod_yaml(&ns63, "long", &long_sa, "10.244.0.21");
         let cluster = Cluster::from_yaml_files([("pods.yaml", yaml.as_str())]).unwrap_or_else(|e| panic!("{e}"));
         let peers = Peers::build(&cluster, "cluster.local", true);
         let principal = |ip: &str| peers.workload(ip.parse().expect("ip")).principal.clone();
