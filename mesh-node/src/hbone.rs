@@ -2,7 +2,7 @@
 //! ALPN h2). The source proxy presents the source workload's certificate and checks that the
 //! far proxy presents the destination pod's identity; the destination proxy accepts any mesh
 //! identity (policy decides afterwards) and picks its certificate from the SNI, which names the
-//! destination identity.
+//! destination identity ([`identity::sni`]: every valid ServiceAccount name has one).
 use std::{net::SocketAddr, sync::Arc};
 
 use rustls::{
@@ -105,7 +105,6 @@ impl MeshTls {
         Ok((tls, client, requested))
     }
 }
-
 
 #[cfg(test)]
 mod tests {

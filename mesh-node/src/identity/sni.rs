@@ -68,7 +68,7 @@ fn hashed_label(ns: &str, sa: &str) -> String {
     let digest = digest::digest(&digest::SHA256, format!("{ns}/{sa}").as_bytes());
     let hash: String = digest.as_ref()[..HASH_HEX_DIGITS / 2].iter().map(|b| format!("{b:02x}")).collect();
     let prefix: String = sa.chars().take(PREFIX_MAX).map(|c| if c == '.' { '-' } else { c }).collect();
-    // "a.-" would end the prefix in '-': noise before the separating '-'.
+    // A prefix cut right after a dot would end in '-': noise before the separating '-'.
     format!("{}-{hash}", prefix.trim_end_matches('-'))
 }
 
