@@ -296,6 +296,8 @@ fn endpoints(n: usize) -> Vec<Endpoint> {
             pod_name: format!("recall-7d9f8c6b5-{i:05}"),
             node: format!("node-{}", i % 3),
             addr: SocketAddr::from(([10, 244, (i / 250) as u8, (i % 250 + 2) as u8], 8080)),
+            conditions: Default::default(),
+            hostname: None,
         })
         .collect()
 }

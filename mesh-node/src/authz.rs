@@ -126,6 +126,8 @@ mod tests {
             labels: BTreeMap::from([("app".to_string(), app.to_string())]),
             container_ports: vec![],
             host_network: false,
+            ready: true,
+            terminating: false,
         }
     }
 

@@ -142,6 +142,9 @@ impl Destinations {
                 policy = merge(sub.for_port(key.port), policy);
             }
         }
+        // Per cluster, as in Envoy: a subset whose pods are all terminating falls back to them
+        // even while other subsets have ready pods.
+        let endpoints = crate::config::usable(endpoints);
         let name = key.to_string();
         let balancer = self.balancers.get(&name);
         let lb: Option<LbPolicy> = policy.load_balancer.as_ref().map(|l| l.policy.clone());

@@ -37,12 +37,7 @@ pub fn route(cluster: &Cluster, orig: SocketAddr, source: Option<&Pod>) -> Resul
         return tcp_route(cluster, svc, orig.port(), source).map(TcpTarget::Cluster);
     }
     if let Some(pod) = cluster.pod_by_ip(orig.ip()) {
-        return Ok(TcpTarget::Pod(Endpoint {
-            pod_namespace: pod.namespace.clone(),
-            pod_name: pod.name.clone(),
-            node: pod.node.clone(),
-            addr: orig,
-        }));
+        return Ok(TcpTarget::Pod(Endpoint::of_pod(pod, orig)));
     }
     Err(RouteError::UnknownDestination(orig))
 }

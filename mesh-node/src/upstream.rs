@@ -93,8 +93,6 @@ pub enum ConnectError {
     Tunnel(#[from] crate::tunnel::TunnelError),
     #[error("endpoint {addr} is on node {node}, which the config does not define")]
     UnknownNode { addr: SocketAddr, node: String },
-    #[error("endpoint {addr} is not a pod the config knows, so its identity is unknown")]
-    UnknownPod { addr: SocketAddr },
     #[error("connection from {source_ip} to {addr} refused: {reason}")]
     Denied { addr: SocketAddr, source_ip: std::net::IpAddr, reason: String },
 }
@@ -114,8 +112,11 @@ impl Source {
     }
 }
 
-/// How this node reaches endpoints: directly when they are local (after checking the
-/// destination's AuthorizationPolicies), through the owning node's proxy otherwise.
+/// How this node reaches endpoints: mesh pods on this node directly (after checking their
+/// AuthorizationPolicies), mesh pods on other nodes through their node's proxy, and anything
+/// outside the mesh (unenrolled or host-network pods, node addresses, the API server,
+/// hand-managed endpoints) directly as plain TCP from this node, as ambient's passthrough does:
+/// no proxy on the far side would terminate a tunnel for it.
 #[derive(Clone)]
 pub struct Connector {
     pub node: String,
@@ -129,26 +130,24 @@ impl Connector {
     pub async fn connect(&self, endpoint: &crate::config::Endpoint, source: &Source, timeout: Duration) -> Result<UpstreamIo, ConnectError> {
         let cluster = self.config.borrow().clone();
         let addr = endpoint.addr;
-        if endpoint.node == self.node {
-            if let Some(pod) = cluster.pod_by_ip(addr.ip())
-                && let crate::authz::Decision::Deny { reason, .. } = crate::authz::check(&cluster, pod, source.identity.as_ref(), source.ip, addr.port())
-            {
+        let direct = || async move { connect(addr, timeout).await.map(UpstreamIo::Direct).map_err(|source| ConnectError::Direct { addr, source }) };
+        let Some(pod) = cluster.pod_by_ip(addr.ip()).filter(|p| cluster.is_enrolled(p)) else {
+            return direct().await;
+        };
+        if pod.node == self.node {
+            if let crate::authz::Decision::Deny { reason, .. } = crate::authz::check(&cluster, pod, source.identity.as_ref(), source.ip, addr.port()) {
                 tracing::warn!(source = %source.ip, principal = ?source.identity.as_ref().map(|i| i.to_string()), target = %addr, "authorization: {reason}");
                 return Err(ConnectError::Denied { addr, source_ip: source.ip, reason });
             }
-            return connect(addr, timeout).await.map(UpstreamIo::Direct).map_err(|source| ConnectError::Direct { addr, source });
+            return direct().await;
         }
-        let Some(node_ip) = cluster.node(&endpoint.node).map(|n| n.ip) else {
-            return Err(ConnectError::UnknownNode { addr, node: endpoint.node.clone() });
+        let Some(node_ip) = cluster.node(&pod.node).map(|n| n.ip) else {
+            return Err(ConnectError::UnknownNode { addr, node: pod.node.clone() });
         };
-        let ids = match (&source.identity, cluster.pod_by_ip(addr.ip())) {
-            (Some(src), Some(pod)) => Some(crate::tunnel::TunnelIdentities {
-                source: src.clone(),
-                destination: crate::identity::Identity::new(&self.trust_domain, &pod.namespace, &pod.service_account),
-            }),
-            (_, None) => return Err(ConnectError::UnknownPod { addr }),
-            (None, _) => None,
-        };
+        let ids = source.identity.as_ref().map(|src| crate::tunnel::TunnelIdentities {
+            source: src.clone(),
+            destination: crate::identity::Identity::new(&self.trust_domain, &pod.namespace, &pod.service_account),
+        });
         let proxy = SocketAddr::new(node_ip, self.inbound_port);
         Ok(UpstreamIo::Tunnel(self.tunnels.open(proxy, addr, ids, Some(source.ip), timeout).await?))
     }

@@ -94,12 +94,12 @@ impl AdminState {
                         let endpoints: Vec<_> = cluster
                             .endpoints(svc, p.port)
                             .into_iter()
-                            .map(|e| json!({"pod": format!("{}/{}", e.pod_namespace, e.pod_name), "node": e.node, "addr": e.addr.to_string()}))
+                            .map(|e| json!({"pod": format!("{}/{}", e.pod_namespace, e.pod_name), "node": e.node, "addr": e.addr.to_string(), "ready": e.conditions.ready, "serving": e.conditions.serving, "terminating": e.conditions.terminating}))
                             .collect();
                         json!({"port": p.port, "name": p.name, "endpoints": endpoints})
                     })
                     .collect();
-                json!({"service": format!("{}/{}", svc.namespace, svc.name), "vips": svc.cluster_ips, "ports": ports})
+                json!({"service": format!("{}/{}", svc.namespace, svc.name), "vips": svc.cluster_ips, "external_name": svc.external_name, "ports": ports})
             })
             .collect();
         let capture = self.capture_state.lock().unwrap_or_else(|e| e.into_inner()).clone();

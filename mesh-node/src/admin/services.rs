@@ -26,6 +26,7 @@ pub fn services(state: &AdminState) -> Value {
                         },
                         "protocol": protocol_name(protocol::for_port(p)),
                         "endpoints": cluster.endpoints(svc, p.port).len(),
+                        "ready_endpoints": cluster.endpoints(svc, p.port).iter().filter(|e| e.conditions.ready).count(),
                     })
                 })
                 .collect();
@@ -98,8 +99,8 @@ pub fn endpoints(state: &AdminState, spec: &str) -> Result<Value, String> {
             }));
         }
         if !resolved {
-            let eps: Vec<Value> = cluster
-                .endpoints(svc, port.port)
+            // What a balancer would be given: the endpoints that take new work.
+            let eps: Vec<Value> = crate::config::usable(cluster.endpoints(svc, port.port))
                 .into_iter()
                 .map(|e| {
                     json!({

@@ -11,6 +11,8 @@ fn ep(i: u8) -> Endpoint {
         pod_name: format!("pod-{i}"),
         node: "node-a".into(),
         addr: SocketAddr::from(([10, 0, 0, i], 8080)),
+        conditions: Default::default(),
+        hostname: None,
     }
 }
 

@@ -24,6 +24,7 @@ struct Parts {
     nodes: Vec<Placed<super::model::Node>>,
     pods: Vec<Placed<super::model::Pod>>,
     services: Vec<Placed<super::model::Service>>,
+    endpoint_slices: Vec<Placed<super::model::EndpointSlice>>,
     destination_rules: Vec<Placed<super::istio::DestinationRule>>,
     virtual_services: Vec<Placed<super::istio::VirtualService>>,
     peer_authentications: Vec<Placed<super::istio::PeerAuthentication>>,
@@ -37,6 +38,7 @@ impl Parts {
             Object::Node(o) => self.nodes.push((origin, o)),
             Object::Pod(o) => self.pods.push((origin, o)),
             Object::Service(o) => self.services.push((origin, o)),
+            Object::EndpointSlice(o) => self.endpoint_slices.push((origin, o)),
             Object::DestinationRule(o) => self.destination_rules.push((origin, *o)),
             Object::VirtualService(o) => self.virtual_services.push((origin, *o)),
             Object::PeerAuthentication(o) => self.peer_authentications.push((origin, *o)),
@@ -262,6 +264,7 @@ fn known_namespaces(parts: &Parts) -> BTreeSet<String> {
         .iter()
         .map(|(o, _)| o)
         .chain(parts.services.iter().map(|(o, _)| o))
+        .chain(parts.endpoint_slices.iter().map(|(o, _)| o))
         .chain(parts.destination_rules.iter().map(|(o, _)| o))
         .chain(parts.virtual_services.iter().map(|(o, _)| o))
         .chain(parts.peer_authentications.iter().map(|(o, _)| o))
@@ -384,6 +387,11 @@ fn index(parts: Parts, known_namespaces: BTreeSet<String>) -> Cluster {
             service_by_vip.insert(*ip, i);
         }
     }
+    let endpoint_slices = sorted(parts.endpoint_slices);
+    let mut slices_by_service: HashMap<(String, String), Vec<usize>> = HashMap::new();
+    for (i, slice) in endpoint_slices.iter().enumerate() {
+        slices_by_service.entry((slice.namespace.clone(), slice.service.clone())).or_default().push(i);
+    }
     let destination_rules = sorted(parts.destination_rules);
     let dr_hosts = destination_rules
         .iter()
@@ -415,6 +423,8 @@ fn index(parts: Parts, known_namespaces: BTreeSet<String>) -> Cluster {
         services,
         service_by_name,
         service_by_vip,
+        endpoint_slices,
+        slices_by_service,
         destination_rules,
         dr_hosts,
         virtual_services,

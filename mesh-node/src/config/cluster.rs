@@ -11,7 +11,10 @@ use super::istio::{
     AuthorizationPolicy, DestinationRule, MtlsMode, PeerAuthentication, VirtualService, exported_to,
 };
 use super::load::{self, Source};
-use super::model::{DATAPLANE_MODE_LABEL, Endpoint, Namespace, Node, Pod, Service, labels_match};
+use super::model::{
+    Conditions, DATAPLANE_MODE_LABEL, Endpoint, EndpointSlice, Namespace, Node, Pod, Service,
+    labels_match,
+};
 
 /// Istio's root namespace: mesh-wide policies and fallback DestinationRules live here.
 pub const ROOT_NAMESPACE: &str = "istio-system";
@@ -29,6 +32,10 @@ pub struct Cluster {
     pub(crate) services: Vec<Service>,
     pub(crate) service_by_name: HashMap<(String, String), usize>,
     pub(crate) service_by_vip: HashMap<IpAddr, usize>,
+    /// Sorted by namespace/name.
+    pub(crate) endpoint_slices: Vec<EndpointSlice>,
+    /// By the Service (namespace, name) they belong to: indexes into `endpoint_slices`.
+    pub(crate) slices_by_service: HashMap<(String, String), Vec<usize>>,
     /// Sorted by namespace/name; `dr_hosts[i]` is rule i's canonical host.
     pub(crate) destination_rules: Vec<DestinationRule>,
     pub(crate) dr_hosts: Vec<String>,
@@ -97,6 +104,13 @@ impl Cluster {
         self.pod_by_ip.get(&ip).map(|&i| &self.pods[i])
     }
 
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+        self.pods
+            .binary_search_by(|p| (p.namespace.as_str(), p.name.as_str()).cmp(&(namespace, name)))
+            .ok()
+            .map(|i| &self.pods[i])
+    }
+
     pub fn pods_on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
         self.pods.iter().filter(move |p| p.node == node)
     }
@@ -132,25 +146,87 @@ impl Cluster {
         })
     }
 
-    /// Backends of `svc`'s port `port`, ordered by pod namespace/name. Pods
-    /// lacking a named target port are skipped, as kube-proxy does.
+    /// Every endpoint of `svc`'s port `port` with its conditions, ready or not (pick the ones
+    /// to send to with [`super::usable`]), ordered by address.
+    ///
+    /// From the Service's EndpointSlices when it has any, as Kubernetes' own consumers read
+    /// them (selector-less Services such as `default/kubernetes` have only those); otherwise
+    /// derived from Pods x selector as the EndpointSlice controller would (running pods that
+    /// have the target port, Ready and `deletionTimestamp` honoured).
+    /// `publishNotReadyAddresses` makes every endpoint count as ready.
     pub fn endpoints(&self, svc: &Service, port: u16) -> Vec<Endpoint> {
         let Some(service_port) = svc.port(port) else {
             return Vec::new();
         };
-        self.pods
-            .iter()
-            .filter(|pod| svc.selects(pod))
-            .filter_map(|pod| {
-                let target = pod.resolve_target_port(&service_port.target_port)?;
-                Some(Endpoint {
-                    pod_namespace: pod.namespace.clone(),
-                    pod_name: pod.name.clone(),
-                    node: pod.node.clone(),
-                    addr: SocketAddr::new(pod.ip, target),
+        let mut endpoints = match self.slices_by_service.get(&(svc.namespace.clone(), svc.name.clone())) {
+            Some(slices) => self.slice_endpoints(slices, service_port),
+            None => self
+                .pods
+                .iter()
+                .filter(|pod| svc.selects(pod))
+                .filter_map(|pod| {
+                    let target = pod.resolve_target_port(&service_port.target_port)?;
+                    let mut endpoint = Endpoint::of_pod(pod, SocketAddr::new(pod.ip, target));
+                    endpoint.conditions = Conditions {
+                        ready: pod.ready && !pod.terminating,
+                        serving: pod.ready,
+                        terminating: pod.terminating,
+                    };
+                    Some(endpoint)
                 })
-            })
-            .collect()
+                .collect(),
+        };
+        if svc.publish_not_ready {
+            for e in &mut endpoints {
+                e.conditions.ready = true;
+            }
+        }
+        endpoints.sort_by_key(|e| e.addr);
+        endpoints
+    }
+
+    fn slice_endpoints(&self, slices: &[usize], service_port: &super::model::ServicePort) -> Vec<Endpoint> {
+        let mut out: Vec<Endpoint> = Vec::new();
+        for slice in slices.iter().map(|&i| &self.endpoint_slices[i]) {
+            // The controller names a slice port after the Service port it serves.
+            let Some(port) = slice
+                .ports
+                .iter()
+                .find(|p| p.name == service_port.name && p.protocol == service_port.protocol)
+            else {
+                continue;
+            };
+            for ep in &slice.endpoints {
+                let pod = match &ep.pod {
+                    Some((namespace, name)) => self.pod(namespace, name),
+                    None => self.pod_by_ip(ep.address),
+                };
+                let endpoint = Endpoint {
+                    pod_namespace: pod.map(|p| p.namespace.clone()).unwrap_or_default(),
+                    pod_name: pod.map(|p| p.name.clone()).unwrap_or_default(),
+                    node: ep.node.clone().or_else(|| pod.map(|p| p.node.clone())).unwrap_or_default(),
+                    addr: SocketAddr::new(ep.address, port.port),
+                    conditions: ep.conditions,
+                    hostname: ep.hostname.clone(),
+                };
+                // The same address in two slices (the controller moving it): keep the ready one.
+                match out.iter_mut().find(|e| e.addr == endpoint.addr) {
+                    Some(existing) if !existing.conditions.ready && endpoint.conditions.ready => *existing = endpoint,
+                    Some(_) => {}
+                    None => out.push(endpoint),
+                }
+            }
+        }
+        out
+    }
+
+    /// The EndpointSlices of the Service `namespace/name`.
+    pub fn endpoint_slices_of(&self, namespace: &str, name: &str) -> impl Iterator<Item = &EndpointSlice> {
+        self.slices_by_service
+            .get(&(namespace.to_string(), name.to_string()))
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.endpoint_slices[i])
     }
 
     /// In the mesh: the pod's namespace is labelled

@@ -13,7 +13,7 @@ use super::istio::{
     self, AuthorizationPolicy, DestinationRule, PeerAuthentication, VirtualService, raw,
 };
 use super::kube::{self, Ident};
-use super::model::{Namespace, Node, Pod, Service};
+use super::model::{EndpointSlice, Namespace, Node, Pod, Service};
 
 /// The kinds the mesh reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -22,6 +22,7 @@ pub(crate) enum Kind {
     Node,
     Pod,
     Service,
+    EndpointSlice,
     DestinationRule,
     VirtualService,
     PeerAuthentication,
@@ -35,6 +36,7 @@ impl Kind {
             ("v1", "Node") => Some(Kind::Node),
             ("v1", "Pod") => Some(Kind::Pod),
             ("v1", "Service") => Some(Kind::Service),
+            ("discovery.k8s.io/v1", "EndpointSlice") => Some(Kind::EndpointSlice),
             (
                 "networking.istio.io/v1"
                 | "networking.istio.io/v1beta1"
@@ -67,6 +69,7 @@ impl Kind {
             Kind::Node => "Node",
             Kind::Pod => "Pod",
             Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
             Kind::DestinationRule => "DestinationRule",
             Kind::VirtualService => "VirtualService",
             Kind::PeerAuthentication => "PeerAuthentication",
@@ -102,6 +105,7 @@ pub(crate) enum Object {
     Node(Node),
     Pod(Pod),
     Service(Service),
+    EndpointSlice(EndpointSlice),
     // Boxed: the Istio models are several times larger than the core kinds.
     DestinationRule(Box<DestinationRule>),
     VirtualService(Box<VirtualService>),
@@ -201,12 +205,18 @@ pub(crate) fn decode(
         Kind::Node => typed::<k8s::Node>(value, &mut r)
             .and_then(|n| kube::node(n, &id, &mut r))
             .map(Object::Node),
-        Kind::Pod => typed::<k8s::Pod>(value, &mut r)
-            .and_then(|p| kube::pod(p, &id, &mut r))
-            .map(Object::Pod),
+        Kind::Pod => match typed::<k8s::Pod>(value, &mut r).and_then(|p| kube::pod(p, &id, &mut r)) {
+            Some(kube::PodState::Running(pod)) => Some(Object::Pod(*pod)),
+            // Pending without an address, or finished: nothing to route to, nothing wrong.
+            Some(kube::PodState::Absent) => return None,
+            None => None,
+        },
         Kind::Service => typed::<k8s::Service>(value, &mut r)
             .and_then(|s| kube::service(s, &id, &mut r))
             .map(Object::Service),
+        Kind::EndpointSlice => typed::<k8s_openapi::api::discovery::v1::EndpointSlice>(value, &mut r)
+            .and_then(|s| kube::endpoint_slice(s, &id, &mut r))
+            .map(Object::EndpointSlice),
         Kind::DestinationRule => {
             envelope_and_spec::<raw::DestinationRuleSpec>(value, &mut r).map(|(envelope, s)| {
                 let annotations = envelope.metadata.annotations.unwrap_or_default();

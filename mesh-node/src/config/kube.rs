@@ -8,7 +8,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::error::Reporter;
 use super::field_path::FieldPath;
-use super::model::{Namespace, Node, Pod, Service, ServicePort, TargetPort};
+use super::model::{
+    Conditions, EndpointSlice, Namespace, Node, Pod, Service, ServicePort, SliceEndpoint,
+    SlicePort, TargetPort,
+};
 
 /// Name and namespace as already established by the loader.
 pub(crate) struct Ident<'a> {
@@ -41,9 +44,24 @@ pub(crate) fn node(node: k8s::Node, id: &Ident<'_>, r: &mut Reporter<'_>) -> Opt
     })
 }
 
-pub(crate) fn pod(pod: k8s::Pod, id: &Ident<'_>, r: &mut Reporter<'_>) -> Option<Pod> {
+/// What a Pod document is to the mesh.
+pub(crate) enum PodState {
+    /// A workload with an address: scheduled and running (or starting, or terminating).
+    Running(Box<Pod>),
+    /// Not scheduled or not started yet (no IP), or finished (`Succeeded`/`Failed`, whose IP
+    /// may already belong to another pod): not a workload, and not a problem either.
+    Absent,
+}
+
+pub(crate) fn pod(pod: k8s::Pod, id: &Ident<'_>, r: &mut Reporter<'_>) -> Option<PodState> {
     let spec = pod.spec.unwrap_or_default();
     let status = pod.status.unwrap_or_default();
+    let has_ip = status.pod_ip.as_deref().is_some_and(|ip| !ip.is_empty());
+    match status.phase.as_deref() {
+        Some("Succeeded" | "Failed") => return Some(PodState::Absent),
+        Some("Pending") if !has_ip => return Some(PodState::Absent),
+        _ => {}
+    }
     let mut ok = true;
 
     let node = match spec.node_name.filter(|n| !n.is_empty()) {
@@ -125,18 +143,28 @@ pub(crate) fn pod(pod: k8s::Pod, id: &Ident<'_>, r: &mut Reporter<'_>) -> Option
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "default".to_string());
 
+    // Kubernetes' rule: ready when the Ready condition is True. Objects written by hand
+    // (file mode) often carry no status conditions at all: those count as ready.
+    let ready = match &status.conditions {
+        None => true,
+        Some(conditions) => conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"),
+    };
     let ip = ip?;
-    ok.then(|| Pod {
-        namespace,
-        name,
-        uid,
-        ip,
-        ips,
-        node,
-        service_account,
-        labels: pod.metadata.labels.unwrap_or_default(),
-        container_ports,
-        host_network: spec.host_network.unwrap_or(false),
+    ok.then(|| {
+        PodState::Running(Box::new(Pod {
+            namespace,
+            name,
+            uid,
+            ip,
+            ips,
+            node,
+            service_account,
+            labels: pod.metadata.labels.unwrap_or_default(),
+            container_ports,
+            host_network: spec.host_network.unwrap_or(false),
+            ready,
+            terminating: pod.metadata.deletion_timestamp.is_some(),
+        }))
     })
 }
 
@@ -147,9 +175,25 @@ pub(crate) fn service(svc: k8s::Service, id: &Ident<'_>, r: &mut Reporter<'_>) -
     };
     let before = r.count();
 
+    let external_name = if spec.type_.as_deref() == Some("ExternalName") {
+        match spec.external_name.as_deref().map(str::trim) {
+            Some(name) if !name.is_empty() => Some(name.to_ascii_lowercase()),
+            _ => {
+                r.at(
+                    &FieldPath::of(&["spec", "externalName"]),
+                    "is required for a Service of type ExternalName",
+                );
+                return None;
+            }
+        }
+    } else {
+        None
+    };
     let cip_path = FieldPath::of(&["spec", "clusterIP"]);
     let mut cluster_ips = Vec::new();
     match spec.cluster_ip.as_deref() {
+        // An ExternalName Service is a DNS alias: it gets no cluster IP.
+        None | Some("") if external_name.is_some() => {}
         None | Some("") => r.at(
             &cip_path,
             "is required (an IP, or None for a headless Service)",
@@ -263,7 +307,8 @@ pub(crate) fn service(svc: k8s::Service, id: &Ident<'_>, r: &mut Reporter<'_>) -
         });
     }
 
-    let selector = spec.selector.filter(|s| !s.is_empty());
+    // The API server drops the selector of an ExternalName Service's endpoints: it has none.
+    let selector = spec.selector.filter(|s| !s.is_empty() && external_name.is_none());
     (r.count() == before).then(|| Service {
         namespace: id.namespace.to_string(),
         name: id.name.to_string(),
@@ -271,6 +316,108 @@ pub(crate) fn service(svc: k8s::Service, id: &Ident<'_>, r: &mut Reporter<'_>) -
         ports,
         selector,
         labels: svc.metadata.labels.unwrap_or_default(),
+        publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
+        external_name,
+    })
+}
+
+/// The label naming the Service an EndpointSlice belongs to.
+pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// `discovery.k8s.io/v1` EndpointSlice. `FQDN` slices (deprecated, never written by the
+/// controller) carry no addresses the proxy can dial and are rejected as such.
+pub(crate) fn endpoint_slice(
+    slice: k8s_openapi::api::discovery::v1::EndpointSlice,
+    id: &Ident<'_>,
+    r: &mut Reporter<'_>,
+) -> Option<EndpointSlice> {
+    let before = r.count();
+    let labels = slice.metadata.labels.unwrap_or_default();
+    let service = match labels.get(SERVICE_NAME_LABEL).filter(|s| !s.is_empty()) {
+        Some(s) => s.clone(),
+        None => {
+            r.at(
+                &FieldPath::of(&["metadata", "labels"]).key(SERVICE_NAME_LABEL),
+                "is required (the Service this slice belongs to)",
+            );
+            return None;
+        }
+    };
+    let want_v6 = match slice.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        other => {
+            r.at(
+                &FieldPath::of(&["addressType"]),
+                format!("{other:?} is not one of IPv4, IPv6"),
+            );
+            return None;
+        }
+    };
+    let ports_path = FieldPath::of(&["ports"]);
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.unwrap_or_default().iter().enumerate() {
+        // A port without a number means "all ports" and is only valid for selector-less
+        // Services the mesh cannot route by port anyway: skipped.
+        let Some(number) = p.port else { continue };
+        let Some(port) = port_number(i64::from(number)) else {
+            r.at(
+                &ports_path.index(i).key("port"),
+                format!("{number} is not a valid port (1-65535)"),
+            );
+            continue;
+        };
+        ports.push(SlicePort {
+            name: p.name.clone().filter(|n| !n.is_empty()),
+            port,
+            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".to_string()),
+        });
+    }
+    let eps_path = FieldPath::of(&["endpoints"]);
+    let mut endpoints = Vec::new();
+    for (i, ep) in slice.endpoints.into_iter().enumerate() {
+        let path = eps_path.index(i);
+        let Some(first) = ep.addresses.first() else {
+            r.at(&path.key("addresses"), "must list at least one address");
+            continue;
+        };
+        let Some(address) = parse_ip(first, &path.key("addresses").index(0), r) else {
+            continue;
+        };
+        if address.is_ipv6() != want_v6 {
+            r.at(
+                &path.key("addresses").index(0),
+                format!("{address} does not match addressType {}", slice.address_type),
+            );
+            continue;
+        }
+        // Kubernetes' reading of nil conditions: ready; serving as ready; not terminating.
+        let c = ep.conditions.unwrap_or_default();
+        let ready = c.ready.unwrap_or(true);
+        let conditions = Conditions {
+            ready,
+            serving: c.serving.unwrap_or(ready),
+            terminating: c.terminating.unwrap_or(false),
+        };
+        let pod = ep.target_ref.filter(|t| t.kind.as_deref() == Some("Pod")).and_then(|t| {
+            let name = t.name.filter(|n| !n.is_empty())?;
+            let namespace = t.namespace.filter(|n| !n.is_empty()).unwrap_or_else(|| id.namespace.to_string());
+            Some((namespace, name))
+        });
+        endpoints.push(SliceEndpoint {
+            address,
+            conditions,
+            node: ep.node_name.filter(|n| !n.is_empty()),
+            hostname: ep.hostname.filter(|h| !h.is_empty()),
+            pod,
+        });
+    }
+    (r.count() == before).then(|| EndpointSlice {
+        namespace: id.namespace.to_string(),
+        name: id.name.to_string(),
+        service,
+        ports,
+        endpoints,
     })
 }
 

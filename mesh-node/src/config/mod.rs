@@ -38,8 +38,8 @@ pub use field_path::FieldPath;
 pub use host::{CLUSTER_DOMAIN, canonical_host, fqdn, host_matches};
 pub use istio::*;
 pub use model::{
-    DATAPLANE_MODE_LABEL, Endpoint, Namespace, Node, Pod, Service, ServicePort, TargetPort,
-    labels_match,
+    Conditions, DATAPLANE_MODE_LABEL, Endpoint, EndpointSlice, Namespace, Node, Pod, Service,
+    ServicePort, SliceEndpoint, SlicePort, TargetPort, labels_match, usable,
 };
 pub use per_object::{PerObjectBuild, PerObjectBuilder, RejectedObject};
 pub use watch::spawn_watcher;

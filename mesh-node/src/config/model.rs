@@ -40,6 +40,10 @@ pub struct Pod {
     /// Host-network pods share their node's IP, so they are exempt from the
     /// unique-IP check and are never mesh workloads of their own.
     pub host_network: bool,
+    /// The `Ready` condition; a hand-written Pod without `status.conditions` counts as ready.
+    pub ready: bool,
+    /// `metadata.deletionTimestamp` is set: the pod is shutting down.
+    pub terminating: bool,
 }
 
 impl Pod {
@@ -67,6 +71,11 @@ pub struct Service {
     /// then derives no endpoints for it.
     pub selector: Option<BTreeMap<String, String>>,
     pub labels: BTreeMap<String, String>,
+    /// `spec.publishNotReadyAddresses`: every endpoint counts as ready.
+    pub publish_not_ready: bool,
+    /// `spec.externalName` of an `ExternalName` Service: a DNS alias the client resolves
+    /// itself; such a Service has no VIP and no endpoints.
+    pub external_name: Option<String>,
 }
 
 impl Service {
@@ -132,9 +141,91 @@ impl fmt::Display for TargetPort {
 /// One backend of a Service port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
+    /// The pod behind the address; both empty when it is not a pod the config knows (a
+    /// hand-managed endpoint, the API server, a node address).
     pub pod_namespace: String,
     pub pod_name: String,
+    /// Empty when unknown.
     pub node: String,
     /// Pod IP and resolved target port.
     pub addr: SocketAddr,
+    pub conditions: Conditions,
+    /// `hostname` of a headless Service's endpoint (`<hostname>.<service>...`).
+    pub hostname: Option<String>,
 }
+
+/// An endpoint's state, as an EndpointSlice states it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conditions {
+    /// Takes new requests and connections.
+    pub ready: bool,
+    /// Can answer, whether or not it takes new work (a terminating pod finishing up).
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl Default for Conditions {
+    /// What Kubernetes reads from a nil condition: ready and serving, not terminating.
+    fn default() -> Self {
+        Self { ready: true, serving: true, terminating: false }
+    }
+}
+
+impl Endpoint {
+    /// A ready endpoint of `pod` at `addr` (one of its addresses).
+    pub fn of_pod(pod: &Pod, addr: SocketAddr) -> Self {
+        Endpoint {
+            pod_namespace: pod.namespace.clone(),
+            pod_name: pod.name.clone(),
+            node: pod.node.clone(),
+            addr,
+            conditions: Conditions::default(),
+            hostname: None,
+        }
+    }
+}
+
+/// The endpoints that take new work, as kube-proxy and Envoy choose them: the ready ones, or,
+/// when none is ready, those still serving while they terminate (so a Service whose every pod
+/// is shutting down answers until the last one stops). Not-ready endpoints never do; open
+/// connections and requests in flight to an endpoint that left this set are not cut.
+pub fn usable(endpoints: Vec<Endpoint>) -> Vec<Endpoint> {
+    if endpoints.iter().any(|e| e.conditions.ready) {
+        endpoints.into_iter().filter(|e| e.conditions.ready).collect()
+    } else {
+        endpoints.into_iter().filter(|e| e.conditions.serving && e.conditions.terminating).collect()
+    }
+}
+
+/// `discovery.k8s.io/v1` EndpointSlice: a part of one Service's endpoints, as the
+/// EndpointSlice controller (or whoever manages a selector-less Service) writes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSlice {
+    pub namespace: String,
+    pub name: String,
+    /// The `kubernetes.io/service-name` label.
+    pub service: String,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlicePort {
+    /// The Service port's name (`None` for the single unnamed port).
+    pub name: Option<String>,
+    /// The target port on the endpoints.
+    pub port: u16,
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    /// The first address: the others are fungible (the API allows clients to use only it).
+    pub address: IpAddr,
+    pub conditions: Conditions,
+    pub node: Option<String>,
+    pub hostname: Option<String>,
+    /// `targetRef` when it names a Pod: (namespace, name).
+    pub pod: Option<(String, String)>,
+}
+

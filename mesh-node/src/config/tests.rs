@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::*;
 
 mod authorization;
+mod endpoints;
 
 const AUTHORIZATION_POLICY: &str =
     include_str!("../../../deploy/examples/lemo-dev/authorization-policy.yaml");

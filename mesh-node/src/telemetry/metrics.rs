@@ -69,8 +69,36 @@ impl Reporter {
 }
 
 /// `connection_security_policy`.
-pub fn security_policy(mtls: bool) -> &'static str {
-    if mtls { "mutual_tls" } else { "none" }
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Security {
+    /// Through a mutual-TLS tunnel between node proxies.
+    MutualTls,
+    /// Between mesh workloads without mutual TLS (same node, or tunnels in plaintext).
+    None,
+    /// To a destination outside the mesh, passed through as plain TCP.
+    Unknown,
+}
+
+impl Security {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Security::MutualTls => "mutual_tls",
+            Security::None => "none",
+            Security::Unknown => "unknown",
+        }
+    }
+
+    /// What a connection from this node's proxy (`node`, tunnels in mutual TLS when `mtls`)
+    /// to `destination` is: tunnelled only when the destination is a mesh pod on another node.
+    pub fn toward(destination: &Workload, node: &str, mtls: bool) -> Security {
+        if !destination.in_mesh {
+            Security::Unknown
+        } else if mtls && destination.node != node {
+            Security::MutualTls
+        } else {
+            Security::None
+        }
+    }
 }
 
 /// The peers and route of one request or connection.
@@ -79,7 +107,7 @@ pub struct Peering<'a> {
     pub source: &'a Workload,
     pub destination: &'a Workload,
     pub service: &'a ServiceLabels,
-    pub mtls: bool,
+    pub security: Security,
 }
 
 impl Peering<'_> {
@@ -148,7 +176,7 @@ struct RequestSeries {
 /// address cannot be reused by another value while it is cached) and the outcome's strings.
 struct SeriesKey {
     reporter: Reporter,
-    mtls: bool,
+    security: Security,
     source: Arc<Workload>,
     destination: Arc<Workload>,
     service: Arc<ServiceLabels>,
@@ -161,7 +189,7 @@ struct SeriesKey {
 impl SeriesKey {
     fn is(&self, p: &CachedPeering, o: &RequestOutcome) -> bool {
         self.reporter == p.reporter
-            && self.mtls == p.mtls
+            && self.security == p.security
             && Arc::ptr_eq(&self.source, p.source)
             && Arc::ptr_eq(&self.destination, p.destination)
             && Arc::ptr_eq(&self.service, p.service)
@@ -178,7 +206,7 @@ pub struct CachedPeering<'a> {
     pub source: &'a Arc<Workload>,
     pub destination: &'a Arc<Workload>,
     pub service: &'a Arc<ServiceLabels>,
-    pub mtls: bool,
+    pub security: Security,
 }
 
 /// The cache is keyed by an already mixed 64-bit hash.
@@ -219,7 +247,7 @@ fn mix_str(mut h: u64, s: &str) -> u64 {
 }
 
 fn series_hash(p: &CachedPeering, o: &RequestOutcome) -> u64 {
-    let mut h = mix(0, p.reporter as u64 | (u64::from(p.mtls) << 8));
+    let mut h = mix(0, p.reporter as u64 | ((p.security as u64) << 8));
     h = mix(h, Arc::as_ptr(p.source) as u64);
     h = mix(h, Arc::as_ptr(p.destination) as u64);
     h = mix(h, Arc::as_ptr(p.service) as u64);
@@ -295,7 +323,7 @@ impl IstioMetrics {
                     source: peering.source,
                     destination: peering.destination,
                     service: peering.service,
-                    mtls: peering.mtls,
+                    security: peering.security,
                 };
                 let v = Self::request_labels(&plain, outcome);
                 let s = Arc::new(RequestSeries {
@@ -306,7 +334,7 @@ impl IstioMetrics {
                 });
                 let key = SeriesKey {
                     reporter: peering.reporter,
-                    mtls: peering.mtls,
+                    security: peering.security,
                     source: peering.source.clone(),
                     destination: peering.destination.clone(),
                     service: peering.service.clone(),
@@ -336,7 +364,7 @@ impl IstioMetrics {
         v[17] = outcome.code;
         v[18] = outcome.grpc_status;
         v[19] = outcome.flags;
-        v[20] = security_policy(peering.mtls);
+        v[20] = peering.security.as_str();
         v
     }
 
@@ -355,7 +383,7 @@ impl IstioMetrics {
         v[..16].copy_from_slice(&p);
         v[16] = "tcp";
         v[17] = flags;
-        v[18] = security_policy(peering.mtls);
+        v[18] = peering.security.as_str();
         self.tcp_opened.with_label_values(&v).inc();
         TcpSeries { received: self.tcp_received.with_label_values(&v), sent: self.tcp_sent.with_label_values(&v), closed: self.tcp_closed.with_label_values(&v) }
     }
@@ -431,8 +459,8 @@ mod tests {
                 response_bytes: 100 * i as u64,
             };
             for (reporter, src, dst) in [(Reporter::Source, &a, &b), (Reporter::Destination, &a, &b), (Reporter::Source, &b, &a)] {
-                plain.record_request(&Peering { reporter, source: src, destination: dst, service: &svc, mtls: true }, &outcome);
-                cached.record_request_cached(&CachedPeering { reporter, source: src, destination: dst, service: &svc, mtls: true }, &outcome);
+                plain.record_request(&Peering { reporter, source: src, destination: dst, service: &svc, security: Security::MutualTls }, &outcome);
+                cached.record_request_cached(&CachedPeering { reporter, source: src, destination: dst, service: &svc, security: Security::MutualTls }, &outcome);
             }
         }
         assert_eq!(text(&plain_reg), text(&cached_reg));
@@ -450,7 +478,7 @@ mod tests {
         let (a, b) = (with_principal("a", "spiffe://cluster.local/ns/lemo-dev/sa/recall.reader"), with_principal("b", &long));
         let svc = Arc::new(ServiceLabels::unknown());
         let outcome = RequestOutcome { protocol: "http", code: "200", grpc_status: "", flags: "-", duration_ms: 1.0, request_bytes: 1, response_bytes: 1 };
-        m.record_request_cached(&CachedPeering { reporter: Reporter::Destination, source: &a, destination: &b, service: &svc, mtls: true }, &outcome);
+        m.record_request_cached(&CachedPeering { reporter: Reporter::Destination, source: &a, destination: &b, service: &svc, security: Security::MutualTls }, &outcome);
         let text = text(&registry);
         let series = text.lines().find(|l| l.starts_with("istio_requests_total{")).unwrap_or_else(|| panic!("{text}"));
         assert!(series.contains("source_principal=\"spiffe://cluster.local/ns/lemo-dev/sa/recall.reader\""), "{series}");
@@ -465,7 +493,7 @@ mod tests {
         let m = IstioMetrics::register(&registry).unwrap();
         let (a, b, svc) = (workload("a"), workload("b"), Arc::new(ServiceLabels::unknown()));
         let outcome = RequestOutcome { protocol: "http", code: "200", grpc_status: "", flags: "-", duration_ms: 1.0, request_bytes: 1, response_bytes: 1 };
-        let peering = CachedPeering { reporter: Reporter::Source, source: &a, destination: &b, service: &svc, mtls: false };
+        let peering = CachedPeering { reporter: Reporter::Source, source: &a, destination: &b, service: &svc, security: Security::None };
         m.record_request_cached(&peering, &outcome);
         assert_eq!(m.retain_workloads(&HashSet::new()), 4);
         assert!(!text(&registry).contains("istio_requests_total{"));

@@ -20,7 +20,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use super::{
     Telemetry,
     access_log::{AccessEntry, rfc3339},
-    metrics::{CachedPeering, Reporter, RequestOutcome},
+    metrics::{CachedPeering, Reporter, RequestOutcome, Security},
     propagation::hex,
     trace::{ActiveSpan, AttrValue, FinishedSpan},
     workload::{ServiceLabels, Workload},
@@ -145,8 +145,7 @@ impl Pending {
         let flags: std::borrow::Cow<str> = if self.route.flags.is_empty() { "-".into() } else { self.route.flags.to_string().into() };
         let status = http::StatusCode::from_u16(self.status).ok();
         let code: std::borrow::Cow<str> = status.as_ref().map_or_else(|| self.status.to_string().into(), |s| s.as_str().into());
-        let tunneled = !self.destination.node.is_empty() && self.destination.node != t.node;
-        let mtls = tunneled && t.mtls;
+        let security = Security::toward(&self.destination, &t.node, t.mtls);
         if let Some(metrics) = &t.metrics {
             let outcome = RequestOutcome {
                 protocol: if x.grpc { "grpc" } else { "http" },
@@ -157,10 +156,10 @@ impl Pending {
                 request_bytes,
                 response_bytes,
             };
-            let mut peering = CachedPeering { reporter: Reporter::Source, source: &self.source, destination: &self.destination, service: &self.service, mtls };
+            let mut peering = CachedPeering { reporter: Reporter::Source, source: &self.source, destination: &self.destination, service: &self.service, security };
             metrics.record_request_cached(&peering, &outcome);
             // Same node: no other proxy sees this request, so this one reports both sides.
-            if self.destination.node == t.node {
+            if self.destination.in_mesh && self.destination.node == t.node {
                 peering.reporter = Reporter::Destination;
                 metrics.record_request_cached(&peering, &outcome);
             }

@@ -10,7 +10,7 @@ use super::{
     Telemetry,
     access_log::{AccessEntry, rfc3339},
     connections::{ConnectionInfo, Counted, LiveGuard},
-    metrics::{Peering, Reporter, TcpSeries},
+    metrics::{Peering, Reporter, Security, TcpSeries},
     workload::{ServiceLabels, Workload},
 };
 use crate::{config::Cluster, flags::ResponseFlags, identity::Identity};
@@ -48,10 +48,10 @@ impl Telemetry {
         let source = peers.workload(peer.ip()).clone();
         let destination = peers.workload(route.upstream.ip()).clone();
         let service = route.service.map_or_else(|| peers.unknown_service().clone(), |(ns, name)| peers.service(ns, name).clone());
-        let tunneled = !destination.node.is_empty() && destination.node != self.node;
+        let security = Security::toward(&destination, &self.node, self.mtls);
         let mut reporters = vec![Reporter::Source];
-        // Same node: this proxy is the destination's too.
-        if destination.node == self.node {
+        // Same node and in the mesh: this proxy is the destination's too.
+        if destination.in_mesh && destination.node == self.node {
             reporters.push(Reporter::Destination);
         }
         let info = ConnectionInfo {
@@ -64,7 +64,7 @@ impl Telemetry {
             destination: Some(format!("{}/{}", destination.namespace, destination.pod)),
             upstream: Some(route.upstream.to_string()),
         };
-        self.open_tcp(info, &reporters, source, destination, &service, tunneled && self.mtls, route, flags, peer)
+        self.open_tcp(info, &reporters, source, destination, &service, security, route, flags, peer)
     }
 
     /// A tunnel stream from another node's proxy to `target`, a pod on this node. The source
@@ -72,7 +72,7 @@ impl Telemetry {
     /// one the peer's certificate proved.
     pub fn inbound_tcp(self: &Arc<Self>, cluster: &Cluster, peer: SocketAddr, forwarded: Option<IpAddr>, peer_identity: Option<&Identity>, target: SocketAddr) -> TcpConnection {
         let peers = self.workloads.get(cluster);
-        let mtls = peer_identity.is_some();
+        let security = if peer_identity.is_some() { Security::MutualTls } else { Security::None };
         let source = forwarded
             .and_then(|ip| peers.find(ip))
             .filter(|w| peer_identity.is_none_or(|id| w.principal == id.to_string()))
@@ -98,7 +98,7 @@ impl Telemetry {
             upstream: Some(target.to_string()),
         };
         let route = TcpRoute { service: None, upstream: target, cluster: Some("inbound".into()) };
-        self.open_tcp(info, &[Reporter::Destination], source, destination, &service, mtls, route, ResponseFlags::NONE, peer)
+        self.open_tcp(info, &[Reporter::Destination], source, destination, &service, security, route, ResponseFlags::NONE, peer)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -109,7 +109,7 @@ impl Telemetry {
         source: Arc<Workload>,
         destination: Arc<Workload>,
         service: &ServiceLabels,
-        mtls: bool,
+        security: Security,
         route: TcpRoute,
         flags: ResponseFlags,
         peer: SocketAddr,
@@ -118,7 +118,7 @@ impl Telemetry {
         let series = match &self.metrics {
             Some(m) => reporters
                 .iter()
-                .map(|r| m.open_tcp(&Peering { reporter: *r, source: &source, destination: &destination, service, mtls }, &flag_str))
+                .map(|r| m.open_tcp(&Peering { reporter: *r, source: &source, destination: &destination, service, security }, &flag_str))
                 .collect(),
             None => Vec::new(),
         };

@@ -28,25 +28,29 @@ pub struct Workload {
     pub version: String,
     /// The node the pod runs on (empty when unknown).
     pub node: String,
+    /// An enrolled pod: traffic to it goes through the mesh (tunnels, policy).
+    pub in_mesh: bool,
 }
 
 impl Workload {
     pub fn unknown() -> Self {
         let u = || UNKNOWN.to_string();
-        Self { pod: u(), name: u(), namespace: u(), principal: u(), app: u(), version: u(), node: String::new() }
+        Self { pod: u(), name: u(), namespace: u(), principal: u(), app: u(), version: u(), node: String::new(), in_mesh: false }
     }
 
-    fn of(pod: &Pod, trust_domain: &str, mtls: bool) -> Self {
+    fn of(pod: &Pod, in_mesh: bool, trust_domain: &str, mtls: bool) -> Self {
         let label = |keys: &[&str]| keys.iter().find_map(|k| pod.labels.get(*k)).cloned().unwrap_or_else(|| UNKNOWN.into());
         Self {
             pod: pod.name.clone(),
             name: workload_name(&pod.name).to_string(),
             namespace: pod.namespace.clone(),
-            // Istio reports the principal from the peer certificate: none without mTLS.
-            principal: if mtls { Identity::new(trust_domain, &pod.namespace, &pod.service_account).to_string() } else { UNKNOWN.into() },
+            // Istio reports the principal from the peer certificate: none without mTLS, and
+            // none for pods outside the mesh (they hold no certificate).
+            principal: if mtls && in_mesh { Identity::new(trust_domain, &pod.namespace, &pod.service_account).to_string() } else { UNKNOWN.into() },
             app: label(&["app", "app.kubernetes.io/name"]),
             version: label(&["version", "app.kubernetes.io/version"]),
             node: pod.node.clone(),
+            in_mesh,
         }
     }
 }
@@ -83,7 +87,7 @@ impl Peers {
     fn build(cluster: &Cluster, trust_domain: &str, mtls: bool) -> Self {
         let mut by_ip = HashMap::new();
         for pod in cluster.pods().filter(|p| !p.host_network) {
-            let w = Arc::new(Workload::of(pod, trust_domain, mtls));
+            let w = Arc::new(Workload::of(pod, cluster.is_enrolled(pod), trust_domain, mtls));
             for ip in &pod.ips {
                 by_ip.insert(*ip, w.clone());
             }
