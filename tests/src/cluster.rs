@@ -148,6 +148,12 @@ pub struct SimPod {
     pub netns: String,
     pub cgroup: PathBuf,
     pub uid: String,
+    /// What kubelet last reported: the `Ready` condition (its readiness probe).
+    pub ready: bool,
+    /// Deleted by the API (`deletionTimestamp` set): shutting down within its grace period.
+    pub terminating: bool,
+    /// Gone from the API (its grace period is over); its namespace stays until teardown.
+    pub deleted: bool,
 }
 
 pub struct SimNode {
@@ -279,24 +285,39 @@ impl SimCluster {
                 sys::ip_in(&self.nodes[i].netns, &["route", "add", &format!("10.244.{j}.0/24"), "via", &via])?;
             }
         }
-        let pods = self.spec.pods.clone();
-        for (k, spec) in pods.into_iter().enumerate() {
-            let node = &self.nodes[spec.node];
-            let (node_ns, node_cgroup) = (node.netns.clone(), node.cgroup.clone());
-            let ns = format!("{}-p{k}", self.id);
-            self.add_netns(&ns)?;
-            let ip = Ipv4Addr::new(10, 244, spec.node as u8, k as u8 + 10);
-            let host_if = format!("vp{k}");
-            sys::ip_in(&node_ns, &["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
-            sys::ip_in(&node_ns, &["link", "set", &host_if, "master", "cbr0", "up"])?;
-            sys::ip_in(&ns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-            sys::ip_in(&ns, &["link", "set", "eth0", "up"])?;
-            sys::ip_in(&ns, &["route", "add", "default", "via", &format!("10.244.{}.1", spec.node)])?;
-            let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), k);
-            let cgroup = node_cgroup.join(format!("pod{uid}"));
-            fs::create_dir(&cgroup)?;
-            self.pods.push(SimPod { spec, ip, netns: ns, cgroup, uid });
+        // The switch routes each node's pod subnet to it, so pods reach addresses on the switch
+        // (a selector-less Service's endpoint, like the API server) and get answers back.
+        for (i, node) in self.nodes.iter().enumerate() {
+            sys::ip_in(&net, &["route", "add", &format!("10.244.{i}.0/24"), "via", &node.ip.to_string()])?;
         }
+        for spec in self.spec.pods.clone() {
+            self.create_pod(spec)?;
+        }
+        Ok(())
+    }
+
+    /// Gives a pod its network namespace (10.244.<node>.<k+10>, behind its node's bridge) and
+    /// its cgroup under its node's, as the CNI and kubelet would; it starts Ready.
+    fn create_pod(&mut self, spec: PodSpec) -> anyhow::Result<()> {
+        let k = self.pods.len();
+        if k + 10 > 250 {
+            bail!("the simulated cluster has room for 240 pods");
+        }
+        let node = &self.nodes[spec.node];
+        let (node_ns, node_cgroup) = (node.netns.clone(), node.cgroup.clone());
+        let ns = format!("{}-p{k}", self.id);
+        self.add_netns(&ns)?;
+        let ip = Ipv4Addr::new(10, 244, spec.node as u8, k as u8 + 10);
+        let host_if = format!("vp{k}");
+        sys::ip_in(&node_ns, &["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        sys::ip_in(&node_ns, &["link", "set", &host_if, "master", "cbr0", "up"])?;
+        sys::ip_in(&ns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        sys::ip_in(&ns, &["link", "set", "eth0", "up"])?;
+        sys::ip_in(&ns, &["route", "add", "default", "via", &format!("10.244.{}.1", spec.node)])?;
+        let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), k);
+        let cgroup = node_cgroup.join(format!("pod{uid}"));
+        fs::create_dir(&cgroup)?;
+        self.pods.push(SimPod { spec, ip, netns: ns, cgroup, uid, ready: true, terminating: false, deleted: false });
         Ok(())
     }
 
@@ -314,7 +335,7 @@ impl SimCluster {
                 node.name, node.ip
             );
         }
-        for pod in &self.pods {
+        for pod in self.pods.iter().filter(|p| !p.deleted) {
             let s = &pod.spec;
             let mut labels = String::new();
             for (k, v) in &s.labels {
@@ -324,10 +345,14 @@ impl SimCluster {
             for (name, port) in &s.ports {
                 let _ = write!(ports, "\n    - name: {name}\n      containerPort: {port}");
             }
+            // As the API server shows a running pod: phase, conditions, and deletionTimestamp
+            // once it is being deleted.
+            let deletion = if pod.terminating { "\n  deletionTimestamp: \"2026-01-01T00:00:00Z\"\n  deletionGracePeriodSeconds: 30" } else { "" };
+            let ready = if pod.ready { "True" } else { "False" };
             let _ = write!(
                 y,
-                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\n  labels:{labels}\nspec:\n  nodeName: {}\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: mesh-probe\n    ports:{ports}\nstatus:\n  podIP: {}\n---\n",
-                s.name, s.namespace, pod.uid, self.nodes[s.node].name, s.service_account_name(), pod.ip
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}{deletion}\n  labels:{labels}\nspec:\n  nodeName: {}\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: mesh-probe\n    ports:{ports}\nstatus:\n  phase: Running\n  podIP: {}\n  podIPs:\n  - ip: {}\n  conditions:\n  - type: PodScheduled\n    status: \"True\"\n  - type: ContainersReady\n    status: \"{ready}\"\n  - type: Ready\n    status: \"{ready}\"\n---\n",
+                s.name, s.namespace, pod.uid, self.nodes[s.node].name, s.service_account_name(), pod.ip, pod.ip
             );
         }
         for svc in &self.spec.services {
@@ -344,8 +369,89 @@ impl SimCluster {
                 "apiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  clusterIP: {}\n  selector:{sel}\n  ports:{ports}\n---\n",
                 svc.name, svc.namespace, svc.vip
             );
+            y.push_str(&self.endpoint_slice_yaml(svc));
         }
         y
+    }
+
+    /// The Service's EndpointSlice as the EndpointSlice controller writes it: every pod the
+    /// selector matches that has not gone, `ready` only when the pod is Ready and not
+    /// terminating, `serving` when Ready, `terminating` once deleted; node and pod named.
+    fn endpoint_slice_yaml(&self, svc: &ServiceSpec) -> String {
+        let mut y = format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {0}-sim\n  namespace: {1}\n  labels:\n    kubernetes.io/service-name: {0}\n    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io\naddressType: IPv4\nports:",
+            svc.name, svc.namespace
+        );
+        for (name, _, target) in &svc.ports {
+            let _ = write!(y, "\n- name: {name}\n  port: {target}\n  protocol: TCP");
+        }
+        let members: Vec<&SimPod> = self
+            .pods
+            .iter()
+            .filter(|p| !p.deleted && p.spec.namespace == svc.namespace && svc.selector.iter().all(|(k, v)| p.spec.labels.get(k) == Some(v)))
+            .collect();
+        if members.is_empty() {
+            y.push_str("\nendpoints: []");
+        } else {
+            y.push_str("\nendpoints:");
+        }
+        for p in members {
+            let _ = write!(
+                y,
+                "\n- addresses: [\"{}\"]\n  conditions:\n    ready: {}\n    serving: {}\n    terminating: {}\n  nodeName: {}\n  targetRef:\n    kind: Pod\n    namespace: {}\n    name: {}\n    uid: {}",
+                p.ip,
+                p.ready && !p.terminating,
+                p.ready,
+                p.terminating,
+                self.nodes[p.spec.node].name,
+                p.spec.namespace,
+                p.spec.name,
+                p.uid
+            );
+        }
+        y.push_str("\n---\n");
+        y
+    }
+
+    /// Kubelet reports a pod's readiness probe result (Ready <-> NotReady); the config the
+    /// node proxies watch is rewritten and loaded by every running proxy before this returns.
+    pub fn set_pod_ready(&mut self, pod: &str, ready: bool) -> anyhow::Result<()> {
+        self.pod_mut(pod)?.ready = ready;
+        self.apply_config("cluster.yaml", &self.cluster_yaml())
+    }
+
+    /// The API deletes a pod: `deletionTimestamp` set, its endpoint terminating (its processes
+    /// keep running: they finish in-flight work during the grace period). Returns once every
+    /// running proxy has loaded the change.
+    pub fn terminate_pod(&mut self, pod: &str) -> anyhow::Result<()> {
+        self.pod_mut(pod)?.terminating = true;
+        self.apply_config("cluster.yaml", &self.cluster_yaml())
+    }
+
+    /// The grace period is over: the pod's processes are killed and the pod leaves the API.
+    pub fn remove_pod(&mut self, pod: &str) -> anyhow::Result<()> {
+        let p = self.pod_mut(pod)?;
+        p.deleted = true;
+        let cgroup = p.cgroup.clone();
+        let _ = fs::write(cgroup.join("cgroup.kill"), "1");
+        self.apply_config("cluster.yaml", &self.cluster_yaml())
+    }
+
+    /// Schedules a new pod (not Ready until [`Self::set_pod_ready`], as a pod whose readiness
+    /// probe has not passed yet) and publishes it; the caller starts its server.
+    pub fn add_pod(&mut self, spec: PodSpec) -> anyhow::Result<()> {
+        if self.pods.iter().any(|p| p.spec.name == spec.name && p.spec.namespace == spec.namespace) {
+            bail!("pod {}/{} exists already", spec.namespace, spec.name);
+        }
+        self.create_pod(spec)?;
+        if let Some(p) = self.pods.last_mut() {
+            p.ready = false;
+        }
+        self.apply_config("cluster.yaml", &self.cluster_yaml())
+    }
+
+    fn pod_mut(&mut self, name: &str) -> anyhow::Result<&mut SimPod> {
+        self.pods.iter_mut().find(|p| p.spec.name == name).with_context(|| format!("no pod {name}"))
     }
 
     /// Replaces a pod's labels and rewrites the cluster file the daemons watch (e.g. to move a

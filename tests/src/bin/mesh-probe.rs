@@ -182,7 +182,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// `HOST:PORT` to an address. The simulated cluster has no CoreDNS: a test that needs names
+/// (an ExternalName Service's alias) hands the answers over in a hosts file named by
+/// `MESH_PROBE_HOSTS` (`IP NAME...` per line), consulted before the system resolver.
 fn resolve(addr: &str) -> io::Result<SocketAddr> {
+    if let (Ok(path), Some((host, port))) = (std::env::var("MESH_PROBE_HOSTS"), addr.rsplit_once(':'))
+        && let Ok(port) = port.parse::<u16>()
+    {
+        let hosts = std::fs::read_to_string(&path)?;
+        let found = hosts.lines().find_map(|line| {
+            let mut fields = line.split_whitespace();
+            let ip: std::net::IpAddr = fields.next()?.parse().ok()?;
+            fields.any(|name| name.eq_ignore_ascii_case(host)).then_some(ip)
+        });
+        if let Some(ip) = found {
+            return Ok(SocketAddr::new(ip, port));
+        }
+    }
     addr.to_socket_addrs()?.next().ok_or_else(|| io::Error::other(format!("cannot resolve {addr}")))
 }
 
