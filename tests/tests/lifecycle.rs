@@ -33,6 +33,7 @@ fn echo(name: &str, node: usize) -> PodSpec {
         node,
         labels: [("app".to_string(), "echo".to_string())].into(),
         ports: vec![("http".into(), PORT)],
+        service_account: None,
     }
 }
 
