@@ -44,6 +44,14 @@ pub struct PodSpec {
     pub labels: BTreeMap<String, String>,
     /// (port name, container port)
     pub ports: Vec<(String, u16)>,
+    /// `serviceAccountName`; None: the `app` label (or "default").
+    pub service_account: Option<String>,
+}
+
+impl PodSpec {
+    pub fn service_account_name(&self) -> &str {
+        self.service_account.as_deref().or(self.labels.get("app").map(String::as_str)).unwrap_or("default")
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -90,7 +98,15 @@ impl ClusterSpec {
             node,
             labels: [("app".to_string(), app.to_string())].into(),
             ports: vec![("tcp".into(), port)],
+            service_account: None,
         });
+        self
+    }
+
+    /// Gives the pod `pod` (added before) the ServiceAccount `name` instead of its `app` label.
+    pub fn service_account(mut self, pod: &str, name: &str) -> Self {
+        let spec = self.pods.iter_mut().find(|p| p.name == pod).unwrap_or_else(|| panic!("no pod {pod} in the spec"));
+        spec.service_account = Some(name.into());
         self
     }
 
@@ -98,7 +114,7 @@ impl ClusterSpec {
     pub fn pod_labelled(mut self, name: &str, namespace: &str, node: usize, app: &str, labels: &[(&str, &str)], port_name: &str, port: u16) -> Self {
         let mut all: BTreeMap<String, String> = [("app".to_string(), app.to_string())].into();
         all.extend(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        self.pods.push(PodSpec { name: name.into(), namespace: namespace.into(), node, labels: all, ports: vec![(port_name.into(), port)] });
+        self.pods.push(PodSpec { name: name.into(), namespace: namespace.into(), node, labels: all, ports: vec![(port_name.into(), port)], service_account: None });
         self
     }
 
@@ -346,7 +362,7 @@ impl SimCluster {
             let _ = write!(
                 y,
                 "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}{deletion}\n  labels:{labels}\nspec:\n  nodeName: {}\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: mesh-probe\n    ports:{ports}\nstatus:\n  phase: Running\n  podIP: {}\n  podIPs:\n  - ip: {}\n  conditions:\n  - type: PodScheduled\n    status: \"True\"\n  - type: ContainersReady\n    status: \"{ready}\"\n  - type: Ready\n    status: \"{ready}\"\n---\n",
-                s.name, s.namespace, pod.uid, self.nodes[s.node].name, s.labels.get("app").map_or("default", |a| a.as_str()), pod.ip, pod.ip
+                s.name, s.namespace, pod.uid, self.nodes[s.node].name, s.service_account_name(), pod.ip, pod.ip
             );
         }
         for svc in &self.spec.services {

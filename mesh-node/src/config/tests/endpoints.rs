@@ -223,3 +223,19 @@ fn broken_slices_name_the_field() {
         assert!(err.contains("EndpointSlice demo/s") && err.contains(want), "{body}\n=> {err}");
     }
 }
+
+#[test]
+fn a_dual_stack_service_dials_its_vips_family() {
+    let v6 = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {namespace: demo, name: echo-v6, labels: {kubernetes.io/service-name: echo}}
+addressType: IPv6
+ports: [{name: http, port: 9090}]
+endpoints: [{addresses: ["fd00::11"], conditions: {ready: true}}]
+"#;
+    let c = build(&[SLICE.into(), v6.into()]);
+    let svc = c.service("demo", "echo").expect("echo");
+    assert!(c.endpoints(svc, 80).iter().all(|e| e.addr.is_ipv4()));
+    assert_eq!(c.endpoints(svc, 80).len(), 4);
+}
