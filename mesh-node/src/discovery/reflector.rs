@@ -26,6 +26,7 @@ pub(crate) const RESOURCES: &[Resource] = &[
     Resource { kind: "Node", plural: "nodes", versions: &["v1"] },
     Resource { kind: "Pod", plural: "pods", versions: &["v1"] },
     Resource { kind: "Service", plural: "services", versions: &["v1"] },
+    Resource { kind: "EndpointSlice", plural: "endpointslices", versions: &["discovery.k8s.io/v1"] },
     Resource {
         kind: "DestinationRule",
         plural: "destinationrules",

@@ -16,7 +16,7 @@ mod cert;
 mod csr;
 mod error;
 mod manager;
-mod names;
+pub(crate) mod names;
 mod rotation;
 pub mod sni;
 mod spiffe;
