@@ -182,6 +182,39 @@ mod tests {
         }
     }
 
+    /// A principal is matched as a whole string: the dots of a service account are not
+    /// separators, and the longest names are not cut.
+    #[test]
+    fn principals_with_dots_and_the_longest_names_match_exactly() {
+        use crate::identity::Identity;
+        let ns63 = format!("n{}", "s".repeat(62));
+        let long_sa = format!("{}.{}", "a".repeat(126), "b".repeat(126));
+        let c = cluster(&policy(
+            "allow",
+            &format!("  rules: [{{from: [{{source: {{principals: [\"cluster.local/ns/lemo-dev/sa/recall.reader\", \"cluster.local/ns/{ns63}/sa/{long_sa}\"]}}}}]}}]"),
+        ));
+        let target = pod("lemo-dev", "recall");
+        let ip: IpAddr = "10.244.0.10".parse().expect("test IP");
+        let decide = |ns: &str, sa: &str| check(&c, &target, Some(&Identity::in_default_domain(ns, sa)), ip, 80).is_allow();
+        assert!(decide("lemo-dev", "recall.reader"));
+        assert!(decide(&ns63, &long_sa));
+        for (ns, sa) in [
+            ("lemo-dev", "recall"),
+            ("lemo-dev", "recall.reader.v2"),
+            ("lemo-dev", "recall-reader"),
+            ("lemo-dev", "reader"),
+            ("other", "recall.reader"),
+            (ns63.as_str(), &long_sa[..252]),
+        ] {
+            assert!(!decide(ns, sa), "{ns}/{sa} is not an allowed principal");
+        }
+        // Istio's prefix and suffix wildcards see the dotted name as one string.
+        let c = cluster(&policy("allow", "  rules: [{from: [{source: {principals: [\"*/sa/recall.reader\", \"cluster.local/ns/lemo-dev/sa/api.*\"]}}]}]"));
+        let decide = |sa: &str| check(&c, &target, Some(&Identity::in_default_domain("lemo-dev", sa)), ip, 80).is_allow();
+        assert!(decide("recall.reader") && decide("api.v1") && decide("api.v1.internal"));
+        assert!(!decide("reader") && !decide("api") && !decide("apiv1"));
+    }
+
     #[test]
     fn namespaces_and_not_namespaces() {
         let c = cluster(&policy(

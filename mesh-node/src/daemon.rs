@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use tokio::{net::TcpListener, signal::unix::SignalKind};
+use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -174,7 +174,37 @@ fn prefetch_certificates(tls: &Arc<MeshTls>, cluster: &Cluster, node: &str) -> V
     tasks
 }
 
+/// A started proxy: ready, serving, and what it needs to run and shut down.
+struct Running {
+    capture: Capture,
+    config_rx: tokio::sync::watch::Receiver<Arc<Cluster>>,
+    tls: Option<Arc<MeshTls>>,
+    telemetry: Arc<Telemetry>,
+    stats: Arc<ProxyStats>,
+    /// Each task owns a listener: aborting it closes the listener.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    drain: Arc<Drain>,
+    admin_state: Arc<AdminState>,
+}
+
 pub async fn run(opts: Options) -> anyhow::Result<()> {
+    // Before anything that can take time: as PID 1 of a pod, a signal without a handler is
+    // discarded (see `signals`).
+    let mut signals = crate::signals::Shutdown::install()?;
+    let running = tokio::select! {
+        running = start(&opts) => running?,
+        signal = signals.recv() => {
+            // Dropping the start hands a capture taken over back to the proxy it came from
+            // (`Starting`), or detaches one we attached, and withdraws our announcement.
+            info!("{signal} while starting: giving up the start");
+            return Ok(());
+        }
+    };
+    serve(&opts, running, signals).await
+}
+
+/// Everything up to readiness: config, capture, certificates, listeners.
+async fn start(opts: &Options) -> anyhow::Result<Running> {
     // First thing: from now until we are ready, the proxy we may be replacing answers "not
     // ready" to probes (which may be meant for us: the ports are shared). Dropped on any
     // early return, i.e. when the process exits.
@@ -228,7 +258,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let capture = starting.get();
     capture.sync(&cluster, &opts.node);
 
-    let (mut config_rx, held_back) = match discovery {
+    let (config_rx, held_back) = match discovery {
         Some(d) => {
             let held_back = d.held_back_view();
             (d.config, Some(held_back))
@@ -336,14 +366,25 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         warn!(delay = ?opts.test_ready_delay, "test-only readiness delay (--test-ready-delay-ms)");
         tokio::time::sleep(opts.test_ready_delay).await;
     }
-    let mut capture = starting.started();
+    let capture = starting.started();
     admin_state.set_ready();
     // Ready: the proxy we replace may say "ready" again (it is stopped next).
     drop(announcement);
-    info!(node = %opts.node, outbound = opts.outbound_port, inbound = opts.inbound_port, pid = std::process::id(), start = ?capture.start(), "node proxy ready");
+    info!(
+        node = %opts.node,
+        outbound = opts.outbound_port,
+        inbound = opts.inbound_port,
+        pid = std::process::id(),
+        instance = crate::capture::announce::instance_id(),
+        start = ?capture.start(),
+        "node proxy ready"
+    );
+    Ok(Running { capture, config_rx, tls, telemetry, stats, tasks, drain, admin_state })
+}
 
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+/// Serves until SIGTERM or SIGINT, then hands over (or uninstalls) and drains.
+async fn serve(opts: &Options, running: Running, mut signals: crate::signals::Shutdown) -> anyhow::Result<()> {
+    let Running { mut capture, mut config_rx, tls, telemetry, stats, tasks, drain, admin_state } = running;
     // Pods appear in cgroupfs after the config names them, so rescan on a timer as well.
     let mut rescan = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -365,16 +406,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 let cluster = config_rx.borrow().clone();
                 capture.sync(&cluster, &opts.node);
             }
-            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
-            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+            signal = signals.recv() => { info!("{signal}: shutting down"); break; }
         }
     }
     // A second SIGTERM or SIGINT during the drain cuts it short.
     let again = async move {
-        tokio::select! {
-            _ = sigterm.recv() => {}
-            _ = sigint.recv() => {}
-        }
+        signals.recv().await;
     };
     shutdown(capture, tasks, &drain, &admin_state, opts.drain_timeout, again).await;
     telemetry.flush();

@@ -27,6 +27,7 @@ pub mod listener;
 pub mod protocol;
 pub mod rate_limit;
 pub mod route;
+pub mod signals;
 pub mod stats;
 pub mod telemetry;
 #[cfg(test)]

@@ -32,6 +32,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     bins,
+    container::{Container, ContainerSpec, Security},
     sys::{self, EnterExt as _},
 };
 
@@ -43,6 +44,14 @@ pub struct PodSpec {
     pub labels: BTreeMap<String, String>,
     /// (port name, container port)
     pub ports: Vec<(String, u16)>,
+    /// `serviceAccountName`; None: the `app` label (or "default").
+    pub service_account: Option<String>,
+}
+
+impl PodSpec {
+    pub fn service_account_name(&self) -> &str {
+        self.service_account.as_deref().or(self.labels.get("app").map(String::as_str)).unwrap_or("default")
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -89,7 +98,15 @@ impl ClusterSpec {
             node,
             labels: [("app".to_string(), app.to_string())].into(),
             ports: vec![("tcp".into(), port)],
+            service_account: None,
         });
+        self
+    }
+
+    /// Gives the pod `pod` (added before) the ServiceAccount `name` instead of its `app` label.
+    pub fn service_account(mut self, pod: &str, name: &str) -> Self {
+        let spec = self.pods.iter_mut().find(|p| p.name == pod).unwrap_or_else(|| panic!("no pod {pod} in the spec"));
+        spec.service_account = Some(name.into());
         self
     }
 
@@ -97,7 +114,7 @@ impl ClusterSpec {
     pub fn pod_labelled(mut self, name: &str, namespace: &str, node: usize, app: &str, labels: &[(&str, &str)], port_name: &str, port: u16) -> Self {
         let mut all: BTreeMap<String, String> = [("app".to_string(), app.to_string())].into();
         all.extend(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        self.pods.push(PodSpec { name: name.into(), namespace: namespace.into(), node, labels: all, ports: vec![(port_name.into(), port)] });
+        self.pods.push(PodSpec { name: name.into(), namespace: namespace.into(), node, labels: all, ports: vec![(port_name.into(), port)], service_account: None });
         self
     }
 
@@ -145,7 +162,7 @@ pub struct SimNode {
     pub ip: Ipv4Addr,
     pub netns: String,
     pub cgroup: PathBuf,
-    proxy: Mutex<Option<Child>>,
+    proxy: Mutex<Option<Container>>,
     /// The extra `mesh-node run` arguments the proxy was started with (a restart reuses them).
     proxy_args: Mutex<Vec<String>>,
 }
@@ -173,8 +190,14 @@ pub struct SimCluster {
     spec: ClusterSpec,
     namespaces: Vec<String>,
     children: Mutex<Vec<Child>>,
+    /// Old proxies a test stops itself (`start_successor`): killed with the cluster at the latest.
+    retired: Mutex<Vec<Container>>,
     log_dir: PathBuf,
-    ca: Mutex<Option<Child>>,
+    ca: Mutex<Option<Container>>,
+    /// What the manifests let the node proxy and the CA containers do (as far as this machine
+    /// can grant it).
+    proxy_security: Security,
+    ca_security: Security,
     /// The CA's state (root key and certificate) and the node tokens.
     pub ca_dir: PathBuf,
     /// This cluster's own bpffs (mounted once the directory exists and is mounted).
@@ -208,8 +231,11 @@ impl SimCluster {
             spec: spec.clone(),
             namespaces: Vec::new(),
             children: Mutex::new(Vec::new()),
+            retired: Mutex::new(Vec::new()),
             log_dir: log_dir.clone(),
             ca: Mutex::new(None),
+            proxy_security: Security::node_proxy()?.grantable()?.0,
+            ca_security: Security::ca()?.grantable()?.0,
             ca_dir: base.join("ca"),
             bpffs: base.join("bpffs"),
             bpffs_mounted: false,
@@ -336,7 +362,7 @@ impl SimCluster {
             let _ = write!(
                 y,
                 "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}{deletion}\n  labels:{labels}\nspec:\n  nodeName: {}\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: mesh-probe\n    ports:{ports}\nstatus:\n  phase: Running\n  podIP: {}\n  podIPs:\n  - ip: {}\n  conditions:\n  - type: PodScheduled\n    status: \"True\"\n  - type: ContainersReady\n    status: \"{ready}\"\n  - type: Ready\n    status: \"{ready}\"\n---\n",
-                s.name, s.namespace, pod.uid, self.nodes[s.node].name, s.labels.get("app").map_or("default", |a| a.as_str()), pod.ip, pod.ip
+                s.name, s.namespace, pod.uid, self.nodes[s.node].name, s.service_account_name(), pod.ip, pod.ip
             );
         }
         for svc in &self.spec.services {
@@ -523,48 +549,65 @@ impl SimCluster {
         self.restart_ca()
     }
 
-    /// (Re)starts the CA process on the same state directory.
+    /// (Re)starts the CA process on the same state directory, in its container (deploy/ca.yaml:
+    /// its own user, no capabilities) on the switch, in a cgroup of the cluster's.
     pub fn restart_ca(&self) -> anyhow::Result<()> {
-        let started_before = self.ca_log().matches("mesh CA listening").count();
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.log_dir.join("ca.log"))?;
-        let child = Command::new(bins::path("mesh-node"))
-            .args(["ca", "--listen", CA_ADDRESS, "--config-poll-ms", "200"])
-            .arg("--state-dir")
-            .arg(self.ca_dir.join("state"))
-            .arg("--config")
-            .arg(&self.config_dir)
-            .arg("--tokens")
-            .arg(self.ca_dir.join("tokens.yaml"))
-            .env("MESH_LOG", std::env::var("MESH_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .enter(Some(&self.net_netns()), None)?
-            .spawn()
-            .context("starting mesh-node ca")?;
-        *self.ca.lock().unwrap() = Some(child);
+        let state = self.ca_dir.join("state");
+        let cgroup = self.root_cgroup.join("mesh-ca");
+        for dir in [&state, &cgroup] {
+            if !dir.exists() {
+                fs::create_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+        }
+        // The state volume belongs to the CA's user, as `fsGroup` makes a pod's volume its own.
+        let s = &self.ca_security;
+        std::os::unix::fs::chown(&state, Some(s.run_as_user), Some(s.run_as_group)).with_context(|| format!("chown {}", state.display()))?;
+        let spec = ContainerSpec { security: s.clone(), cgroup, bpffs: None };
+        let (state_dir, config, tokens) = (state.clone().into_os_string(), self.config_dir.clone().into_os_string(), self.ca_dir.join("tokens.yaml").into_os_string());
+        let args: Vec<&std::ffi::OsStr> = ["ca", "--listen", CA_ADDRESS, "--config-poll-ms", "200", "--state-dir"]
+            .into_iter()
+            .map(std::ffi::OsStr::new)
+            .chain([state_dir.as_os_str(), "--config".as_ref(), config.as_os_str(), "--tokens".as_ref(), tokens.as_os_str()])
+            .collect();
+        let mut cmd = spec.command(&bins::path("mesh-node"), &args);
+        cmd.env("MESH_LOG", std::env::var("MESH_LOG").unwrap_or_else(|_| "info".into())).enter(Some(&self.net_netns()), None)?;
+        let mut ca = Container::spawn(cmd, &self.log_dir.join("ca.log"), "mesh CA listening").context("starting mesh-node ca")?;
         let deadline = Instant::now() + Duration::from_secs(20);
-        let root = self.ca_dir.join("state/root-cert.pem");
-        // The log is appended across restarts: wait for this start's own "listening" line.
-        while !(root.exists() && self.ca_log().matches("mesh CA listening").count() > started_before) {
-            if let Some(child) = self.ca.lock().unwrap().as_mut()
-                && let Some(status) = child.try_wait()?
-            {
-                bail!("mesh-node ca exited with {status}:\n{}", fs::read_to_string(self.log_dir.join("ca.log")).unwrap_or_default());
+        let root = state.join("root-cert.pem");
+        // This very process's "listening" line (the log is appended across restarts).
+        while !(root.exists() && ca.marked_line().is_some()) {
+            if let Some(status) = ca.try_wait()? {
+                bail!("mesh-node ca exited with {status}:\n{}", self.ca_log());
             }
             if Instant::now() > deadline {
-                bail!("mesh-node ca not ready after 20s");
+                bail!("mesh-node ca not ready after 20s:\n{}", self.ca_log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        *self.ca.lock().unwrap() = Some(ca);
+        self.publish_ca_root(&root)
+    }
+
+    /// Copies the CA's root certificate where the node proxies read it (deploy/README.md,
+    /// "Install": published as the mesh-ca-root ConfigMap, readable by all).
+    fn publish_ca_root(&self, root: &Path) -> anyhow::Result<()> {
+        let published = self.ca_root_cert();
+        fs::create_dir_all(published.parent().context("root certificate path")?)?;
+        fs::copy(root, &published).with_context(|| format!("publishing {} as {}", root.display(), published.display()))?;
+        fs::set_permissions(&published, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
         Ok(())
+    }
+
+    /// The CA's process (host pid; 1 in its container), if it runs.
+    pub fn ca_pid(&self) -> Option<u32> {
+        self.ca.lock().unwrap().as_ref().map(Container::pid)
     }
 
     /// Stops the CA (SIGTERM) so tests can check that traffic survives without it.
     pub fn stop_ca(&self) -> anyhow::Result<()> {
-        let Some(mut child) = self.ca.lock().unwrap().take() else { bail!("the CA is not running") };
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        wait_timeout(&mut child, Duration::from_secs(10))?;
+        let Some(mut ca) = self.ca.lock().unwrap().take() else { bail!("the CA is not running") };
+        ca.signal(libc::SIGTERM)?;
+        ca.wait_timeout(Duration::from_secs(10)).context("mesh-node ca did not exit after SIGTERM")?;
         Ok(())
     }
 
@@ -581,71 +624,80 @@ impl SimCluster {
     /// Like [`Self::start_proxy`], with extra `mesh-node run` arguments (telemetry flags...).
     pub fn start_proxy_with(&self, i: usize, extra_args: &[&str]) -> anyhow::Result<()> {
         *self.nodes[i].proxy_args.lock().unwrap() = extra_args.iter().map(|a| a.to_string()).collect();
-        let mut child = self.spawn_proxy(i, &[])?;
-        if let Err(e) = self.wait_ready(i, &mut child) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e);
-        }
-        *self.nodes[i].proxy.lock().unwrap() = Some(child);
+        let mut proxy = self.spawn_proxy(i, &[])?;
+        self.wait_ready(i, &mut proxy)?;
+        *self.nodes[i].proxy.lock().unwrap() = Some(proxy);
         Ok(())
     }
 
-    /// node i's bpffs pin directory (`--bpf-pin-dir`).
-    pub fn pin_dir(&self, i: usize) -> PathBuf {
+    /// node i's bpffs, as the host sees it: what its proxies' containers have at /sys/fs/bpf.
+    pub fn node_bpffs(&self, i: usize) -> PathBuf {
         self.bpffs.join(&self.nodes[i].name)
     }
 
-    fn spawn_proxy(&self, i: usize, extra_args: &[&str]) -> anyhow::Result<Child> {
+    /// node i's pin directory as the host sees it: the proxies' default `--bpf-pin-dir`
+    /// (/sys/fs/bpf/mesh) in their containers.
+    pub fn pin_dir(&self, i: usize) -> PathBuf {
+        self.node_bpffs(i).join("mesh")
+    }
+
+    /// A path of the host's cgroup2 tree as a container sees it (the tree at /sys/fs/cgroup).
+    fn cgroup_in_container(host: &Path) -> anyhow::Result<PathBuf> {
+        let mount = sys::cgroup2_mount()?;
+        let rel = host.strip_prefix(&mount).with_context(|| format!("{} is not under the cgroup2 mount {}", host.display(), mount.display()))?;
+        Ok(Path::new("/sys/fs/cgroup").join(rel))
+    }
+
+    /// Starts a proxy for node i in a container as deploy/daemonset.yaml describes it (see
+    /// `container`), in the node's network namespace (hostNetwork).
+    fn spawn_proxy(&self, i: usize, extra_args: &[&str]) -> anyhow::Result<Container> {
         let node = &self.nodes[i];
         let cgroup = node.cgroup.join("mesh-node");
-        if !cgroup.exists() {
-            fs::create_dir(&cgroup)?;
-        }
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.log_dir.join(format!("{}.log", node.name)))?;
-        let mut cmd = Command::new(bins::path("mesh-node"));
-        cmd.args(["run", "--node", &node.name, "--config-poll-ms", "200"])
-            .arg("--config")
-            .arg(&self.config_dir)
-            .arg("--cgroup")
-            .arg(&node.cgroup)
-            .arg("--bpf-pin-dir")
-            .arg(self.pin_dir(i))
-            .args(["--drain-timeout-ms", &DRAIN_TIMEOUT.as_millis().to_string()]);
-        if self.spec.mtls {
-            cmd.args(["--ca-address", CA_ADDRESS])
-                .arg("--ca-root")
-                .arg(self.ca_dir.join("state/root-cert.pem"))
-                .arg("--node-token-file")
-                .arg(self.ca_dir.join("tokens").join(&node.name));
-            if let Some(ttl) = self.spec.cert_ttl_secs {
-                cmd.args(["--cert-ttl-secs", &ttl.to_string()]);
+        for dir in [&cgroup, &self.node_bpffs(i)] {
+            if !dir.exists() {
+                fs::create_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
             }
         }
-        cmd.args(node.proxy_args.lock().unwrap().iter()).args(extra_args);
-        cmd.env("MESH_LOG", std::env::var("MESH_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .enter(Some(&node.netns), Some(&cgroup))?
-            .spawn()
-            .context("starting mesh-node")
+        // Paths as the container sees them. --bpf-pin-dir is left at its default, as in the
+        // DaemonSet; the attach cgroup is the node's (the DaemonSet's whole /sys/fs/cgroup would
+        // be the host's root cgroup here).
+        let mut args: Vec<String> = vec!["run".into(), "--node".into(), node.name.clone(), "--config-poll-ms".into(), "200".into()];
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        args.extend(["--config".into(), path(&self.config_dir)]);
+        args.extend(["--cgroup".into(), path(&Self::cgroup_in_container(&node.cgroup)?)]);
+        args.extend(["--drain-timeout-ms".into(), DRAIN_TIMEOUT.as_millis().to_string()]);
+        if self.spec.mtls {
+            args.extend(["--ca-address".into(), CA_ADDRESS.into()]);
+            args.extend(["--ca-root".into(), path(&self.ca_root_cert())]);
+            args.extend(["--node-token-file".into(), path(&self.ca_dir.join("tokens").join(&node.name))]);
+            if let Some(ttl) = self.spec.cert_ttl_secs {
+                args.extend(["--cert-ttl-secs".into(), ttl.to_string()]);
+            }
+        }
+        args.extend(node.proxy_args.lock().unwrap().iter().cloned());
+        args.extend(extra_args.iter().map(|a| a.to_string()));
+        let spec = ContainerSpec { security: self.proxy_security.clone(), cgroup, bpffs: Some(self.node_bpffs(i)) };
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        let mut cmd = spec.command(&bins::path("mesh-node"), &args);
+        cmd.env("MESH_LOG", std::env::var("MESH_LOG").unwrap_or_else(|_| "info".into())).enter(Some(&node.netns), None)?;
+        Container::spawn(cmd, &self.log_dir.join(format!("{}.log", node.name)), "node proxy ready").context("starting mesh-node")
     }
 
     /// Waits for this very process's "node proxy ready" line: while a predecessor still runs,
-    /// the admin and readiness ports (shared through SO_REUSEPORT) may answer for either.
-    fn wait_ready(&self, i: usize, child: &mut Child) -> anyhow::Result<()> {
+    /// the admin and readiness ports (shared through SO_REUSEPORT) may answer for either, and
+    /// the pid in the line is 1 for every proxy. Kills the proxy if it does not get ready.
+    fn wait_ready(&self, i: usize, proxy: &mut Container) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
-        let pid = format!("pid={}", child.id());
         while Instant::now() < deadline {
-            if let Some(status) = child.try_wait()? {
+            if let Some(status) = proxy.try_wait()? {
                 bail!("mesh-node on {} exited with {status}:\n{}", self.nodes[i].name, self.proxy_log(i));
             }
-            if self.proxy_log_plain(i).lines().any(|l| l.contains("node proxy ready") && l.contains(&pid)) {
+            if proxy.marked_line().is_some() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        proxy.kill();
         bail!("mesh-node on {} not ready after 20s:\n{}", self.nodes[i].name, self.proxy_log(i))
     }
 
@@ -655,21 +707,16 @@ impl SimCluster {
     pub fn restart_proxy(&self, i: usize) -> anyhow::Result<Restart> {
         let started = Instant::now();
         let mut successor = self.spawn_proxy(i, &[])?;
-        if let Err(e) = self.wait_ready(i, &mut successor) {
-            let _ = successor.kill();
-            let _ = successor.wait();
-            return Err(e.context(format!("successor proxy on {}", self.nodes[i].name)));
-        }
+        self.wait_ready(i, &mut successor).with_context(|| format!("successor proxy on {}", self.nodes[i].name))?;
         let successor_ready = started.elapsed();
         let old = self.nodes[i].proxy.lock().unwrap().replace(successor);
         let Some(mut old) = old else { bail!("no proxy was running on node {i}") };
         let stopping = Instant::now();
-        unsafe { libc::kill(old.id() as i32, libc::SIGTERM) };
-        let old_exit = match wait_timeout(&mut old, DRAIN_TIMEOUT + Duration::from_secs(5)) {
+        old.signal(libc::SIGTERM)?;
+        let old_exit = match old.wait_timeout(DRAIN_TIMEOUT + Duration::from_secs(5)) {
             Ok(status) => status,
             Err(e) => {
-                let _ = old.kill();
-                let _ = old.wait();
+                old.kill();
                 return Err(e.context(format!("old proxy on {} did not exit after SIGTERM:\n{}", self.nodes[i].name, self.proxy_log(i))));
             }
         };
@@ -686,20 +733,33 @@ impl SimCluster {
     /// Like [`Self::start_successor`], with extra `mesh-node run` arguments for the successor.
     pub fn start_successor_with(&self, i: usize, extra_args: &[&str]) -> anyhow::Result<u32> {
         let mut successor = self.spawn_proxy(i, extra_args)?;
-        if let Err(e) = self.wait_ready(i, &mut successor) {
-            let _ = successor.kill();
-            let _ = successor.wait();
-            return Err(e);
-        }
+        self.wait_ready(i, &mut successor)?;
         let Some(old) = self.nodes[i].proxy.lock().unwrap().replace(successor) else { bail!("no proxy was running on node {i}") };
-        let pid = old.id();
-        self.children.lock().unwrap().push(old);
+        let pid = old.pid();
+        self.retired.lock().unwrap().push(old);
         Ok(pid)
     }
 
-    /// The pid of node i's current proxy (the successor, after a restart), if one runs.
+    /// Starts a successor beside node i's running proxy and returns it at once, not ready:
+    /// the caller waits for it or stops it (it is killed when dropped). Node i's proxy stays
+    /// the one the cluster knows.
+    pub fn spawn_successor(&self, i: usize, extra_args: &[&str]) -> anyhow::Result<Container> {
+        self.spawn_proxy(i, extra_args)
+    }
+
+    /// The pid (as the host sees it; 1 in its container) of node i's current proxy (the
+    /// successor, after a restart), if one runs.
     pub fn proxy_pid(&self, i: usize) -> Option<u32> {
-        self.nodes[i].proxy.lock().unwrap().as_ref().map(Child::id)
+        self.nodes[i].proxy.lock().unwrap().as_ref().map(Container::pid)
+    }
+
+    /// The instance id of node i's current proxy (from its "node proxy ready" line): what tells
+    /// proxies apart in readiness answers (`x-mesh-instance`) and `/status`, where all are pid 1.
+    pub fn proxy_instance(&self, i: usize) -> Option<String> {
+        let proxy = self.nodes[i].proxy.lock().unwrap();
+        let line = proxy.as_ref()?.marked_line()?;
+        let value = line.split_once("instance=")?.1;
+        Some(value.split(|c: char| c.is_whitespace()).next()?.trim_matches('"').to_string())
     }
 
     /// Runs `mesh-node uninstall` for node i's pin directory; fails unless it succeeds.
@@ -713,13 +773,14 @@ impl SimCluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// The processes of the running node proxies, node by node: each `mesh-node` child and
-    /// anything else in its cgroup. What a benchmark samples CPU time and RSS from.
+    /// The processes of the running node proxies, node by node: each `mesh-node` and anything
+    /// else in its containers' cgroup (not the `unshare` outside, which stands for the
+    /// runtime's shim). What a benchmark samples CPU time and RSS from.
     pub fn proxy_pids(&self) -> Vec<u32> {
         let mut pids = Vec::new();
         for node in &self.nodes {
-            if let Some(child) = node.proxy.lock().unwrap().as_ref() {
-                pids.push(child.id());
+            if let Some(proxy) = node.proxy.lock().unwrap().as_ref() {
+                pids.push(proxy.pid());
             }
             let procs = fs::read_to_string(node.cgroup.join("mesh-node").join("cgroup.procs")).unwrap_or_default();
             for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
@@ -733,9 +794,9 @@ impl SimCluster {
 
     /// Stops node i's proxy with SIGTERM and returns its exit status.
     pub fn stop_proxy(&self, i: usize) -> anyhow::Result<std::process::ExitStatus> {
-        let Some(mut child) = self.nodes[i].proxy.lock().unwrap().take() else { bail!("no proxy running on node {i}") };
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        wait_timeout(&mut child, DRAIN_TIMEOUT + Duration::from_secs(5)).context("mesh-node did not exit after SIGTERM")
+        let Some(mut proxy) = self.nodes[i].proxy.lock().unwrap().take() else { bail!("no proxy running on node {i}") };
+        proxy.signal(libc::SIGTERM)?;
+        proxy.wait_timeout(DRAIN_TIMEOUT + Duration::from_secs(5)).context("mesh-node did not exit after SIGTERM")
     }
 
     /// Runs `meshctl` in node i's network namespace (the admin port is node-local loopback).
@@ -893,9 +954,11 @@ impl SimCluster {
         &self.log_dir
     }
 
-    /// The mesh root certificate the CA wrote (trust anchor of every node).
+    /// The mesh root certificate (trust anchor of every node), as published for the node
+    /// proxies: a copy of the one in the CA's state, as the mesh-ca-root ConfigMap is (the
+    /// state belongs to the CA's user, and the proxies have no CAP_DAC_OVERRIDE).
     pub fn ca_root_cert(&self) -> PathBuf {
-        self.ca_dir.join("state/root-cert.pem")
+        self.ca_dir.join("ca-root/root-cert.pem")
     }
 
     /// Node i's token for the CA.
@@ -907,18 +970,13 @@ impl SimCluster {
 impl Drop for SimCluster {
     fn drop(&mut self) {
         for node in &self.nodes {
-            if let Some(mut child) = node.proxy.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-                if wait_timeout(&mut child, Duration::from_secs(5)).is_err() {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                }
+            if let Some(mut proxy) = node.proxy.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                proxy.terminate(Duration::from_secs(5));
             }
         }
-        if let Some(mut child) = self.ca.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        // Dropping a container kills what still runs in it.
+        drop(self.ca.lock().unwrap_or_else(|e| e.into_inner()).take());
+        self.retired.lock().unwrap_or_else(|e| e.into_inner()).clear();
         for mut child in self.children.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
             let _ = child.kill();
             let _ = child.wait();
@@ -1009,6 +1067,12 @@ pub fn preflight() -> anyhow::Result<()> {
     }
     if Command::new("ip").arg("-V").output().is_err() {
         bail!("`ip` (iproute2) is not installed: run `cargo xtask setup`");
+    }
+    // The proxies' and the CA's containers (`container`).
+    for tool in ["unshare", "setpriv", "mount"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            bail!("`{tool}` (util-linux) is not installed: the node proxies run in containers made with it");
+        }
     }
     sys::cgroup2_mount()?;
     Ok(())

@@ -624,8 +624,12 @@ fn the_ca_refuses_to_sign_an_identity_of_a_pod_on_another_node() {
 
     // A service account no pod has, a foreign trust domain, and node-a's token claiming to be
     // node-b: all refused.
-    let v = ca_request(c, 0, "node-a", &identity("demo", "X"));
+    let v = ca_request(c, 0, "node-a", &identity("demo", "nobody"));
     assert_eq!(v["code"], "PermissionDenied", "{v}");
+    // A name Kubernetes would refuse is refused as such.
+    let v = ca_request(c, 0, "node-a", &identity("demo", "X"));
+    assert_eq!(v["code"], "InvalidArgument", "{v}");
+    assert!(v["message"].as_str().unwrap_or("").contains("service account \"X\""), "names the bad part: {v}");
     let v = ca_request(c, 0, "node-a", "spiffe://evil.local/ns/demo/sa/client");
     assert_eq!(v["code"], "PermissionDenied", "{v}");
     assert!(v["message"].as_str().unwrap_or("").contains("trust domain"), "{v}");

@@ -11,7 +11,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_e2e::{ClusterSpec, SimCluster, bins, cluster::Restart};
+use mesh_e2e::{
+    ClusterSpec, SimCluster, bins,
+    cluster::Restart,
+    container::{ProcessView, Security, mounts_of},
+};
 use serde_json::Value;
 
 const WEB_VIP: &str = "10.96.0.20";
@@ -348,28 +352,71 @@ fn a_successor_that_fails_to_start_hands_the_capture_back() {
     assert_nothing_left(&c, 0);
 }
 
+/// A proxy stopped while it starts (a rollout undone, a pod deleted before it is ready) gives
+/// the start up at once: it hands the capture it took over back to the running proxy and exits
+/// cleanly. As PID 1 of its pod it only gets the SIGTERM because it handles it from its first
+/// instant (the kernel drops signals PID 1 has no handler for): without that it would carry on,
+/// become ready, and be killed at the end of the grace period.
+#[test]
+fn a_successor_stopped_while_starting_exits_and_hands_the_capture_back() {
+    let _serial = serial();
+    let c = start();
+    // Held not ready for 10 s after it has taken the capture over and listens.
+    let mut successor = c.spawn_successor(0, &["--test-ready-delay-ms", "10000"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !c.proxy_log_plain(0).contains("test-only readiness delay") {
+        assert!(Instant::now() < deadline && successor.try_wait().unwrap().is_none(), "the successor did not reach its readiness delay:\n{}", c.proxy_log(0));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(c.proxy_log_plain(0).contains("took over the pinned link"), "{}", c.proxy_log(0));
+    let stopping = Instant::now();
+    successor.signal(libc::SIGTERM).unwrap();
+    let status = successor.wait_timeout(Duration::from_secs(5)).unwrap_or_else(|e| panic!("{e:#}: the SIGTERM was not handled:\n{}", c.proxy_log(0)));
+    eprintln!("successor exited {status} {:?} after SIGTERM", stopping.elapsed());
+    assert!(status.success(), "{status}:\n{}", c.proxy_log(0));
+    let log = c.proxy_log_plain(0);
+    assert!(log.contains("SIGTERM while starting: giving up the start"), "{log}");
+    assert_eq!(log.matches("start failed: link handed back to the previous program").count(), 4, "{log}");
+    assert_eq!(log.matches("node proxy ready").count(), 1, "only the first proxy got ready: {log}");
+    // The running proxy still captures and proxies, and still knows it has no successor.
+    assert_capture_attached(&c, 0);
+    let out = c.probe("client", &["who", &format!("{}:7000", c.pod("who-2").ip)], Duration::from_secs(10)).unwrap();
+    assert_eq!(out.trim(), "who-2 10.244.1.1", "still captured and proxied");
+    assert!(c.stop_proxy(0).unwrap().success());
+    assert!(c.proxy_log(0).contains("no successor: capture detached and unpinned"), "{}", c.proxy_log(0));
+    assert_nothing_left(&c, 0);
+}
+
 /// During a restart both proxies listen on the readiness port (SO_REUSEPORT), so a probe meant
 /// for the new pod may reach the old proxy. While the successor is starting and not ready
 /// (held not ready for 3 s by the test-only `--test-ready-delay-ms`, after it has taken the
 /// capture over and listens), no probe may answer "ready" on its behalf: every probe answers
 /// 503, whichever proxy gets it. Once the successor is ready, both answer 200.
+/// As in a DaemonSet, both proxies are pid 1 of their own pid namespace: the successor's
+/// announcement must still reach the old one, and the answers tell them apart by instance id.
 #[test]
 fn readiness_is_not_reported_for_a_successor_before_it_is_ready() {
     let _serial = serial();
     let c = start();
-    let old = c.proxy_pid(0).expect("node-a's proxy");
+    let old = c.proxy_instance(0).expect("node-a's proxy");
+    let old_pid = c.proxy_pid(0).unwrap();
     let url = format!("http://{}:15021/healthz/ready", c.node(0).ip);
     let netns = c.node(0).netns.clone();
     // Fresh connections (one curl each), so the kernel spreads them over both listeners.
-    // Each line: status code and the answering process (`x-mesh-pid`).
-    let script = format!(r#"for i in $(seq 20); do curl -s -o /dev/null --max-time 2 -w '%{{http_code}} %header{{x-mesh-pid}}\n' {url}; done"#);
-    let probe_batch = || -> Vec<(u16, u32)> {
+    // Each line: status code, the answering process's instance (`x-mesh-instance`) and its pid
+    // in its own namespace (`x-mesh-pid`).
+    let script = format!(r#"for i in $(seq 20); do curl -s -o /dev/null --max-time 2 -w '%{{http_code}} %header{{x-mesh-instance}} %header{{x-mesh-pid}}\n' {url}; done"#);
+    let pids_answering = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let probe_batch = || -> Vec<(u16, String)> {
         let out = c.run_in_netns(&netns, Path::new("/bin/sh"), &["-c", &script], Duration::from_secs(60)).expect("curl probes");
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(|l| {
                 let mut w = l.split_whitespace();
-                (w.next().and_then(|c| c.parse().ok()).unwrap_or(0), w.next().and_then(|p| p.parse().ok()).unwrap_or(0))
+                let code = w.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+                let instance = w.next().unwrap_or_default().to_string();
+                pids_answering.lock().unwrap().insert(w.next().unwrap_or_default().to_string());
+                (code, instance)
             })
             .collect()
     };
@@ -386,32 +433,94 @@ fn readiness_is_not_reported_for_a_successor_before_it_is_ready() {
         done.store(true, Ordering::SeqCst);
         (prober.join().unwrap(), returned)
     });
-    assert_eq!(returned.unwrap_or_else(|e| panic!("{e:#}")), old);
-    let new = c.proxy_pid(0).expect("the successor");
-    let after: Vec<(u16, u32)> = (0..3).flat_map(|_| probe_batch()).collect();
-    let summary = |probes: &[(u16, u32)]| {
+    assert_eq!(returned.unwrap_or_else(|e| panic!("{e:#}")), old_pid);
+    let new = c.proxy_instance(0).expect("the successor");
+    assert_ne!(old, new);
+    // Both run side by side now, each pid 1 of its own pid namespace.
+    let (old_view, new_view) = (ProcessView::of(old_pid).unwrap(), ProcessView::of(c.proxy_pid(0).unwrap()).unwrap());
+    assert_eq!((old_view.own_pid(), new_view.own_pid()), (1, 1), "{old_view:?} {new_view:?}");
+    assert_ne!(old_view.pid_ns, new_view.pid_ns, "two pods, two pid namespaces");
+    let after: Vec<(u16, String)> = (0..3).flat_map(|_| probe_batch()).collect();
+    let summary = |probes: &[(u16, String)]| {
         let mut by: BTreeMap<String, usize> = BTreeMap::new();
-        for (code, pid) in probes {
-            let who = if *pid == old { "old" } else if *pid == new { "new" } else { "?" };
+        for (code, instance) in probes {
+            let who = if *instance == old { "old" } else if *instance == new { "new" } else { "?" };
             *by.entry(format!("{code} from {who}")).or_default() += 1;
         }
         by
     };
-    eprintln!("old pid {old}, new pid {new}; during the start: {:?}; after: {:?}", summary(&during), summary(&after));
+    eprintln!("old instance {old}, new instance {new}; during the start: {:?}; after: {:?}", summary(&during), summary(&after));
+    assert_eq!(*pids_answering.lock().unwrap(), ["1".to_string()].into(), "every answer came from a pid 1");
 
     assert!(during.iter().all(|(code, _)| *code == 200 || *code == 503), "every probe answered: {:?}", summary(&during));
     // The successor's not-ready window: from its first answer to its last "not ready" (the
     // probes run one after the other, so it was not ready yet when every probe before that was
     // answered). Its listeners are in the group by then, so the probes are spread over both
     // proxies.
-    let first_new = during.iter().position(|(_, pid)| *pid == new).expect("the successor answered probes while starting");
-    let last_not_ready = during.iter().rposition(|(code, pid)| *pid == new && *code == 503).expect("the successor answered 503 while starting");
+    let first_new = during.iter().position(|(_, who)| *who == new).expect("the successor answered probes while starting");
+    let last_not_ready = during.iter().rposition(|(code, who)| *who == new && *code == 503).expect("the successor answered 503 while starting");
     let window = &during[first_new..=last_not_ready];
-    let from_old = window.iter().filter(|(_, pid)| *pid == old).count();
+    let from_old = window.iter().filter(|(_, who)| *who == old).count();
     assert!(window.len() >= 20 && from_old >= 5, "the window held probes answered by both proxies: {:?}", summary(window));
     let ready_in_window: Vec<_> = window.iter().filter(|(code, _)| *code == 200).collect();
     assert!(ready_in_window.is_empty(), "\"ready\" answered before the successor was ready (old pid {old}): {:?}\n{}", summary(window), c.proxy_log(0));
     // Ready: both proxies answer 200 again (the old one until it is stopped).
     assert!(after.iter().all(|(code, _)| *code == 200), "after the successor is ready: {:?}", summary(&after));
-    assert!(after.iter().any(|(_, p)| *p == old) && after.iter().any(|(_, p)| *p == new), "both proxies answered: {:?}", summary(&after));
+    assert!(after.iter().any(|(_, who)| *who == old) && after.iter().any(|(_, who)| *who == new), "both proxies answered: {:?}", summary(&after));
+}
+
+/// The proxies and the CA run as deploy/daemonset.yaml and deploy/ca.yaml describe their
+/// containers, not as children of the test with all of root's powers: pid 1 of their own pid
+/// namespace, their own mount namespace with the cgroup2 tree read-only at /sys/fs/cgroup and
+/// the node's bpffs at /sys/fs/bpf, exactly the manifest's capabilities, the manifest's user,
+/// and the node's network namespace. And the capture works from there.
+#[test]
+fn proxies_and_the_ca_run_as_their_manifests_containers() {
+    let _serial = serial();
+    let c = start();
+    let host = ProcessView::of(std::process::id()).unwrap();
+    let (manifest, missing) = Security::node_proxy().unwrap().grantable().unwrap();
+    // Only what this machine cannot grant may be missing (it lacks CAP_SYS_RESOURCE, which
+    // the manifest keeps for kernels before 5.11): the rest is exactly the manifest's list.
+    assert!(missing.iter().all(|m| m == "SYS_RESOURCE"), "capabilities the harness could not grant: {missing:?}");
+    assert!(manifest.capabilities.contains(&"BPF".to_string()), "{manifest:?}");
+    for i in 0..2 {
+        let pid = c.proxy_pid(i).unwrap();
+        let p = ProcessView::of(pid).unwrap();
+        let name = &c.node(i).name;
+        assert_eq!(p.ns_pids, vec![pid, 1], "{name}: pid 1 of a pid namespace of its own: {p:?}");
+        assert_ne!(p.pid_ns, host.pid_ns, "{name}: {p:?}");
+        assert_ne!(p.mnt_ns, host.mnt_ns, "{name}: its own mount namespace: {p:?}");
+        let node_netns = std::fs::metadata(format!("/run/netns/{}", c.node(i).netns)).unwrap();
+        assert_eq!(p.net_ns, std::os::unix::fs::MetadataExt::ino(&node_netns), "{name}: the node's network namespace (hostNetwork)");
+        assert_eq!(p.uid, 0, "{name}: runAsUser 0");
+        for (set, mask) in [("effective", p.cap_eff), ("permitted", p.cap_prm), ("bounding", p.cap_bnd), ("ambient", p.cap_amb)] {
+            assert_eq!(mask, manifest.mask(), "{name}: {set} capabilities {mask:#x}, the manifest's {:?} are {:#x}", manifest.capabilities, manifest.mask());
+        }
+        let mounts = mounts_of(pid).unwrap();
+        let (fstype, options) = &mounts["/sys/fs/cgroup"];
+        assert!(fstype == "cgroup2" && options.split(',').any(|o| o == "ro"), "{name}: /sys/fs/cgroup is {fstype} {options}");
+        assert_eq!(mounts["/sys/fs/bpf"].0, "bpf", "{name}: {mounts:?}");
+        assert!(mounts["/proc/sys"].1.split(',').any(|o| o == "ro"), "{name}: {mounts:?}");
+        assert!(!mounts.contains_key("/sys/fs/cgroup/unified"), "{name}: the host's cgroup mounts are not in the container: {mounts:?}");
+        // The proxy attached from its view of the cgroup tree and pinned in its view of bpffs,
+        // which the host sees in the node's bpffs.
+        let status: Value = serde_json::from_slice(&c.meshctl(i, &["-o", "json", "status"]).unwrap().stdout).unwrap();
+        assert_eq!(status["pid"], 1, "{name}: {status}");
+        assert_eq!(status["instance"].as_str(), c.proxy_instance(i).as_deref(), "{name}: {status}");
+        assert_eq!(status["capture"]["cgroup2_mount"], "/sys/fs/cgroup", "{name}: {status}");
+        assert_capture_attached(&c, i);
+        assert!(c.pin_dir(i).starts_with(c.node_bpffs(i)));
+    }
+    // Captured and proxied on both nodes.
+    let who = c.probe("client", &["who", &format!("{WHO_VIP}:80"), "--count", "20"], Duration::from_secs(30)).unwrap();
+    assert!(who.contains("who-1") && who.contains("who-2"), "{who}");
+
+    let ca = ProcessView::of(c.ca_pid().expect("the CA runs")).unwrap();
+    let ca_manifest = Security::ca().unwrap();
+    assert_eq!(ca.own_pid(), 1, "{ca:?}");
+    assert_ne!(ca.mnt_ns, host.mnt_ns);
+    assert_eq!(ca.uid, ca_manifest.run_as_user, "runAsUser of deploy/ca.yaml: {ca:?}");
+    assert_eq!((ca.cap_eff, ca.cap_prm, ca.cap_bnd, ca.cap_amb), (0, 0, 0, 0), "drop: [ALL] and nothing added: {ca:?}");
+    assert!(ca.no_new_privs, "allowPrivilegeEscalation: false: {ca:?}");
 }

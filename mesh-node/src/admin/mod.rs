@@ -158,8 +158,10 @@ async fn admin(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Respons
     })
 }
 
-/// Which process answered a probe: during a restart two proxies share the port.
+/// Which process answered a probe: during a restart two proxies share the port. The pid for
+/// humans (in pods both proxies are pid 1), the instance id to tell them apart.
 const PID_HEADER: &str = "x-mesh-pid";
+const INSTANCE_HEADER: &str = "x-mesh-instance";
 
 fn ready(state: &AdminState) -> Response<Full<Bytes>> {
     let mut res = if !state.is_ready() {
@@ -169,13 +171,15 @@ fn ready(state: &AdminState) -> Response<Full<Bytes>> {
         // "ready" for it before it has taken over would let the rollout stop us too early.
         match state.successors.starting().as_slice() {
             [] => reply::respond(StatusCode::OK, "ready\n"),
-            pids => {
-                debug!(?pids, "readiness withheld: a successor is starting");
-                reply::respond(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: a new proxy is starting (pid {pids:?})\n"))
+            starting => {
+                let starting: Vec<String> = starting.iter().map(ToString::to_string).collect();
+                debug!(?starting, "readiness withheld: a successor is starting");
+                reply::respond(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: a new proxy is starting ({})\n", starting.join(", ")))
             }
         }
     };
     res.headers_mut().insert(PID_HEADER, hyper::header::HeaderValue::from(std::process::id()));
+    res.headers_mut().insert(INSTANCE_HEADER, hyper::header::HeaderValue::from_static(crate::capture::announce::instance_id()));
     res
 }
 

@@ -23,8 +23,10 @@ pub async fn status(state: &AdminState) -> Value {
     json!({
         "node": state.node,
         "ready": state.is_ready(),
-        // During a restart two proxies share the admin port: which one answered.
+        // During a restart two proxies share the admin port: which one answered (in pods both
+        // are pid 1: the instance id tells them apart).
         "pid": std::process::id(),
+        "instance": crate::capture::announce::instance_id(),
         "successors_starting": state.successors.starting(),
         "uptime_seconds": SystemTime::now().duration_since(state.started).unwrap_or(Duration::ZERO).as_secs(),
         "log_level": super::log_level::current(),

@@ -127,10 +127,24 @@ pub fn run_cli(args: CaArgs) -> ExitCode {
         }
     };
     match rt.block_on(async {
-        let server = super::CaServer::bind(opts).await?;
+        // Before the bind (which may wait for the API server): as PID 1 of a pod, a signal
+        // without a handler is discarded (see `signals`).
+        let mut shutdown = crate::signals::Shutdown::install().map_err(|e| super::CaError::Serve(e.to_string()))?;
+        let server = tokio::select! {
+            server = super::CaServer::bind(opts) => server?,
+            signal = shutdown.recv() => {
+                tracing::info!("{signal} while starting: mesh CA not started");
+                return Ok(());
+            }
+        };
         // Printed on stdout as well as logged so scripts can wait for it.
         println!("mesh CA listening on {}", server.local_addr());
-        server.run(shutdown_signal()).await
+        server
+            .run(async move {
+                let signal = shutdown.recv().await;
+                tracing::info!("{signal}: mesh CA shutting down");
+            })
+            .await
     }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -138,23 +152,6 @@ pub fn run_cli(args: CaArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                term.recv().await;
-            }
-            // Without a SIGTERM handler, Ctrl-C still works.
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
-    tracing::info!("mesh CA shutting down");
 }
 
 #[cfg(test)]

@@ -250,10 +250,15 @@ fn check_ca_cert(cert: &CertificateDer<'_>, key: &KeyPair) -> Result<(), CaError
     Ok(())
 }
 
-/// The identity a CSR asks for: exactly one SAN, a SPIFFE URI.
+/// The identity a CSR asks for: exactly one SAN, a SPIFFE URI whose namespace and service
+/// account are names Kubernetes accepts (service accounts may have dots and 253 characters).
 fn csr_identity(sans: &[SanType]) -> Result<Identity, CaError> {
     match sans {
-        [SanType::URI(uri)] => uri.as_str().parse().map_err(|e| CaError::InvalidCsr(format!("{e}"))),
+        [SanType::URI(uri)] => {
+            let identity: Identity = uri.as_str().parse().map_err(|e| CaError::InvalidCsr(format!("{e}")))?;
+            identity.check_kubernetes_names().map_err(|e| CaError::InvalidCsr(e.to_string()))?;
+            Ok(identity)
+        }
         [] => Err(CaError::InvalidCsr("no subjectAltName; expected one SPIFFE URI".into())),
         [_] => Err(CaError::InvalidCsr("the subjectAltName is not a URI; expected one SPIFFE URI".into())),
         _ => Err(CaError::InvalidCsr(format!("{} subjectAltNames; expected one SPIFFE URI", sans.len()))),

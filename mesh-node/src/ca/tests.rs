@@ -186,6 +186,32 @@ fn ca_signer_refuses_foreign_trust_domain_bad_csr_and_caps_ttl() {
 }
 
 #[test]
+fn ca_signer_accepts_dotted_and_longest_service_accounts_and_refuses_invalid_names() {
+    let signer = CaSigner::generate("cluster.local").expect("ca");
+    let long = Identity::in_default_domain(format!("n{}", "s".repeat(62)), format!("{}.{}", "a".repeat(126), "b".repeat(126)));
+    assert_eq!((long.namespace.len(), long.service_account.len()), (63, 253));
+    for identity in [id("recall.reader"), Identity::in_default_domain("lemo-dev", "a".repeat(253)), long] {
+        let request = new_csr(&identity).expect("csr");
+        let chain = signer.sign_csr(&request.csr_pem, |asked| *asked == identity, Duration::ZERO).unwrap_or_else(|e| panic!("{identity}: {e}"));
+        let cert = WorkloadCert::from_pem_chain(identity.clone(), &chain, request.key).expect("cert");
+        assert_eq!(crate::identity::identity_from_cert(cert.leaf()).expect("SAN"), identity);
+    }
+    for (identity, why) in [
+        (id("Recall.reader"), "service account \"Recall.reader\""),
+        (id("recall_reader"), "the character '_'"),
+        (id("recall..reader"), "empty part between dots"),
+        (id(&"a".repeat(254)), "254 characters long, the limit is 253"),
+        (Identity::in_default_domain("lemo.dev", "bff"), "namespace \"lemo.dev\""),
+    ] {
+        let request = new_csr(&identity).expect("csr");
+        let err = signer.sign_csr(&request.csr_pem, |_| true, Duration::ZERO).expect_err(&identity.to_string());
+        assert_eq!(err.grpc_code(), tonic::Code::InvalidArgument, "{err}");
+        let err = err.to_string();
+        assert!(err.contains("not a valid Kubernetes name") && err.contains(why), "{identity}: {err}");
+    }
+}
+
+#[test]
 fn ca_state_dir_is_private_and_the_root_survives_restarts() {
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
@@ -299,6 +325,65 @@ async fn ca_grpc_issues_to_authenticated_nodes_for_their_pods_only() {
     let err = wary.create_certificate(&request.csr_pem, Duration::ZERO).await.expect_err("untrusted CA");
     assert!(err.to_string().contains("not issued by a CA this mesh trusts"), "{err}");
 
+    ca.stop().await;
+}
+
+/// Pods with a dotted service account on node-a and a 253-character one (63-character
+/// namespace) on each node.
+fn long_names_yaml(ns: &str, long_a: &str, long_b: &str) -> String {
+    let pod = |name: &str, namespace: &str, node: &str, sa: &str, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{namespace: {namespace}, name: {name}}}\n\
+             spec: {{nodeName: {node}, serviceAccountName: {sa}, containers: [{{name: app, image: app}}]}}\n\
+             status: {{podIP: {ip}}}\n---\n"
+        )
+    };
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---\n{}{}{}",
+        pod("reader-0", "lemo-dev", "node-a", "recall.reader", "10.244.0.20"),
+        pod("long-a", ns, "node-a", long_a, "10.244.0.21"),
+        pod("long-b", ns, "node-b", long_b, "10.244.1.21"),
+    )
+}
+
+#[tokio::test]
+async fn ca_grpc_issues_dotted_and_longest_identities_to_their_node_only() {
+    logs();
+    let setup = Setup::new();
+    let ns = format!("n{}", "s".repeat(62));
+    // Same 200-character start: only the full name tells them apart.
+    let (long_a, long_b) = (format!("{}.{}", "p".repeat(200), "a".repeat(52)), format!("{}.{}", "p".repeat(200), "b".repeat(52)));
+    std::fs::write(setup.path("config/long.yaml"), long_names_yaml(&ns, &long_a, &long_b)).expect("config");
+    let ca = Running::start(setup.options("127.0.0.1:0".parse().expect("addr"))).await;
+    let roots = Arc::new(crate::identity::load_roots(&setup.path("state/root-cert.pem")).expect("roots"));
+    let client = CaClient::new(&setup.client_config(ca.addr, "node-a", "node-a.token"), roots).expect("client");
+
+    for identity in [id("recall.reader"), Identity::in_default_domain(ns.as_str(), long_a.as_str())] {
+        let request = new_csr(&identity).expect("csr");
+        let chain = client.create_certificate(&request.csr_pem, Duration::ZERO).await.unwrap_or_else(|e| panic!("{identity}: {e}"));
+        WorkloadCert::from_pem_chain(identity.clone(), &chain, request.key).expect("the certificate names the identity");
+    }
+    // node-b's pod, and names close to node-a's that no pod has.
+    for identity in [
+        Identity::in_default_domain(ns.as_str(), long_b.as_str()),
+        id("recall"),
+        id("recall.reader.v2"),
+        Identity::in_default_domain(ns.as_str(), &long_a[..252]),
+    ] {
+        let request = new_csr(&identity).expect("csr");
+        let err = client.create_certificate(&request.csr_pem, Duration::ZERO).await.expect_err(&identity.to_string());
+        match &err {
+            crate::identity::IdentityError::Ca { code, message } => {
+                assert_eq!(*code, tonic::Code::PermissionDenied, "{message}");
+                assert!(message.contains(&format!("identity {identity} is not allowed for node node-a")), "{message}");
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    // An invalid name is refused as such, before any pod lookup.
+    let request = new_csr(&id("Recall.Reader")).expect("csr");
+    let err = client.create_certificate(&request.csr_pem, Duration::ZERO).await.expect_err("invalid");
+    assert!(matches!(&err, crate::identity::IdentityError::Ca { code: tonic::Code::InvalidArgument, message } if message.contains("not a valid Kubernetes name")), "{err}");
     ca.stop().await;
 }
 

@@ -159,7 +159,15 @@ impl Cluster {
             return Vec::new();
         };
         let mut endpoints = match self.slices_by_service.get(&(svc.namespace.clone(), svc.name.clone())) {
-            Some(slices) => self.slice_endpoints(slices, service_port),
+            Some(slices) => {
+                let mut endpoints = self.slice_endpoints(slices, service_port);
+                // A dual-stack Service has a slice per family: the VIP's family is the one the
+                // connection came in on (the capture is IPv4), so it is the one to dial.
+                if let Some(vip) = svc.cluster_ips.first() {
+                    endpoints.retain(|e| e.addr.is_ipv4() == vip.is_ipv4());
+                }
+                endpoints
+            }
             None => self
                 .pods
                 .iter()

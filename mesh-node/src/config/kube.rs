@@ -142,6 +142,12 @@ pub(crate) fn pod(pod: k8s::Pod, id: &Ident<'_>, r: &mut Reporter<'_>) -> Option
         .or(spec.service_account)
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "default".to_string());
+    // It becomes the pod's mesh identity (certificate SAN, SNI): Kubernetes' own rule, checked
+    // here so a hand-written name fails at load time instead of at the first handshake.
+    if let Err(why) = crate::identity::names::check_subdomain(&service_account) {
+        r.at(&FieldPath::of(&["spec", "serviceAccountName"]), format!("{service_account:?} {why}"));
+        ok = false;
+    }
 
     // Kubernetes' rule: ready when the Ready condition is True. Objects written by hand
     // (file mode) often carry no status conditions at all: those count as ready.

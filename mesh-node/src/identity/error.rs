@@ -8,6 +8,8 @@ use super::spiffe::Identity;
 pub enum IdentityError {
     #[error("invalid SPIFFE ID {id:?}: {reason}")]
     InvalidSpiffeId { id: String, reason: String },
+    #[error("{what} {name:?} of {identity} is not a valid Kubernetes name: it {reason}")]
+    InvalidName { identity: Box<Identity>, what: &'static str, name: String, reason: String },
     #[error("identity {identity} is not in trust domain {expected:?}")]
     ForeignTrustDomain { identity: Box<Identity>, expected: String },
     #[error("peer identity is {actual}, expected {expected}")]

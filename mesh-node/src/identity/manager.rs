@@ -118,6 +118,12 @@ impl CertManager {
         slots.get(id).and_then(|slot| slot.valid())
     }
 
+    /// The identities this manager holds (or is getting) certificates for: the node's
+    /// workloads. A hashed SNI is resolved against them.
+    pub fn identities(&self) -> Vec<Identity> {
+        self.inner.slots.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+    }
+
     /// Stops renewing `id` and drops its certificate (the pod left the node).
     pub fn forget(&self, id: &Identity) {
         let removed = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner()).remove(id);

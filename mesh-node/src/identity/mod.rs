@@ -6,8 +6,9 @@
 //! ([`tls`], [`verify`]) turns a [`WorkloadCert`] into rustls configs whose verifiers check
 //! the chain against the mesh roots and the SPIFFE ID instead of a host name.
 //!
-//! Files: `spiffe` (the ID), `csr` (keys and CSRs), `cert` (issued certificates, reading the
-//! ID out of one), `verify` (rustls verifiers), `tls` (configs), `ca_client` (gRPC client),
+//! Files: `spiffe` (the ID), `names` (Kubernetes name rules), `sni` (identities as TLS server
+//! names), `csr` (keys and CSRs), `cert` (issued certificates, reading the ID out of one),
+//! `verify` (rustls verifiers), `tls` (configs), `ca_client` (gRPC client),
 //! `manager` (cache and single-flight issuance), `rotation` (renewal task), `error`.
 
 mod ca_client;
@@ -15,7 +16,9 @@ mod cert;
 mod csr;
 mod error;
 mod manager;
+pub(crate) mod names;
 mod rotation;
+pub mod sni;
 mod spiffe;
 pub mod tls;
 pub mod verify;
@@ -29,5 +32,6 @@ pub use csr::{KeyAndCsr, new_csr};
 pub use error::IdentityError;
 pub use manager::{CertManager, CertManagerConfig, load_roots};
 pub use rotation::RotationConfig;
+pub use sni::{SniError, identity_from_sni, sni_for};
 pub use spiffe::{DEFAULT_TRUST_DOMAIN, Identity};
 pub use verify::{MeshClientVerifier, MeshServerVerifier, PeerRejected};

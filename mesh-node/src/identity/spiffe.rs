@@ -4,6 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use super::error::IdentityError;
+use super::names;
 
 /// The trust domain of a cluster that does not configure one (Istio's default too).
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -27,6 +28,21 @@ impl Identity {
             namespace: namespace.into(),
             service_account: service_account.into(),
         }
+    }
+
+    /// Whether the namespace is a DNS label and the service account a DNS subdomain, as
+    /// Kubernetes requires of them. The SPIFFE syntax alone is looser (uppercase, '_'); the CA
+    /// signs only identities a real pod can have, and the SNI encoding relies on it.
+    pub fn check_kubernetes_names(&self) -> Result<(), IdentityError> {
+        let invalid = |what, name: &str, reason| IdentityError::InvalidName {
+            identity: Box::new(self.clone()),
+            what,
+            name: name.to_string(),
+            reason,
+        };
+        names::check_label(&self.namespace).map_err(|reason| invalid("namespace", &self.namespace, reason))?;
+        names::check_subdomain(&self.service_account)
+            .map_err(|reason| invalid("service account", &self.service_account, reason))
     }
 
     /// An identity in [`DEFAULT_TRUST_DOMAIN`].

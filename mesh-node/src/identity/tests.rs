@@ -46,6 +46,66 @@ fn identity_spiffe_id_parses_and_prints() {
     }
 }
 
+/// A 63-character namespace and a 253-character service account with dots.
+fn longest() -> Identity {
+    id(&format!("n{}", "s".repeat(62)), &format!("{}.{}.{}", "a".repeat(100), "b".repeat(100), "c".repeat(51)))
+}
+
+#[test]
+fn identity_service_accounts_with_dots_and_the_longest_names_round_trip_as_spiffe_ids() {
+    let long = longest();
+    assert_eq!((long.namespace.len(), long.service_account.len()), (63, 253));
+    for identity in [id("lemo-dev", "recall.reader"), id("lemo-dev", "a.b.c"), long] {
+        let uri = identity.to_string();
+        assert_eq!(uri, format!("spiffe://cluster.local/ns/{}/sa/{}", identity.namespace, identity.service_account));
+        assert_eq!(uri.parse::<Identity>().expect("parses"), identity);
+        identity.check_kubernetes_names().expect("valid Kubernetes names");
+    }
+    // Dots never split a path segment: only '/' does.
+    let err = "spiffe://cluster.local/ns/a/sa/b.c/d".parse::<Identity>().expect_err("extra segment").to_string();
+    assert!(err.contains("/ns/<namespace>/sa/<service-account>"), "{err}");
+}
+
+#[test]
+fn identity_kubernetes_name_check_names_the_bad_part() {
+    for (identity, why) in [
+        (id("lemo-dev", "Recall"), "service account \"Recall\" of spiffe://cluster.local/ns/lemo-dev/sa/Recall is not a valid Kubernetes name: it has the character 'R'"),
+        (id("lemo-dev", "a..b"), "empty part between dots"),
+        (id("lemo-dev", &"a".repeat(254)), "254 characters long, the limit is 253"),
+        (id("lemo_dev", "bff"), "namespace \"lemo_dev\""),
+        (id(&"n".repeat(64), "bff"), "64 characters long, the limit is 63"),
+    ] {
+        let err = identity.check_kubernetes_names().expect_err(&identity.to_string()).to_string();
+        assert!(err.contains(why), "{identity}: {err}");
+    }
+}
+
+#[test]
+fn identity_certificates_of_dotted_and_longest_names_verify_both_ways() {
+    let signer = CaSigner::generate("cluster.local").expect("ca");
+    let roots = Arc::new(signer.roots());
+    let name = ServerName::try_from("ignored").expect("name");
+    for me in [id("lemo-dev", "recall.reader"), longest()] {
+        let cert = issue(&signer, &me, Duration::from_secs(600));
+        assert_eq!(identity_from_cert(cert.leaf()).expect("SAN read back"), me);
+        MeshClientVerifier::new(roots.clone(), "cluster.local")
+            .expect("verifier")
+            .verify_client_cert(cert.leaf(), &[], UnixTime::now())
+            .unwrap_or_else(|e| panic!("{me}: {e}"));
+        MeshServerVerifier::new(roots.clone(), me.clone())
+            .verify_server_cert(cert.leaf(), &[], &name, &[], UnixTime::now())
+            .unwrap_or_else(|e| panic!("{me}: {e}"));
+        // One character less is someone else.
+        let mut shorter = me.clone();
+        shorter.service_account.pop();
+        let err = MeshServerVerifier::new(roots.clone(), shorter)
+            .verify_server_cert(cert.leaf(), &[], &name, &[], UnixTime::now())
+            .expect_err("another identity")
+            .to_string();
+        assert!(err.contains(&format!("peer identity is {me}")), "{err}");
+    }
+}
+
 #[test]
 fn identity_sign_and_verify_round_trip() {
     let signer = CaSigner::generate("cluster.local").expect("ca");

@@ -467,6 +467,24 @@ mod tests {
         assert!(text(&cached_reg).contains("istio_requests_total"));
     }
 
+    /// Principals are label values as they are: dots and 253-character service accounts
+    /// included, nothing cut.
+    #[test]
+    fn principals_with_dots_and_the_longest_names_are_exported_whole() {
+        let registry = Registry::new();
+        let m = IstioMetrics::register(&registry).unwrap();
+        let long = format!("spiffe://cluster.local/ns/n{}/sa/{}.{}", "s".repeat(62), "a".repeat(126), "b".repeat(126));
+        let with_principal = |name: &str, principal: &str| Arc::new(Workload { name: name.into(), principal: principal.into(), ..Workload::unknown() });
+        let (a, b) = (with_principal("a", "spiffe://cluster.local/ns/lemo-dev/sa/recall.reader"), with_principal("b", &long));
+        let svc = Arc::new(ServiceLabels::unknown());
+        let outcome = RequestOutcome { protocol: "http", code: "200", grpc_status: "", flags: "-", duration_ms: 1.0, request_bytes: 1, response_bytes: 1 };
+        m.record_request_cached(&CachedPeering { reporter: Reporter::Destination, source: &a, destination: &b, service: &svc, security: Security::MutualTls }, &outcome);
+        let text = text(&registry);
+        let series = text.lines().find(|l| l.starts_with("istio_requests_total{")).unwrap_or_else(|| panic!("{text}"));
+        assert!(series.contains("source_principal=\"spiffe://cluster.local/ns/lemo-dev/sa/recall.reader\""), "{series}");
+        assert!(series.contains(&format!("destination_principal=\"{long}\"")), "{series}");
+    }
+
     /// A series dropped by `retain_workloads` is recreated by the next request, not updated
     /// through a stale handle.
     #[test]

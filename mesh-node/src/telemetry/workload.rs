@@ -182,7 +182,32 @@ pub fn workload_name(pod: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::workload_name;
+    use super::*;
+
+    fn pod_yaml(namespace: &str, name: &str, sa: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{namespace: {namespace}, name: {name}, labels: {{app: {name}}}}}\n\
+             spec: {{nodeName: node-a, serviceAccountName: {sa}, containers: [{{name: app, image: app}}]}}\n\
+             status: {{podIP: {ip}}}\n---\n"
+        )
+    }
+
+    #[test]
+    fn principals_of_dotted_and_longest_service_accounts_are_their_whole_spiffe_ids() {
+        let ns63 = format!("n{}", "s".repeat(62));
+        let long_sa = format!("{}.{}", "a".repeat(126), "b".repeat(126));
+        let node = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nstatus: {addresses: [{type: InternalIP, address: 172.18.0.2}]}\n---\n";
+        // Enrolled namespaces: pods outside the mesh have no principal.
+        let enrolled = |ns: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\n");
+        let yaml = node.to_string() + &enrolled("lemo-dev") + &enrolled(&ns63) + &pod_yaml("lemo-dev", "reader", "recall.reader", "10.244.0.20") + &pod_yaml(&ns63, "long", &long_sa, "10.244.0.21");
+        let cluster = Cluster::from_yaml_files([("pods.yaml", yaml.as_str())]).unwrap_or_else(|e| panic!("{e}"));
+        let peers = Peers::build(&cluster, "cluster.local", true);
+        let principal = |ip: &str| peers.workload(ip.parse().expect("ip")).principal.clone();
+        assert_eq!(principal("10.244.0.20"), "spiffe://cluster.local/ns/lemo-dev/sa/recall.reader");
+        assert_eq!(principal("10.244.0.21"), format!("spiffe://cluster.local/ns/{ns63}/sa/{long_sa}"));
+        let plaintext = Peers::build(&cluster, "cluster.local", false);
+        assert_eq!(plaintext.workload("10.244.0.20".parse().expect("ip")).principal, UNKNOWN, "no principal without mTLS");
+    }
 
     #[test]
     fn workload_names_as_controllers_generate_them() {

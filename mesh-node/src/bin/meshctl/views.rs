@@ -164,6 +164,19 @@ pub fn bpf(v: &Value) -> String {
     out
 }
 
+/// `pid 1 instance 9f3a...`; a proxy of an older release reports its pid alone.
+fn proxy_name(pid: &Value, instance: &Value) -> String {
+    match instance.as_str() {
+        Some(instance) => format!("pid {} instance {instance}", cell(pid)),
+        None => format!("pid {}", cell(pid)),
+    }
+}
+
+/// A starting successor: `{"pid", "instance"}`, or a bare pid from an older release.
+fn successor_name(s: &Value) -> String {
+    if s.is_object() { proxy_name(&s["pid"], &s["instance"]) } else { proxy_name(s, &Value::Null) }
+}
+
 pub fn status(v: &Value) -> String {
     let mut t = Table::new(&["", ""]);
     let c = &v["counters"];
@@ -172,12 +185,12 @@ pub fn status(v: &Value) -> String {
     let cfg = &v["config"];
     t.row(vec!["node".into(), cell(&v["node"])]);
     t.row(vec!["ready".into(), cell(&v["ready"])]);
-    // During a restart two proxies share the admin port and either may answer: the pid says
-    // which one this is.
-    let mut process = format!("pid {}", cell(&v["pid"]));
-    let starting: Vec<String> = items(&v["successors_starting"]).map(cell).collect();
+    // During a restart two proxies share the admin port and either may answer: the instance
+    // id says which one this is (in pods both are pid 1).
+    let mut process = proxy_name(&v["pid"], &v["instance"]);
+    let starting: Vec<String> = items(&v["successors_starting"]).map(successor_name).collect();
     if !starting.is_empty() {
-        process.push_str(&format!("; a new proxy is starting (pid {}): readiness answers 503 until it is ready", starting.join(", ")));
+        process.push_str(&format!("; a new proxy is starting ({}): readiness answers 503 until it is ready", starting.join(", ")));
     }
     t.row(vec!["process".into(), process]);
     t.row(vec!["uptime".into(), v["uptime_seconds"].as_u64().map(human_secs).unwrap_or("-".into())]);
@@ -266,6 +279,18 @@ pub fn clusters(v: &Value) -> String {
 mod tests {
     use serde_json::json;
 
+    #[test]
+    fn status_tells_two_pid_1_proxies_apart_by_instance() {
+        let v = json!({
+            "node": "node-a", "ready": true, "pid": 1, "instance": "00000000000000aa", "uptime_seconds": 5,
+            "successors_starting": [{"pid": 1, "instance": "00000000000000bb"}],
+            "config": {"source": "kubernetes", "generation": "00ab", "status": "ok", "reloads": 0},
+        });
+        let out = super::status(&v);
+        assert!(out.contains("pid 1 instance 00000000000000aa; a new proxy is starting (pid 1 instance 00000000000000bb)"), "{out}");
+    }
+
+    /// An older proxy answers with a pid alone, and lists its successors as pids.
     #[test]
     fn status_shows_the_pid_a_starting_successor_and_held_back_objects() {
         let v = json!({

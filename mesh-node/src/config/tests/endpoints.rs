@@ -223,3 +223,35 @@ fn broken_slices_name_the_field() {
         assert!(err.contains("EndpointSlice demo/s") && err.contains(want), "{body}\n=> {err}");
     }
 }
+
+#[test]
+fn a_dual_stack_service_dials_its_vips_family() {
+    let v6 = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {namespace: demo, name: echo-v6, labels: {kubernetes.io/service-name: echo}}
+addressType: IPv6
+ports: [{name: http, port: 9090}]
+endpoints: [{addresses: ["fd00::11"], conditions: {ready: true}}]
+"#;
+    let c = build(&[SLICE.into(), v6.into()]);
+    let svc = c.service("demo", "echo").expect("echo");
+    assert!(c.endpoints(svc, 80).iter().all(|e| e.addr.is_ipv4()));
+    assert_eq!(c.endpoints(svc, 80).len(), 4);
+}
+
+#[test]
+fn service_account_names_follow_kubernetes_rules() {
+    let with_sa = |sa: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{namespace: demo, name: p}}\n\
+             spec: {{nodeName: node-a, serviceAccountName: {sa:?}, containers: []}}\nstatus: {{podIP: 10.244.0.9}}\n"
+        )
+    };
+    let c = build(&[with_sa("recall.reader-v1")]);
+    assert_eq!(c.pod("demo", "p").map(|p| p.service_account.as_str()), Some("recall.reader-v1"));
+    let doc = with_sa("Recall");
+    let text = format!("{BASE}\n---\n{doc}");
+    let err = Cluster::from_yaml_files([("c.yaml", text.as_str())]).expect_err("uppercase").to_string();
+    assert!(err.contains("Pod demo/p: spec.serviceAccountName: \"Recall\""), "{err}");
+}
