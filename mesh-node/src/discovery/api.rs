@@ -5,8 +5,9 @@
 //! Token files (the in-cluster ServiceAccount token, `--api-token-file`, a kubeconfig's
 //! `tokenFile`) are read by kube-rs, which reuses what it read for [`TOKEN_FILE_RELOAD`] and
 //! then reads the file again: a rotated token is sent from then on. kubelet rotates projected
-//! tokens at 80% of their lifetime (an hour at least), and the old token stays valid until it
-//! expires, so that delay costs nothing; client-go re-reads once a minute too.
+//! tokens at 80% of their lifetime (ten minutes at least, an hour by default), and the old
+//! token stays valid until it expires, so that delay costs nothing; client-go re-reads once a
+//! minute too.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
