@@ -815,6 +815,15 @@ impl SimCluster {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
+    /// Node i's Prometheus text (`/metrics` on 15020), read from inside the node.
+    pub fn metrics(&self, i: usize) -> anyhow::Result<String> {
+        let out = self.run_in_netns(&self.nodes[i].netns, Path::new("curl"), &["-s", "-m", "5", "http://127.0.0.1:15020/metrics"], Duration::from_secs(10))?;
+        if !out.status.success() {
+            bail!("curl /metrics on {}: {}", self.nodes[i].name, String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     pub fn counter(&self, node: usize, group: &str, name: &str) -> u64 {
         self.stats(node).ok().and_then(|s| s[group][name].as_u64()).unwrap_or(0)
     }

@@ -6,10 +6,10 @@
 use std::{
     os::unix::fs::MetadataExt as _,
     process::Output,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use mesh_e2e::{ClusterSpec, SimCluster, bins};
+use mesh_e2e::{ClusterSpec, SimCluster, bins, wait_until};
 use serde_json::Value;
 
 const VIP: &str = "10.96.0.50";
@@ -68,16 +68,6 @@ fn json(c: &SimCluster, node: usize, args: &[&str]) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("meshctl -o json {args:?} is not JSON ({e}):\n{out}"))
 }
 
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    cond()
-}
 
 fn endpoint<'a>(v: &'a Value, pod: &str) -> Option<&'a Value> {
     v["clusters"].as_array()?.iter().flat_map(|c| c["endpoints"].as_array().into_iter().flatten()).find(|e| e["pod"] == pod)

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_e2e::{ClusterSpec, SimCluster, bins, cluster::CA_ADDRESS, report::status_count};
+use mesh_e2e::{ClusterSpec, SimCluster, bins, cluster::CA_ADDRESS, report::status_count, wait_until};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(30);
@@ -43,19 +43,6 @@ fn probe_here(args: &[&str]) -> Value {
     json(&String::from_utf8_lossy(&out.stdout))
 }
 
-/// Polls `cond` every 50 ms until it holds or `timeout` passes.
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// A log without its ANSI colours (tracing colours field names: `identity=` is split by escapes).
 fn plain(log: String) -> String {

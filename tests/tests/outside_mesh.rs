@@ -101,12 +101,6 @@ fn who(c: &SimCluster, addr: &str) -> String {
     out.split_whitespace().next().unwrap_or_default().to_string()
 }
 
-fn metrics(c: &SimCluster, node: usize) -> String {
-    let out = c
-        .run_in_netns(&c.node(node).netns, Path::new("curl"), &["-s", "http://127.0.0.1:15020/metrics"], Duration::from_secs(10))
-        .expect("curl runs");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// `istio_tcp_connections_opened_total` of the source reporter toward `service`, by security policy.
 fn opened(metrics: &str, service: &str, security: &str) -> u64 {
@@ -152,7 +146,7 @@ fn destinations_outside_the_mesh_pass_through_with_mtls_on() {
     assert_eq!(c.counter(0, "proxy", "outbound_tunneled"), 1);
     assert_eq!(c.counter(1, "proxy", "inbound_requests"), 1);
 
-    let m = metrics(&c, 0);
+    let m = c.metrics(0).expect("node-a metrics");
     assert_eq!(opened(&m, "legacy.legacy.svc.cluster.local", "unknown"), 1, "{m}");
     assert_eq!(opened(&m, "legacy-local.legacy.svc.cluster.local", "unknown"), 1, "{m}");
     assert_eq!(opened(&m, "node-agent.kube-system.svc.cluster.local", "unknown"), 1, "{m}");

@@ -5,10 +5,10 @@
 //! allows exactly those principals (not near-misses). Needs root; run through `cargo xtask test`.
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use mesh_e2e::{ClusterSpec, SimCluster, bins};
+use mesh_e2e::{ClusterSpec, SimCluster, bins, wait_until};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 
@@ -92,25 +92,7 @@ fn probe_in_netns(c: &SimCluster, netns: &str, args: &[&str]) -> Value {
     json(&stdout)
 }
 
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
-/// node-b's Prometheus text.
-fn metrics(c: &SimCluster, node: usize) -> String {
-    let out = c.run_in_netns(&c.node(node).netns, Path::new("curl"), &["-s", "http://127.0.0.1:15020/metrics"], Duration::from_secs(10)).expect("curl runs");
-    assert!(out.status.success(), "curl /metrics: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Series of `metric` whose labels include every `label="value"` of `labels`.
 fn series<'a>(text: &'a str, metric: &str, labels: &[(&str, &str)]) -> Vec<&'a str> {
@@ -151,7 +133,7 @@ fn dotted_and_longest_service_account_names_work_across_nodes_over_mtls() {
     // destination), and node-a the servers' from their certificates.
     let mesh = "connection_security_policy";
     for (node, reporter) in [(1, "destination"), (0, "source")] {
-        let text = metrics(c, node);
+        let text = c.metrics(node).expect("metrics");
         for (src, dst) in [
             (spiffe("demo", READER_SA), spiffe("demo", SERVER_SA)),
             (spiffe(&ns, &long_client), spiffe(&ns, &long_server)),
