@@ -1,49 +1,21 @@
-//! Connections the proxy opens itself, and the byte pump between two connections.
+//! The far end of a connection: a local mesh pod, another node's proxy (a tunnel), or a
+//! destination outside the mesh.
 use std::{io, net::SocketAddr, time::Duration};
 
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::{TcpSocket, TcpStream},
-};
+use tokio::{io::{AsyncRead, AsyncWrite}, net::TcpStream};
 
-/// Opens a TCP connection marked as the proxy's own, so the capture never redirects it.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-    socket2::SockRef::from(&sock).set_mark(mesh_common::PROXY_MARK)?;
-    sock.set_nodelay(true)?;
-    match tokio::time::timeout(timeout, sock.connect(addr)).await {
-        Ok(stream) => stream,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect to {addr} timed out after {timeout:?}"))),
-    }
-}
-
-/// Copies both ways until both sides are done. When one side half-closes, the other side's
-/// write half is shut down and the reverse direction keeps flowing.
-pub async fn pipe<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
-where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
-    tokio::io::copy_bidirectional_with_sizes(a, b, 64 * 1024, 64 * 1024).await
-}
-
-/// Closes a client connection with a reset, so a refused connection fails at once instead of
-/// looking like an empty response.
-pub fn reset(stream: TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-    drop(stream);
-}
+pub use super::dial::{connect, pipe, reset};
 
 /// An upstream byte stream: a direct connection to a local pod, or a tunnel through another
 /// node's proxy.
 pub enum UpstreamIo {
     Direct(TcpStream),
-    Tunnel(crate::tunnel::Tunnel),
+    Tunnel(super::tunnel::Tunnel),
 }
 
 impl UpstreamIo {
     /// For a tunnel: becomes `true` once the far node proxy is draining (see
-    /// [`crate::tunnel::Tunnel::goaway`]); pools should not reuse a connection riding it.
+    /// [`super::tunnel::Tunnel::goaway`]); pools should not reuse a connection riding it.
     pub fn tunnel_goaway(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
         match self {
             UpstreamIo::Direct(_) => None,
@@ -90,7 +62,7 @@ pub enum ConnectError {
     #[error("connecting to {addr}: {source}")]
     Direct { addr: SocketAddr, source: io::Error },
     #[error(transparent)]
-    Tunnel(#[from] crate::tunnel::TunnelError),
+    Tunnel(#[from] super::tunnel::TunnelError),
     #[error("endpoint {addr} is on node {node}, which the config does not define")]
     UnknownNode { addr: SocketAddr, node: String },
     #[error("connection from {source_ip} to {addr} refused: {reason}")]
@@ -122,7 +94,7 @@ pub struct Connector {
     pub node: String,
     pub inbound_port: u16,
     pub config: tokio::sync::watch::Receiver<std::sync::Arc<crate::config::Cluster>>,
-    pub tunnels: std::sync::Arc<crate::tunnel::TunnelPool>,
+    pub tunnels: std::sync::Arc<super::tunnel::TunnelPool>,
     pub trust_domain: String,
 }
 
@@ -144,7 +116,7 @@ impl Connector {
         let Some(node_ip) = cluster.node(&pod.node).map(|n| n.ip) else {
             return Err(ConnectError::UnknownNode { addr, node: pod.node.clone() });
         };
-        let ids = source.identity.as_ref().map(|src| crate::tunnel::TunnelIdentities {
+        let ids = source.identity.as_ref().map(|src| super::tunnel::TunnelIdentities {
             source: src.clone(),
             destination: crate::identity::Identity::new(&self.trust_domain, &pod.namespace, &pod.service_account),
         });

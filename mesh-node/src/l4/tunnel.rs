@@ -26,7 +26,8 @@ use tokio::{
 };
 use tracing::debug;
 
-use crate::{hbone::MeshTls, identity::Identity, upstream};
+use super::{dial, hbone::MeshTls};
+use crate::identity::Identity;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -171,7 +172,7 @@ impl TunnelPool {
         {
             return Ok((s.clone(), goaway.clone()));
         }
-        let stream = upstream::connect(proxy, connect_timeout).await.map_err(|source| TunnelError::Connect { proxy, source })?;
+        let stream = dial::connect(proxy, connect_timeout).await.map_err(|source| TunnelError::Connect { proxy, source })?;
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())

@@ -1,0 +1,11 @@
+//! The L4 path of a connection, in the order it takes: [`route`] (where a captured connection
+//! goes: a Service port through its VirtualService `tcp` routes, or a pod), then, once an
+//! endpoint is picked, [`upstream`] (how to reach it: a local mesh pod after [`authz`], a mesh
+//! pod on another node through a [`tunnel`] over [`hbone`] mutual TLS, anything outside the mesh
+//! directly). [`dial`] holds the socket operations both ends share.
+pub mod authz;
+pub mod dial;
+pub mod hbone;
+pub mod route;
+pub mod tunnel;
+pub mod upstream;
