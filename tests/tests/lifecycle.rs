@@ -157,3 +157,45 @@ fn readiness_rollout_and_scaling_under_load_lose_nothing() {
     }
     assert_eq!(grpc["connections_opened"].as_u64(), Some(1), "gRPC over one channel: {grpc}");
 }
+
+/// L4: a TCP connection open to a pod that starts terminating runs to completion, while new
+/// connections go to the ready pod; once no pod is ready, a serving terminating pod takes new
+/// connections (kube-proxy's fallback) rather than none.
+#[test]
+fn open_tcp_connections_to_a_terminating_pod_run_to_completion() {
+    let spec = ClusterSpec::new(2)
+        .namespace("demo", true)
+        .pod("client", "demo", 0, "client", 9000)
+        .pod("tcp-1", "demo", 1, "tcp", 7000)
+        .service("tcp", "demo", [10, 96, 0, 21], "tcp", 80, 7000);
+    let mut c = SimCluster::start(spec).expect("simulated cluster");
+    c.start_servers().expect("servers");
+    let probe = bins::path("mesh-probe");
+    // 50 round trips a second on one connection for 6 s: it lands on tcp-1, the only pod.
+    let rr = c.spawn_piped("client", &probe, &["rr", "10.96.0.21:80", "--rate", "50", "--seconds", "6", "--conns", "1", "--size", "64"]).expect("rr");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut tcp2 = echo("tcp-2", 0);
+    tcp2.labels = [("app".to_string(), "tcp".to_string())].into();
+    tcp2.ports = vec![("tcp".into(), 7000)];
+    c.add_pod(tcp2).unwrap();
+    c.serve_in_pod("tcp-2", &probe, &["serve", "--name", "tcp-2", "--port", "7000"], 7000).unwrap();
+    c.set_pod_ready("tcp-2", true).unwrap();
+    c.terminate_pod("tcp-1").unwrap();
+    let who = c.probe("client", &["who", "10.96.0.21:80", "--count", "10"], Duration::from_secs(30)).unwrap();
+    let answered: Vec<&str> = who.lines().map(|l| l.split_whitespace().next().unwrap_or("")).collect();
+    assert_eq!(answered, vec!["tcp-2"; 10], "new connections only to the ready pod");
+
+    let report = finish(rr, "rr");
+    assert_eq!(report["errors"], 0, "the open connection to the terminating pod was cut: {report}");
+    assert_eq!(report["requests"], 300, "{report}");
+
+    // Now the ready pod goes too: the terminating one still serves, so it takes new work.
+    c.set_pod_ready("tcp-2", false).unwrap();
+    let who = c.probe("client", &["who", "10.96.0.21:80", "--count", "3"], Duration::from_secs(30)).unwrap();
+    assert!(who.lines().all(|l| l.starts_with("tcp-1")), "serving-terminating fallback: {who}");
+    c.remove_pod("tcp-1").unwrap();
+    // tcp-2 is NotReady and not terminating: it gets nothing, even with nothing else left.
+    let out = c.probe("client", &["connect", "10.96.0.21:80", "--timeout-ms", "3000"], Duration::from_secs(30)).unwrap_or_else(|e| e.to_string());
+    assert!(["\"reset\"", "\"refused\"", "\"eof\""].iter().any(|r| out.contains(r)), "no pod to serve: refused at once, not hung: {out}");
+}
