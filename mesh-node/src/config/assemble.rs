@@ -11,6 +11,7 @@ use serde_yaml::Value;
 use super::cluster::Cluster;
 use super::decode::{Kind, Object, Origin, decode};
 use super::error::{Problem, Reporter};
+use super::fail_closed;
 use super::field_path::FieldPath;
 use super::host::{self, host_matches};
 use super::load::{Source, documents};
@@ -61,6 +62,8 @@ struct Decoded {
     pub value: Value,
     /// Indexes into the problems vector of [`decode_sources`] that this document caused.
     pub problems: std::ops::Range<usize>,
+    /// Applied, but not as written (see [`Reporter::warn`]).
+    pub warnings: Vec<Problem>,
 }
 
 /// Decodes every document of `sources` in order. Problems go to `problems` in file order; a
@@ -72,7 +75,8 @@ fn decode_sources(sources: &[Source], problems: &mut Vec<Problem>) -> Vec<Decode
     for source in sources {
         for (index, value) in documents(source, problems) {
             let before = problems.len();
-            let Some((origin, object)) = decode(&source.rel, index, &value, problems) else {
+            let mut warnings = Vec::new();
+            let Some((origin, object)) = decode(&source.rel, index, &value, problems, &mut warnings) else {
                 continue;
             };
             let key = key_of(&origin);
@@ -85,7 +89,7 @@ fn decode_sources(sources: &[Source], problems: &mut Vec<Problem>) -> Vec<Decode
                 continue;
             }
             first_seen.insert(key, origin.file.clone());
-            out.push(Decoded { origin, object, value, problems: before..problems.len() });
+            out.push(Decoded { origin, object, value, problems: before..problems.len(), warnings });
         }
     }
     out
@@ -96,7 +100,9 @@ fn decode_sources(sources: &[Source], problems: &mut Vec<Problem>) -> Vec<Decode
 pub(crate) fn assemble(sources: &[Source]) -> Result<Cluster, Vec<Problem>> {
     let mut problems = Vec::new();
     let mut parts = Parts::default();
+    let mut warnings = Vec::new();
     for d in decode_sources(sources, &mut problems) {
+        warnings.extend(d.warnings);
         if let Some(object) = d.object {
             parts.push(d.origin, object);
         }
@@ -107,7 +113,9 @@ pub(crate) fn assemble(sources: &[Source]) -> Result<Cluster, Vec<Problem>> {
     if !problems.is_empty() {
         return Err(problems);
     }
-    Ok(index(parts, known_namespaces))
+    let mut cluster = index(parts, known_namespaces);
+    cluster.warnings = warnings;
+    Ok(cluster)
 }
 
 /// The result of a per-object build ([`assemble_per_object`]).
@@ -119,6 +127,9 @@ pub(crate) struct PerObject {
     pub other: Vec<Problem>,
     /// What was applied, by key: the input for the next build's fallbacks.
     pub applied: BTreeMap<ObjectKey, Kept>,
+    /// Rejected new policies applied in their most restrictive reading instead
+    /// ([`fail_closed::stand_in`]); never a fallback for a later build.
+    pub fail_closed: Vec<Kept>,
 }
 
 /// An object as last applied.
@@ -127,6 +138,8 @@ pub(crate) struct Kept {
     pub origin: Origin,
     pub object: Object,
     pub value: Value,
+    /// Its warnings, reported again while it is applied.
+    pub warnings: Vec<Problem>,
 }
 
 pub(crate) struct Rejected {
@@ -135,6 +148,8 @@ pub(crate) struct Rejected {
     pub problems: Vec<Problem>,
     /// The last good version of the object is still applied.
     pub kept_previous: bool,
+    /// A stand-in that fails closed is applied instead ([`fail_closed::stand_in`]).
+    pub fail_closed: bool,
 }
 
 struct Candidate {
@@ -144,6 +159,8 @@ struct Candidate {
     settled: bool,
     /// This is the last good version standing in for a rejected new one.
     fallback: bool,
+    /// A rejected policy with no last good version, applied in its most restrictive reading.
+    fail_closed: bool,
 }
 
 /// Per-object assembly (Kubernetes mode): an object with problems is left out, or replaced by
@@ -160,7 +177,7 @@ pub(crate) fn assemble_per_object(sources: &[Source], last_good: &BTreeMap<Objec
     let mut candidates: BTreeMap<ObjectKey, Candidate> = BTreeMap::new();
     let fallback = |key: &ObjectKey, candidates: &mut BTreeMap<ObjectKey, Candidate>| {
         if let Some(previous) = last_good.get(key) {
-            candidates.insert(key.clone(), Candidate { kept: previous.clone(), settled: true, fallback: true });
+            candidates.insert(key.clone(), Candidate { kept: previous.clone(), settled: true, fallback: true, fail_closed: false });
         }
     };
     // Problems of documents that name no object (no apiVersion, kind or name; YAML syntax)
@@ -172,8 +189,8 @@ pub(crate) fn assemble_per_object(sources: &[Source], last_good: &BTreeMap<Objec
         match d.object {
             Some(object) if d.problems.is_empty() => {
                 let settled = last_good.get(&key).is_some_and(|k| k.value == d.value);
-                let kept = Kept { origin: d.origin, object, value: d.value };
-                candidates.insert(key, Candidate { kept, settled, fallback: false });
+                let kept = Kept { origin: d.origin, object, value: d.value, warnings: d.warnings };
+                candidates.insert(key, Candidate { kept, settled, fallback: false, fail_closed: false });
             }
             _ => {
                 rejected.insert(
@@ -183,9 +200,17 @@ pub(crate) fn assemble_per_object(sources: &[Source], last_good: &BTreeMap<Objec
                         display: d.origin.display(),
                         problems: problems[d.problems].to_vec(),
                         kept_previous: false,
+                        fail_closed: false,
                     },
                 );
                 fallback(&key, &mut candidates);
+                // A new policy that cannot be read must not leave its workloads open.
+                if !candidates.contains_key(&key)
+                    && let Some(object) = fail_closed::stand_in(&d.origin, &d.value)
+                {
+                    let kept = Kept { origin: d.origin, object, value: d.value, warnings: Vec::new() };
+                    candidates.insert(key, Candidate { kept, settled: false, fallback: false, fail_closed: true });
+                }
             }
         }
     }
@@ -205,16 +230,21 @@ pub(crate) fn assemble_per_object(sources: &[Source], last_good: &BTreeMap<Objec
         if blamed.is_empty() {
             for r in rejected.values_mut() {
                 r.kept_previous = candidates.get(&r.key).is_some_and(|c| c.fallback);
+                r.fail_closed = candidates.get(&r.key).is_some_and(|c| c.fail_closed);
             }
-            let applied = candidates.into_iter().map(|(k, c)| (k, c.kept)).collect();
-            return PerObject { cluster: index(parts, known), rejected: rejected.into_values().collect(), other, applied };
+            let mut cluster = index(parts, known);
+            cluster.warnings = candidates.values().flat_map(|c| c.kept.warnings.iter().cloned()).collect();
+            let (stand_ins, applied): (Vec<_>, Vec<_>) = candidates.into_iter().partition(|(_, c)| c.fail_closed);
+            let applied = applied.into_iter().map(|(k, c)| (k, c.kept)).collect();
+            let fail_closed = stand_ins.into_iter().map(|(_, c)| c.kept).collect();
+            return PerObject { cluster, rejected: rejected.into_values().collect(), other, applied, fail_closed };
         }
         let mut round: BTreeSet<ObjectKey> = BTreeSet::new();
         for (key, problem) in blamed.into_iter().zip(problems) {
             let display = problem.object.clone().unwrap_or_default();
             rejected
                 .entry(key.clone())
-                .or_insert_with(|| Rejected { key: key.clone(), display, problems: Vec::new(), kept_previous: false })
+                .or_insert_with(|| Rejected { key: key.clone(), display, problems: Vec::new(), kept_previous: false, fail_closed: false })
                 .problems
                 .push(problem);
             round.insert(key);
@@ -433,5 +463,6 @@ fn index(parts: Parts, known_namespaces: BTreeSet<String>) -> Cluster {
         authorization_policies: sorted(parts.authorization_policies),
         known_namespaces,
         fingerprint: 0,
+        warnings: Vec::new(),
     }
 }

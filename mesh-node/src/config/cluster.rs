@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use super::assemble::assemble;
-use super::error::ConfigError;
+use super::error::{ConfigError, Problem};
 use super::host::{self, host_matches, specificity};
 use super::istio::{
     AuthorizationPolicy, DestinationRule, MtlsMode, PeerAuthentication, VirtualService, exported_to,
@@ -48,6 +48,9 @@ pub struct Cluster {
     /// Every namespace mentioned anywhere, to read `name.namespace` hosts.
     pub(crate) known_namespaces: BTreeSet<String>,
     pub(crate) fingerprint: u64,
+    /// Problems with objects that are applied anyway, in a reading that differs from (is
+    /// more restrictive than) what they say; in file order.
+    pub(crate) warnings: Vec<Problem>,
 }
 
 impl Cluster {
@@ -75,6 +78,12 @@ impl Cluster {
         let mut cluster = assemble(sources).map_err(ConfigError::new)?;
         cluster.fingerprint = load::fingerprint(sources);
         Ok(cluster)
+    }
+
+    /// What is applied differently from how it reads (an AuthorizationPolicy rule with
+    /// HTTP attributes, applied in its most restrictive reading), one per field.
+    pub fn warnings(&self) -> &[Problem] {
+        &self.warnings
     }
 
     /// Identifies the input this snapshot was built from (names and contents).

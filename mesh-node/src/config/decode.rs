@@ -132,11 +132,13 @@ struct Envelope {
 /// an object for objects too broken to build; everything wrong is added to
 /// `problems`. Objects with field problems are still returned when they can
 /// be built, so cross-object checks do not pile follow-up errors on top.
+/// Warnings (the object is applied, differently from how it reads) go to `warnings`.
 pub(crate) fn decode(
     file: &str,
     index: usize,
     value: &Value,
     problems: &mut Vec<Problem>,
+    warnings: &mut Vec<Problem>,
 ) -> Option<(Origin, Option<Object>)> {
     let doc = format!("document {index}");
     let top = |problems: &mut Vec<Problem>, field: &str, message: &str| {
@@ -194,7 +196,7 @@ pub(crate) fn decode(
         name,
     };
     let object_name = origin.display();
-    let mut r = Reporter::new(file, &object_name, problems);
+    let mut r = Reporter::with_warnings(file, &object_name, problems, warnings);
     let id = Ident {
         namespace: &origin.namespace,
         name: &origin.name,

@@ -66,21 +66,49 @@ pub(crate) struct Reporter<'a> {
     file: &'a str,
     object: &'a str,
     sink: &'a mut Vec<Problem>,
+    /// Where [`Reporter::warn`] goes; without it a warning is an error, so a caller that
+    /// does not expect warnings never applies an object it did not look at.
+    warnings: Option<&'a mut Vec<Problem>>,
 }
 
 impl<'a> Reporter<'a> {
     pub(crate) fn new(file: &'a str, object: &'a str, sink: &'a mut Vec<Problem>) -> Self {
-        Self { file, object, sink }
+        Self { file, object, sink, warnings: None }
+    }
+
+    /// A reporter whose warnings go to `warnings` instead of `sink`.
+    pub(crate) fn with_warnings(
+        file: &'a str,
+        object: &'a str,
+        sink: &'a mut Vec<Problem>,
+        warnings: &'a mut Vec<Problem>,
+    ) -> Self {
+        Self { file, object, sink, warnings: Some(warnings) }
     }
 
     pub(crate) fn at(&mut self, field: &FieldPath, message: impl Into<String>) {
-        self.sink.push(Problem {
+        let problem = self.problem(field, message.into());
+        self.sink.push(problem);
+    }
+
+    /// Something the object asks for that is applied differently (more restrictively) than
+    /// written: reported, but the object is applied.
+    pub(crate) fn warn(&mut self, field: &FieldPath, message: impl Into<String>) {
+        let problem = self.problem(field, message.into());
+        match self.warnings.as_deref_mut() {
+            Some(warnings) => warnings.push(problem),
+            None => self.sink.push(problem),
+        }
+    }
+
+    fn problem(&self, field: &FieldPath, message: String) -> Problem {
+        Problem {
             file: self.file.to_string(),
             location: None,
             object: Some(self.object.to_string()),
             field: (!field.is_empty()).then(|| field.to_string()),
-            message: message.into(),
-        });
+            message,
+        }
     }
 
     /// Number of problems recorded so far (by anyone), to tell whether a step added any.

@@ -11,7 +11,7 @@
 //! `decode` (document → object), `kube` (core kinds), `istio/` (CRDs),
 //! `assemble` (cross-object checks, indexes), `cluster` (lookups),
 //! `per_object` (Kubernetes mode: an invalid object is held back, the rest
-//! applied), `host`, `duration`, `watch`, `error`.
+//! applied; `fail_closed`: what stands in for a new policy that cannot be read), `host`, `duration`, `watch`, `error`.
 
 mod assemble;
 mod cluster;
@@ -19,6 +19,7 @@ mod de;
 mod decode;
 mod duration;
 mod error;
+mod fail_closed;
 mod field_path;
 mod host;
 mod istio;

@@ -28,13 +28,23 @@ pub struct RejectedObject {
     pub object: String,
     /// What is wrong, each naming the field.
     pub problems: Vec<Problem>,
-    /// Its last good version is still applied; otherwise the object is left out.
+    /// Its last good version is still applied; otherwise the object is left out, or, for a
+    /// policy, applied in its most restrictive reading (`fail_closed`).
     pub kept_previous: bool,
+    /// A new AuthorizationPolicy (deny-all) or PeerAuthentication (STRICT) applied in its
+    /// most restrictive reading for what it selects, so a broken policy fails closed.
+    pub fail_closed: bool,
 }
 
 impl fmt::Display for RejectedObject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let outcome = if self.kept_previous { "keeping its last good version" } else { "left out" };
+        let outcome = if self.kept_previous {
+            "keeping its last good version"
+        } else if self.fail_closed {
+            super::fail_closed::describe(&self.object)
+        } else {
+            "left out"
+        };
         write!(f, "{} rejected ({outcome}): ", self.object)?;
         for (i, p) in self.problems.iter().enumerate() {
             if i > 0 {
@@ -74,9 +84,12 @@ impl PerObjectBuilder {
         let mut cluster = built.cluster;
         // Over what was applied, not the input: a rejected edit that leaves the applied
         // objects as they were yields the same fingerprint.
+        // The fail-closed stand-ins are applied too: a new broken policy must change it, or
+        // it would not be published.
         let applied: Vec<Source> = built
             .applied
             .values()
+            .chain(&built.fail_closed)
             .map(|k| Source {
                 rel: k.origin.display(),
                 text: serde_yaml::to_string(&k.value).unwrap_or_default(),
@@ -89,7 +102,12 @@ impl PerObjectBuilder {
             rejected: built
                 .rejected
                 .into_iter()
-                .map(|r| RejectedObject { object: r.display, problems: r.problems, kept_previous: r.kept_previous })
+                .map(|r| RejectedObject {
+                    object: r.display,
+                    problems: r.problems,
+                    kept_previous: r.kept_previous,
+                    fail_closed: r.fail_closed,
+                })
                 .collect(),
             other: built.other,
         }
@@ -99,6 +117,7 @@ impl PerObjectBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{AuthzAction, MtlsMode};
 
     const CLUSTER: &str = include_str!("../../../deploy/examples/lemo-dev/cluster.yaml");
     const DESTINATION_RULES: &str = include_str!("../../../deploy/examples/lemo-dev/destination-rules.yaml");
@@ -272,5 +291,100 @@ status:
         assert_eq!(first, held, "a rejected edit changes nothing applied");
         let other = DESTINATION_RULES.replace("interval: 10s", "interval: 20s");
         assert_ne!(first, b.build(files(&other, VIRTUAL_SERVICES, &[])).cluster.fingerprint());
+    }
+
+    // ---- fail closed: a new policy that cannot be read is applied in its most restrictive
+    // reading; an update of an applied one keeps its last good version.
+
+    fn ap(name: &str, spec: &str) -> String {
+        format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{namespace: lemo-dev, name: {name}}}\nspec:\n{spec}\n")
+    }
+
+    /// Whether rank-0 accepts bff on its port.
+    fn rank_admits_bff(c: &Cluster) -> bool {
+        let rank = c.pod("lemo-dev", "rank-0").expect("rank-0");
+        let req = crate::authz::Request {
+            source_principal: Some("cluster.local/ns/lemo-dev/sa/bff"),
+            source_namespace: None,
+            source_ip: "10.244.0.10".parse().expect("ip"),
+            destination_port: 50061,
+        };
+        crate::authz::evaluate(&c.authorization_policies_for(rank), &req).is_allow()
+    }
+
+    const ALLOW_BFF: &str = "  selector: {matchLabels: {app: rank}}\n  rules: [{from: [{source: {principals: [cluster.local/ns/lemo-dev/sa/bff]}}]}]";
+    const ALLOW_BFF_BAD_CIDR: &str = "  selector: {matchLabels: {app: rank}}\n  rules: [{from: [{source: {principals: [cluster.local/ns/lemo-dev/sa/bff], ipBlocks: [10.0.0.0/33]}}]}]";
+
+    #[test]
+    fn a_new_unreadable_authorization_policy_denies_all_for_its_selector() {
+        let mut b = PerObjectBuilder::new();
+        let bad = ap("rank", ALLOW_BFF_BAD_CIDR);
+        let built = b.build(files(DESTINATION_RULES, VIRTUAL_SERVICES, &[("ap.yaml", bad.as_str())]));
+        assert_eq!(built.rejected.len(), 1, "{:?}", built.rejected);
+        let r = &built.rejected[0];
+        assert!(r.fail_closed && !r.kept_previous);
+        assert_eq!(
+            r.to_string(),
+            "AuthorizationPolicy lemo-dev/rank rejected (applied as deny-all for what it selects): rules[0].from[0].source.ipBlocks[0]: \"10.0.0.0/33\" is not an IP address or CIDR block"
+        );
+        let p = built.cluster.authorization_policies().find(|p| p.name == "rank").expect("stand-in applied");
+        assert_eq!((p.action, p.rules.len()), (AuthzAction::Allow, 0), "allows nothing");
+        assert_eq!(p.selector, Some([("app".to_string(), "rank".to_string())].into()));
+        assert!(!rank_admits_bff(&built.cluster));
+        // Other workloads are not touched.
+        let recall = built.cluster.pod("lemo-dev", "recall-0").expect("recall-0");
+        assert!(built.cluster.authorization_policies_for(recall).is_empty());
+
+        // The stand-in is never a "last good version": fixed, the policy applies as written.
+        let good = ap("rank", ALLOW_BFF);
+        let fixed = b.build(files(DESTINATION_RULES, VIRTUAL_SERVICES, &[("ap.yaml", good.as_str())]));
+        assert!(fixed.rejected.is_empty());
+        assert!(rank_admits_bff(&fixed.cluster));
+        // Broken again: now its last good version stays.
+        let again = b.build(files(DESTINATION_RULES, VIRTUAL_SERVICES, &[("ap.yaml", bad.as_str())]));
+        assert!(again.rejected[0].kept_previous && !again.rejected[0].fail_closed);
+        assert!(rank_admits_bff(&again.cluster));
+    }
+
+    #[test]
+    fn a_new_unreadable_deny_policy_denies_everything() {
+        let mut b = PerObjectBuilder::new();
+        // Not even the action's neighbours can be read: an unknown field.
+        let bad = ap("deny", "  action: DENY\n  rules: [{from: [{source: {principal: [x]}}]}]");
+        let built = b.build(files(DESTINATION_RULES, VIRTUAL_SERVICES, &[("ap.yaml", bad.as_str())]));
+        assert!(built.rejected[0].fail_closed);
+        let p = built.cluster.authorization_policies().next().expect("stand-in");
+        assert_eq!((p.action, p.selector.clone(), p.rules.len()), (AuthzAction::Deny, None, 1));
+        assert!(!rank_admits_bff(&built.cluster), "namespace-wide: rank too");
+        // The stand-in is published: the model's fingerprint differs from the one without it.
+        let without = PerObjectBuilder::new().build(files(DESTINATION_RULES, VIRTUAL_SERVICES, &[])).cluster.fingerprint();
+        assert_ne!(built.cluster.fingerprint(), without);
+    }
+
+    #[test]
+    fn an_http_attribute_is_applied_with_a_warning_not_held_back() {
+        let mut b = PerObjectBuilder::new();
+        let l7 = ap("l7", "  selector: {matchLabels: {app: rank}}\n  rules: [{to: [{operation: {paths: [\"/admin\"]}}]}]");
+        let built = b.build(files(DESTINATION_RULES, VIRTUAL_SERVICES, &[("ap.yaml", l7.as_str())]));
+        assert!(built.rejected.is_empty(), "{:?}", built.rejected);
+        assert!(!rank_admits_bff(&built.cluster), "the only ALLOW rule matches nothing");
+        let w: Vec<String> = built.cluster.warnings().iter().map(ToString::to_string).collect();
+        assert_eq!(w.len(), 1);
+        assert!(w[0].starts_with("ap.yaml: AuthorizationPolicy lemo-dev/l7: rules[0].to[0].operation.paths: not enforceable at L4"), "{w:?}");
+    }
+
+    #[test]
+    fn a_new_unreadable_peer_authentication_is_strict_for_its_selector() {
+        let mut b = PerObjectBuilder::new();
+        let pa = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {namespace: lemo-dev, name: rank}\nspec:\n  selector: {matchLabels: {app: rank}}\n  mtls: {mode: STRICTT}\n";
+        let built = b.build(files(DESTINATION_RULES, VIRTUAL_SERVICES, &[("pa.yaml", pa)]));
+        assert_eq!(built.rejected.len(), 1);
+        assert!(built.rejected[0].fail_closed);
+        assert!(built.rejected[0].to_string().starts_with("PeerAuthentication lemo-dev/rank rejected (applied as STRICT for what it selects): mtls.mode: "), "{}", built.rejected[0]);
+        let c = &built.cluster;
+        let rank = c.pod("lemo-dev", "rank-0").expect("rank-0");
+        let recall = c.pod("lemo-dev", "recall-0").expect("recall-0");
+        assert_eq!(c.mtls_mode_for(rank, 50061), MtlsMode::Strict);
+        assert_eq!(c.mtls_mode_for(recall, 50051), MtlsMode::Permissive, "not selected");
     }
 }

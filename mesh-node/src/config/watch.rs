@@ -45,6 +45,9 @@ pub fn spawn_watcher(
                         services = cluster.services().count(),
                         "config reloaded"
                     );
+                    for w in cluster.warnings() {
+                        tracing::warn!("applied more restrictively than written: {w}");
+                    }
                     if tx.send(cluster).is_err() {
                         return;
                     }

@@ -81,18 +81,83 @@ pub(crate) fn convert(
         _ => AuthzAction::Allow,
     };
     let rules_path = FieldPath::root().key("rules");
-    let rules = spec
-        .rules
-        .iter()
-        .enumerate()
-        .map(|(i, rule)| convert_rule(r, &rules_path.index(i), rule))
-        .collect();
+    let mut rules = Vec::new();
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let path = rules_path.index(i);
+        // Converted even when dropped below, so malformed values stay errors.
+        let converted = convert_rule(r, &path, rule);
+        let l7 = l7_fields(&path, rule);
+        for field in &l7 {
+            r.warn(field, l7_message(action, &path));
+        }
+        // ztunnel: "L7 policies never match for ALLOW. For DENY they will always match, so it
+        // is more restrictive" (istio/istio pilot/pkg/serviceregistry/kube/controller/ambient/
+        // authorization.go, handleRule). An ALLOW rule naming an HTTP attribute is dropped, so
+        // it allows nothing (an ALLOW policy left without rules allows nothing at all); a DENY
+        // rule keeps its L4 fields (`convert_rule` never reads the HTTP ones), so it denies
+        // every connection they match, whatever the request would have been.
+        if action == AuthzAction::Deny || l7.is_empty() {
+            rules.push(converted);
+        }
+    }
     AuthorizationPolicy {
         namespace: namespace.to_string(),
         name: name.to_string(),
         selector,
         action,
         rules,
+    }
+}
+
+/// Every field of `rule` the proxy cannot check on a connection: the HTTP attributes of
+/// `to.operation`, the request-level ones of `from.source`, and `when` (none of its keys is
+/// evaluated here: the L4 keys Istio's ztunnel reads, `source.ip`, `source.namespace`,
+/// `source.principal`, `destination.ip` and `destination.port`, are treated like the HTTP
+/// ones, which is more restrictive than ztunnel, never less).
+fn l7_fields(path: &FieldPath, rule: &raw::AuthorizationRule) -> Vec<FieldPath> {
+    let mut out = Vec::new();
+    let mut push = |base: &FieldPath, fields: &[(&str, bool)]| {
+        out.extend(fields.iter().filter(|(_, set)| *set).map(|(f, _)| base.key(*f)));
+    };
+    for (j, from) in rule.from.iter().flatten().enumerate() {
+        let Some(s) = &from.source else { continue };
+        push(
+            &path.key("from").index(j).key("source"),
+            &[
+                ("requestPrincipals", !s.request_principals.is_empty()),
+                ("notRequestPrincipals", !s.not_request_principals.is_empty()),
+                ("remoteIpBlocks", !s.remote_ip_blocks.is_empty()),
+                ("notRemoteIpBlocks", !s.not_remote_ip_blocks.is_empty()),
+            ],
+        );
+    }
+    for (j, to) in rule.to.iter().flatten().enumerate() {
+        let Some(o) = &to.operation else { continue };
+        push(
+            &path.key("to").index(j).key("operation"),
+            &[
+                ("hosts", !o.hosts.is_empty()),
+                ("notHosts", !o.not_hosts.is_empty()),
+                ("methods", !o.methods.is_empty()),
+                ("notMethods", !o.not_methods.is_empty()),
+                ("paths", !o.paths.is_empty()),
+                ("notPaths", !o.not_paths.is_empty()),
+            ],
+        );
+    }
+    push(path, &[("when", !rule.when.is_empty())]);
+    out
+}
+
+/// What the proxy does instead, said on each unenforceable field.
+fn l7_message(action: AuthzAction, rule: &FieldPath) -> String {
+    match action {
+        AuthzAction::Allow => format!(
+            "not enforceable at L4 (mesh authorizes connections, not requests): ALLOW rule {rule} matches nothing, as in ztunnel"
+        ),
+        AuthzAction::Deny => format!(
+            "not enforceable at L4 (mesh authorizes connections, not requests): ignored, DENY rule {rule} denies every connection its L4 fields match, as in ztunnel"
+        ),
     }
 }
 

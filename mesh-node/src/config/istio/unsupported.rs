@@ -1,5 +1,7 @@
-//! Istio fields the proxy does not apply. A policy the proxy cannot apply is a
-//! validation error, never silently ignored: each one found is reported as
+//! Istio fields the proxy does not apply. Such a field is a validation error, never
+//! silently ignored (the one exception: the HTTP attributes of AuthorizationPolicy rules,
+//! applied in their most restrictive reading and reported as warnings, see
+//! `authorization_policy::l7_fields`): each one found is reported as
 //! `<field.path>: not supported by mesh` (or `<VALUE> is not supported by mesh`
 //! for an enum value), and the converters leave these fields out of the model.
 //!
@@ -196,10 +198,9 @@ fn policy_parts(
 
 // ---------------------------------------------------------------- AuthorizationPolicy
 
-/// The proxy authorizes connections, not requests: HTTP attributes cannot be
-/// checked, and an ALLOW rule on them would allow every request on the port.
-const L7_ONLY: &str = "not supported by mesh (L4 authorization only)";
-
+/// The policy-level fields the proxy cannot apply at all. The HTTP attributes inside rules
+/// (`paths`, `requestPrincipals`, `when`, ...) are not errors: the policy is applied in its
+/// most restrictive reading, as ztunnel does (`authorization_policy::l7_fields`).
 pub(super) fn authorization_policy(r: &mut Reporter<'_>, spec: &raw::AuthorizationPolicySpec) {
     let root = FieldPath::root();
     reject(
@@ -215,40 +216,5 @@ pub(super) fn authorization_policy(r: &mut Reporter<'_>, spec: &raw::Authorizati
         Some(raw::AuthorizationAction::Audit) => reject_value(r, &root.key("action"), "AUDIT"),
         Some(raw::AuthorizationAction::Custom) => reject_value(r, &root.key("action"), "CUSTOM"),
         Some(raw::AuthorizationAction::Allow | raw::AuthorizationAction::Deny) | None => {}
-    }
-    for (i, rule) in spec.rules.iter().enumerate() {
-        let path = root.key("rules").index(i);
-        for (j, from) in rule.from.iter().flatten().enumerate() {
-            let Some(s) = &from.source else { continue };
-            let path = path.key("from").index(j).key("source");
-            reject(
-                r,
-                &path,
-                &[
-                    ("requestPrincipals", !s.request_principals.is_empty()),
-                    ("notRequestPrincipals", !s.not_request_principals.is_empty()),
-                    ("remoteIpBlocks", !s.remote_ip_blocks.is_empty()),
-                    ("notRemoteIpBlocks", !s.not_remote_ip_blocks.is_empty()),
-                ],
-            );
-        }
-        for (j, to) in rule.to.iter().flatten().enumerate() {
-            let Some(o) = &to.operation else { continue };
-            let path = path.key("to").index(j).key("operation");
-            let l7 = [
-                ("hosts", !o.hosts.is_empty()),
-                ("notHosts", !o.not_hosts.is_empty()),
-                ("methods", !o.methods.is_empty()),
-                ("notMethods", !o.not_methods.is_empty()),
-                ("paths", !o.paths.is_empty()),
-                ("notPaths", !o.not_paths.is_empty()),
-            ];
-            for (field, set) in l7 {
-                if set {
-                    r.at(&path.key(field), L7_ONLY);
-                }
-            }
-        }
-        reject(r, &path, &[("when", !rule.when.is_empty())]);
     }
 }

@@ -99,36 +99,24 @@ fn authorization_policy_is_typed() {
     assert_eq!(p.selector, None);
 }
 
+/// The policy-level fields stay errors: no reading of them is more restrictive than
+/// another (ztunnel does not apply such policies at all).
 #[test]
-fn authorization_policy_l4_only_and_unsupported_fields() {
+fn policy_level_fields_the_proxy_cannot_apply_stay_errors() {
     let spec = r#"  action: CUSTOM
   provider: {name: ext-authz}
   targetRefs: [{kind: Service, name: recall}]
   rules:
-    - from:
-        - source:
-            requestPrincipals: ["*"]
-            remoteIpBlocks: [1.2.3.4]
-      to:
+    - to:
         - operation: {methods: [GET], paths: ["/admin"], hosts: [recall]}
-      when: [{key: "request.headers[x]", values: ["1"]}]
 "#;
     let f = "ap.yaml: AuthorizationPolicy lemo-dev/ext";
-    let from = "rules[0].from[0].source";
-    let to = "rules[0].to[0].operation";
-    let l7 = "not supported by mesh (L4 authorization only)";
     assert_problems(
         &[("ap.yaml", &policy("ext", spec))],
         &[
             &format!("{f}: targetRefs: not supported by mesh"),
             &format!("{f}: provider: not supported by mesh"),
             &format!("{f}: action: CUSTOM is not supported by mesh"),
-            &format!("{f}: {from}.requestPrincipals: not supported by mesh"),
-            &format!("{f}: {from}.remoteIpBlocks: not supported by mesh"),
-            &format!("{f}: {to}.hosts: {l7}"),
-            &format!("{f}: {to}.methods: {l7}"),
-            &format!("{f}: {to}.paths: {l7}"),
-            &format!("{f}: rules[0].when: not supported by mesh"),
         ],
     );
     let audit = policy(
@@ -142,6 +130,129 @@ fn authorization_policy_l4_only_and_unsupported_fields() {
             "ap.yaml: AuthorizationPolicy lemo-dev/audit: action: AUDIT is not supported by mesh",
         ],
     );
+}
+
+/// The sample plus `extra`, which must load (warnings allowed).
+fn load_with(extra: &[(&str, &str)]) -> Cluster {
+    let mut files = sample_files();
+    files.extend_from_slice(extra);
+    Cluster::from_yaml_files(files).unwrap_or_else(|e| panic!("must load:\n{e}"))
+}
+
+/// Whether the pod at `pod_ip` accepts a connection from `sa` (in lemo-dev) on `port`.
+fn admits(c: &Cluster, pod_ip: &str, sa: Option<&str>, port: u16) -> bool {
+    let pod = c.pod_by_ip(ip(pod_ip)).expect("pod");
+    let principal = sa.map(|sa| format!("cluster.local/ns/lemo-dev/sa/{sa}"));
+    let req = Request {
+        source_principal: principal.as_deref(),
+        source_namespace: None,
+        source_ip: ip("10.244.0.10"),
+        destination_port: port,
+    };
+    evaluate(&c.authorization_policies_for(pod), &req).is_allow()
+}
+
+const RANK: &str = "10.244.0.20";
+
+fn warnings(c: &Cluster) -> Vec<String> {
+    c.warnings().iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn an_allow_rule_with_http_attributes_matches_nothing() {
+    // Every HTTP attribute, each in a rule of its own, plus one plain L4 rule.
+    let spec = r#"  selector: {matchLabels: {app: rank}}
+  rules:
+    - to: [{operation: {paths: ["/admin"]}}]
+    - from: [{source: {principals: [cluster.local/ns/lemo-dev/sa/bff]}}]
+      to: [{operation: {ports: ["50061"], methods: [GET]}}]
+    - from: [{source: {requestPrincipals: ["*"], namespaces: [lemo-dev]}}]
+    - from: [{source: {principals: [cluster.local/ns/lemo-dev/sa/recall]}}]
+      when: [{key: source.ip, values: [10.244.0.10]}]
+    - from: [{source: {principals: [cluster.local/ns/lemo-dev/sa/rerank]}}]
+"#;
+    let c = load_with(&[("ap.yaml", &policy("l7", spec))]);
+    // Each rule with an HTTP attribute is dropped, not the policy: rerank's rule applies.
+    assert!(admits(&c, RANK, Some("rerank"), 50061));
+    for sa in [Some("bff"), Some("recall"), Some("rank"), None] {
+        assert!(!admits(&c, RANK, sa, 50061), "{sa:?}");
+    }
+    let rule = |i: usize| format!("not enforceable at L4 (mesh authorizes connections, not requests): ALLOW rule rules[{i}] matches nothing, as in ztunnel");
+    let f = "ap.yaml: AuthorizationPolicy lemo-dev/l7";
+    assert_eq!(
+        warnings(&c),
+        [
+            format!("{f}: rules[0].to[0].operation.paths: {}", rule(0)),
+            format!("{f}: rules[1].to[0].operation.methods: {}", rule(1)),
+            format!("{f}: rules[2].from[0].source.requestPrincipals: {}", rule(2)),
+            format!("{f}: rules[3].when: {}", rule(3)),
+        ]
+    );
+    let p = c.authorization_policies().find(|p| p.name == "l7").expect("applied");
+    assert_eq!(p.rules.len(), 1);
+}
+
+#[test]
+fn an_allow_policy_with_only_http_rules_denies_everything() {
+    let spec = "  selector: {matchLabels: {app: rank}}\n  rules: [{to: [{operation: {paths: [\"/admin\"], hosts: [rank]}}]}]";
+    let c = load_with(&[("ap.yaml", &policy("admin-only", spec))]);
+    for sa in [Some("bff"), Some("rank"), None] {
+        assert!(!admits(&c, RANK, sa, 50061), "{sa:?}");
+    }
+    // Unselected workloads keep their own policies (recall: bff only).
+    assert!(admits(&c, "10.244.0.11", Some("bff"), 50051));
+    assert_eq!(c.warnings().len(), 2, "{:?}", warnings(&c));
+}
+
+#[test]
+fn a_deny_rule_with_http_attributes_keeps_its_l4_fields() {
+    let spec = r#"  selector: {matchLabels: {app: rank}}
+  action: DENY
+  rules:
+    - from: [{source: {principals: [cluster.local/ns/lemo-dev/sa/recall], notRequestPrincipals: ["*"]}}]
+      to: [{operation: {ports: ["50061"], paths: ["/admin"], notMethods: [GET]}}]
+      when: [{key: "request.headers[x-debug]", values: ["1"]}]
+"#;
+    let c = load_with(&[("ap.yaml", &policy("no-admin", spec))]);
+    // Denied whatever the request: its principal and port match.
+    assert!(!admits(&c, RANK, Some("recall"), 50061));
+    // The L4 fields still narrow it: another caller, another port.
+    assert!(admits(&c, RANK, Some("bff"), 50061));
+    assert!(admits(&c, RANK, Some("recall"), 9999));
+    let f = "ap.yaml: AuthorizationPolicy lemo-dev/no-admin";
+    let m = "not enforceable at L4 (mesh authorizes connections, not requests): ignored, DENY rule rules[0] denies every connection its L4 fields match, as in ztunnel";
+    assert_eq!(
+        warnings(&c),
+        [
+            format!("{f}: rules[0].from[0].source.notRequestPrincipals: {m}"),
+            format!("{f}: rules[0].to[0].operation.notMethods: {m}"),
+            format!("{f}: rules[0].to[0].operation.paths: {m}"),
+            format!("{f}: rules[0].when: {m}"),
+        ]
+    );
+}
+
+#[test]
+fn a_deny_rule_with_only_http_attributes_denies_everything() {
+    let spec = "  selector: {matchLabels: {app: rank}}\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/admin\"]}}]}]";
+    let c = load_with(&[("ap.yaml", &policy("deny-admin", spec))]);
+    for (sa, port) in [(Some("bff"), 50061), (None, 50061), (Some("rank"), 1)] {
+        assert!(!admits(&c, RANK, sa, port), "{sa:?} {port}");
+    }
+}
+
+#[test]
+fn malformed_values_next_to_http_attributes_still_reject_the_config() {
+    let spec = "  rules: [{from: [{source: {ipBlocks: [10.0.0.0/33]}}], to: [{operation: {paths: [\"/x\"]}}]}]";
+    assert_problems(
+        &[("ap.yaml", &policy("bad", spec))],
+        &["ap.yaml: AuthorizationPolicy lemo-dev/bad: rules[0].from[0].source.ipBlocks[0]: \"10.0.0.0/33\" is not an IP address or CIDR block"],
+    );
+}
+
+#[test]
+fn the_example_has_no_warnings() {
+    assert!(sample().warnings().is_empty(), "{:?}", warnings(&sample()));
 }
 
 #[test]
