@@ -232,6 +232,9 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
         None => Cluster::load_dir(&opts.config_dir)
             .map_err(|e| anyhow::anyhow!("config {}:\n{e}", opts.config_dir.display()))?,
     };
+    for w in cluster.warnings() {
+        warn!("applied more restrictively than written: {w}");
+    }
     let Some(node) = cluster.node(&opts.node) else {
         bail!("node {:?} is not defined in the config (add a v1 Node with an InternalIP)", opts.node);
     };

@@ -166,6 +166,10 @@ fn main() -> ExitCode {
         },
         Command::Validate { dir } => match Cluster::load_dir(&dir) {
             Ok(cluster) => {
+                // Valid and applied, but not as written: said, without failing the check.
+                for w in cluster.warnings() {
+                    eprintln!("warning: {w}");
+                }
                 println!(
                     "{}: ok ({} nodes, {} pods, {} services)",
                     dir.display(),

@@ -25,6 +25,16 @@ pub fn config_errors(view: Option<&HeldBackView>, now: SystemTime) -> Value {
     })
 }
 
+/// The live config's warnings: objects applied in a more restrictive reading than written
+/// (an AuthorizationPolicy rule with HTTP attributes), in both modes.
+pub fn warnings(cluster: &crate::config::Cluster) -> Value {
+    cluster
+        .warnings()
+        .iter()
+        .map(|p| json!({"object": p.object, "field": p.field, "message": p.message, "line": p.to_string()}))
+        .collect()
+}
+
 fn object(h: &HeldBack, now: SystemTime) -> Value {
     let r = &h.rejected;
     // `Kind namespace/name`, or `Kind name` for cluster-scoped kinds.
@@ -37,7 +47,7 @@ fn object(h: &HeldBack, now: SystemTime) -> Value {
         "kind": kind,
         "namespace": namespace,
         "name": name,
-        "outcome": if r.kept_previous { "kept-previous" } else { "left-out" },
+        "outcome": if r.kept_previous { "kept-previous" } else if r.fail_closed { "fail-closed" } else { "left-out" },
         "problems": r.problems.iter().map(|p| json!({"field": p.field, "message": p.message})).collect::<Vec<_>>(),
         "since_unix": h.since.duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs(),
         "seconds_ago": now.duration_since(h.since).unwrap_or(Duration::ZERO).as_secs(),
@@ -64,11 +74,12 @@ mod tests {
                         object: "DestinationRule demo/echo".into(),
                         problems: vec![problem(Some("trafficPolicy.outlierDetection.interval"), "\"ten\" is not a duration")],
                         kept_previous: true,
+                        fail_closed: false,
                     },
                     since: now - Duration::from_secs(90),
                 },
                 HeldBack {
-                    rejected: RejectedObject { object: "Node node-x".into(), problems: vec![problem(None, "no InternalIP")], kept_previous: false },
+                    rejected: RejectedObject { object: "Node node-x".into(), problems: vec![problem(None, "no InternalIP")], kept_previous: false, fail_closed: false },
                     since: now,
                 },
             ],

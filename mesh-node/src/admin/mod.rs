@@ -137,7 +137,11 @@ async fn admin(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Respons
         "/stats" => json(state.stats()),
         "/config_dump" => json(state.config_dump()),
         "/config_status" => json(status::config_status(&state).await),
-        "/config_errors" => json(config_errors::config_errors(state.held_back.as_ref(), SystemTime::now())),
+        "/config_errors" => {
+            let mut errors = config_errors::config_errors(state.held_back.as_ref(), SystemTime::now());
+            errors["warnings"] = config_errors::warnings(&state.proxy.cluster());
+            json(errors)
+        }
         "/clusters" => json(state.proxy.destinations.snapshot()),
         "/workloads" => json(workloads::workloads(&state)),
         "/services" => json(services::services(&state)),

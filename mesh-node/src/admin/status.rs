@@ -71,6 +71,8 @@ pub async fn status(state: &AdminState) -> Value {
 /// config stays the last good one, so this tells the two apart.
 pub async fn config_status(state: &AdminState) -> Value {
     let live = state.proxy.cluster();
+    // Applied, but more restrictively than written: listed in both modes.
+    let warnings: Vec<String> = live.warnings().iter().map(ToString::to_string).collect();
     if state.config_dir.as_os_str().is_empty() {
         // Kubernetes mode: there is no directory to compare with; what matters is which
         // objects discovery holds back.
@@ -82,6 +84,7 @@ pub async fn config_status(state: &AdminState) -> Value {
             "reloads": state.proxy_stats.config_reloads.get(),
             "status": if held_back.is_empty() { "live" } else { "held-back" },
             "problems": problems, "held_back": held_back, "rejections_total": errors["rejections_total"],
+            "warnings": warnings,
         });
     }
     let dir = state.config_dir.clone();
@@ -91,7 +94,7 @@ pub async fn config_status(state: &AdminState) -> Value {
     let base = |status: &str, problems: Vec<String>| {
         json!({
             "dir": state.config_dir, "generation": generation, "reloads": reloads,
-            "status": status, "problems": problems,
+            "status": status, "problems": problems, "warnings": warnings,
         })
     };
     match loaded {

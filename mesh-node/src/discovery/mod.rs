@@ -196,7 +196,7 @@ pub fn spawn(api: ApiServer, opts: Options) -> Discovery {
                     continue;
                 }
             };
-            reported = report(&built.rejected, &built.other, reported, &counter);
+            reported = report(&built.rejected, &built.other, built.cluster.warnings(), reported, &counter);
             tracing::info!(
                 pods = built.cluster.pods().count(),
                 services = built.cluster.services().count(),
@@ -233,6 +233,7 @@ struct Reported {
 fn report(
     rejected: &[RejectedObject],
     other: &[crate::config::Problem],
+    warnings: &[crate::config::Problem],
     previous: Reported,
     counter: &AtomicU64,
 ) -> Reported {
@@ -258,6 +259,13 @@ fn report(
         }
         now.lines.insert(line);
     }
+    for p in warnings {
+        let line = format!("applied more restrictively than written: {p}");
+        if !previous.lines.contains(&line) {
+            tracing::warn!("{line}");
+        }
+        now.lines.insert(line);
+    }
     for object in previous.objects.difference(&now.objects) {
         tracing::info!(object = %object, "object accepted again (or deleted)");
     }
@@ -271,7 +279,7 @@ mod held_back_tests {
 
     fn rejected(object: &str, message: &str) -> RejectedObject {
         let problem = Problem { file: String::new(), location: None, object: None, field: Some("spec".into()), message: message.into() };
-        RejectedObject { object: object.into(), problems: vec![problem], kept_previous: true }
+        RejectedObject { object: object.into(), problems: vec![problem], kept_previous: true, fail_closed: false }
     }
 
     /// `since` is when an object started being held back: it survives later builds (even with
@@ -280,16 +288,16 @@ mod held_back_tests {
     fn held_back_since_is_kept_across_builds_and_reset_after_acceptance() {
         let counter = AtomicU64::new(0);
         let dr = "DestinationRule demo/echo";
-        let first = report(&[rejected(dr, "bad")], &[], Reported::default(), &counter);
+        let first = report(&[rejected(dr, "bad")], &[], &[], Reported::default(), &counter);
         let since = first.since[dr];
         std::thread::sleep(Duration::from_millis(5));
-        let again = report(&[rejected(dr, "worse")], &[], first, &counter);
+        let again = report(&[rejected(dr, "worse")], &[], &[], first, &counter);
         assert_eq!(again.since[dr], since, "still held back: same since");
         assert_eq!(counter.load(Ordering::Relaxed), 2, "each new problem counts once");
-        let accepted = report(&[], &[], again, &counter);
+        let accepted = report(&[], &[], &[], again, &counter);
         assert!(accepted.since.is_empty());
         std::thread::sleep(Duration::from_millis(5));
-        let back = report(&[rejected(dr, "bad")], &[], accepted, &counter);
+        let back = report(&[rejected(dr, "bad")], &[], &[], accepted, &counter);
         assert!(back.since[dr] > since, "held back anew");
     }
 }

@@ -495,6 +495,78 @@ async fn an_invalid_object_is_held_back_and_the_rest_applied() {
     assert_eq!(d.rejections_total(), 2);
 }
 
+/// Whether `pod` (lemo-dev) accepts `sa` (lemo-dev) on `port`, by the published model.
+fn admits(c: &Cluster, pod: &str, sa: &str, port: u16) -> bool {
+    let pod = c.pod("lemo-dev", pod).expect("pod");
+    let principal = format!("cluster.local/ns/lemo-dev/sa/{sa}");
+    let req = crate::authz::Request {
+        source_principal: Some(&principal),
+        source_namespace: None,
+        source_ip: "10.244.0.10".parse().expect("ip"),
+        destination_port: port,
+    };
+    crate::authz::evaluate(&c.authorization_policies_for(pod), &req).is_allow()
+}
+
+fn istio_policy(kind: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "security.istio.io/v1", "kind": kind, "metadata": {"namespace": "lemo-dev", "name": name}, "spec": spec})
+}
+
+/// Issue 13, "an unenforceable DENY in Kubernetes mode", and the other ways a new policy used
+/// to leave its workloads open: an HTTP attribute, an unreadable value, an unknown mode.
+#[tokio::test]
+async fn new_policies_the_proxy_cannot_apply_in_full_fail_closed() {
+    let fake = loaded_fake(&[]);
+    let mut d = start(&fake).await;
+    until_true("policy watch", || fake.watcher_count("/apis/security.istio.io/v1/authorizationpolicies") > 0).await;
+    until_true("peer auth watch", || fake.watcher_count("/apis/security.istio.io/v1/peerauthentications") > 0).await;
+    assert!(admits(&d.config.borrow(), "rank-0", "rerank", 50061), "before: rank is open");
+
+    // A DENY with HTTP attributes: applied (not held back) on its L4 part, and reported.
+    fake.apply("ADDED", istio_policy("AuthorizationPolicy", "no-admin", json!({
+        "selector": {"matchLabels": {"app": "rank"}},
+        "action": "DENY",
+        "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/lemo-dev/sa/rerank"]}}],
+                   "to": [{"operation": {"paths": ["/admin"]}}],
+                   "when": [{"key": "request.headers[x-admin]", "values": ["1"]}]}],
+    })));
+    until(&mut d, "the DENY applied", |c| !admits(c, "rank-0", "rerank", 50061)).await;
+    let c = d.config.borrow().clone();
+    assert!(admits(&c, "rank-0", "bff", 50061), "another caller is still allowed");
+    assert!(d.rejected.borrow().is_empty(), "not held back: {:?}", d.rejected.borrow());
+    let warnings: Vec<String> = c.warnings().iter().map(|w| format!("{}: {}", w.object.as_deref().unwrap_or(""), w.field.as_deref().unwrap_or(""))).collect();
+    assert_eq!(warnings, ["AuthorizationPolicy lemo-dev/no-admin: rules[0].to[0].operation.paths", "AuthorizationPolicy lemo-dev/no-admin: rules[0].when"]);
+
+    // A new ALLOW that cannot be read (a bad CIDR): held back, and its workload denies all.
+    assert!(admits(&c, "rerank-0", "bff", 8090));
+    fake.apply("ADDED", istio_policy("AuthorizationPolicy", "rerank", json!({
+        "selector": {"matchLabels": {"app": "rerank"}},
+        "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/lemo-dev/sa/bff"], "ipBlocks": ["10.0.0.0/33"]}}]}],
+    })));
+    until(&mut d, "the broken ALLOW fails closed", |c| !admits(c, "rerank-0", "bff", 8090)).await;
+    let rejected = d.rejected.borrow().clone();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert!(rejected[0].fail_closed);
+    assert!(rejected[0].to_string().starts_with("AuthorizationPolicy lemo-dev/rerank rejected (applied as deny-all for what it selects): rules[0].from[0].source.ipBlocks[0]"), "{}", rejected[0]);
+    let c = d.config.borrow().clone();
+    assert!(admits(&c, "recall-0", "bff", 50051), "other workloads keep their policies");
+
+    // A new PeerAuthentication with a mode that does not exist: STRICT for what it selects.
+    // (The sample's namespace policy is STRICT: made PERMISSIVE first.)
+    let rerank = pod(&c, "rerank-0").expect("rerank-0");
+    fake.apply("MODIFIED", istio_policy("PeerAuthentication", "default", json!({"mtls": {"mode": "PERMISSIVE"}})));
+    until(&mut d, "namespace PERMISSIVE", move |c| c.mtls_mode_for(&rerank, 8090) == crate::config::MtlsMode::Permissive).await;
+    let rerank = pod(&d.config.borrow(), "rerank-0").expect("rerank-0");
+    fake.apply("ADDED", istio_policy("PeerAuthentication", "rerank-open", json!({
+        "selector": {"matchLabels": {"app": "rerank"}},
+        "mtls": {"mode": "PERMISIVE"},
+    })));
+    until_true("the broken PeerAuthentication held back", || d.rejected.borrow().len() == 2).await;
+    let c = d.config.borrow().clone();
+    assert_eq!(c.mtls_mode_for(&rerank, 8090), crate::config::MtlsMode::Strict);
+    assert!(c.peer_authentications().any(|p| p.name == "rerank-open" && p.mtls == Some(crate::config::MtlsMode::Strict)));
+}
+
 /// EndpointSlices are watched like every other kind: a selector-less Service (as
 /// `default/kubernetes`) gets its endpoints from them, with their conditions, and follows
 /// their changes and deletion.

@@ -150,6 +150,15 @@ fn certificates(c: &Value) -> Vec<Check> {
 
 fn config(c: &Value) -> Check {
     let dir = c["dir"].as_str().unwrap_or("?");
+    let warnings: Vec<&str> = c["warnings"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    let live = matches!(c["status"].as_str(), Some("live" | "in-sync" | "pending"));
+    if live && let Some(first) = warnings.first() {
+        return warn(
+            "config valid",
+            format!("applied, {} field(s) enforced more restrictively than written: {first}", warnings.len()),
+            "a policy field the mesh cannot check at L4 (an HTTP attribute) makes an ALLOW rule match nothing and is ignored in a DENY rule; `meshctl status` or GET /config_errors lists each",
+        );
+    }
     match c["status"].as_str() {
         // Kubernetes mode: every object from the API server is applied.
         Some("live") => pass("config valid", format!("every object from the API server is applied (generation {})", c["generation"].as_str().unwrap_or("?"))),
@@ -212,5 +221,15 @@ mod tests {
         assert!(held.outcome == Outcome::Fail);
         assert!(held.detail.starts_with("1 object(s) held back: DestinationRule demo/echo rejected"), "{}", held.detail);
         assert!(held.hint.as_deref().is_some_and(|h| h.contains("/config_errors")));
+    }
+
+    #[test]
+    fn a_live_config_with_warnings_warns_and_held_back_objects_still_fail() {
+        let line = "authz.yaml: AuthorizationPolicy demo/x: rules[0].to[0].operation.paths: not enforceable at L4";
+        let w = config(&json!({"dir": "/c", "status": "in-sync", "generation": "01", "problems": [], "warnings": [line]}));
+        assert!(w.outcome == Outcome::Warn, "{}", w.detail);
+        assert!(w.detail.ends_with(line), "{}", w.detail);
+        let held = config(&json!({"source": "kubernetes", "status": "held-back", "warnings": [line], "held_back": [{"message": "x"}]}));
+        assert!(held.outcome == Outcome::Fail, "an error outranks a warning");
     }
 }
