@@ -72,6 +72,7 @@ pub(super) fn fast() -> Options {
         backoff_max: Duration::from_millis(100),
         watch_timeout: Duration::from_secs(60),
         page_size: 500,
+        ..Options::default()
     }
 }
 
