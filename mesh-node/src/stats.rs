@@ -39,6 +39,7 @@ proxy_stats!(
     inbound_connect_errors,
     inbound_tls_refused,
     inbound_denied,
+    inbound_not_a_node,
     http_requests,
     http_retries,
     flag_uh,

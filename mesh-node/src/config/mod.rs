@@ -11,7 +11,8 @@
 //! `decode` (document → object), `kube` (core kinds), `istio/` (CRDs),
 //! `assemble` (cross-object checks, indexes), `cluster` (lookups),
 //! `per_object` (Kubernetes mode: an invalid object is held back, the rest
-//! applied; `fail_closed`: what stands in for a new policy that cannot be read), `host`, `duration`, `watch`, `error`.
+//! applied; `fail_closed`: what stands in for a new policy that cannot be read), `tunnels`
+//! (what is invalid without a CA), `host`, `duration`, `watch`, `error`.
 
 mod assemble;
 mod cluster;
@@ -27,6 +28,7 @@ mod kube;
 mod load;
 mod model;
 mod per_object;
+mod tunnels;
 mod watch;
 
 #[cfg(test)]
@@ -43,4 +45,5 @@ pub use model::{
     ServicePort, SliceEndpoint, SlicePort, TargetPort, labels_match, usable,
 };
 pub use per_object::{PerObjectBuild, PerObjectBuilder, RejectedObject};
-pub use watch::spawn_watcher;
+pub use tunnels::TunnelMode;
+pub use watch::{spawn_watcher, spawn_watcher_in};
