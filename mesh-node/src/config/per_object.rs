@@ -355,6 +355,16 @@ status:
     }
 
     #[test]
+    fn without_a_ca_the_deny_all_stand_in_still_applies() {
+        // Plaintext tunnels make principal rules invalid; the stand-in names none, so it stays.
+        let mut b = PerObjectBuilder::for_tunnels(TunnelMode::Plaintext);
+        let bad = ap("rank", ALLOW_BFF_BAD_CIDR);
+        let built = b.build(files(DESTINATION_RULES, VIRTUAL_SERVICES, &[("ap.yaml", bad.as_str())]));
+        assert!(built.rejected[0].fail_closed, "{:?}", built.rejected);
+        assert!(!rank_admits_bff(&built.cluster));
+    }
+
+    #[test]
     fn a_new_unreadable_deny_policy_denies_everything() {
         let mut b = PerObjectBuilder::new();
         // Not even the action's neighbours can be read: an unknown field.
