@@ -35,7 +35,7 @@ fn example_allows_recall_only_from_bff() {
         Request {
             source_principal: principal,
             source_namespace: None,
-            source_ip: ip,
+            source_ip: ip.into(),
             destination_port: 50051,
         }
     }
