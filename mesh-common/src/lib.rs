@@ -9,7 +9,9 @@
 pub const OUTBOUND_PORT: u16 = 15001;
 /// Port of the node proxy's inbound tunnel listener (other node proxies connect here).
 pub const INBOUND_PORT: u16 = 15008;
-/// `SO_MARK` the proxy puts on its own sockets; the capture never redirects a marked socket.
+/// `SO_MARK` the proxy puts on its own sockets. Not what keeps them from being captured (only
+/// enrolled pods' cgroups are, and the proxy is never in one): a pod with CAP_NET_RAW can set
+/// it too. It only lets the counters tell the proxy's connects apart (`proxy_skipped`).
 pub const PROXY_MARK: u32 = 0x539;
 
 /// Version of the layout of the maps a new proxy takes over from the previous one (pinned in
@@ -29,7 +31,8 @@ pub struct CaptureConfig {
     /// Outbound listener port (host byte order).
     pub proxy_port: u16,
     pub _pad: u16,
-    /// Sockets carrying this mark belong to the proxy and are never captured.
+    /// The proxy's mark: connects outside enrolled pods carrying it count as `proxy_skipped`.
+    /// It exempts nothing (a pod can set it).
     pub proxy_mark: u32,
 }
 
@@ -97,9 +100,10 @@ pub mod counter {
     pub const PASSED: u32 = 1;
     /// Connects the capture wanted to redirect but could not (map full, missing config).
     pub const ERRORS: u32 = 2;
-    /// Connects made by the proxy itself (marked sockets), never redirected.
+    /// Connects made by the proxy itself (marked sockets outside enrolled pods), never
+    /// redirected. A marked socket of an enrolled pod is captured like any other.
     pub const PROXY_SKIPPED: u32 = 3;
-    /// Connects from cgroups that are not enrolled pods.
+    /// Connects from cgroups that are not enrolled pods (unmarked).
     pub const NOT_ENROLLED: u32 = 4;
     /// Established captured connections whose original destination was recorded by 4-tuple.
     pub const TRACKED: u32 = 5;

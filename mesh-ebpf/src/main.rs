@@ -12,8 +12,24 @@
 //! `cgroup/connect6` does the same for IPv6 sockets connecting to IPv4-mapped addresses, which
 //! dual-stack clients (gRPC's C core, Java) use for IPv4 destinations.
 //!
-//! The proxy's own sockets carry `PROXY_MARK` and are never redirected, so even a proxy placed
-//! under the attach cgroup cannot loop back into itself.
+//! Who is captured is decided by the cgroup alone: a connect is redirected only when it comes
+//! from an enrolled pod's cgroup (`ENROLLED`, written by the node proxy from the config and
+//! cgroupfs), whatever the socket carries. The node proxy never runs in an enrolled pod's cgroup
+//! (it is a hostNetwork pod, and hostNetwork pods are never enrolled), so its own connects to
+//! pods and to other nodes (loop avoidance) are never redirected, even when it is placed under
+//! the attach cgroup as a DaemonSet is under kubepods.
+//!
+//! The proxy's sockets also carry `SO_MARK` `PROXY_MARK`, but the mark is no credential: any
+//! process with CAP_NET_RAW (which container runtimes give root containers by default; since
+//! Linux 5.17 it suffices for `SO_MARK`, CAP_NET_ADMIN is no longer needed) can set it. An
+//! earlier version skipped marked sockets before looking at the cgroup, so a pod that set the
+//! mark left the mesh. Now the mark only sorts the connects of cgroups outside the enrolled pods
+//! in the counters (`proxy_skipped` vs `not_enrolled`); in an enrolled cgroup it changes
+//! nothing. The proxy's cgroup id would be the other unforgeable key, but it needs the proxy to
+//! find its own cgroup (namespaced in a container) and keeps a second source of truth for a
+//! decision the enrolment map already makes; the enrolment check is the one a pod can never
+//! change, as it cannot move itself out of its cgroup (cgroupfs is read-only in an unprivileged
+//! pod). No map changed shape for this, so `MAP_LAYOUT` stays.
 #![no_std]
 #![no_main]
 
@@ -106,13 +122,14 @@ fn capture(ctx: &SockAddrContext, dst_ip: u32) -> Option<u32> {
         count(counter::ERRORS);
         return None;
     };
-    if !sk.is_null() && unsafe { (*sk).mark } == cfg.proxy_mark {
-        count(counter::PROXY_SKIPPED);
-        return None;
-    }
+    // The cgroup first, and only the cgroup: a pod can set the proxy's mark on its sockets
+    // (CAP_NET_RAW), it cannot leave its cgroup.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
     if unsafe { ENROLLED.get(&cgroup) }.is_none() {
-        count(counter::NOT_ENROLLED);
+        // Outside every enrolled pod: never captured. The mark tells the proxy's own connects
+        // (loop avoidance at work) from other processes', for the counters only.
+        let marked = !sk.is_null() && unsafe { (*sk).mark } == cfg.proxy_mark;
+        count(if marked { counter::PROXY_SKIPPED } else { counter::NOT_ENROLLED });
         return None;
     }
     if unsafe { MESH_DESTS.get(&dst_ip) }.is_none() {

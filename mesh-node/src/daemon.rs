@@ -46,8 +46,12 @@ pub struct Options {
     pub connect_timeout: Duration,
     pub bpf_log_level: u8,
     pub config_poll: Duration,
-    /// Workload certificates from this CA; without one, tunnels are plaintext.
+    /// Workload certificates from this CA; without one, tunnels are plaintext, which needs
+    /// `insecure_plaintext_tunnels`.
     pub ca: Option<CaOptions>,
+    /// `--insecure-plaintext-tunnels`: run without a CA, knowingly. Tunnels are then accepted
+    /// only from other nodes' addresses, and policy needing peer identities is invalid.
+    pub insecure_plaintext_tunnels: bool,
     pub trust_domain: String,
     pub telemetry: TelemetryOptions,
     /// bpffs directory of this node's pinned capture (links and shared maps), which a new
@@ -68,6 +72,30 @@ pub const DEFAULT_BPF_PIN_DIR: &str = "/sys/fs/bpf/mesh";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
 /// After the drain timeout, how long closing connections get before the process exits.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Why `mesh-node run` refuses to start before doing anything.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(
+        "no CA configured (--ca-address): tunnels between nodes would be plaintext and every \
+         STRICT or identity-based policy unenforceable; refusing to start. Configure the mesh CA \
+         (--ca-address, --ca-root, --node-token-file), or pass --insecure-plaintext-tunnels to \
+         run without mutual TLS knowingly (tunnels then accepted only from other nodes' \
+         addresses; STRICT and principal/namespace rules rejected as invalid config)"
+    )]
+    NoCa,
+}
+
+/// How the tunnels are secured, from the options: a CA gives mutual TLS; no CA is refused
+/// unless the operator asked for plaintext by name (a forgotten flag must not silently turn
+/// the mesh into a plaintext relay).
+pub fn tunnel_mode(opts: &Options) -> Result<config::TunnelMode, StartError> {
+    match (&opts.ca, opts.insecure_plaintext_tunnels) {
+        (Some(_), _) => Ok(config::TunnelMode::MutualTls),
+        (None, true) => Ok(config::TunnelMode::Plaintext),
+        (None, false) => Err(StartError::NoCa),
+    }
+}
 
 /// Where the node gets workload certificates.
 #[derive(Clone, Debug)]
@@ -207,6 +235,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
 /// Everything up to readiness: config, capture, certificates, listeners.
 async fn start(opts: &Options) -> anyhow::Result<Running> {
+    // Before anything else: a node without a CA and without the flag must not serve at all.
+    let tunnels = tunnel_mode(opts)?;
     // First thing: from now until we are ready, the proxy we may be replacing answers "not
     // ready" to probes (which may be meant for us: the ports are shared). Dropped on any
     // early return, i.e. when the process exits.
@@ -220,7 +250,8 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
     let discovery = match &opts.kubernetes {
         Some(api) => {
             info!(api_server = ?api, "taking the config from the Kubernetes API");
-            let mut discovery = crate::discovery::spawn(api.clone(), crate::discovery::Options::default());
+            let discovery_opts = crate::discovery::Options { tunnels, ..Default::default() };
+            let mut discovery = crate::discovery::spawn(api.clone(), discovery_opts);
             // Not ready (no listeners, no capture) before the first full sync of every kind.
             if !discovery.wait_ready().await {
                 bail!("Kubernetes discovery stopped before the first sync");
@@ -231,7 +262,7 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
     };
     let cluster = match &discovery {
         Some(d) => Cluster::clone(&d.config.borrow()),
-        None => Cluster::load_dir(&opts.config_dir)
+        None => Cluster::load_dir_in(&opts.config_dir, tunnels)
             .map_err(|e| anyhow::anyhow!("config {}:\n{e}", opts.config_dir.display()))?,
     };
     let Some(node) = cluster.node(&opts.node) else {
@@ -265,7 +296,7 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
             let held_back = d.held_back_view();
             (d.config, Some(held_back))
         }
-        None => (config::spawn_watcher(opts.config_dir.clone(), cluster, opts.config_poll), None),
+        None => (config::spawn_watcher_in(opts.config_dir.clone(), cluster, opts.config_poll, tunnels), None),
     };
     let stats = Arc::new(ProxyStats::default());
     let drain = Arc::new(Drain::default());
@@ -282,7 +313,9 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
             Some(Arc::new(MeshTls::new(certs)?))
         }
         None => {
-            warn!("no CA configured (--ca-address): tunnels between nodes are PLAINTEXT");
+            warn!(
+                "--insecure-plaintext-tunnels: no CA, tunnels between nodes are PLAINTEXT; the tunnel port serves only other nodes' InternalIPs, and STRICT or principal/namespace policy is rejected as invalid config"
+            );
             None
         }
     };

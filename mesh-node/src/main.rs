@@ -19,6 +19,10 @@ enum Command {
     Validate {
         /// Directory of Kubernetes-style YAML (Namespaces, Nodes, Pods, Services, Istio policies).
         dir: PathBuf,
+        /// Validate for nodes run with `--insecure-plaintext-tunnels` (no CA): policy that
+        /// needs peer identities is then a problem.
+        #[arg(long)]
+        insecure_plaintext_tunnels: bool,
     },
     /// Run the mesh CA: signs workload certificates for node proxies over gRPC (TLS).
     Ca(mesh_node::ca::CaArgs),
@@ -70,9 +74,15 @@ struct RunArgs {
     /// How often the config directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 500)]
     config_poll_ms: u64,
-    /// `host:port` of the mesh CA (`mesh-node ca`). Without it, tunnels are plaintext.
+    /// `host:port` of the mesh CA (`mesh-node ca`). Without it the daemon refuses to start,
+    /// unless --insecure-plaintext-tunnels is given.
     #[arg(long, env = "MESH_CA_ADDRESS", requires_all = ["ca_root", "node_token_file"])]
     ca_address: Option<String>,
+    /// Run without a CA: tunnels between nodes are plaintext, accepted only from other nodes'
+    /// InternalIPs, and STRICT PeerAuthentication or principal/namespace rules are invalid
+    /// config. For tests and benchmarks, never for a cluster with anything to protect.
+    #[arg(long, conflicts_with = "ca_address")]
+    insecure_plaintext_tunnels: bool,
     /// The mesh root certificate (PEM), trust anchor for the CA and all peers.
     #[arg(long, env = "MESH_CA_ROOT")]
     ca_root: Option<PathBuf>,
@@ -128,6 +138,10 @@ fn parse_metrics(s: &str) -> Result<MetricsAddr, String> {
     s.parse().map(|a| MetricsAddr(Some(a))).map_err(|e| format!("{s:?} is not an address (host:port) or off: {e}"))
 }
 
+fn validate_mode(insecure_plaintext_tunnels: bool) -> mesh_node::config::TunnelMode {
+    if insecure_plaintext_tunnels { mesh_node::config::TunnelMode::Plaintext } else { mesh_node::config::TunnelMode::MutualTls }
+}
+
 fn parse_bpf_level(s: &str) -> Result<u8, String> {
     Ok(match s {
         "off" => 0,
@@ -164,7 +178,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Validate { dir } => match Cluster::load_dir(&dir) {
+        Command::Validate { dir, insecure_plaintext_tunnels } => match Cluster::load_dir_in(&dir, validate_mode(insecure_plaintext_tunnels)) {
             Ok(cluster) => {
                 println!(
                     "{}: ok ({} nodes, {} pods, {} services)",
@@ -211,6 +225,7 @@ fn main() -> ExitCode {
                     }
                     _ => None,
                 },
+                insecure_plaintext_tunnels: args.insecure_plaintext_tunnels,
                 trust_domain: args.trust_domain,
                 telemetry: mesh_node::telemetry::TelemetryOptions {
                     metrics: args.metrics.0,

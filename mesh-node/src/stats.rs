@@ -46,6 +46,7 @@ proxy_stats!(
     inbound_forwarded_unverified,
     // Open connections closed because a new policy denies them.
     policy_closed_connections,
+    inbound_not_a_node,
     http_requests,
     http_retries,
     flag_uh,

@@ -74,7 +74,7 @@ pub struct ClusterSpec {
     /// Start a node proxy on every node (false for "without the mesh" baselines).
     pub start_proxies: bool,
     /// Run the mesh CA and give the node proxies workload certificates (mutual TLS between
-    /// nodes). On by default; off gives plaintext tunnels.
+    /// nodes). On by default; off gives plaintext tunnels (`--insecure-plaintext-tunnels`).
     pub mtls: bool,
     /// Requested workload certificate lifetime, in seconds (None: the daemon's default).
     pub cert_ttl_secs: Option<u64>,
@@ -673,6 +673,9 @@ impl SimCluster {
             if let Some(ttl) = self.spec.cert_ttl_secs {
                 args.extend(["--cert-ttl-secs".into(), ttl.to_string()]);
             }
+        } else {
+            // Without a CA the daemon refuses to start unless told plaintext is meant.
+            args.push("--insecure-plaintext-tunnels".into());
         }
         args.extend(node.proxy_args.lock().unwrap().iter().cloned());
         args.extend(extra_args.iter().map(|a| a.to_string()));

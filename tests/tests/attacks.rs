@@ -1,6 +1,240 @@
 //! End to end: the bypasses a security review found (issue 13), each reproduced as an attack
-//! that must fail, next to its allowed control (the legitimate caller still succeeds). Needs
-//! root; run through `cargo xtask test`.
+//! that must fail, next to its allowed control (the legitimate caller still succeeds).
+//! Needs root; run through `cargo xtask test`.
+//!
+//! Sections are separate so they merge apart: each has its own helpers.
+
+// ---- capture escape / plaintext ----
+//
+// A pod that sets the proxy's SO_MARK (0x539) on its sockets, which CAP_NET_RAW allows, is
+// still captured (item 7); a node without a CA does not start unless plaintext is asked for,
+// and then its tunnel port serves only other nodes and STRICT or identity-based policy is
+// invalid config (item 6).
+mod escape {
+    use std::{path::Path, process::Command, time::Duration};
+
+    use mesh_e2e::{ClusterSpec, SimCluster, bins, cluster::run_with_timeout, sys::EnterExt as _, wait_until};
+    use serde_json::Value;
+
+    const T: Duration = Duration::from_secs(30);
+    /// The node proxy's own mark (`mesh_common::PROXY_MARK`).
+    const PROXY_MARK: &str = "0x539";
+
+    fn json(s: &str) -> Value {
+        serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+    }
+
+    /// `mesh-probe connect ADDR` from `pod`, as a process of the pod holding only CAP_NET_RAW
+    /// (what a root container keeps from the runtime's default set that matters here) and
+    /// marking its socket with the proxy's mark.
+    fn connect_marked(c: &SimCluster, pod: &str, addr: &str) -> Value {
+        let probe = bins::path("mesh-probe").to_string_lossy().into_owned();
+        let caps = "-all,+net_raw";
+        let args: [&str; 14] = [
+            "--bounding-set",
+            caps,
+            "--inh-caps",
+            caps,
+            "--ambient-caps",
+            caps,
+            "--",
+            probe.as_str(),
+            "connect",
+            addr,
+            "--timeout-ms",
+            "2000",
+            "--mark",
+            PROXY_MARK,
+        ];
+        let out = c.run_in_pod(pod, Path::new("setpriv"), &args, T).unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        json(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    fn connect(c: &SimCluster, pod: &str, addr: &str) -> Value {
+        json(&c.probe(pod, &["connect", addr, "--timeout-ms", "2000"], T).unwrap())
+    }
+
+    /// The `WHO` answer's caller address (`<server name> <caller ip>`).
+    fn caller(answer: &Value) -> String {
+        answer["answer"].as_str().unwrap_or_default().split_whitespace().nth(1).unwrap_or_default().to_string()
+    }
+
+    fn capture_counter(c: &SimCluster, node: usize, name: &str) -> u64 {
+        c.counter(node, "capture", name)
+    }
+
+    /// node-a: `client` (may call `server`), `attacker` (may not) and `local`; node-b: `server`,
+    /// which only `client`'s identity may call.
+    fn mark_cluster() -> SimCluster {
+        let spec = ClusterSpec::new(2)
+            .namespace("demo", true)
+            .pod("client", "demo", 0, "client", 9000)
+            .pod("attacker", "demo", 0, "attacker", 9000)
+            .pod("local", "demo", 0, "local", 7200)
+            .pod("server", "demo", 1, "server", 7000);
+        let c = SimCluster::start(spec).expect("simulated cluster");
+        c.start_servers().expect("servers");
+        let policy = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: only-client\n  namespace: demo\nspec:\n  selector:\n    matchLabels:\n      app: server\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/demo/sa/client\"]\n";
+        c.apply_config("authz.yaml", policy).unwrap();
+        c
+    }
+
+    #[test]
+    fn a_pod_setting_the_proxy_mark_is_still_captured() {
+        let c = mark_cluster();
+        let server = format!("{}:7000", c.pod("server").ip);
+        let attacker_ip = c.pod("attacker").ip.to_string();
+
+        // Control: the allowed caller reaches the server through both proxies.
+        let r = connect(&c, "client", &server);
+        assert_eq!(r["result"], "ok", "{r}");
+        assert_ne!(caller(&r), c.pod("client").ip.to_string(), "the server sees node-b's proxy, not the client: {r}");
+        // The attacker without the mark: captured, denied by the policy.
+        let r = connect(&c, "attacker", &server);
+        assert_ne!(r["result"], "ok", "{r}");
+
+        // The attack: the proxy's mark on the socket. Before the fix the capture skipped it and
+        // the attacker reached the server directly, from its own address, past the policy.
+        let r = connect_marked(&c, "attacker", &server);
+        assert_ne!(r["result"], "ok", "a marked socket escaped the capture and the policy: {r}");
+
+        // Where nothing forbids it, the marked connection works, through node-a's proxy: the
+        // answering pod sees the proxy as its peer, and the capture counted it.
+        let (captured, tracked) = (capture_counter(&c, 0, "captured"), capture_counter(&c, 0, "tracked"));
+        let accepted = c.counter(0, "proxy", "outbound_accepted");
+        let r = connect_marked(&c, "attacker", &format!("{}:7200", c.pod("local").ip));
+        assert_eq!(r["result"], "ok", "the mark was set (CAP_NET_RAW suffices) and the call went through: {r}");
+        assert_ne!(caller(&r), attacker_ip, "the local pod saw the attacker itself: not captured: {r}");
+        assert_eq!(capture_counter(&c, 0, "captured"), captured + 1);
+        assert_eq!(capture_counter(&c, 0, "tracked"), tracked + 1);
+        assert_eq!(c.counter(0, "proxy", "outbound_accepted"), accepted + 1);
+        // The proxy's own marked connections are still never captured (loop avoidance): every
+        // accepted connection had its original destination.
+        assert_eq!(c.counter(0, "proxy", "outbound_no_orig_dst"), 0);
+        assert!(capture_counter(&c, 0, "proxy_skipped") >= 1, "the proxy's own connects are counted apart");
+    }
+
+    /// Two nodes without a CA; `server` on node-b, `client` on node-a, `neighbour` beside the
+    /// server, `outsider` outside the mesh on node-a.
+    fn plaintext_spec(start_proxies: bool) -> ClusterSpec {
+        let mut spec = ClusterSpec::new(2)
+            .namespace("demo", true)
+            .namespace("plain", false)
+            .pod("client", "demo", 0, "client", 9000)
+            .pod("outsider", "plain", 0, "outsider", 9000)
+            .pod("server", "demo", 1, "server", 7000)
+            .pod("neighbour", "demo", 1, "neighbour", 9000);
+        spec.mtls = false;
+        spec.start_proxies = start_proxies;
+        spec
+    }
+
+    /// A plaintext HBONE CONNECT from `pod` to node-b's tunnel port, for the server.
+    fn h2c_connect(c: &SimCluster, pod: &str) -> Value {
+        let tunnel_port = format!("{}:15008", c.node(1).ip);
+        let target = format!("{}:7000", c.pod("server").ip);
+        json(&c.probe(pod, &["h2c-connect", "--addr", &tunnel_port, "--connect", &target, "--send", "WHO", "--timeout-ms", "3000"], T).unwrap())
+    }
+
+    #[test]
+    fn without_a_ca_the_daemon_refuses_to_start_unless_plaintext_is_asked_for() {
+        let c = SimCluster::start(plaintext_spec(false)).expect("simulated cluster");
+        c.start_servers().unwrap();
+        let node = c.node(1);
+        std::fs::create_dir_all(c.node_bpffs(1)).unwrap();
+        // What a DaemonSet missing its CA settings would run: no --ca-address, no flag.
+        let mut cmd = Command::new(bins::path("mesh-node"));
+        cmd.args(["run", "--node", node.name.as_str(), "--config"])
+            .arg(&c.config_dir)
+            .arg("--cgroup")
+            .arg(&node.cgroup)
+            .arg("--bpf-pin-dir")
+            .arg(c.node_bpffs(1).join("mesh"))
+            .enter(Some(&node.netns), None)
+            .unwrap();
+        let out = run_with_timeout(cmd, Duration::from_secs(15)).expect("mesh-node run without a CA must exit, not serve");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(stderr.contains("--insecure-plaintext-tunnels"), "the error names the flag: {stderr}");
+        assert!(stderr.contains("refusing to start"), "{stderr}");
+        // So nothing serves plaintext tunnels on node-b.
+        let r = h2c_connect(&c, "client");
+        assert!(r["connect_status"].is_null(), "{r}");
+
+        // Allowed control: asked for by name, plaintext starts (the harness passes the flag
+        // when mtls is off) and node-to-node traffic flows.
+        c.start_proxy(0).unwrap();
+        c.start_proxy(1).unwrap();
+        let r = connect(&c, "client", &format!("{}:7000", c.pod("server").ip));
+        assert_eq!(r["result"], "ok", "{r}");
+    }
+
+    #[test]
+    fn plaintext_tunnels_are_served_to_other_nodes_only() {
+        let c = SimCluster::start(plaintext_spec(true)).expect("simulated cluster");
+        c.start_servers().unwrap();
+        let server_ip = c.pod("server").ip.to_string();
+
+        // Control: mesh traffic node-a -> node-b goes through the plaintext tunnel.
+        let r = connect(&c, "client", &format!("{server_ip}:7000"));
+        assert_eq!(r["result"], "ok", "{r}");
+        assert_ne!(caller(&r), c.pod("client").ip.to_string(), "{r}");
+        // And a CONNECT from node-a's address, as node-a's proxy sends it, is served.
+        let probe = bins::path("mesh-probe");
+        let tunnel_port = format!("{}:15008", c.node(1).ip);
+        let target = format!("{server_ip}:7000");
+        let out = c
+            .run_in_netns(&c.node(0).netns, &probe, &["h2c-connect", "--addr", &tunnel_port, "--connect", &target, "--send", "WHO", "--timeout-ms", "3000"], T)
+            .unwrap();
+        let r = json(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!(r["connect_status"], 200, "node-to-node: {r}");
+        assert!(r["answer"].as_str().unwrap_or_default().starts_with("server "), "{r}");
+
+        // The attack: pods dial the tunnel port themselves, from another node and from the
+        // server's own node, in and outside the mesh. Before the fix each got a relay to the
+        // server.
+        let refused_before = c.counter(1, "proxy", "inbound_not_a_node");
+        for pod in ["client", "outsider", "neighbour"] {
+            let r = h2c_connect(&c, pod);
+            assert!(r["connect_status"].is_null(), "{pod} got a tunnel: {r}");
+        }
+        assert_eq!(c.counter(1, "proxy", "inbound_not_a_node"), refused_before + 3);
+    }
+
+    #[test]
+    fn plaintext_nodes_reject_strict_and_identity_rules_as_invalid_config() {
+        let c = SimCluster::start(plaintext_spec(true)).expect("simulated cluster");
+        c.start_servers().unwrap();
+        let server = format!("{}:7000", c.pod("server").ip);
+        let strict = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: demo\nspec:\n  mtls:\n    mode: STRICT\n";
+        let reloads = c.counter(1, "proxy", "config_reloads");
+        c.write_config_file("pa.yaml", strict).unwrap();
+
+        // Reported with object and field, and not applied.
+        let expected = "PeerAuthentication demo/strict: mtls.mode: STRICT cannot be enforced without mutual TLS";
+        assert!(wait_until(Duration::from_secs(10), || c.proxy_log_plain(1).contains(expected)), "not reported:\n{}", c.proxy_log_plain(1));
+        assert_eq!(c.counter(1, "proxy", "config_reloads"), reloads, "the change was rejected");
+        let out = Command::new(bins::path("mesh-node")).args(["validate", "--insecure-plaintext-tunnels"]).arg(&c.config_dir).output().unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(expected), "{}", String::from_utf8_lossy(&out.stderr));
+        // The same directory is fine for nodes with a CA.
+        let out = Command::new(bins::path("mesh-node")).arg("validate").arg(&c.config_dir).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        // The last good config (PERMISSIVE) stays live: plaintext from outside the mesh and
+        // mesh traffic both still reach the server.
+        assert_eq!(connect(&c, "outsider", &server)["result"], "ok");
+        assert_eq!(connect(&c, "client", &server)["result"], "ok");
+
+        // A rule on principals cannot be judged without identities either.
+        c.write_config_file("pa.yaml", "").unwrap();
+        let authz = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: only-client\n  namespace: demo\nspec:\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/demo/sa/client\"]\n";
+        c.write_config_file("authz.yaml", authz).unwrap();
+        let expected = "AuthorizationPolicy demo/only-client: rules[0].from[0].source.principals: cannot be enforced without mutual TLS";
+        assert!(wait_until(Duration::from_secs(10), || c.proxy_log_plain(1).contains(expected)), "not reported:\n{}", c.proxy_log_plain(1));
+        assert_eq!(connect(&c, "client", &server)["result"], "ok");
+    }
+}
 
 // ---- ipBlocks source / open connections ----
 //

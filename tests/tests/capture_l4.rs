@@ -185,15 +185,21 @@ fn after_a_clean_exit_nothing_stays_attached() {
 
 #[test]
 fn without_privileges_the_daemon_says_what_is_missing() {
-    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/lemo-dev");
+    // The seed's nodes and pods without its policies, which need identities (a CA).
+    let seed = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/lemo-dev/cluster.yaml");
+    let config = std::env::temp_dir().join(format!("mesh-e2e-noroot-{}", std::process::id()));
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::copy(&seed, config.join("cluster.yaml")).unwrap();
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(bins::path("mesh-node"))
-        .args(["run", "--node", "node-a", "--cgroup", "/nonexistent", "--admin", "127.0.0.1:0", "--readiness", "127.0.0.1:0"])
+        // Without a CA the daemon would stop at that first (see attacks.rs).
+        .args(["run", "--insecure-plaintext-tunnels", "--node", "node-a", "--cgroup", "/nonexistent", "--admin", "127.0.0.1:0", "--readiness", "127.0.0.1:0"])
         .arg("--config")
         .arg(&config)
         .output()
         .unwrap();
+    let _ = std::fs::remove_dir_all(&config);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("needs root"), "{err}");

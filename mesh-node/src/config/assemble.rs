@@ -14,6 +14,7 @@ use super::error::{Problem, Reporter};
 use super::field_path::FieldPath;
 use super::host::{self, host_matches};
 use super::load::{Source, documents};
+use super::tunnels::{self, TunnelMode};
 
 /// An object and where it was defined.
 type Placed<T> = (Origin, T);
@@ -93,7 +94,7 @@ fn decode_sources(sources: &[Source], problems: &mut Vec<Problem>) -> Vec<Decode
 
 /// Strict assembly (file mode, `mesh-node validate`): any problem anywhere rejects the whole
 /// input, and every problem is reported at once.
-pub(crate) fn assemble(sources: &[Source]) -> Result<Cluster, Vec<Problem>> {
+pub(crate) fn assemble(sources: &[Source], mode: TunnelMode) -> Result<Cluster, Vec<Problem>> {
     let mut problems = Vec::new();
     let mut parts = Parts::default();
     for d in decode_sources(sources, &mut problems) {
@@ -103,7 +104,7 @@ pub(crate) fn assemble(sources: &[Source]) -> Result<Cluster, Vec<Problem>> {
     }
     let known_namespaces = known_namespaces(&parts);
     let mut checks = Checks { problems: &mut problems, blamed: Vec::new() };
-    run_checks(&parts, &known_namespaces, &mut checks);
+    run_checks(&parts, &known_namespaces, mode, &mut checks);
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -153,7 +154,7 @@ struct Candidate {
 /// Cross-object checks blame one object per problem; the blamed objects fall back or go and the
 /// checks run again, until nothing is blamed. Each round removes or replaces at least one
 /// object, and a fallback that is blamed is removed, so this ends.
-pub(crate) fn assemble_per_object(sources: &[Source], last_good: &BTreeMap<ObjectKey, Kept>) -> PerObject {
+pub(crate) fn assemble_per_object(sources: &[Source], last_good: &BTreeMap<ObjectKey, Kept>, mode: TunnelMode) -> PerObject {
     let mut problems = Vec::new();
     let decoded = decode_sources(sources, &mut problems);
     let mut rejected: BTreeMap<ObjectKey, Rejected> = BTreeMap::new();
@@ -200,7 +201,7 @@ pub(crate) fn assemble_per_object(sources: &[Source], last_good: &BTreeMap<Objec
         let known = known_namespaces(&parts);
         let mut problems = Vec::new();
         let mut checks = Checks { problems: &mut problems, blamed: Vec::new() };
-        run_checks(&parts, &known, &mut checks);
+        run_checks(&parts, &known, mode, &mut checks);
         let blamed = std::mem::take(&mut checks.blamed);
         if blamed.is_empty() {
             for r in rejected.values_mut() {
@@ -245,12 +246,29 @@ impl Checks<'_> {
     }
 }
 
-fn run_checks(parts: &Parts, known_namespaces: &BTreeSet<String>, checks: &mut Checks<'_>) {
+fn run_checks(parts: &Parts, known_namespaces: &BTreeSet<String>, mode: TunnelMode, checks: &mut Checks<'_>) {
     let is_ns = |ns: &str| known_namespaces.contains(ns);
     check_pod_nodes(parts, checks);
     check_pod_ips(parts, checks);
     check_service_ips(parts, checks);
     check_subsets(parts, &is_ns, checks);
+    if mode == TunnelMode::Plaintext {
+        check_needs_identities(parts, checks);
+    }
+}
+
+/// Without a CA, policy that needs peer identities is invalid (see `tunnels`).
+fn check_needs_identities(parts: &Parts, checks: &mut Checks<'_>) {
+    for (origin, pa) in &parts.peer_authentications {
+        for (field, message) in tunnels::peer_authentication(pa) {
+            checks.report(origin, &field, message);
+        }
+    }
+    for (origin, policy) in &parts.authorization_policies {
+        for (field, message) in tunnels::authorization_policy(policy) {
+            checks.report(origin, &field, message);
+        }
+    }
 }
 
 fn known_namespaces(parts: &Parts) -> BTreeSet<String> {

@@ -11,6 +11,7 @@ use super::istio::{
     AuthorizationPolicy, DestinationRule, MtlsMode, PeerAuthentication, VirtualService, exported_to,
 };
 use super::load::{self, Source};
+use super::tunnels::TunnelMode;
 use super::model::{
     Conditions, DATAPLANE_MODE_LABEL, Endpoint, EndpointSlice, Namespace, Node, Pod, Service,
     labels_match,
@@ -53,13 +54,27 @@ pub struct Cluster {
 impl Cluster {
     /// Loads and validates every `.yaml`/`.yml` file under `dir`.
     pub fn load_dir(dir: &Path) -> Result<Cluster, ConfigError> {
+        Self::load_dir_in(dir, TunnelMode::MutualTls)
+    }
+
+    /// Like [`Cluster::load_dir`], for a node whose tunnels are secured as `mode` says (without
+    /// a CA, policy that needs peer identities is invalid).
+    pub fn load_dir_in(dir: &Path, mode: TunnelMode) -> Result<Cluster, ConfigError> {
         let sources = load::read_sources(dir).map_err(ConfigError::new)?;
-        Self::from_sources(&sources)
+        Self::from_sources_in(&sources, mode)
     }
 
     /// Loads from in-memory files (`(name, yaml)`), named in messages as given.
     pub fn from_yaml_files<'a>(
         files: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Cluster, ConfigError> {
+        Self::from_yaml_files_in(files, TunnelMode::MutualTls)
+    }
+
+    /// Like [`Cluster::from_yaml_files`], validated for tunnels secured as `mode` says.
+    pub fn from_yaml_files_in<'a>(
+        files: impl IntoIterator<Item = (&'a str, &'a str)>,
+        mode: TunnelMode,
     ) -> Result<Cluster, ConfigError> {
         let sources: Vec<Source> = files
             .into_iter()
@@ -68,11 +83,11 @@ impl Cluster {
                 text: text.to_string(),
             })
             .collect();
-        Self::from_sources(&sources)
+        Self::from_sources_in(&sources, mode)
     }
 
-    pub(crate) fn from_sources(sources: &[Source]) -> Result<Cluster, ConfigError> {
-        let mut cluster = assemble(sources).map_err(ConfigError::new)?;
+    pub(crate) fn from_sources_in(sources: &[Source], mode: TunnelMode) -> Result<Cluster, ConfigError> {
+        let mut cluster = assemble(sources, mode).map_err(ConfigError::new)?;
         cluster.fingerprint = load::fingerprint(sources);
         Ok(cluster)
     }

@@ -11,7 +11,7 @@
 //! `decode` (document → object), `kube` (core kinds), `istio/` (CRDs),
 //! `assemble` (cross-object checks, indexes), `cluster` (lookups),
 //! `per_object` (Kubernetes mode: an invalid object is held back, the rest
-//! applied), `host`, `duration`, `watch`, `error`.
+//! applied), `tunnels` (what is invalid without a CA), `host`, `duration`, `watch`, `error`.
 
 mod assemble;
 mod cluster;
@@ -26,6 +26,7 @@ mod kube;
 mod load;
 mod model;
 mod per_object;
+mod tunnels;
 mod watch;
 
 #[cfg(test)]
@@ -42,4 +43,5 @@ pub use model::{
     ServicePort, SliceEndpoint, SlicePort, TargetPort, labels_match, usable,
 };
 pub use per_object::{PerObjectBuild, PerObjectBuilder, RejectedObject};
-pub use watch::spawn_watcher;
+pub use tunnels::TunnelMode;
+pub use watch::{spawn_watcher, spawn_watcher_in};

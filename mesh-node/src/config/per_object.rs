@@ -13,12 +13,15 @@ use super::assemble::{Kept, ObjectKey, assemble_per_object};
 use super::cluster::Cluster;
 use super::error::Problem;
 use super::load::{self, Source};
+use super::tunnels::TunnelMode;
 
 /// Builds [`Cluster`]s from successive versions of the same objects, remembering what was
 /// applied so a later invalid version of an object can fall back to it.
 #[derive(Default)]
 pub struct PerObjectBuilder {
     last_good: BTreeMap<ObjectKey, Kept>,
+    /// Without a CA, objects needing peer identities are held back like invalid ones.
+    mode: TunnelMode,
 }
 
 /// An object that was not applied as given.
@@ -65,12 +68,17 @@ impl PerObjectBuilder {
         PerObjectBuilder::default()
     }
 
+    /// A builder for a node whose tunnels are secured as `mode` says.
+    pub fn for_tunnels(mode: TunnelMode) -> PerObjectBuilder {
+        PerObjectBuilder { last_good: BTreeMap::new(), mode }
+    }
+
     /// Builds from in-memory files (`(name, yaml)`), one or more objects each. Objects that
     /// are not in `files` any more are forgotten, valid or not: a deletion is applied.
     pub fn build<'a>(&mut self, files: impl IntoIterator<Item = (&'a str, &'a str)>) -> PerObjectBuild {
         let sources: Vec<Source> =
             files.into_iter().map(|(rel, text)| Source { rel: rel.to_string(), text: text.to_string() }).collect();
-        let built = assemble_per_object(&sources, &self.last_good);
+        let built = assemble_per_object(&sources, &self.last_good, self.mode);
         let mut cluster = built.cluster;
         // Over what was applied, not the input: a rejected edit that leaves the applied
         // objects as they were yields the same fingerprint.

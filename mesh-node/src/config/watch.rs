@@ -10,6 +10,7 @@ use tokio::time::MissedTickBehavior;
 
 use super::cluster::Cluster;
 use super::load;
+use super::tunnels::TunnelMode;
 
 /// Polls `dir` every `poll` and publishes each valid change.
 ///
@@ -21,6 +22,17 @@ pub fn spawn_watcher(
     dir: PathBuf,
     initial: Arc<Cluster>,
     poll: Duration,
+) -> watch::Receiver<Arc<Cluster>> {
+    spawn_watcher_in(dir, initial, poll, TunnelMode::MutualTls)
+}
+
+/// Like [`spawn_watcher`], validating each change for tunnels secured as `mode` says (without
+/// a CA, a change that adds policy needing peer identities is rejected).
+pub fn spawn_watcher_in(
+    dir: PathBuf,
+    initial: Arc<Cluster>,
+    poll: Duration,
+    mode: TunnelMode,
 ) -> watch::Receiver<Arc<Cluster>> {
     let last_good = initial.fingerprint();
     let (tx, rx) = watch::channel(initial);
@@ -35,7 +47,7 @@ pub fn spawn_watcher(
                 _ = ticks.tick() => {}
             }
             let dir = dir.clone();
-            let outcome = tokio::task::spawn_blocking(move || poll_once(&dir, seen)).await;
+            let outcome = tokio::task::spawn_blocking(move || poll_once(&dir, seen, mode)).await;
             match outcome {
                 Ok(Poll::Unchanged) => {}
                 Ok(Poll::Reloaded(cluster)) => {
@@ -84,7 +96,7 @@ enum Poll {
 
 /// Reads once and builds from the same bytes, so what is fingerprinted is
 /// exactly what is validated.
-fn poll_once(dir: &std::path::Path, seen: u64) -> Poll {
+fn poll_once(dir: &std::path::Path, seen: u64, mode: TunnelMode) -> Poll {
     let sources = match load::read_sources(dir) {
         Ok(sources) => sources,
         Err(problems) => {
@@ -98,7 +110,7 @@ fn poll_once(dir: &std::path::Path, seen: u64) -> Poll {
     if fingerprint == seen {
         return Poll::Unchanged;
     }
-    match Cluster::from_sources(&sources) {
+    match Cluster::from_sources_in(&sources, mode) {
         Ok(cluster) => Poll::Reloaded(Arc::new(cluster)),
         Err(e) => Poll::Rejected {
             fingerprint: Some(fingerprint),

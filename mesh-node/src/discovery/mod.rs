@@ -41,7 +41,7 @@ pub use api::{ApiError, ApiServer, SERVICE_ACCOUNT_DIR, TOKEN_FILE_RELOAD};
 pub use cli::ApiArgs;
 pub use pods::{NodeAccounts, PodIndex, spawn_pod_index};
 
-use crate::config::{Cluster, PerObjectBuilder, RejectedObject};
+use crate::config::{Cluster, PerObjectBuilder, RejectedObject, TunnelMode};
 use store::Shared;
 
 /// Tunables; the defaults suit a real cluster, tests shorten them.
@@ -56,6 +56,9 @@ pub struct Options {
     pub watch_timeout: Duration,
     /// Objects per list page (`limit`; the server hands a `continue` token for the rest).
     pub page_size: u32,
+    /// How this node's tunnels are secured: without a CA, objects needing peer identities are
+    /// held back.
+    pub tunnels: TunnelMode,
 }
 
 impl Default for Options {
@@ -67,6 +70,7 @@ impl Default for Options {
             watch_timeout: Duration::from_secs(290),
             // client-go's page size.
             page_size: 500,
+            tunnels: TunnelMode::MutualTls,
         }
     }
 }
@@ -163,7 +167,7 @@ pub fn spawn(api: ApiServer, opts: Options) -> Discovery {
         // Owned here so the watchers are aborted when this task ends.
         let _watchers = watchers;
         let mut seen: Option<u64> = None;
-        let mut builder = PerObjectBuilder::new();
+        let mut builder = PerObjectBuilder::for_tunnels(opts.tunnels);
         let mut reported = Reported::default();
         loop {
             tokio::select! {
@@ -191,7 +195,7 @@ pub fn spawn(api: ApiServer, opts: Options) -> Discovery {
                 Err(e) => {
                     // The builder's memory of last good objects went with the task: start over.
                     tracing::error!("model build task failed: {e}");
-                    builder = PerObjectBuilder::new();
+                    builder = PerObjectBuilder::for_tunnels(opts.tunnels);
                     seen = None;
                     continue;
                 }

@@ -72,6 +72,7 @@ pub(super) fn fast() -> Options {
         backoff_max: Duration::from_millis(100),
         watch_timeout: Duration::from_secs(60),
         page_size: 500,
+        ..Options::default()
     }
 }
 
@@ -579,4 +580,35 @@ fn install_rbac_grants_exactly_what_discovery_reads() {
         })
         .collect();
     assert_eq!(granted, read);
+}
+
+/// Without a CA (`--insecure-plaintext-tunnels`), a STRICT PeerAuthentication cannot be
+/// honoured: Kubernetes mode holds it back like any invalid object, and applies the rest.
+#[tokio::test]
+async fn without_a_ca_a_strict_peer_authentication_is_held_back() {
+    let fake = loaded_fake(&[]);
+    let mut d = start_with(&fake, Options { tunnels: crate::config::TunnelMode::Plaintext, ..fast() }).await;
+    until_true("peer authentication watch", || fake.watcher_count("/apis/security.istio.io/v1/peerauthentications") > 0).await;
+    let ns = ns_name(&fake);
+    fake.apply(
+        "ADDED",
+        json!({
+            "apiVersion": "security.istio.io/v1",
+            "kind": "PeerAuthentication",
+            "metadata": {"namespace": ns, "name": "strict"},
+            "spec": {"mtls": {"mode": "STRICT"}}
+        }),
+    );
+    let expected = format!("PeerAuthentication {ns}/strict rejected (left out): mtls.mode: STRICT cannot be enforced without mutual TLS");
+    let held = tokio::time::timeout(WAIT, d.rejected.wait_for(|r| r.iter().any(|o| o.to_string().starts_with(&expected)))).await.is_ok_and(|r| r.is_ok());
+    assert!(held, "not held back: {:?}", d.rejected.borrow());
+    let strict = |c: &Cluster| c.peer_authentications().any(|p| p.name == "strict");
+    assert!(!strict(&d.config.borrow()), "the STRICT object is not applied");
+    // A valid change after it still applies.
+    let mut namespace = fake.state().objects["/api/v1/namespaces"].values().next().cloned().unwrap();
+    namespace["metadata"]["labels"]["extra"] = json!("1");
+    fake.apply("MODIFIED", namespace);
+    let name = ns_name(&fake);
+    until(&mut d, "a valid change applies", move |c| c.namespace(&name).is_some_and(|n| n.labels.contains_key("extra"))).await;
+    assert!(!strict(&d.config.borrow()));
 }

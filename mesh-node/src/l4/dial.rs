@@ -1,5 +1,6 @@
-//! The sockets the proxy opens and closes itself: connects marked as the proxy's own (so the
-//! capture never redirects them), the byte pump between two connections, and resets. Used by
+//! The sockets the proxy opens and closes itself: connects marked as the proxy's own (which the
+//! capture counts apart; it never redirects them because the proxy is in no enrolled pod's
+//! cgroup), the byte pump between two connections, and resets. Used by
 //! both ends of the L4 path ([`super::upstream`] and [`super::tunnel`]), which is why it stands
 //! apart from them.
 use std::{io, net::SocketAddr, time::Duration};
@@ -9,7 +10,7 @@ use tokio::{
     net::{TcpSocket, TcpStream},
 };
 
-/// Opens a TCP connection marked as the proxy's own, so the capture never redirects it.
+/// Opens a TCP connection marked as the proxy's own (counted as `proxy_skipped` by the capture).
 pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket2::SockRef::from(&sock).set_mark(mesh_common::PROXY_MARK)?;

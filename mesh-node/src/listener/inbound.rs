@@ -1,6 +1,15 @@
 //! Inbound listener: tunnels from other node proxies, HTTP/2 connections whose CONNECT streams
 //! each name a pod on this node.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+//!
+//! With mutual TLS a peer proves it is a node proxy acting for a workload by its certificate.
+//! Without a CA (`--insecure-plaintext-tunnels`) the source address is all there is, so only
+//! the other nodes' InternalIPs are served: a pod (on this node or another) that dials port
+//! 15008 itself is reset before a byte is read, instead of getting a relay to every pod here.
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use bytes::Bytes;
 use http_body_util::Empty;
@@ -12,6 +21,7 @@ use tracing::{debug, warn};
 use super::{ProxyContext, drain::Phase};
 use crate::{
     authz::{self, Decision, SourceIp},
+    config::Cluster,
     identity::Identity,
     l4::{admitted::{Admission, Admitted}, forwarded},
     tunnel, upstream,
@@ -50,10 +60,22 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
                         warn!(%peer, "inbound: TLS refused: {e}");
                     }
                 },
+                None if !is_other_node(&ctx.cluster(), &ctx.node, peer.ip()) => {
+                    ctx.stats.inbound_not_a_node.inc();
+                    warn!(%peer, "inbound: plaintext tunnel from an address that is no other node's InternalIP: refused");
+                    upstream::reset(stream);
+                }
                 None => serve_h2(stream, Peer { addr: peer, identity: None, requested: None }, ctx).await,
             }
         });
     }
+}
+
+/// Whether `ip` is the InternalIP of a node other than `this_node`: the only peers a plaintext
+/// tunnel port serves (this node's own proxy never tunnels to itself; its pods are no peers).
+pub(crate) fn is_other_node(cluster: &Cluster, this_node: &str, ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    cluster.nodes().any(|n| n.name != this_node && n.ip == ip)
 }
 
 /// The far end of a tunnel connection: the node proxy's address and, with mutual TLS, the
@@ -100,7 +122,7 @@ where
 /// ([`forwarded::verify`]), else only the peer proxy's address, judged fail-closed. A claim
 /// that does not check out is logged and counted: a node proxy speaking for a pod it does not
 /// run is either lagging behind the config or lying.
-fn source_ip(cluster: &crate::config::Cluster, peer: &Peer, forwarded: Option<std::net::IpAddr>, ctx: &ProxyContext) -> SourceIp {
+fn source_ip(cluster: &Cluster, peer: &Peer, forwarded: Option<std::net::IpAddr>, ctx: &ProxyContext) -> SourceIp {
     match forwarded::verify(cluster, peer.addr.ip(), peer.identity.as_ref(), forwarded) {
         Ok(ip) => SourceIp::Known(ip),
         // Plaintext tunnels (no CA): nobody can be verified, which is that mode's known
@@ -196,4 +218,22 @@ async fn handle(req: Request<Incoming>, peer: Arc<Peer>, ctx: Arc<ProxyContext>)
         drop(conn);
     });
     Ok(status(StatusCode::OK))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODES: &str = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\nstatus:\n  addresses:\n  - type: InternalIP\n    address: 172.30.0.1\n---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node-b\nstatus:\n  addresses:\n  - type: InternalIP\n    address: 172.30.0.2\n";
+
+    #[test]
+    fn only_other_nodes_internal_ips_are_plaintext_peers() {
+        let cluster = Cluster::from_yaml_files([("nodes.yaml", NODES)]).unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(is_other_node(&cluster, "node-a", ip("172.30.0.2")));
+        assert!(is_other_node(&cluster, "node-a", ip("::ffff:172.30.0.2")), "IPv4-mapped from a dual-stack listener");
+        assert!(!is_other_node(&cluster, "node-a", ip("172.30.0.1")), "this node's own address");
+        assert!(!is_other_node(&cluster, "node-a", ip("10.244.0.10")), "a pod");
+        assert!(!is_other_node(&cluster, "node-a", ip("172.30.0.254")), "an address on the node network that is no node");
+    }
 }

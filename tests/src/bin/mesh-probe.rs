@@ -26,6 +26,8 @@ mod mtls;
 mod ca_request;
 #[path = "probe/hold.rs"]
 mod hold;
+#[path = "probe/h2c.rs"]
+mod h2c;
 
 use std::{
     io::{self, BufRead as _, BufReader, Read, Write},
@@ -68,13 +70,24 @@ enum Cmd {
         interval_ms: u64,
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
+        /// Set this SO_MARK on the socket before connecting (needs CAP_NET_RAW or
+        /// CAP_NET_ADMIN), e.g. 0x539, the node proxy's own mark.
+        #[arg(long, value_parser = parse_mark)]
+        mark: Option<u32>,
     },
     /// One connection attempt; prints {"result": ok|refused|reset|eof|timeout|error, "ms": ..}.
     Connect {
         addr: String,
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
+        /// As for `who`.
+        #[arg(long, value_parser = parse_mark)]
+        mark: Option<u32>,
     },
+    /// Plaintext HTTP/2 CONNECT (an HBONE stream without TLS) to a node proxy's inbound port,
+    /// as a node proxy without a CA sends it; prints {"connect_status": .., "answer": ..} or
+    /// {"connect_error": ..}.
+    H2cConnect(h2c::H2cConnectArgs),
     /// Send BYTES pseudo-random bytes to an ECHO server, half-close, check what comes back.
     Echo {
         addr: String,
@@ -160,8 +173,9 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Cmd::Serve { name, port } => serve(&name, port),
         Cmd::Wait { addr, timeout_ms } => wait(&addr, Duration::from_millis(timeout_ms)),
-        Cmd::Who { addr, count, interval_ms, timeout_ms } => who(&addr, count, interval_ms, timeout_ms),
-        Cmd::Connect { addr, timeout_ms } => connect_once(&addr, timeout_ms),
+        Cmd::Who { addr, count, interval_ms, timeout_ms, mark } => who(&addr, count, interval_ms, timeout_ms, mark),
+        Cmd::Connect { addr, timeout_ms, mark } => connect_once(&addr, timeout_ms, mark),
+        Cmd::H2cConnect(args) => h2c::run(args).map_err(anyhow_to_io),
         Cmd::Echo { addr, bytes } => echo(&addr, bytes),
         Cmd::Rr { addr, size, rate, seconds, conns } => rr(&addr, size, rate, seconds, conns),
         Cmd::Bulk { addr, bytes } => bulk(&addr, bytes),
@@ -209,7 +223,31 @@ fn resolve(addr: &str) -> io::Result<SocketAddr> {
 }
 
 fn dial(addr: &str, timeout: Duration) -> io::Result<TcpStream> {
-    let s = TcpStream::connect_timeout(&resolve(addr)?, timeout)?;
+    dial_marked(addr, timeout, None)
+}
+
+/// `0x539` or `1337`.
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|e| format!("{s:?} is not a mark (decimal or 0x hex): {e}"))
+}
+
+/// Connects, with `SO_MARK` set on the socket first when `mark` is given (the setsockopt
+/// fails without CAP_NET_RAW/CAP_NET_ADMIN, and that failure is reported, not skipped).
+fn dial_marked(addr: &str, timeout: Duration, mark: Option<u32>) -> io::Result<TcpStream> {
+    let target = resolve(addr)?;
+    let s = match mark {
+        None => TcpStream::connect_timeout(&target, timeout)?,
+        Some(mark) => {
+            let sock = socket2::Socket::new(socket2::Domain::for_address(target), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+            sock.set_mark(mark).map_err(|e| io::Error::new(e.kind(), format!("setting SO_MARK {mark:#x}: {e}")))?;
+            sock.connect_timeout(&target.into(), timeout)?;
+            sock.into()
+        }
+    };
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(timeout))?;
     Ok(s)
@@ -293,8 +331,8 @@ fn wait(addr: &str, timeout: Duration) -> io::Result<bool> {
     }
 }
 
-fn ask_who(addr: &str, timeout: Duration) -> io::Result<String> {
-    let mut s = dial(addr, timeout)?;
+fn ask_who(addr: &str, timeout: Duration, mark: Option<u32>) -> io::Result<String> {
+    let mut s = dial_marked(addr, timeout, mark)?;
     s.write_all(b"WHO\n")?;
     let mut answer = String::new();
     s.read_to_string(&mut answer)?;
@@ -304,11 +342,11 @@ fn ask_who(addr: &str, timeout: Duration) -> io::Result<String> {
     Ok(answer.trim().to_string())
 }
 
-fn who(addr: &str, count: u64, interval_ms: u64, timeout_ms: u64) -> io::Result<bool> {
+fn who(addr: &str, count: u64, interval_ms: u64, timeout_ms: u64, mark: Option<u32>) -> io::Result<bool> {
     let mut ok = true;
     let stdout = io::stdout();
     for i in 0..count {
-        let line = match ask_who(addr, Duration::from_millis(timeout_ms)) {
+        let line = match ask_who(addr, Duration::from_millis(timeout_ms), mark) {
             Ok(answer) => answer,
             Err(e) => {
                 ok = false;
@@ -344,9 +382,9 @@ const fn libc_enetunreach() -> i32 {
     101
 }
 
-fn connect_once(addr: &str, timeout_ms: u64) -> io::Result<bool> {
+fn connect_once(addr: &str, timeout_ms: u64, mark: Option<u32>) -> io::Result<bool> {
     let start = Instant::now();
-    let (result, answer) = match ask_who(addr, Duration::from_millis(timeout_ms)) {
+    let (result, answer) = match ask_who(addr, Duration::from_millis(timeout_ms), mark) {
         Ok(a) => ("ok", a),
         Err(e) => (classify(&e), e.to_string()),
     };
