@@ -213,6 +213,8 @@ struct Running {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     drain: Arc<Drain>,
     admin_state: Arc<AdminState>,
+    /// Connections admitted to this node's pods, re-judged on each config change.
+    admitted: crate::l4::admitted::Admitted,
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
@@ -326,7 +328,9 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
         config: config_rx.clone(),
         tunnels: Arc::new(TunnelPool::new(tls.clone())),
         trust_domain: opts.trust_domain.clone(),
+        admitted: Default::default(),
     };
+    let admitted = connector.admitted.clone();
     // Ready only once this node's workloads have certificates (bounded: a CA outage must not
     // keep plaintext-free traffic of other workloads from starting).
     if let Some(tls) = &tls {
@@ -415,12 +419,12 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
         start = ?capture.start(),
         "node proxy ready"
     );
-    Ok(Running { capture, config_rx, tls, telemetry, stats, tasks, drain, admin_state })
+    Ok(Running { capture, config_rx, tls, telemetry, stats, tasks, drain, admin_state, admitted })
 }
 
 /// Serves until SIGTERM or SIGINT, then hands over (or uninstalls) and drains.
 async fn serve(opts: &Options, running: Running, mut signals: crate::signals::Shutdown) -> anyhow::Result<()> {
-    let Running { mut capture, mut config_rx, tls, telemetry, stats, tasks, drain, admin_state } = running;
+    let Running { mut capture, mut config_rx, tls, telemetry, stats, tasks, drain, admin_state, admitted } = running;
     // Pods appear in cgroupfs after the config names them, so rescan on a timer as well.
     let mut rescan = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -431,6 +435,8 @@ async fn serve(opts: &Options, running: Running, mut signals: crate::signals::Sh
                     break;
                 }
                 let cluster = config_rx.borrow_and_update().clone();
+                // Before the reload is counted, so whoever waits for it sees its effect.
+                stats.policy_closed_connections.add(admitted.revoke_denied(&cluster) as u64);
                 capture.sync(&cluster, &opts.node);
                 if let Some(tls) = &tls {
                     prefetch_certificates(tls, &cluster, &opts.node);

@@ -8,6 +8,9 @@ impl Counter {
     pub fn inc(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
@@ -39,6 +42,10 @@ proxy_stats!(
     inbound_connect_errors,
     inbound_tls_refused,
     inbound_denied,
+    // Tunnel streams whose `Forwarded` source did not check out (judged fail-closed).
+    inbound_forwarded_unverified,
+    // Open connections closed because a new policy denies them.
+    policy_closed_connections,
     inbound_not_a_node,
     http_requests,
     http_retries,

@@ -358,3 +358,295 @@ mod fail_closed {
         assert!(!fail_closed_reaches(c, "intruder", FAIL_CLOSED_SERVER, "server"));
     }
 }
+
+// ---- ipBlocks source / open connections ----
+//
+// `ipBlocks` judge the real calling pod, also across nodes (the address the tunnel carries,
+// believed only for the verified identity's pods on the source node), and a policy change
+// reaches connections already open: pooled HTTP connections and L4 pipes the new policy denies
+// are closed within a second, and counted.
+mod ipblocks_source_and_open_connections {
+    use std::{
+        io::{BufRead as _, BufReader},
+        path::{Path, PathBuf},
+        process::Child,
+        sync::mpsc,
+        time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    };
+
+    use mesh_e2e::{ClusterSpec, SimCluster, bins, wait_until};
+    use serde_json::Value;
+
+    const T: Duration = Duration::from_secs(30);
+    const SERVER_VIP: &str = "10.96.0.80:80";
+
+    fn json(out: &str) -> Value {
+        let line = out.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+        serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    }
+
+    fn logs(c: &SimCluster) -> String {
+        format!("node-a log:\n{}\nnode-b log:\n{}", c.proxy_log_plain(0), c.proxy_log_plain(1))
+    }
+
+    /// One `connect` attempt (WHO) from a pod.
+    fn who(c: &SimCluster, from: &str, addr: &str) -> Value {
+        let out = c.probe(from, &["connect", addr, "--timeout-ms", "2000"], T).unwrap_or_else(|e| panic!("{e}\n{}", logs(c)));
+        json(&out)
+    }
+
+    fn reached(v: &Value) -> bool {
+        v["result"] == "ok" && v["answer"].as_str().unwrap_or("").starts_with("server ")
+    }
+
+    fn policy(name: &str, action: &str, source: &str) -> String {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: demo}}\n\
+             spec:\n  selector: {{matchLabels: {{app: server}}}}\n  action: {action}\n  rules:\n  - from:\n    - source: {source}\n"
+        )
+    }
+
+    /// `server` on node-b behind Service `server` (10.96.0.80:80 -> 7000); the callers are
+    /// ServiceAccount `client`: `client` on node-a (10.244.0.0/24), `client-b` on node-b.
+    fn cluster() -> SimCluster {
+        let spec = ClusterSpec::new(2)
+            .namespace("demo", true)
+            .pod("server", "demo", 1, "server", 7000)
+            .pod("client", "demo", 0, "client", 9000)
+            .pod("client-b", "demo", 1, "client", 9000)
+            .service_account("client-b", "client")
+            .service("server", "demo", [10, 96, 0, 80], "server", 80, 7000);
+        let c = SimCluster::start(spec).expect("simulated cluster");
+        c.serve_in_pod("server", &bins::path("mesh-probe"), &["serve", "--name", "server", "--port", "7000"], 7000).expect("server");
+        c
+    }
+
+    #[test]
+    fn ip_blocks_deny_on_a_pod_cidr_refuses_callers_on_the_other_node() {
+        let c = cluster();
+        let c = &c;
+        for from in ["client", "client-b"] {
+            assert!(reached(&who(c, from, SERVER_VIP)), "{from} reaches the server without a policy\n{}", logs(c));
+        }
+        let denied_before = c.counter(1, "proxy", "inbound_denied");
+        // node-a's pod CIDR: the caller on node-a must be refused by node-b's inbound side.
+        c.apply_config("authz.yaml", &policy("deny-node-a-pods", "DENY", "{ipBlocks: [10.244.0.0/24]}")).unwrap();
+        let v = who(c, "client", SERVER_VIP);
+        assert!(!reached(&v), "client on node-a (10.244.0.0/24) got through the DENY: {v}\n{}", logs(c));
+        // Allowed control: the same identity from node-b's CIDR.
+        let v = who(c, "client-b", SERVER_VIP);
+        assert!(reached(&v), "client-b (10.244.1.0/24) is outside the DENY: {v}\n{}", logs(c));
+        assert!(wait_until(Duration::from_secs(5), || c.counter(1, "proxy", "inbound_denied") > denied_before), "node-b counts the refusal");
+        let client_ip = c.pod("client").ip.to_string();
+        let log = c.proxy_log_plain(1);
+        assert!(
+            log.lines().any(|l| l.contains("authorization:") && l.contains("deny-node-a-pods") && l.contains(&format!("source={client_ip}"))),
+            "node-b judged the real caller {client_ip}:\n{log}"
+        );
+        assert_eq!(c.counter(1, "proxy", "inbound_forwarded_unverified"), 0, "honest tunnels check out\n{log}");
+
+        // A policy that does not match the caller leaves it alone.
+        c.apply_config("authz.yaml", &policy("deny-elsewhere", "DENY", "{ipBlocks: [10.244.9.0/24]}")).unwrap();
+        let v = who(c, "client", SERVER_VIP);
+        assert!(reached(&v), "a DENY on another CIDR does not refuse client: {v}\n{}", logs(c));
+    }
+
+    fn s(p: &Path) -> &str {
+        p.to_str().expect("UTF-8 path")
+    }
+
+    /// A certificate for demo/client signed by the mesh's root: what a compromised node proxy
+    /// (or anyone holding that identity's key) can present.
+    fn client_certificate(c: &SimCluster) -> (PathBuf, PathBuf) {
+        let dir = c.ca_dir.parent().expect("cluster dir").join("attack-certs");
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let (cert, key) = (dir.join("client.pem"), dir.join("client-key.pem"));
+        let (root, root_key) = (c.ca_root_cert(), c.ca_dir.join("state/root-key.pem"));
+        let args = [
+            "mkcert",
+            "--spiffe",
+            "spiffe://cluster.local/ns/demo/sa/client",
+            "--cert-out",
+            s(&cert),
+            "--key-out",
+            s(&key),
+            "--ca-cert",
+            s(&root),
+            "--ca-key",
+            s(&root_key),
+        ];
+        let out = std::process::Command::new(bins::path("mesh-probe")).args(args).output().expect("mkcert");
+        assert!(out.status.success(), "mkcert: {}", String::from_utf8_lossy(&out.stderr));
+        (cert, key)
+    }
+
+    /// A tunnel to the server pod from node `from`'s namespace (so from that node's InternalIP)
+    /// as `client`, claiming `forwarded` as the source; the CONNECT status and the pod's answer.
+    fn tunnel(c: &SimCluster, from: usize, cert: &(PathBuf, PathBuf), forwarded: &str) -> Value {
+        let addr = format!("{}:15008", c.node(1).ip);
+        let target = format!("{}:7000", c.pod("server").ip);
+        let args = [
+            "tls-connect", "--addr", &addr, "--sni", "server.demo.identity.mesh", "--cert-pem", s(&cert.0), "--key-pem", s(&cert.1),
+            "--connect", &target, "--send", "WHO", "--forwarded", forwarded,
+        ];
+        let out = c.run_in_netns(&c.node(from).netns, &bins::path("mesh-probe"), &args, T).expect("tls-connect");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "tls-connect: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        json(&stdout)
+    }
+
+    #[test]
+    fn a_forged_forwarded_source_is_not_believed() {
+        let c = cluster();
+        let c = &c;
+        let cert = client_certificate(c);
+        let (client_a, client_b) = (c.pod("client").ip, c.pod("client-b").ip);
+        let claim = |ip: std::net::Ipv4Addr| format!("for={ip}");
+
+        // Only node-b's pods may call the server.
+        c.apply_config("authz.yaml", &policy("allow-node-b-pods", "ALLOW", "{ipBlocks: [10.244.1.0/24]}")).unwrap();
+        // Allowed control: node-b speaking for its own pod of that identity.
+        let v = tunnel(c, 1, &cert, &claim(client_b));
+        assert_eq!(v["connect_status"], 200, "node-b's tunnel for client-b is believed: {v}\n{}", logs(c));
+        assert!(v["answer"].as_str().unwrap_or("").starts_with("server "), "{v}");
+        assert!(reached(&who(c, "client-b", SERVER_VIP)), "the real client-b gets through\n{}", logs(c));
+        assert!(!reached(&who(c, "client", SERVER_VIP)), "the real client on node-a does not\n{}", logs(c));
+
+        // The attack: from node-a, with a valid certificate of the identity, claiming to be
+        // client-b (a pod of that identity, but on node-b).
+        let unverified_before = c.counter(1, "proxy", "inbound_forwarded_unverified");
+        let v = tunnel(c, 0, &cert, &claim(client_b));
+        assert_eq!(v["connect_status"], 403, "a node-a tunnel cannot speak for node-b's pod: {v}\n{}", logs(c));
+        assert!(v.get("answer").is_none(), "{v}");
+        assert!(
+            wait_until(Duration::from_secs(5), || c.counter(1, "proxy", "inbound_forwarded_unverified") > unverified_before),
+            "node-b counts the claim it did not believe"
+        );
+        assert!(c.proxy_log_plain(1).contains("not on the source node node-a"), "node-b says why:\n{}", c.proxy_log_plain(1));
+
+        // Under a DENY on node-a's pods, an unbelieved claim is judged fail-closed: node-a's
+        // proxy address (outside the CIDR) must not stand in for the caller.
+        c.apply_config("authz.yaml", &policy("deny-node-a-pods", "DENY", "{ipBlocks: [10.244.0.0/24]}")).unwrap();
+        let v = tunnel(c, 0, &cert, &claim(client_b));
+        assert_eq!(v["connect_status"], 403, "the forged claim escapes the DENY: {v}\n{}", logs(c));
+        // And the honest claim from node-a is denied as it should be, from node-b allowed.
+        assert_eq!(tunnel(c, 0, &cert, &claim(client_a))["connect_status"], 403);
+        let v = tunnel(c, 1, &cert, &claim(client_b));
+        assert_eq!(v["connect_status"], 200, "allowed control under the DENY: {v}\n{}", logs(c));
+    }
+
+    fn now_ms() -> u64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    }
+
+    /// `mesh-probe hold` in a pod: one connection used every 200 ms for 8 s, never reopened.
+    struct Hold {
+        what: String,
+        child: Child,
+        lines: mpsc::Receiver<Value>,
+        seen: Vec<Value>,
+    }
+
+    impl Hold {
+        fn start(c: &SimCluster, pod: &str, mode: &str, addr: &str) -> Hold {
+            let args = ["hold", mode, addr, "--count", "40", "--interval-ms", "200", "--timeout-ms", "1500"];
+            let mut child = c.spawn_piped(pod, &bins::path("mesh-probe"), &args).expect("hold");
+            let out = child.stdout.take().expect("piped stdout");
+            let (tx, lines) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                        let _ = tx.send(v);
+                    }
+                }
+            });
+            Hold { what: format!("{pod} {mode}"), child, lines, seen: Vec::new() }
+        }
+
+        /// Waits for the first use; it must have worked.
+        fn first_ok(&mut self) {
+            let v = self.lines.recv_timeout(Duration::from_secs(10)).unwrap_or_else(|e| panic!("{}: no first use: {e}", self.what));
+            assert_eq!(v["result"], "ok", "{}: the connection works before the policy: {v}", self.what);
+            self.seen.push(v);
+        }
+
+        /// Every use, once the probe is done.
+        fn finish(mut self) -> Vec<Value> {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                match self.lines.recv_timeout(Duration::from_millis(500)) {
+                    Ok(v) => self.seen.push(v),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                }
+            }
+            std::mem::take(&mut self.seen)
+        }
+    }
+
+    impl Drop for Hold {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    #[test]
+    fn a_new_deny_closes_open_connections_within_a_second() {
+        let spec = ClusterSpec::new(2)
+            .namespace("demo", true)
+            .pod_labelled("web", "demo", 1, "web", &[], "http", 8080)
+            .pod("echo", "demo", 1, "echo", 7000)
+            .pod("client", "demo", 0, "client", 9000)
+            .pod("client-b", "demo", 1, "client", 9000)
+            .service_account("client-b", "client")
+            .pod("friend", "demo", 0, "friend", 9000)
+            .service_named("web", "demo", [10, 96, 0, 81], "web", "http", 80, 8080)
+            .service("echo", "demo", [10, 96, 0, 82], "echo", 7000, 7000);
+        let c = SimCluster::start(spec).expect("simulated cluster");
+        let c = &c;
+        let probe = bins::path("mesh-probe");
+        c.serve_in_pod("web", &probe, &["http-serve", "--name", "web", "--port", "8080"], 8080).unwrap();
+        c.serve_in_pod("echo", &probe, &["serve", "--name", "echo", "--port", "7000"], 7000).unwrap();
+
+        // Denied: `client` across nodes (tunnel streams) and `client-b` on the servers' node
+        // (direct connections), over a pooled HTTP connection and an L4 pipe each. Allowed
+        // control: `friend`, not covered by the DENY.
+        let denied = [("client", "http"), ("client", "tcp"), ("client-b", "http"), ("client-b", "tcp")];
+        let allowed = [("friend", "http"), ("friend", "tcp")];
+        let addr = |mode: &str| if mode == "http" { "10.96.0.81:80" } else { "10.96.0.82:7000" };
+        let mut holds: Vec<(Hold, bool)> = denied
+            .iter()
+            .map(|(p, m)| (Hold::start(c, p, m, addr(m)), true))
+            .chain(allowed.iter().map(|(p, m)| (Hold::start(c, p, m, addr(m)), false)))
+            .collect();
+        for (h, _) in &mut holds {
+            h.first_ok();
+        }
+        let closed_before = c.counter(1, "proxy", "policy_closed_connections");
+        let deny = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-client, namespace: demo}\n\
+                    spec: {action: DENY, rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/client]}}]}]}\n";
+        c.apply_config("authz.yaml", deny).unwrap();
+        let applied = now_ms();
+
+        for (h, is_denied) in holds {
+            let what = h.what.clone();
+            let uses = h.finish();
+            let after: Vec<&Value> = uses.iter().filter(|v| v["at_ms"].as_u64().unwrap_or(0) >= applied + 1000).collect();
+            assert!(after.len() >= 3, "{what}: the probe kept using its connection after the policy: {uses:?}");
+            if is_denied {
+                let through: Vec<&&Value> = after.iter().filter(|v| v["result"] == "ok").collect();
+                assert!(through.is_empty(), "{what}: the open connection still works 1 s after the DENY: {through:?}\n{}", logs(c));
+            } else {
+                let failed: Vec<&Value> = uses.iter().filter(|v| v["result"] != "ok").collect();
+                assert!(failed.is_empty(), "{what}: the allowed caller lost its connection: {failed:?}\n{}", logs(c));
+            }
+            eprintln!("{what}: {} uses, last {}", uses.len(), uses.last().map(|v| v.to_string()).unwrap_or_default());
+        }
+        // One per connection node-b closed: the two tunnel streams, the two direct connections.
+        let closed = c.counter(1, "proxy", "policy_closed_connections") - closed_before;
+        assert!(closed >= 4, "node-b counts the connections it closed: {closed}\n{}", logs(c));
+        let out = c.meshctl(1, &["stats"]).unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains("policy_closed_connections"), "meshctl stats shows the counter");
+    }
+}

@@ -314,7 +314,7 @@ status:
         let req = crate::authz::Request {
             source_principal: Some("cluster.local/ns/lemo-dev/sa/bff"),
             source_namespace: None,
-            source_ip: "10.244.0.10".parse().expect("ip"),
+            source_ip: "10.244.0.10".parse::<std::net::IpAddr>().expect("ip").into(),
             destination_port: 50061,
         };
         crate::authz::evaluate(&c.authorization_policies_for(rank), &req).is_allow()

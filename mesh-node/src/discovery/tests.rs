@@ -503,7 +503,7 @@ fn admits(c: &Cluster, pod: &str, sa: &str, port: u16) -> bool {
     let req = crate::authz::Request {
         source_principal: Some(&principal),
         source_namespace: None,
-        source_ip: "10.244.0.10".parse().expect("ip"),
+        source_ip: "10.244.0.10".parse::<std::net::IpAddr>().expect("ip").into(),
         destination_port: port,
     };
     crate::authz::evaluate(&c.authorization_policies_for(pod), &req).is_allow()

@@ -19,7 +19,6 @@ use tracing::debug;
 use super::replay::ReplayBody;
 use crate::{
     config::Endpoint,
-    identity::Identity,
     upstream::{ConnectError, Connector, Source},
 };
 
@@ -73,9 +72,11 @@ fn draining(goaway: &Option<watch::Receiver<bool>>) -> bool {
 
 type H2Slot = Arc<tokio::sync::Mutex<Option<(http2::SendRequest<ReplayBody>, Option<watch::Receiver<bool>>)>>>;
 
-/// Upstream connections belong to one calling identity: a connection opened for one pod (and
-/// authorized, and presenting that pod's certificate) is never reused for another.
-type Key = (SocketAddr, Option<Identity>);
+/// Upstream connections belong to one calling pod (its address and identity): a connection
+/// opened for one pod (authorized on its identity and address, presenting its certificate, and
+/// re-judged on them when policies change) is never reused for another, not even a replica of
+/// the same identity, which an `ipBlocks` rule may tell apart.
+type Key = (SocketAddr, Source);
 
 #[derive(Default)]
 struct Endpoints {
@@ -101,7 +102,7 @@ impl Pool {
     }
 
     async fn send_h2(&self, endpoint: &Endpoint, source: &Source, req: Request<ReplayBody>, settings: &PoolSettings) -> Result<Response<Incoming>, SendError> {
-        let key: Key = (endpoint.addr, source.identity.clone());
+        let key: Key = (endpoint.addr, source.clone());
         let slot = {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
             idle.h2.entry(key).or_default().clone()
@@ -124,7 +125,7 @@ impl Pool {
     }
 
     async fn send_h1(&self, endpoint: &Endpoint, source: &Source, req: Request<ReplayBody>, settings: &PoolSettings) -> Result<Response<Incoming>, SendError> {
-        let key: Key = (endpoint.addr, source.identity.clone());
+        let key: Key = (endpoint.addr, source.clone());
         let reused = self.checkout_h1(&key, settings.idle_timeout);
         let (mut sender, used, goaway) = match reused {
             Some(idle) => (idle.sender, idle.used, idle.goaway),

@@ -6,6 +6,10 @@
 //! 2. with no ALLOW policy for the workload, the connection is allowed;
 //! 3. otherwise it is allowed only if some ALLOW policy has a matching rule.
 //!    An ALLOW policy without rules matches nothing (Istio's "allow nothing").
+//!
+//! The source address of a tunnelled connection is the one the tunnel names (`Forwarded`),
+//! when it checks out ([`super::forwarded`]); when it does not, the address is
+//! [`SourceIp::Unverified`] and address conditions are read the fail-closed way.
 
 use std::net::IpAddr;
 
@@ -20,9 +24,38 @@ pub struct Request<'a> {
     /// The peer's namespace; when `None`, read from the principal's `/ns/`
     /// segment. Ignored without a principal, as in Istio.
     pub source_namespace: Option<&'a str>,
-    pub source_ip: IpAddr,
+    pub source_ip: SourceIp,
     /// The workload's port the connection is for.
     pub destination_port: u16,
+}
+
+/// The caller's address as the destination's proxy knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SourceIp {
+    /// Seen on the socket (a pod on this node), or named by the tunnel and checked to be a pod
+    /// of the verified source identity on the source node.
+    Known(IpAddr),
+    /// Only the tunnel's far end is known: `proxy` (a node proxy) stands for every pod behind
+    /// it, so matching `ipBlocks` against it would let a DENY on a pod CIDR miss and an ALLOW
+    /// on the node's address admit anyone there. Read fail-closed instead: the address
+    /// conditions of a DENY rule match (the real address could be any), those of an ALLOW
+    /// rule do not.
+    Unverified { proxy: IpAddr },
+}
+
+impl From<IpAddr> for SourceIp {
+    fn from(ip: IpAddr) -> Self {
+        SourceIp::Known(ip)
+    }
+}
+
+impl std::fmt::Display for SourceIp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SourceIp::Known(ip) => write!(f, "{ip}"),
+            SourceIp::Unverified { proxy } => write!(f, "unverified (via {proxy})"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +76,7 @@ impl Decision {
 }
 
 pub fn evaluate(policies: &[&AuthorizationPolicy], req: &Request<'_>) -> Decision {
-    let applies = |p: &&&AuthorizationPolicy| p.rules.iter().any(|r| rule_matches(r, req));
+    let applies = |p: &&&AuthorizationPolicy| p.rules.iter().any(|r| rule_matches(r, req, p.action));
     let of = |action| policies.iter().filter(move |p| p.action == action);
 
     if let Some(p) = of(AuthzAction::Deny).find(applies) {
@@ -66,13 +99,13 @@ pub fn evaluate(policies: &[&AuthorizationPolicy], req: &Request<'_>) -> Decisio
     }
 }
 
-fn rule_matches(rule: &AuthzRule, req: &Request<'_>) -> bool {
-    let from = rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, req));
+fn rule_matches(rule: &AuthzRule, req: &Request<'_>, action: AuthzAction) -> bool {
+    let from = rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, req, action));
     let to = rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, req));
     from && to
 }
 
-fn source_matches(s: &AuthzSource, req: &Request<'_>) -> bool {
+fn source_matches(s: &AuthzSource, req: &Request<'_>, action: AuthzAction) -> bool {
     let principal = req.source_principal;
     // The namespace is part of the peer's identity: without a principal there
     // is none, so `namespaces` cannot match and `notNamespaces` always does.
@@ -80,13 +113,26 @@ fn source_matches(s: &AuthzSource, req: &Request<'_>) -> bool {
     let wild = |list: &[crate::config::Wildcard], value: Option<&str>| {
         value.is_some_and(|v| list.iter().any(|w| w.matches(v)))
     };
-    let ip = |list: &[crate::config::IpBlock]| list.iter().any(|b| b.contains(req.source_ip));
     (s.principals.is_empty() || wild(&s.principals, principal))
         && !wild(&s.not_principals, principal)
         && (s.namespaces.is_empty() || wild(&s.namespaces, namespace))
         && !wild(&s.not_namespaces, namespace)
-        && (s.ip_blocks.is_empty() || ip(&s.ip_blocks))
-        && !ip(&s.not_ip_blocks)
+        && address_matches(s, req.source_ip, action)
+}
+
+/// `ipBlocks` and `notIpBlocks` (`remoteIpBlocks` is not supported: the config refuses it).
+fn address_matches(s: &AuthzSource, source_ip: SourceIp, action: AuthzAction) -> bool {
+    if s.ip_blocks.is_empty() && s.not_ip_blocks.is_empty() {
+        return true;
+    }
+    match source_ip {
+        SourceIp::Known(ip) => {
+            let within = |list: &[crate::config::IpBlock]| list.iter().any(|b| b.contains(ip));
+            (s.ip_blocks.is_empty() || within(&s.ip_blocks)) && !within(&s.not_ip_blocks)
+        }
+        // Fail closed: see [`SourceIp::Unverified`].
+        SourceIp::Unverified { .. } => action == AuthzAction::Deny,
+    }
 }
 
 fn operation_matches(o: &AuthzOperation, req: &Request<'_>) -> bool {
@@ -135,7 +181,7 @@ mod tests {
         Request {
             source_principal: principal,
             source_namespace: None,
-            source_ip: "10.244.0.10".parse().expect("test IP"),
+            source_ip: SourceIp::Known("10.244.0.10".parse().expect("test IP")),
             destination_port: port,
         }
     }
@@ -358,7 +404,7 @@ mod tests {
             "  rules: [{from: [{source: {ipBlocks: [10.244.0.0/16, \"2001:db8::/32\"], notIpBlocks: [10.244.9.0/24]}}]}]",
         ));
         let from = |ip: &str| Request {
-            source_ip: ip.parse().expect("test IP"),
+            source_ip: SourceIp::Known(ip.parse().expect("test IP")),
             ..req(None, 80)
         };
         assert!(decide(&c, &from("10.244.1.5")).is_allow());
@@ -366,6 +412,40 @@ mod tests {
         assert!(decide(&c, &from("::ffff:10.244.1.5")).is_allow());
         assert!(!decide(&c, &from("10.244.9.5")).is_allow());
         assert!(!decide(&c, &from("172.18.0.2")).is_allow());
+    }
+
+    /// A tunnelled caller whose address did not check out is judged fail-closed: every DENY
+    /// address condition could hold, no ALLOW one can be shown to; rules without addresses
+    /// are judged as usual.
+    #[test]
+    fn unverified_source_addresses_are_judged_fail_closed() {
+        let unverified = Request { source_ip: SourceIp::Unverified { proxy: "172.30.0.1".parse().expect("test IP") }, ..req(Some(BFF), 80) };
+        for (spec, allowed) in [
+            ("  action: DENY\n  rules: [{from: [{source: {ipBlocks: [10.244.0.0/24]}}]}]", false),
+            ("  action: DENY\n  rules: [{from: [{source: {notIpBlocks: [10.244.0.0/16]}}]}]", false),
+            // The proxy's own address is in this ALLOW block: it must not stand for the caller.
+            ("  rules: [{from: [{source: {ipBlocks: [172.30.0.0/24]}}]}]", false),
+            ("  rules: [{from: [{source: {notIpBlocks: [10.244.9.0/24]}}]}]", false),
+            // Without address conditions the address does not matter.
+            ("  action: DENY\n  rules: [{from: [{source: {namespaces: [other]}}]}]", true),
+            ("  rules: [{from: [{source: {principals: [cluster.local/ns/lemo-dev/sa/bff]}}]}]", true),
+            // A DENY whose other conditions do not hold still does not apply.
+            ("  action: DENY\n  rules: [{from: [{source: {ipBlocks: [10.244.0.0/24], namespaces: [other]}}]}]", true),
+        ] {
+            let c = cluster(&policy("p", spec));
+            assert_eq!(decide(&c, &unverified).is_allow(), allowed, "{spec}");
+        }
+    }
+
+    /// The real caller's address, once known, is what `ipBlocks` sees (not its node proxy's).
+    #[test]
+    fn ip_blocks_deny_a_pod_cidr() {
+        let c = cluster(&policy("p", "  action: DENY\n  rules: [{from: [{source: {ipBlocks: [10.244.0.0/24]}}]}]"));
+        let target = pod("lemo-dev", "recall");
+        let bff = crate::identity::Identity::in_default_domain("lemo-dev", "bff");
+        let from = |ip: &str| check(&c, &target, Some(&bff), ip.parse::<IpAddr>().expect("test IP"), 80).is_allow();
+        assert!(!from("10.244.0.10"));
+        assert!(from("10.244.1.10"));
     }
 
     #[test]
@@ -424,7 +504,7 @@ mod tests {
 /// Whether a connection from `source` may reach `pod` on `port`, under the AuthorizationPolicies
 /// that apply to the pod. `source_id` is the authenticated identity (mTLS peer, or a pod on this
 /// node whose identity the proxy knows).
-pub fn check(cluster: &crate::config::Cluster, pod: &crate::config::Pod, source_id: Option<&crate::identity::Identity>, source_ip: IpAddr, port: u16) -> Decision {
+pub fn check(cluster: &crate::config::Cluster, pod: &crate::config::Pod, source_id: Option<&crate::identity::Identity>, source_ip: impl Into<SourceIp>, port: u16) -> Decision {
     let policies = cluster.authorization_policies_for(pod);
     if policies.is_empty() {
         return Decision::Allow;
@@ -435,7 +515,7 @@ pub fn check(cluster: &crate::config::Cluster, pod: &crate::config::Pod, source_
         &Request {
             source_principal: principal.as_deref(),
             source_namespace: source_id.map(|id| id.namespace.as_str()),
-            source_ip,
+            source_ip: source_ip.into(),
             destination_port: port,
         },
     )

@@ -9,7 +9,8 @@ pub use super::dial::{connect, pipe, reset};
 /// An upstream byte stream: a direct connection to a local pod, or a tunnel through another
 /// node's proxy.
 pub enum UpstreamIo {
-    Direct(TcpStream),
+    /// With the registration that lets a policy change close it, for a mesh pod on this node.
+    Direct(TcpStream, Option<super::admitted::Registration>),
     Tunnel(super::tunnel::Tunnel),
 }
 
@@ -18,7 +19,7 @@ impl UpstreamIo {
     /// [`super::tunnel::Tunnel::goaway`]); pools should not reuse a connection riding it.
     pub fn tunnel_goaway(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
         match self {
-            UpstreamIo::Direct(_) => None,
+            UpstreamIo::Direct(..) => None,
             UpstreamIo::Tunnel(t) => Some(t.goaway()),
         }
     }
@@ -27,7 +28,7 @@ impl UpstreamIo {
 impl AsyncRead for UpstreamIo {
     fn poll_read(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
-            UpstreamIo::Direct(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Direct(s, _) => std::pin::Pin::new(s).poll_read(cx, buf),
             UpstreamIo::Tunnel(s) => std::pin::Pin::new(&mut s.io).poll_read(cx, buf),
         }
     }
@@ -36,21 +37,21 @@ impl AsyncRead for UpstreamIo {
 impl AsyncWrite for UpstreamIo {
     fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<io::Result<usize>> {
         match self.get_mut() {
-            UpstreamIo::Direct(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Direct(s, _) => std::pin::Pin::new(s).poll_write(cx, buf),
             UpstreamIo::Tunnel(s) => std::pin::Pin::new(&mut s.io).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
-            UpstreamIo::Direct(s) => std::pin::Pin::new(s).poll_flush(cx),
+            UpstreamIo::Direct(s, _) => std::pin::Pin::new(s).poll_flush(cx),
             UpstreamIo::Tunnel(s) => std::pin::Pin::new(&mut s.io).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
-            UpstreamIo::Direct(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Direct(s, _) => std::pin::Pin::new(s).poll_shutdown(cx),
             UpstreamIo::Tunnel(s) => std::pin::Pin::new(&mut s.io).poll_shutdown(cx),
         }
     }
@@ -96,22 +97,31 @@ pub struct Connector {
     pub config: tokio::sync::watch::Receiver<std::sync::Arc<crate::config::Cluster>>,
     pub tunnels: std::sync::Arc<super::tunnel::TunnelPool>,
     pub trust_domain: String,
+    /// Connections admitted to this node's pods, re-judged on each policy change.
+    pub admitted: super::admitted::Admitted,
 }
 
 impl Connector {
     pub async fn connect(&self, endpoint: &crate::config::Endpoint, source: &Source, timeout: Duration) -> Result<UpstreamIo, ConnectError> {
         let cluster = self.config.borrow().clone();
         let addr = endpoint.addr;
-        let direct = || async move { connect(addr, timeout).await.map(UpstreamIo::Direct).map_err(|source| ConnectError::Direct { addr, source }) };
+        let direct = || async move { connect(addr, timeout).await.map_err(|source| ConnectError::Direct { addr, source }) };
         let Some(pod) = cluster.pod_by_ip(addr.ip()).filter(|p| cluster.is_enrolled(p)) else {
-            return direct().await;
+            return Ok(UpstreamIo::Direct(direct().await?, None));
         };
         if pod.node == self.node {
             if let crate::authz::Decision::Deny { reason, .. } = crate::authz::check(&cluster, pod, source.identity.as_ref(), source.ip, addr.port()) {
                 tracing::warn!(source = %source.ip, principal = ?source.identity.as_ref().map(|i| i.to_string()), target = %addr, "authorization: {reason}");
                 return Err(ConnectError::Denied { addr, source_ip: source.ip, reason });
             }
-            return direct().await;
+            let stream = direct().await?;
+            let admission = super::admitted::Admission { source_id: source.identity.clone(), source_ip: source.ip.into(), target: addr };
+            let registration = self.admitted.register(&stream, admission.clone()).map_err(|source| ConnectError::Direct { addr, source })?;
+            let latest = self.config.borrow().clone();
+            if let Err(reason) = super::admitted::Admitted::recheck(&cluster, &latest, &admission) {
+                return Err(ConnectError::Denied { addr, source_ip: source.ip, reason });
+            }
+            return Ok(UpstreamIo::Direct(stream, Some(registration)));
         }
         let Some(node_ip) = cluster.node(&pod.node).map(|n| n.ip) else {
             return Err(ConnectError::UnknownNode { addr, node: pod.node.clone() });

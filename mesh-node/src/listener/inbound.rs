@@ -20,9 +20,10 @@ use tracing::{debug, warn};
 
 use super::{ProxyContext, drain::Phase};
 use crate::{
-    authz::{self, Decision},
+    authz::{self, Decision, SourceIp},
     config::Cluster,
     identity::Identity,
+    l4::{admitted::{Admission, Admitted}, forwarded},
     tunnel, upstream,
 };
 
@@ -117,6 +118,27 @@ where
     }
 }
 
+/// The caller's address for authorization: the pod the tunnel names when that checks out
+/// ([`forwarded::verify`]), else only the peer proxy's address, judged fail-closed. A claim
+/// that does not check out is logged and counted: a node proxy speaking for a pod it does not
+/// run is either lagging behind the config or lying.
+fn source_ip(cluster: &Cluster, peer: &Peer, forwarded: Option<std::net::IpAddr>, ctx: &ProxyContext) -> SourceIp {
+    match forwarded::verify(cluster, peer.addr.ip(), peer.identity.as_ref(), forwarded) {
+        Ok(ip) => SourceIp::Known(ip),
+        // Plaintext tunnels (no CA): nobody can be verified, which is that mode's known
+        // weakness, not a peer misbehaving.
+        Err(e @ forwarded::Unverified::NoIdentity) => {
+            debug!(peer = %peer.addr, "inbound: {e}; source address judged as unknown");
+            SourceIp::Unverified { proxy: peer.addr.ip() }
+        }
+        Err(e) => {
+            ctx.stats.inbound_forwarded_unverified.inc();
+            warn!(peer = %peer.addr, principal = ?peer.identity.as_ref().map(|i| i.to_string()), claimed = ?forwarded, "inbound: source address not verified, judged as unknown: {e}");
+            SourceIp::Unverified { proxy: peer.addr.ip() }
+        }
+    }
+}
+
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     let mut res = Response::new(Empty::new());
     *res.status_mut() = code;
@@ -147,13 +169,13 @@ async fn handle(req: Request<Incoming>, peer: Arc<Peer>, ctx: Arc<ProxyContext>)
             return Ok(status(StatusCode::FORBIDDEN));
         }
     }
-    if let Decision::Deny { reason, .. } = authz::check(&cluster, pod, peer.identity.as_ref(), peer.addr.ip(), target.port()) {
+    let forwarded = req.headers().get(tunnel::FORWARDED).and_then(|v| v.to_str().ok()).and_then(tunnel::forwarded_source);
+    let source_ip = source_ip(&cluster, &peer, forwarded, &ctx);
+    if let Decision::Deny { reason, .. } = authz::check(&cluster, pod, peer.identity.as_ref(), source_ip, target.port()) {
         ctx.stats.inbound_denied.inc();
-        warn!(peer = %peer.addr, principal = ?peer.identity.as_ref().map(|i| i.to_string()), %target, "authorization: {reason}");
+        warn!(peer = %peer.addr, source = %source_ip, principal = ?peer.identity.as_ref().map(|i| i.to_string()), %target, "authorization: {reason}");
         return Ok(status(StatusCode::FORBIDDEN));
     }
-    drop(cluster);
-    let forwarded = req.headers().get(tunnel::FORWARDED).and_then(|v| v.to_str().ok()).and_then(tunnel::forwarded_source);
     let mut upstream = match upstream::connect(target, ctx.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
@@ -161,6 +183,27 @@ async fn handle(req: Request<Incoming>, peer: Arc<Peer>, ctx: Arc<ProxyContext>)
             debug!(%target, peer = %peer.addr, "inbound connect: {e}");
             return Ok(status(StatusCode::BAD_GATEWAY));
         }
+    };
+    let admission = Admission { source_id: peer.identity.clone(), source_ip, target };
+    let registration = match ctx.connector.admitted.register(&upstream, admission.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            // Unregistered, a later policy could not reach it: refuse rather than let it in.
+            ctx.stats.inbound_connect_errors.inc();
+            warn!(%target, peer = %peer.addr, "inbound: cannot track the connection for policy changes: {e}");
+            return Ok(status(StatusCode::SERVICE_UNAVAILABLE));
+        }
+    };
+    if let Err(reason) = Admitted::recheck(&cluster, &ctx.cluster(), &admission) {
+        ctx.stats.inbound_denied.inc();
+        warn!(peer = %peer.addr, source = %source_ip, %target, "authorization (policy changed while connecting): {reason}");
+        return Ok(status(StatusCode::FORBIDDEN));
+    }
+    drop(cluster);
+    // Telemetry names the same source authorization judged: the claimed one only if verified.
+    let forwarded = match source_ip {
+        SourceIp::Known(ip) => Some(ip),
+        SourceIp::Unverified { .. } => None,
     };
     let conn = ctx.telemetry.inbound_tcp(&ctx.cluster(), peer.addr, forwarded, peer.identity.as_ref(), target);
     tokio::spawn(async move {
@@ -171,6 +214,7 @@ async fn handle(req: Request<Incoming>, peer: Arc<Peer>, ctx: Arc<ProxyContext>)
             }
             Err(e) => debug!(%target, "inbound upgrade: {e}"),
         }
+        drop(registration);
         drop(conn);
     });
     Ok(status(StatusCode::OK))

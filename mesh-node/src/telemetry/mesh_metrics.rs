@@ -92,6 +92,7 @@ impl Collector for MeshCollector {
         let mut out = vec![
             Self::counter("mesh_retries_total", "HTTP request retries", stats.http_retries.get()),
             Self::counter("mesh_config_reloads_total", "Config snapshots loaded", stats.config_reloads.get()),
+            Self::counter("mesh_policy_closed_connections_total", "Open connections closed because a policy change denies them", stats.policy_closed_connections.get()),
             Self::counter("mesh_config_errors_total", "Config changes rejected by validation", CONFIG_ERRORS.load(Ordering::Relaxed)),
         ];
         if let Some(capture) = &self.sources.capture {

@@ -24,6 +24,8 @@ mod sniff;
 mod mtls;
 #[path = "probe/ca_request.rs"]
 mod ca_request;
+#[path = "probe/hold.rs"]
+mod hold;
 #[path = "probe/h2c.rs"]
 mod h2c;
 
@@ -162,6 +164,9 @@ enum Cmd {
     TlsConnect(mtls::TlsConnectArgs),
     /// Ask the mesh CA to sign a CSR for an identity, as a node would; prints the gRPC outcome.
     CaRequest(ca_request::CaRequestArgs),
+    /// Keep one connection (HTTP/1.1 keep-alive, or TCP to an ECHO server) and use it every
+    /// interval, never reconnecting; one JSON line per use, printed as it happens.
+    Hold(hold::HoldArgs),
 }
 
 fn main() -> ExitCode {
@@ -185,6 +190,7 @@ fn main() -> ExitCode {
         Cmd::Mkcert(args) => mtls::mkcert(args).map_err(anyhow_to_io),
         Cmd::TlsConnect(args) => mtls::tls_connect(args).map_err(anyhow_to_io),
         Cmd::CaRequest(args) => ca_request::run(args).map_err(anyhow_to_io),
+        Cmd::Hold(args) => hold::run(args).map_err(anyhow_to_io),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -35,7 +35,7 @@ fn example_allows_recall_only_from_bff() {
         Request {
             source_principal: principal,
             source_namespace: None,
-            source_ip: ip,
+            source_ip: ip.into(),
             destination_port: 50051,
         }
     }
@@ -146,7 +146,7 @@ fn admits(c: &Cluster, pod_ip: &str, sa: Option<&str>, port: u16) -> bool {
     let req = Request {
         source_principal: principal.as_deref(),
         source_namespace: None,
-        source_ip: ip("10.244.0.10"),
+        source_ip: ip("10.244.0.10").into(),
         destination_port: port,
     };
     evaluate(&c.authorization_policies_for(pod), &req).is_allow()

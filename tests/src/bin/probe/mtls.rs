@@ -130,6 +130,10 @@ pub struct TlsConnectArgs {
     /// With --connect and a 200: send this line and report what the pod answers (e.g. `WHO`).
     #[arg(long)]
     pub send: Option<String>,
+    /// With --connect: the `Forwarded` header value to send (e.g. `for=10.244.1.10`), the
+    /// source pod a node proxy claims to speak for.
+    #[arg(long)]
+    pub forwarded: Option<String>,
     #[arg(long, default_value_t = 5000)]
     pub timeout_ms: u64,
 }
@@ -311,7 +315,11 @@ async fn tunnel(args: &TlsConnectArgs, config: Arc<ClientConfig>, authority: &st
     let tls = dial(args, config).await?;
     let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
     tokio::spawn(conn);
-    let req = Request::builder().method(Method::CONNECT).uri(authority).body(Empty::<Bytes>::new())?;
+    let mut req = Request::builder().method(Method::CONNECT).uri(authority);
+    if let Some(forwarded) = &args.forwarded {
+        req = req.header("forwarded", forwarded);
+    }
+    let req = req.body(Empty::<Bytes>::new())?;
     let mut resp = sender.send_request(req).await?;
     let status = resp.status().as_u16();
     if status != 200 {
