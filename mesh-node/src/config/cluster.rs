@@ -219,6 +219,7 @@ impl Cluster {
 
     fn slice_endpoints(&self, slices: &[usize], service_port: &super::model::ServicePort) -> Vec<Endpoint> {
         let mut out: Vec<Endpoint> = Vec::new();
+        let mut at: HashMap<SocketAddr, usize> = HashMap::new();
         for slice in slices.iter().map(|&i| &self.endpoint_slices[i]) {
             // The controller names a slice port after the Service port it serves.
             let Some(port) = slice
@@ -242,10 +243,13 @@ impl Cluster {
                     hostname: ep.hostname.clone(),
                 };
                 // The same address in two slices (the controller moving it): keep the ready one.
-                match out.iter_mut().find(|e| e.addr == endpoint.addr) {
-                    Some(existing) if !existing.conditions.ready && endpoint.conditions.ready => *existing = endpoint,
+                match at.get(&endpoint.addr) {
+                    Some(&i) if !out[i].conditions.ready && endpoint.conditions.ready => out[i] = endpoint,
                     Some(_) => {}
-                    None => out.push(endpoint),
+                    None => {
+                        at.insert(endpoint.addr, out.len());
+                        out.push(endpoint);
+                    }
                 }
             }
         }

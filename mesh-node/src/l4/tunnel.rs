@@ -187,28 +187,12 @@ impl TunnelPool {
                 let stream = tokio::time::timeout(connect_timeout, tls.connect(stream, proxy, &ids.source, &ids.destination))
                     .await
                     .map_err(|_| TunnelError::Connect { proxy, source: io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out") })??;
-                let io = TokioIo::new(GoawayWatch::new(stream, goaway_tx));
-                let (sender, conn) = builder.handshake(io).await.map_err(|source| TunnelError::Http { proxy, source })?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(%proxy, "tunnel connection: {e}");
-                    }
-                });
-                sender
+                handshake(&builder, stream, goaway_tx, proxy).await?
             }
             (Some(_), None) => {
                 return Err(TunnelError::Connect { proxy, source: io::Error::other("mutual TLS needs the source and destination identities") });
             }
-            (None, _) => {
-                let io = TokioIo::new(GoawayWatch::new(stream, goaway_tx));
-                let (sender, conn) = builder.handshake(io).await.map_err(|source| TunnelError::Http { proxy, source })?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(%proxy, "tunnel connection: {e}");
-                    }
-                });
-                sender
-            }
+            (None, _) => handshake(&builder, stream, goaway_tx, proxy).await?,
         };
         entry.sender = Some(sender.clone());
         entry.goaway = Some(goaway.clone());
@@ -225,6 +209,22 @@ impl TunnelPool {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         conns.values().filter(|e| e.try_lock().map_or(true, |e| e.sender.as_ref().is_some_and(|s| !s.is_closed()))).count()
     }
+}
+
+/// The HTTP/2 handshake over a tunnel connection (TLS or plaintext), watching for the far
+/// proxy's GOAWAY; the connection is driven by its own task.
+async fn handshake<IO>(builder: &http2::Builder<TokioExecutor>, io: IO, goaway: watch::Sender<bool>, proxy: SocketAddr) -> Result<Sender, TunnelError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(GoawayWatch::new(io, goaway));
+    let (sender, conn) = builder.handshake(io).await.map_err(|source| TunnelError::Http { proxy, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(%proxy, "tunnel connection: {e}");
+        }
+    });
+    Ok(sender)
 }
 
 /// An open tunnel stream, and whether its connection's far end has started draining.

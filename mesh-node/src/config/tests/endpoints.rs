@@ -255,3 +255,20 @@ fn service_account_names_follow_kubernetes_rules() {
     let err = Cluster::from_yaml_files([("c.yaml", text.as_str())]).expect_err("uppercase").to_string();
     assert!(err.contains("Pod demo/p: spec.serviceAccountName: \"Recall\""), "{err}");
 }
+
+#[test]
+fn an_address_in_two_slices_counts_once_and_ready_wins() {
+    // The controller moving an endpoint between slices may list it in both for a moment.
+    let moved = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {namespace: demo, name: echo-x2, labels: {kubernetes.io/service-name: echo}}
+addressType: IPv4
+ports: [{name: http, port: 9090, protocol: TCP}]
+endpoints: [{addresses: [10.244.1.50], conditions: {ready: true}, nodeName: node-b}]
+"#;
+    let c = build(&[SLICE.into(), moved.into()]);
+    let got: Vec<(String, bool)> = states(&c, "echo", 80).into_iter().map(|(a, r, _, _)| (a, r)).collect();
+    assert_eq!(got.iter().filter(|(a, _)| a == "10.244.1.50:9090").count(), 1, "{got:?}");
+    assert!(got.contains(&("10.244.1.50:9090".to_string(), true)), "{got:?}");
+}

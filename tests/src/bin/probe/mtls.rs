@@ -3,11 +3,7 @@
 //! would (TLS 1.3, ALPN h2, a client certificate, SNI naming the destination identity).
 use std::{fs, path::PathBuf, sync::Arc, time::Duration};
 
-use anyhow::{Context as _, bail};
-use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::{Method, Request};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use anyhow::Context as _;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
     string::Ia5String,
@@ -296,16 +292,7 @@ async fn tls_connect_async(args: TlsConnectArgs) -> anyhow::Result<serde_json::V
         }
     }
     if let Some(authority) = &args.connect {
-        match tokio::time::timeout(timeout, tunnel(&args, config, authority)).await {
-            Ok(Ok((status, answer))) => {
-                report["connect_status"] = status.into();
-                if let Some(answer) = answer {
-                    report["answer"] = answer.into();
-                }
-            }
-            Ok(Err(e)) => report["connect_error"] = format!("{e:#}").into(),
-            Err(_) => report["connect_error"] = "timed out".into(),
-        }
+        super::h2c::record(&mut report, tokio::time::timeout(timeout, tunnel(&args, config, authority)).await);
     }
     Ok(report)
 }
@@ -313,38 +300,7 @@ async fn tls_connect_async(args: TlsConnectArgs) -> anyhow::Result<serde_json::V
 /// One HBONE stream: HTTP/2 CONNECT to `authority` over a fresh mTLS connection.
 async fn tunnel(args: &TlsConnectArgs, config: Arc<ClientConfig>, authority: &str) -> anyhow::Result<(u16, Option<String>)> {
     let tls = dial(args, config).await?;
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
-    tokio::spawn(conn);
-    let mut req = Request::builder().method(Method::CONNECT).uri(authority);
-    if let Some(forwarded) = &args.forwarded {
-        req = req.header("forwarded", forwarded);
-    }
-    let req = req.body(Empty::<Bytes>::new())?;
-    let mut resp = sender.send_request(req).await?;
-    let status = resp.status().as_u16();
-    if status != 200 {
-        return Ok((status, None));
-    }
-    let Some(line) = &args.send else { return Ok((status, None)) };
-    let upgraded = hyper::upgrade::on(&mut resp).await?;
-    let mut io = TokioIo::new(upgraded);
-    io.write_all(format!("{line}\n").as_bytes()).await?;
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 512];
-    loop {
-        let n = io.read(&mut buf).await?;
-        if n == 0 || answer.len() > 4096 {
-            break;
-        }
-        answer.extend_from_slice(&buf[..n]);
-        if answer.ends_with(b"\n") {
-            break;
-        }
-    }
-    if answer.is_empty() {
-        bail!("the tunnel closed without an answer");
-    }
-    Ok((status, Some(String::from_utf8_lossy(&answer).trim().to_string())))
+    super::h2c::connect_over(tls, authority, args.forwarded.as_deref(), args.send.as_deref()).await
 }
 
 pub fn tls_connect(args: TlsConnectArgs) -> anyhow::Result<bool> {
