@@ -37,6 +37,8 @@ pub struct Options {
     pub kubernetes: Option<crate::discovery::ApiServer>,
     pub node: String,
     pub cgroup: PathBuf,
+    /// The kubelet's cgroup (see `mesh-node run --kubelet-cgroup`); `None`: found by name.
+    pub kubelet_cgroup: Option<PathBuf>,
     /// Address pods are redirected to; defaults to the node's InternalIP from the config.
     pub proxy_ip: Option<IpAddr>,
     pub outbound_port: u16,
@@ -286,6 +288,7 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
 
     let mut starting = Starting(Some(Capture::attach(&CaptureOptions {
         cgroup: opts.cgroup.clone(),
+        kubelet_cgroup: opts.kubelet_cgroup.clone(),
         proxy_ip,
         proxy_port: opts.outbound_port,
         bpf_log_level: opts.bpf_log_level,
