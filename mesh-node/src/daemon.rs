@@ -450,6 +450,7 @@ async fn serve(opts: &Options, running: Running, mut signals: crate::signals::Sh
             _ = rescan.tick() => {
                 let cluster = config_rx.borrow().clone();
                 capture.sync(&cluster, &opts.node);
+                telemetry.plaintext_inbound(&capture.plaintext_counts());
             }
             signal = signals.recv() => { info!("{signal}: shutting down"); break; }
         }
