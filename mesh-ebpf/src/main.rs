@@ -29,7 +29,14 @@
 //! find its own cgroup (namespaced in a container) and keeps a second source of truth for a
 //! decision the enrolment map already makes; the enrolment check is the one a pod can never
 //! change, as it cannot move itself out of its cgroup (cgroupfs is read-only in an unprivileged
-//! pod). No map changed shape for this, so `MAP_LAYOUT` stays.
+//! pod).
+//!
+//! `mesh_inbound` (`cgroup_skb/ingress`) judges every TCP connection attempt to a mesh pod that
+//! is not the node proxy's own: STRICT refuses it, otherwise the pod's verdict table (its
+//! AuthorizationPolicies read for a caller without identity) decides by source address. The
+//! proxy's attempts are known by 4-tuple, recorded by `mesh_sockops` for sockets of the proxy's
+//! cgroup (`TRUSTED_CGROUPS`, learnt through `WHOAMI`); the kubelet's by `mesh_kubelet`, attached
+//! to the kubelet's cgroup alone, and let through only to declared probe ports.
 #![no_std]
 #![no_main]
 

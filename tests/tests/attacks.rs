@@ -829,3 +829,58 @@ spec:
         assert!(ok(&connect_from_node(&c, 1, &format!("[{}]:9200", c.pod("neighbour").ip6))), "IPv6 to a pod outside the mesh");
     }
 }
+
+// ---- the seed's policies, for every kind of caller ----
+mod seed_policies {
+    use std::time::Duration;
+
+    use mesh_e2e::{ClusterSpec, SimCluster, bins};
+    use serde_json::Value;
+
+    const T: Duration = Duration::from_secs(30);
+
+    fn seed(file: &str) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/lemo-dev").join(file);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn ok(out: &str) -> bool {
+        serde_json::from_str::<Value>(out.trim()).map(|v| v["result"] == "ok").unwrap_or(false)
+    }
+
+    /// deploy/examples/lemo-dev's PeerAuthentication (STRICT in lemo-dev) and AuthorizationPolicy
+    /// (recall answers only bff's identity), applied unchanged, as its comments promise: "any
+    /// other caller (or a plaintext client outside the mesh) is refused".
+    #[test]
+    fn recall_answers_bff_only_whoever_else_calls() {
+        let spec = ClusterSpec::new(2)
+            .namespace("lemo-dev", true)
+            .namespace("legacy", false)
+            .pod("bff", "lemo-dev", 0, "bff", 8080)
+            .pod("rank", "lemo-dev", 0, "rank", 8082)
+            .pod("recall", "lemo-dev", 1, "recall", 8081)
+            .extra_port("recall", "health", 8091)
+            .probe("recall", 8091)
+            .pod("outsider", "legacy", 0, "outsider", 9100);
+        let c = SimCluster::start(spec).expect("simulated cluster");
+        c.start_servers().expect("servers");
+        c.apply_config("peer-authentication.yaml", &seed("peer-authentication.yaml")).unwrap();
+        c.apply_config("authorization-policy.yaml", &seed("authorization-policy.yaml")).unwrap();
+        let recall = format!("{}:8081", c.pod("recall").ip);
+        let connect = |pod: &str, addr: &str| c.probe(pod, &["connect", addr, "--timeout-ms", "1500"], T).unwrap();
+        let probe = bins::path("mesh-probe");
+        let from_node = |i: usize, addr: &str| String::from_utf8_lossy(&c.run_in_netns(&c.node(i).netns, &probe, &["connect", addr, "--timeout-ms", "1500"], T).unwrap().stdout).into_owned();
+        let kubelet = |i: usize, addr: &str| String::from_utf8_lossy(&c.run_as_kubelet(i, &probe, &["connect", addr, "--timeout-ms", "1500"], T).unwrap().stdout).into_owned();
+
+        assert!(ok(&connect("bff", &recall)), "bff, mTLS with its identity");
+        assert!(!ok(&connect("rank", &recall)), "rank: in the mesh, not bff");
+        assert!(!ok(&connect("outsider", &recall)), "plaintext from outside the mesh");
+        assert!(!ok(&from_node(1, &recall)), "a process on recall's node");
+        assert!(!ok(&from_node(0, &recall)), "a process on the other node");
+        assert!(ok(&kubelet(1, &format!("{}:8091", c.pod("recall").ip))), "the kubelet's declared probe");
+        // STRICT alone (no AuthorizationPolicy on rank): every mesh caller, no plaintext one.
+        let rank = format!("{}:8082", c.pod("rank").ip);
+        assert!(ok(&connect("bff", &rank)), "bff -> rank through the mesh");
+        assert!(!ok(&connect("outsider", &rank)), "plaintext to rank");
+    }
+}
