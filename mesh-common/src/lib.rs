@@ -143,6 +143,31 @@ pub struct PlaintextStats {
     pub probes: u64,
 }
 
+/// Key of `PLAIN_PENDING`: a plaintext connection attempt a mesh pod's policy allowed, until
+/// the pod's socket is established (the caller's address, IPv4 mapped, and both ports).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PlainKey {
+    pub src: [u8; 16],
+    /// Host byte order.
+    pub sport: u16,
+    /// Host byte order.
+    pub dport: u16,
+}
+
+/// Value of `PLAIN_CONNS` (keyed by the pod socket's cookie): an open plaintext connection to
+/// a mesh pod, which the proxy re-judges on every policy change.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PlainConn {
+    pub src: [u8; 16],
+    /// The pod's IPv4 address, network byte order.
+    pub pod: u32,
+    /// Host byte order.
+    pub dport: u16,
+    pub _pad: u16,
+}
+
 /// Slots of the `COUNTERS` per-CPU array.
 pub mod counter {
     /// Connects redirected to the node proxy.
@@ -170,7 +195,9 @@ pub mod counter {
     pub const TRUSTED: u32 = 10;
     /// IPv6 packets to a judged pod whose transport header could not be found (dropped).
     pub const UNPARSED: u32 = 11;
-    pub const COUNT: u32 = 12;
+    /// Packets of open plaintext connections a policy change denied, dropped.
+    pub const REVOKED_DROPS: u32 = 12;
+    pub const COUNT: u32 = 13;
     pub const NAMES: [&str; COUNT as usize] = [
         "captured",
         "passed",
@@ -184,6 +211,7 @@ pub mod counter {
         "probes",
         "trusted",
         "unparsed",
+        "revoked_drops",
     ];
 }
 
@@ -198,4 +226,6 @@ mod pod_impls {
     unsafe impl aya::Pod for InboundEntry {}
     unsafe impl aya::Pod for VerdictKey {}
     unsafe impl aya::Pod for PlaintextStats {}
+    unsafe impl aya::Pod for PlainKey {}
+    unsafe impl aya::Pod for PlainConn {}
 }

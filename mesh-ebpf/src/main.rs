@@ -41,7 +41,10 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock},
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock,
+    },
     helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_skb_cgroup_id},
     macros::{cgroup_skb, cgroup_sock_addr, map, sk_reuseport, sock_ops},
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, lpm_trie::{Key, LpmTrie}},
@@ -51,7 +54,7 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use core::ptr::read_volatile;
 use mesh_common::{
-    CaptureConfig, FourTuple, INBOUND_PROBE, InboundEntry, MTLS_STRICT, OrigDst, PlaintextStats, PodEntry, PodPort,
+    CaptureConfig, FourTuple, INBOUND_PROBE, InboundEntry, MTLS_STRICT, OrigDst, PlainConn, PlainKey, PlaintextStats, PodEntry, PodPort,
     TRUSTED_KUBELET, TRUSTED_PROXY, VERDICT_ALLOW, VerdictKey, counter,
 };
 
@@ -210,9 +213,98 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
             }
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => plaintext_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB => {
+            // A tracked plaintext connection closing (the callback is only asked for those).
+            if ctx.arg(1) == TCP_CLOSE {
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+                let _ = PLAIN_CONNS.remove(&cookie);
+                let _ = REVOKED.remove(&cookie);
+            }
+        }
         _ => {}
     }
     0
+}
+
+const TCP_CLOSE: u32 = 7;
+
+/// Plaintext connection attempts a mesh pod's policy allowed, until established.
+#[map]
+static PLAIN_PENDING: LruHashMap<PlainKey, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// Open plaintext connections to mesh pods, by the pod socket's cookie: the proxy re-judges
+/// them on every policy change.
+#[map]
+static PLAIN_CONNS: LruHashMap<u64, PlainConn> = LruHashMap::with_max_entries(65536, 0);
+
+/// Cookies of open plaintext connections a policy change denies: every packet to them is
+/// dropped. `REVOKING[0]` holds how many there are, so that the common case costs no lookup.
+#[map]
+static REVOKED: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
+#[map]
+static REVOKING: Array<u32> = Array::with_max_entries(1, 0);
+
+/// A mesh pod's socket established a connection: if its attempt was a plaintext one the
+/// pod's policy allowed, it is tracked (and its close reported) so a policy change can cut it.
+#[inline(always)]
+fn plaintext_established(ctx: &SockOpsContext) {
+    let ops = ctx.ops;
+    let (family, r4, r6, remote_port, local_port) = unsafe {
+        (
+            read_volatile(&(*ops).family),
+            read_volatile(&(*ops).remote_ip4),
+            [
+                read_volatile(&(*ops).remote_ip6[0]),
+                read_volatile(&(*ops).remote_ip6[1]),
+                read_volatile(&(*ops).remote_ip6[2]),
+                read_volatile(&(*ops).remote_ip6[3]),
+            ],
+            read_volatile(&(*ops).remote_port),
+            read_volatile(&(*ops).local_port),
+        )
+    };
+    let src = match family {
+        AF_INET => mapped(r4),
+        AF_INET6 => {
+            let mut a = [0u8; 16];
+            let mut i = 0;
+            while i < 4 {
+                let w = r6[i].to_ne_bytes();
+                a[i * 4] = w[0];
+                a[i * 4 + 1] = w[1];
+                a[i * 4 + 2] = w[2];
+                a[i * 4 + 3] = w[3];
+                i += 1;
+            }
+            a
+        }
+        _ => return,
+    };
+    let key = PlainKey { src, sport: u16::from_be((remote_port >> 16) as u16), dport: local_port as u16 };
+    let Some(pod) = (unsafe { PLAIN_PENDING.get(&key) }).copied() else { return };
+    let _ = PLAIN_PENDING.remove(&key);
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let conn = PlainConn { src, pod, dport: key.dport, _pad: 0 };
+    if PLAIN_CONNS.insert(&cookie, &conn, 0).is_err() {
+        count(counter::ERRORS);
+        return;
+    }
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+}
+
+/// An IPv4 address (network order) as IPv4-mapped IPv6 bytes.
+#[inline(always)]
+fn mapped(ip4: u32) -> [u8; 16] {
+    let b = ip4.to_ne_bytes();
+    let mut a = [0u8; 16];
+    a[10] = 0xff;
+    a[11] = 0xff;
+    a[12] = b[0];
+    a[13] = b[1];
+    a[14] = b[2];
+    a[15] = b[3];
+    a
 }
 
 /// Attached to the kubelet's cgroup only: every connection attempt it sees is the kubelet's
@@ -331,6 +423,7 @@ struct Syn {
     dport: u16,
     /// The caller, IPv4 as IPv4-mapped IPv6, network order.
     src: [u8; 16],
+    sport: u16,
     /// The IPv4 4-tuple (trusted connections are IPv4); `None` for IPv6.
     tuple: Option<FourTuple>,
     /// To the pod's own address, or from loopback.
@@ -339,6 +432,13 @@ struct Syn {
 
 #[inline(always)]
 fn inbound(ctx: &SkBuffContext) -> Option<i32> {
+    if REVOKING.get(0).is_some_and(|n| *n > 0) {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut _) };
+        if unsafe { REVOKED.get(&cookie) }.is_some() {
+            count(counter::REVOKED_DROPS);
+            return Some(DROP);
+        }
+    }
     // __sk_buff.protocol holds the big-endian EtherType in its low 16 bits.
     let ethertype = u32::from(u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16));
     let syn = match ethertype {
@@ -396,6 +496,8 @@ fn inbound(ctx: &SkBuffContext) -> Option<i32> {
     }
     count(counter::PLAINTEXT_ALLOWED);
     tally(syn.pod, |s| s.allowed += 1);
+    let pending = PlainKey { src: syn.src, sport: syn.sport, dport: syn.dport };
+    let _ = PLAIN_PENDING.insert(&pending, &syn.pod, 0);
     Some(PASS)
 }
 
@@ -430,20 +532,13 @@ fn syn4(ctx: &SkBuffContext) -> Option<Syn> {
     let dst: u32 = ctx.load(16).ok()?;
     let sport = u16::from_be(ctx.load::<u16>(ihl).ok()?);
     let dport = u16::from_be(ctx.load::<u16>(ihl + 2).ok()?);
-    let b = src.to_ne_bytes();
-    let mut mapped = [0u8; 16];
-    mapped[10] = 0xff;
-    mapped[11] = 0xff;
-    mapped[12] = b[0];
-    mapped[13] = b[1];
-    mapped[14] = b[2];
-    mapped[15] = b[3];
     Some(Syn {
         pod: dst,
         dport,
-        src: mapped,
+        src: mapped(src),
+        sport,
         tuple: Some(FourTuple { src_ip4: src, dst_ip4: dst, src_port: sport, dst_port: dport }),
-        local: src == dst || b[0] == 127,
+        local: src == dst || src.to_ne_bytes()[0] == 127,
     })
 }
 
@@ -482,6 +577,7 @@ fn syn6(ctx: &SkBuffContext) -> Result<Option<Syn>, ()> {
     }
     // The pod: IPv6 addresses are not in the maps, the receiving socket's cgroup is.
     let Some(pod) = pod_by_cgroup(ctx) else { return Ok(None) };
+    let sport = u16::from_be(ctx.load::<u16>(off).map_err(|_| ())?);
     let dport = u16::from_be(ctx.load::<u16>(off + 2).map_err(|_| ())?);
     let mut src = [0u8; 16];
     let mut dst = [0u8; 16];
@@ -492,7 +588,7 @@ fn syn6(ctx: &SkBuffContext) -> Result<Option<Syn>, ()> {
         j += 1;
     }
     let loopback = src == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-    Ok(Some(Syn { pod, dport, src, tuple: None, local: loopback || src == dst }))
+    Ok(Some(Syn { pod, dport, src, sport, tuple: None, local: loopback || src == dst }))
 }
 
 const IPPROTO_FRAGMENT: u8 = 44;

@@ -295,7 +295,7 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
         pin_dir: opts.bpf_pin_dir.clone(),
     })?));
     let capture = starting.get();
-    capture.sync(&cluster, &opts.node);
+    let _ = capture.sync(&cluster, &opts.node);
 
     let (config_rx, held_back) = match discovery {
         Some(d) => {
@@ -440,7 +440,7 @@ async fn serve(opts: &Options, running: Running, mut signals: crate::signals::Sh
                 let cluster = config_rx.borrow_and_update().clone();
                 // Before the reload is counted, so whoever waits for it sees its effect.
                 stats.policy_closed_connections.add(admitted.revoke_denied(&cluster) as u64);
-                capture.sync(&cluster, &opts.node);
+                stats.policy_closed_connections.add(capture.sync(&cluster, &opts.node) as u64);
                 if let Some(tls) = &tls {
                     prefetch_certificates(tls, &cluster, &opts.node);
                 }
@@ -449,7 +449,7 @@ async fn serve(opts: &Options, running: Running, mut signals: crate::signals::Sh
             }
             _ = rescan.tick() => {
                 let cluster = config_rx.borrow().clone();
-                capture.sync(&cluster, &opts.node);
+                stats.policy_closed_connections.add(capture.sync(&cluster, &opts.node) as u64);
                 telemetry.plaintext_inbound(&capture.plaintext_counts());
             }
             signal = signals.recv() => { info!("{signal}: shutting down"); break; }

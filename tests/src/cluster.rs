@@ -246,6 +246,19 @@ pub const CA_ADDRESS: &str = "172.30.0.254:15012";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// Whether the `mesh-node` under test knows `--kubelet-cgroup` (a baseline build a benchmark
+/// compares against may predate it).
+fn supports_kubelet_cgroup() -> bool {
+    static KNOWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *KNOWN.get_or_init(|| {
+        Command::new(bins::path("mesh-node"))
+            .args(["run", "--help"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("--kubelet-cgroup"))
+            .unwrap_or(true)
+    })
+}
+
 pub fn node_name(i: usize) -> String {
     format!("node-{}", (b'a' + i as u8) as char)
 }
@@ -709,7 +722,9 @@ impl SimCluster {
         let path = |p: &Path| p.to_string_lossy().into_owned();
         args.extend(["--config".into(), path(&self.config_dir)]);
         args.extend(["--cgroup".into(), path(&Self::cgroup_in_container(&node.cgroup)?)]);
-        args.extend(["--kubelet-cgroup".into(), path(&Self::cgroup_in_container(&node.kubelet_cgroup)?)]);
+        if supports_kubelet_cgroup() {
+            args.extend(["--kubelet-cgroup".into(), path(&Self::cgroup_in_container(&node.kubelet_cgroup)?)]);
+        }
         args.extend(["--drain-timeout-ms".into(), DRAIN_TIMEOUT.as_millis().to_string()]);
         if self.spec.mtls {
             args.extend(["--ca-address".into(), CA_ADDRESS.into()]);

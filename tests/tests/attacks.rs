@@ -535,20 +535,20 @@ mod ipblocks_source_and_open_connections {
         assert_eq!(v["connect_status"], 200, "allowed control under the DENY: {v}\n{}", logs(c));
     }
 
-    fn now_ms() -> u64 {
+    pub(super) fn now_ms() -> u64 {
         SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
     }
 
     /// `mesh-probe hold` in a pod: one connection used every 200 ms for 8 s, never reopened.
-    struct Hold {
-        what: String,
+    pub(super) struct Hold {
+        pub(super) what: String,
         child: Child,
         lines: mpsc::Receiver<Value>,
         seen: Vec<Value>,
     }
 
     impl Hold {
-        fn start(c: &SimCluster, pod: &str, mode: &str, addr: &str) -> Hold {
+        pub(super) fn start(c: &SimCluster, pod: &str, mode: &str, addr: &str) -> Hold {
             let args = ["hold", mode, addr, "--count", "40", "--interval-ms", "200", "--timeout-ms", "1500"];
             let mut child = c.spawn_piped(pod, &bins::path("mesh-probe"), &args).expect("hold");
             let out = child.stdout.take().expect("piped stdout");
@@ -564,14 +564,14 @@ mod ipblocks_source_and_open_connections {
         }
 
         /// Waits for the first use; it must have worked.
-        fn first_ok(&mut self) {
+        pub(super) fn first_ok(&mut self) {
             let v = self.lines.recv_timeout(Duration::from_secs(10)).unwrap_or_else(|e| panic!("{}: no first use: {e}", self.what));
             assert_eq!(v["result"], "ok", "{}: the connection works before the policy: {v}", self.what);
             self.seen.push(v);
         }
 
         /// Every use, once the probe is done.
-        fn finish(mut self) -> Vec<Value> {
+        pub(super) fn finish(mut self) -> Vec<Value> {
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
                 match self.lines.recv_timeout(Duration::from_millis(500)) {
@@ -705,6 +705,7 @@ mod inbound {
             .pod("recall", "mesh", 1, "recall", 7000)
             .extra_port("recall", "health", 7100)
             .probe("recall", 7100)
+            .pod("rank", "mesh", 1, "rank", 7200)
             .pod("outsider", "legacy", 0, "outsider", 9100)
             .pod("neighbour", "legacy", 1, "neighbour", 9200);
         let c = SimCluster::start(spec).expect("simulated cluster");
@@ -788,6 +789,39 @@ spec:
         assert!(!ok(&connect(&c, "neighbour", &recall)), "the neighbour's address is not allowed");
         assert!(ok(&connect(&c, "bff", &recall)), "bff still is");
         assert!(mesh_e2e::wait_until(Duration::from_secs(5), || plaintext_opened(&c) > opened), "the allowed plaintext connection is reported");
+    }
+
+    /// Item 5 for connections no proxy carries: an open plaintext connection the pod's policy
+    /// allowed is cut within a second of a policy that denies it (its packets are dropped).
+    #[test]
+    fn an_open_plaintext_connection_is_cut_when_a_policy_denies_it() {
+        use super::ipblocks_source_and_open_connections::{Hold, now_ms};
+        let c = cluster();
+        let recall = format!("{}:7000", c.pod("recall").ip);
+        let rank = format!("{}:7200", c.pod("rank").ip);
+        let mut denied = [Hold::start(&c, "outsider", "tcp", &recall), Hold::start(&c, "neighbour", "tcp", &recall)];
+        // Control: the same kind of caller to a pod the new policy does not select.
+        let mut allowed = Hold::start(&c, "outsider", "tcp", &rank);
+        for h in denied.iter_mut().chain([&mut allowed]) {
+            h.first_ok();
+        }
+        let cut = c.counter(1, "proxy", "policy_closed_connections");
+        apply(&c, "only-bff.yaml", ONLY_BFF);
+        let applied = now_ms();
+        for h in denied {
+            let what = h.what.clone();
+            let uses = h.finish();
+            let after: Vec<&Value> = uses.iter().filter(|v| v["at_ms"].as_u64().unwrap_or(0) >= applied + 1000).collect();
+            assert!(!after.is_empty(), "{what}: the probe kept trying after the policy: {uses:?}");
+            assert!(after.iter().all(|v| v["result"] != "ok"), "{what}: the open plaintext connection still works 1 s after the policy: {after:?}");
+        }
+        let uses = allowed.finish();
+        assert!(uses.iter().all(|v| v["result"] == "ok"), "the control lost its connection: {uses:?}");
+        assert!(c.counter(1, "proxy", "policy_closed_connections") >= cut + 2, "both cut connections counted");
+        assert!(c.counter(1, "capture", "revoked_drops") > 0, "their packets were dropped");
+        // New ones are refused at the SYN as before, and bff still gets through.
+        assert!(!ok(&connect(&c, "outsider", &recall)));
+        assert!(ok(&connect(&c, "bff", &recall)));
     }
 
     #[test]

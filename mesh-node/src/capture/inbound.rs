@@ -143,6 +143,12 @@ fn table(policies: &[&AuthorizationPolicy], blocks: &BTreeSet<(u128, u8)>, port:
     Some(out)
 }
 
+/// The verdict of `table` for a source address (IPv4 mapped), as the kernel's longest-prefix
+/// match gives it.
+pub fn verdict(table: &Table, addr: u128) -> u8 {
+    table.iter().filter(|(len, net, _)| addr & mask(*len) == *net).max_by_key(|(len, _, _)| *len).map_or(VERDICT_DENY, |e| e.2)
+}
+
 /// The first address of `p` no prefix of `inner` (sorted, all inside `p`) holds.
 fn uncovered(p: (u128, u8), inner: &[(u128, u8)]) -> Option<u128> {
     let mut candidate = p.0;
@@ -163,13 +169,12 @@ mod tests {
         prefix_of(&IpBlock::parse(text).unwrap())
     }
 
-    /// The verdict the kernel's longest-prefix match would give `ip`.
     fn lookup(t: &Table, ip: IpAddr) -> u8 {
         let bits = match ip {
             IpAddr::V4(a) => V4_MAPPED.0 | u128::from(u32::from(a)),
             IpAddr::V6(a) => u128::from(a),
         };
-        t.iter().filter(|(len, net, _)| bits & mask(*len) == *net).max_by_key(|(len, _, _)| *len).unwrap().2
+        verdict(t, bits)
     }
 
     fn policy(yaml: &str) -> AuthorizationPolicy {

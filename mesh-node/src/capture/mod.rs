@@ -28,7 +28,10 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::{Key, LpmTrie}},
     programs::{CgroupSkb, CgroupSockAddr, SkReuseport, SockOps},
 };
-use mesh_common::{CaptureConfig, DEST_POD_IP, DEST_SERVICE_VIP, InboundEntry, PlaintextStats, PodEntry, PodPort, TRUSTED_PROXY, VerdictKey, counter};
+use mesh_common::{
+    CaptureConfig, DEST_POD_IP, DEST_SERVICE_VIP, InboundEntry, MTLS_STRICT, PlainConn, PlaintextStats, PodEntry, PodPort, TRUSTED_PROXY, VERDICT_ALLOW,
+    VerdictKey, counter,
+};
 pub use orig_dst::OrigDstTable;
 pub use view::{BpfView, ProgramDesc};
 use tracing::{debug, info, warn};
@@ -82,7 +85,7 @@ pub struct CaptureOptions {
 
 /// The maps a new proxy shares with the one it replaces (everything but the log buffer and
 /// the programs' read-only globals, which belong to each loaded object).
-const SHARED_MAPS: [&str; 12] = [
+const SHARED_MAPS: [&str; 16] = [
     "CONFIG",
     "ENROLLED",
     "MESH_DESTS",
@@ -95,6 +98,10 @@ const SHARED_MAPS: [&str; 12] = [
     "TRUSTED_CGROUPS",
     "SOCK_ROLE",
     "TRUSTED_CONNS",
+    "PLAIN_PENDING",
+    "PLAIN_CONNS",
+    "REVOKED",
+    "REVOKING",
 ];
 
 /// The programs and the cgroup hooks they are linked to.
@@ -140,6 +147,9 @@ pub struct Capture {
     inbound: HashMap<MapData, PodPort, InboundEntry>,
     verdicts: LpmTrie<MapData, VerdictKey, u8>,
     plaintext: PerCpuHashMap<MapData, u32, PlaintextStats>,
+    plain_conns: HashMap<MapData, u64, PlainConn>,
+    revoked: HashMap<MapData, u64, u8>,
+    revoking: Array<MapData, u32>,
     counters: Arc<Counters>,
     orig_dst: Arc<OrigDstTable>,
     state: Arc<Mutex<CaptureState>>,
@@ -235,6 +245,9 @@ impl Capture {
         let inbound = take_map(&mut ebpf, "INBOUND")?;
         let verdicts = take_map(&mut ebpf, "VERDICTS")?;
         let plaintext = take_map(&mut ebpf, "PLAINTEXT")?;
+        let plain_conns = take_map(&mut ebpf, "PLAIN_CONNS")?;
+        let revoked = take_map(&mut ebpf, "REVOKED")?;
+        let revoking = take_map(&mut ebpf, "REVOKING")?;
         let mut trusted_cgroups: HashMap<MapData, u64, u8> = take_map(&mut ebpf, "TRUSTED_CGROUPS")?;
         let mut whoami: HashMap<MapData, u64, u64> = take_map(&mut ebpf, "WHOAMI")?;
         let dests = take_map(&mut ebpf, "MESH_DESTS")?;
@@ -305,6 +318,9 @@ impl Capture {
             inbound,
             verdicts,
             plaintext,
+            plain_conns,
+            revoked,
+            revoking,
             counters,
             orig_dst,
             state,
@@ -406,8 +422,10 @@ impl Capture {
     }
 
     /// Makes the kernel maps match the config: every Service VIP and every enrolled pod's IP is
-    /// a mesh destination; the cgroups of this node's enrolled pods are enrolled.
-    pub fn sync(&mut self, cluster: &Cluster, node: &str) {
+    /// a mesh destination; the cgroups of this node's enrolled pods are enrolled; inbound
+    /// judgements follow the pods' policies. Returns how many open plaintext connections the
+    /// config newly denies (their packets are dropped from now on).
+    pub fn sync(&mut self, cluster: &Cluster, node: &str) -> usize {
         let mut want_dests: BTreeMap<u32, u8> = BTreeMap::new();
         for svc in cluster.services() {
             for ip in &svc.cluster_ips {
@@ -438,17 +456,53 @@ impl Capture {
         }
         // Enrolled first: the kernel finds an IPv6 caller's pod by its cgroup.
         sync_map(&mut self.enrolled, "ENROLLED", &want_cgroups);
-        self.sync_inbound(inbound::compile(cluster, node));
+        let judgements = inbound::compile(cluster, node);
+        self.sync_inbound(&judgements);
+        let revoked = self.revoke_plaintext(&judgements);
         sync_map(&mut self.dests, "MESH_DESTS", &want_dests);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.enrolled = enrolled_pods;
         state.mesh_destinations = want_dests.len();
+        revoked
+    }
+
+    /// Re-judges the open plaintext connections to this node's mesh pods (the kernel tracks
+    /// those their policy allowed when they opened) against `judgements`: the ones now denied
+    /// are revoked, and the kernel drops their packets. Returns how many are newly revoked.
+    fn revoke_plaintext(&mut self, judgements: &BTreeMap<PodPort, inbound::Judgement>) -> usize {
+        let open: Vec<(u64, PlainConn)> = self.plain_conns.iter().filter_map(Result::ok).collect();
+        let mut want = BTreeMap::new();
+        for (cookie, conn) in &open {
+            let at = |port| PodPort { ip4: conn.pod, port, _pad: 0 };
+            // A pod no longer judged here (gone, or out of the mesh) keeps what it has.
+            let Some(j) = judgements.get(&at(conn.dport)).or_else(|| judgements.get(&at(0))) else { continue };
+            let allowed = j.mode != MTLS_STRICT && j.table.as_ref().is_none_or(|t| inbound::verdict(t, u128::from_be_bytes(conn.src)) == VERDICT_ALLOW);
+            if !allowed {
+                want.insert(*cookie, 1u8);
+            }
+        }
+        let before: BTreeSet<u64> = self.revoked.keys().filter_map(Result::ok).collect();
+        let new = want.keys().filter(|c| !before.contains(c)).count();
+        // The count first when it grows, last when it shrinks: the kernel never skips a
+        // revoked cookie.
+        let count = u32::try_from(want.len()).unwrap_or(u32::MAX);
+        if count > 0 {
+            let _ = self.revoking.set(0, count, 0);
+        }
+        sync_map(&mut self.revoked, "REVOKED", &want);
+        if count == 0 {
+            let _ = self.revoking.set(0, 0, 0);
+        }
+        if new > 0 {
+            info!(connections = new, "policy change: open plaintext connections to local pods now denied; their packets are dropped");
+        }
+        new
     }
 
     /// Writes the kernel's inbound judgements: verdict tables first (a class id is a hash of its
     /// table, so two proxies syncing the same config during a hand-over write the same ids),
     /// then the pod entries that point at them, then tables no entry uses any more.
-    fn sync_inbound(&mut self, want: BTreeMap<PodPort, inbound::Judgement>) {
+    fn sync_inbound(&mut self, want: &BTreeMap<PodPort, inbound::Judgement>) {
         let mut ids: BTreeMap<&inbound::Table, u32> = BTreeMap::new();
         let mut used = BTreeSet::new();
         for table in want.values().filter_map(|j| j.table.as_ref()) {
