@@ -221,23 +221,23 @@ pub(crate) fn decode(
             .map(Object::EndpointSlice),
         Kind::DestinationRule => {
             envelope_and_spec::<raw::DestinationRuleSpec>(value, &mut r).map(|(envelope, s)| {
+                let created = created(&envelope.metadata);
                 let annotations = envelope.metadata.annotations.unwrap_or_default();
-                Object::DestinationRule(Box::new(istio::convert::destination_rule(
+                let mut dr = istio::convert::destination_rule(
                     &s,
                     &origin.namespace,
                     &origin.name,
                     &annotations,
                     &mut r,
-                )))
+                );
+                dr.created = created;
+                Object::DestinationRule(Box::new(dr))
             })
         }
-        Kind::VirtualService => spec::<raw::VirtualServiceSpec>(value, &mut r).map(|s| {
-            Object::VirtualService(Box::new(istio::convert::virtual_service(
-                &s,
-                &origin.namespace,
-                &origin.name,
-                &mut r,
-            )))
+        Kind::VirtualService => envelope_and_spec::<raw::VirtualServiceSpec>(value, &mut r).map(|(envelope, s)| {
+            let mut vs = istio::convert::virtual_service(&s, &origin.namespace, &origin.name, &mut r);
+            vs.created = created(&envelope.metadata);
+            Object::VirtualService(Box::new(vs))
         }),
         Kind::PeerAuthentication => spec::<raw::PeerAuthenticationSpec>(value, &mut r).map(|s| {
             Object::PeerAuthentication(Box::new(istio::convert::peer_authentication(
@@ -257,6 +257,12 @@ pub(crate) fn decode(
         }),
     };
     Some((origin, object))
+}
+
+/// `metadata.creationTimestamp` in seconds since the epoch (what Istio orders conflicting
+/// rules by); `None` when absent (files written by hand), which orders first.
+fn created(metadata: &ObjectMeta) -> Option<i64> {
+    metadata.creation_timestamp.as_ref().map(|t| t.0.timestamp())
 }
 
 fn report(r: &mut Reporter<'_>, e: DeError) {

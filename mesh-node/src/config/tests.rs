@@ -268,7 +268,7 @@ fn hosts_resolve_to_services() {
 fn destination_rule_is_typed() {
     let c = sample();
     let recall = c.service("lemo-dev", "recall").expect("recall");
-    let dr = c.destination_rule_for(recall).expect("recall rule");
+    let dr = c.destination_rule_for(recall, None).expect("recall rule");
     assert_eq!(
         (dr.namespace.as_str(), dr.name.as_str(), dr.host.as_str()),
         ("lemo-dev", "recall", "recall")
@@ -302,7 +302,7 @@ fn destination_rule_is_typed() {
         Some("v2")
     );
     assert!(
-        c.destination_rule_for(c.service("lemo-dev", "rank").expect("rank"))
+        c.destination_rule_for(c.service("lemo-dev", "rank").expect("rank"), None)
             .is_none()
     );
 }
@@ -338,7 +338,7 @@ spec:
     files.push(("extra.yaml", extra));
     let c = Cluster::from_yaml_files(files).unwrap_or_else(|e| panic!("{e}"));
     let rule = |svc: &str| {
-        c.destination_rule_for(c.service("lemo-dev", svc).expect("svc"))
+        c.destination_rule_for(c.service("lemo-dev", svc).expect("svc"), None)
             .map(|d| d.name.as_str())
     };
     // Exact host beats the namespace wildcard; the namespace beats the root.
@@ -375,7 +375,7 @@ spec:
     files.push(("extra.yaml", extra));
     let c = Cluster::from_yaml_files(files).unwrap_or_else(|e| panic!("{e}"));
     let dr = c
-        .destination_rule_for(c.service("lemo-dev", "rank").expect("rank"))
+        .destination_rule_for(c.service("lemo-dev", "rank").expect("rank"), None)
         .expect("root rule");
     assert_eq!(dr.name, "mesh-rank");
     let tls = dr
@@ -390,7 +390,7 @@ spec:
 fn virtual_service_is_typed() {
     let c = sample();
     let recall = c.service("lemo-dev", "recall").expect("recall");
-    let vss = c.virtual_services_for(recall);
+    let vss = c.virtual_services_for(recall, None);
     assert_eq!(vss.len(), 1);
     let vs = vss[0];
     assert!(vs.applies_to_mesh());
@@ -428,7 +428,7 @@ fn virtual_service_is_typed() {
         ]
     );
     assert!(
-        c.virtual_services_for(c.service("lemo-dev", "rank").expect("rank"))
+        c.virtual_services_for(c.service("lemo-dev", "rank").expect("rank"), None)
             .is_empty()
     );
 }
@@ -816,7 +816,7 @@ spec:
     files.push(("extra.yaml", extra));
     let c = Cluster::from_yaml_files(files).unwrap_or_else(|e| panic!("{e}"));
     let dr = c
-        .destination_rule_for(c.service("lemo-dev", "rank").expect("rank"))
+        .destination_rule_for(c.service("lemo-dev", "rank").expect("rank"), None)
         .expect("rank rule");
     let tp = dr.traffic_policy.as_ref().expect("policy");
     assert_eq!(

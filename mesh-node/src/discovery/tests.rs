@@ -56,7 +56,7 @@ pub(super) fn summary(c: &Cluster) -> String {
         for port in &svc.ports {
             s += &format!("  ep {} {:?}\n", port.port, c.endpoints(svc, port.port));
         }
-        s += &format!("  dr {:?}\n  vs {:?}\n", c.destination_rule_for(svc), c.virtual_services_for(svc));
+        s += &format!("  dr {:?}\n  vs {:?}\n", c.destination_rule_for(svc, None), c.virtual_services_for(svc, None));
     }
     for pa in c.peer_authentications() {
         s += &format!("pa {pa:?}\n");
@@ -282,7 +282,7 @@ async fn subset_membership_follows_labels() {
         .find(|(_, s)| !s.labels.is_empty())
         .expect("the sample has a subset with labels");
     let svc = c.destination_rules().position(|x| x.name == dr.name).map(|_| ()).and_then(|_| {
-        c.services().find(|s| c.destination_rule_for(s).is_some_and(|x| x.name == dr.name)).cloned()
+        c.services().find(|s| c.destination_rule_for(s, None).is_some_and(|x| x.name == dr.name)).cloned()
     }).unwrap();
     let member = c.pods().find(|p| svc.selects(p) && labels_match(&subset.labels, &p.labels)).cloned().unwrap();
     let mut j = pod_json(&fake, &member.namespace, &member.name);

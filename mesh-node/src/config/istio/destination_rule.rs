@@ -21,6 +21,9 @@ pub struct DestinationRule {
     pub export_to: Vec<String>,
     /// The mesh's own extensions, from `metadata.annotations["mesh.io/*"]`.
     pub mesh: MeshPolicy,
+    /// `metadata.creationTimestamp` (seconds since the epoch); breaks ties between equally
+    /// specific rules of one namespace (the older wins). `None` orders first.
+    pub created: Option<i64>,
 }
 
 /// Options Istio's schema has no field for, set by annotations on the DestinationRule and
@@ -302,6 +305,7 @@ pub(crate) fn convert(
         subsets,
         export_to: common::export_to(r, &root.key("exportTo"), &spec.export_to),
         mesh: mesh_policy(r, annotations, spec),
+        created: None,
     }
 }
 
