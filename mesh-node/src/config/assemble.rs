@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use serde_yaml::Value;
 
 use super::cluster::Cluster;
-use super::decode::{Kind, Object, Origin, decode};
+use super::decode::{Kind, Object, Origin, Unapplied, decode};
 use super::error::{Problem, Reporter};
 use super::fail_closed;
 use super::field_path::FieldPath;
@@ -72,11 +72,15 @@ struct Decoded {
 /// Decodes every document of `sources` in order. Problems go to `problems` in file order; a
 /// duplicate (same kind, namespace and name as an earlier object) is reported and left out,
 /// so it is not in the result.
-fn decode_sources(sources: &[Source], problems: &mut Vec<Problem>) -> Vec<Decoded> {
+fn decode_sources(sources: &[Source], problems: &mut Vec<Problem>, unapplied: &mut Vec<Unapplied>) -> Vec<Decoded> {
     let mut out = Vec::new();
     let mut first_seen: HashMap<ObjectKey, String> = HashMap::new();
     for source in sources {
         for (index, value) in documents(source, problems) {
+            if let Some(u) = super::decode::unapplied(&source.rel, &value) {
+                unapplied.push(u);
+                continue;
+            }
             let before = problems.len();
             let mut warnings = Vec::new();
             let Some((origin, object)) = decode(&source.rel, index, &value, problems, &mut warnings) else {
@@ -104,7 +108,8 @@ pub(crate) fn assemble(sources: &[Source], mode: TunnelMode) -> Result<Cluster, 
     let mut problems = Vec::new();
     let mut parts = Parts::default();
     let mut warnings = Vec::new();
-    for d in decode_sources(sources, &mut problems) {
+    let mut unapplied = Vec::new();
+    for d in decode_sources(sources, &mut problems, &mut unapplied) {
         warnings.extend(d.warnings);
         if let Some(object) = d.object {
             parts.push(d.origin, object);
@@ -119,6 +124,7 @@ pub(crate) fn assemble(sources: &[Source], mode: TunnelMode) -> Result<Cluster, 
     warnings.extend(cross_object_warnings(&parts, &|ns: &str| known_namespaces.contains(ns)));
     let mut cluster = index(parts, known_namespaces);
     cluster.warnings = warnings;
+    cluster.unapplied = unapplied;
     Ok(cluster)
 }
 
@@ -176,7 +182,8 @@ struct Candidate {
 /// object, and a fallback that is blamed is removed, so this ends.
 pub(crate) fn assemble_per_object(sources: &[Source], last_good: &BTreeMap<ObjectKey, Kept>, mode: TunnelMode) -> PerObject {
     let mut problems = Vec::new();
-    let decoded = decode_sources(sources, &mut problems);
+    let mut unapplied = Vec::new();
+    let decoded = decode_sources(sources, &mut problems, &mut unapplied);
     let mut rejected: BTreeMap<ObjectKey, Rejected> = BTreeMap::new();
     let mut candidates: BTreeMap<ObjectKey, Candidate> = BTreeMap::new();
     let fallback = |key: &ObjectKey, candidates: &mut BTreeMap<ObjectKey, Candidate>| {
@@ -240,6 +247,7 @@ pub(crate) fn assemble_per_object(sources: &[Source], last_good: &BTreeMap<Objec
             let mut cluster = index(parts, known);
             cluster.warnings = candidates.values().flat_map(|c| c.kept.warnings.iter().cloned()).collect();
             cluster.warnings.extend(cross);
+            cluster.unapplied = unapplied;
             let (stand_ins, applied): (Vec<_>, Vec<_>) = candidates.into_iter().partition(|(_, c)| c.fail_closed);
             let applied = applied.into_iter().map(|(k, c)| (k, c.kept)).collect();
             let fail_closed = stand_ins.into_iter().map(|(_, c)| c.kept).collect();
@@ -296,6 +304,11 @@ fn run_checks(parts: &Parts, known_namespaces: &BTreeSet<String>, mode: TunnelMo
 fn check_needs_identities(parts: &Parts, checks: &mut Checks<'_>) {
     for (origin, pa) in &parts.peer_authentications {
         for (field, message) in tunnels::peer_authentication(pa) {
+            checks.report(origin, &field, message);
+        }
+    }
+    for (origin, dr) in &parts.destination_rules {
+        for (field, message) in tunnels::destination_rule(dr) {
             checks.report(origin, &field, message);
         }
     }
@@ -576,5 +589,6 @@ fn index(parts: Parts, known_namespaces: BTreeSet<String>) -> Cluster {
         known_namespaces,
         fingerprint: 0,
         warnings: Vec::new(),
+        unapplied: Vec::new(),
     }
 }

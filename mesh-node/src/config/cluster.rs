@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use super::assemble::assemble;
+use super::decode::Unapplied;
 use super::error::{ConfigError, Problem};
 use super::host;
 use super::istio::{AuthorizationPolicy, DestinationRule, MtlsMode, PeerAuthentication, VirtualService};
@@ -48,6 +49,8 @@ pub struct Cluster {
     /// Problems with objects that are applied anyway, in a reading that differs from (is
     /// more restrictive than) what they say; in file order.
     pub(crate) warnings: Vec<Problem>,
+    /// Objects of kinds the mesh does not apply (ServiceEntry, Gateway, ...), in file order.
+    pub(crate) unapplied: Vec<Unapplied>,
 }
 
 impl Cluster {
@@ -95,6 +98,12 @@ impl Cluster {
     /// HTTP attributes, applied in its most restrictive reading), one per field.
     pub fn warnings(&self) -> &[Problem] {
         &self.warnings
+    }
+
+    /// Objects of kinds the mesh does not apply (Istio's ServiceEntry, Sidecar, Gateway, ...,
+    /// Gateway API routes), each reported as "not applied by mesh (kind X)".
+    pub fn unapplied(&self) -> &[Unapplied] {
+        &self.unapplied
     }
 
     /// Identifies the input this snapshot was built from (names and contents).

@@ -37,6 +37,7 @@ mod tests;
 
 pub use cluster::Cluster;
 pub use lookup::{ROOT_NAMESPACE, root_namespace, set_root_namespace};
+pub use decode::Unapplied;
 pub use duration::parse_duration;
 pub use error::{ConfigError, Problem};
 pub use field_path::FieldPath;

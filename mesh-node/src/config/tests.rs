@@ -767,11 +767,11 @@ spec:
         format!("{tp}.connectionPool.tcp.idleTimeout: not supported by mesh"),
         format!("{tp}.connectionPool.http.h2UpgradePolicy: UPGRADE is not supported by mesh"),
         format!("{tp}.connectionPool.http.maxConcurrentStreams: not supported by mesh"),
-        format!("{tp}.tls.mode: SIMPLE is not supported by mesh"),
+        format!("{tp}.tls.mode: SIMPLE is not supported (TLS origination to a server of its own is not implemented; between mesh pods the proxy always uses mutual TLS (ISTIO_MUTUAL))"),
         format!("{tp}.tls.sni: not supported by mesh"),
         format!("{tp}.proxyProtocol: not supported by mesh"),
         format!("{tp}.tunnel: not supported by mesh"),
-        format!("{port}.tls.mode: MUTUAL is not supported by mesh"),
+        format!("{port}.tls.mode: MUTUAL is not supported (TLS origination to a server of its own is not implemented; between mesh pods the proxy always uses mutual TLS (ISTIO_MUTUAL))"),
         format!("{port}.tls.clientCertificate: not supported by mesh"),
         format!("{port}.tls.privateKey: not supported by mesh"),
     ]
@@ -792,8 +792,7 @@ spec:
   host: rank
   trafficPolicy:
     connectionPool:
-      http: {h2UpgradePolicy: DO_NOT_UPGRADE, useClientProtocol: false, idleTimeout: 30s}
-    tls: {mode: DISABLE}
+      http: {h2UpgradePolicy: DO_NOT_UPGRADE, useClientProtocol: true, idleTimeout: 30s}
     portLevelSettings:
       - port: {number: 80}
         connectionPool: {http: {useClientProtocol: true}}
@@ -819,12 +818,7 @@ spec:
         .destination_rule_for(c.service("lemo-dev", "rank").expect("rank"), None)
         .expect("rank rule");
     let tp = dr.traffic_policy.as_ref().expect("policy");
-    assert_eq!(
-        tp.tls,
-        Some(ClientTls {
-            mode: TlsMode::Disable
-        })
-    );
+    assert_eq!(tp.tls, None);
     assert_eq!(
         tp.for_port(80).tls,
         Some(ClientTls {
@@ -837,6 +831,7 @@ spec:
         .and_then(|p| p.http.as_ref())
         .expect("http settings");
     assert_eq!(http.h2_upgrade_policy, H2UpgradePolicy::DoNotUpgrade);
+    assert!(http.use_client_protocol);
 }
 
 #[test]

@@ -199,8 +199,8 @@ pub struct TcpSettings {
 }
 
 /// `None` fields: unlimited, except `idle_timeout` (1h in Istio).
-/// `maxConcurrentStreams` is not supported. `useClientProtocol` is accepted
-/// either way and not modelled: the proxy always speaks the client's protocol.
+/// `maxConcurrentStreams` is not supported. `useClientProtocol: true` is what the proxy always
+/// does (forward in the client's HTTP version); `false` is refused.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HttpSettings {
     pub http1_max_pending_requests: Option<u32>,
@@ -210,6 +210,8 @@ pub struct HttpSettings {
     pub max_retries: Option<u32>,
     pub idle_timeout: Option<Duration>,
     pub h2_upgrade_policy: H2UpgradePolicy,
+    /// `useClientProtocol: true`: requests go upstream in the client's HTTP version.
+    pub use_client_protocol: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -250,10 +252,10 @@ pub struct ClientTls {
     pub mode: TlsMode,
 }
 
-/// SIMPLE and MUTUAL (TLS to an external server) are not supported.
+/// Only ISTIO_MUTUAL, which is how the proxy always reaches mesh pods (HBONE tunnels with the
+/// workloads' certificates; refused without a CA). DISABLE, SIMPLE and MUTUAL are refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsMode {
-    Disable,
     IstioMutual,
 }
 
@@ -614,6 +616,7 @@ fn connection_pool(
                 }
                 Some(raw::H2UpgradePolicy::DoNotUpgrade) => H2UpgradePolicy::DoNotUpgrade,
             },
+            use_client_protocol: h.use_client_protocol == Some(true),
         }
     });
     ConnectionPool { tcp, http }
@@ -677,10 +680,9 @@ fn client_tls(r: &mut Reporter<'_>, path: &FieldPath, tls: &raw::ClientTls) -> O
             r.at(&path.key("mode"), "is required");
             return None;
         }
-        Some(raw::TlsMode::Disable) => TlsMode::Disable,
         Some(raw::TlsMode::IstioMutual) => TlsMode::IstioMutual,
         // Reported by `unsupported`.
-        Some(raw::TlsMode::Simple | raw::TlsMode::Mutual) => return None,
+        Some(raw::TlsMode::Disable | raw::TlsMode::Simple | raw::TlsMode::Mutual) => return None,
     };
     Some(ClientTls { mode })
 }
