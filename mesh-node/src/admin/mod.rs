@@ -6,7 +6,7 @@
 //! `/log_level`.
 mod bpf;
 mod certs;
-mod config_errors;
+pub(crate) mod config_errors;
 pub mod log_level;
 mod reply;
 mod routes;

@@ -10,6 +10,7 @@ use super::*;
 
 mod authorization;
 mod endpoints;
+mod lookup;
 
 const AUTHORIZATION_POLICY: &str =
     include_str!("../../../deploy/examples/lemo-dev/authorization-policy.yaml");
