@@ -400,7 +400,7 @@ fn check_service_ips(parts: &Parts, checks: &mut Checks<'_>) {
 /// Istio rejects routes to subsets no DestinationRule defines (the traffic would be
 /// black-holed), so the error goes on the VirtualService. The rule a request uses depends on
 /// the client's namespace (see `lookup`), so the check runs the proxy's own lookup for every
-/// namespace whose clients see the VirtualService, and for clients of any other namespace: a
+/// namespace with pods whose clients see the VirtualService, and for clients of any other namespace: a
 /// VirtualService that validates never finds its subset missing at runtime. When the rule of
 /// one client namespace (its own DestinationRule, which wins there) lacks a subset the others
 /// define, that rule is blamed instead.
@@ -411,10 +411,11 @@ fn check_subsets(parts: &Parts, is_ns: &dyn Fn(&str) -> bool, checks: &mut Check
         .map(|(_, dr)| host::canonical_host(&dr.host, &dr.namespace, is_ns))
         .collect();
     let rules = || parts.destination_rules.iter().map(|(_, dr)| dr).zip(dr_hosts.iter().map(String::as_str));
-    let known = known_namespaces(parts);
-    // Clients of a namespace that holds no object at all: only what is exported everywhere.
+    // The namespaces clients call from: those with pods (a namespace without any has no client
+    // yet; its first pod makes the check run again), and any other namespace, which sees only
+    // what is exported everywhere.
     const ELSEWHERE: &str = "";
-    let mut clients: Vec<&str> = known.iter().map(String::as_str).collect();
+    let mut clients: Vec<&str> = parts.pods.iter().map(|(_, p)| p.namespace.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
     clients.push(ELSEWHERE);
     let mut reported: BTreeSet<(ObjectKey, String)> = BTreeSet::new();
     for (origin, vs) in &parts.virtual_services {

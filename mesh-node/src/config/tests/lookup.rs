@@ -28,6 +28,18 @@ kind: Namespace
 metadata: {name: istio-system}
 ---
 apiVersion: v1
+kind: Pod
+metadata: {namespace: aaa, name: client-aaa}
+spec: {nodeName: node-a, containers: [{name: c, image: c}]}
+status: {podIP: 10.244.0.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: bff, name: client-bff}
+spec: {nodeName: node-a, containers: [{name: c, image: c}]}
+status: {podIP: 10.244.0.12}
+---
+apiVersion: v1
 kind: Service
 metadata: {namespace: lemo-dev, name: recall}
 spec:
