@@ -17,7 +17,7 @@ pub const PROXY_MARK: u32 = 0x539;
 /// Version of the layout of the maps a new proxy takes over from the previous one (pinned in
 /// bpffs): bump it whenever a shared map's key, value, type or size changes, so a new release
 /// starts fresh maps instead of misreading the old ones' bytes.
-pub const MAP_LAYOUT: u32 = 1;
+pub const MAP_LAYOUT: u32 = 2;
 
 /// Index into the `CONFIG` array map.
 pub const CONFIG_INDEX: u32 = 0;
@@ -76,7 +76,7 @@ pub struct FourTuple {
     pub dst_port: u16,
 }
 
-/// Key of the `INBOUND_MTLS` map: a local mesh pod's address and a port (0 = any port).
+/// Key of the `INBOUND` map: a local mesh pod's address and a port (0 = every other port).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PodPort {
@@ -87,10 +87,86 @@ pub struct PodPort {
     pub _pad: u16,
 }
 
-/// Values of the `INBOUND_MTLS` map (PeerAuthentication mode for inbound connections).
+/// Value of the `INBOUND` map: how connection attempts to a local mesh pod's port that do not
+/// come from the node proxy are judged in the kernel (plaintext from outside the mesh).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InboundEntry {
+    /// Verdict table in `VERDICTS` for plaintext callers, by source address; 0: every source
+    /// is allowed (no AuthorizationPolicy can refuse an unauthenticated caller here).
+    pub class: u32,
+    /// `MTLS_STRICT` or `MTLS_OPEN`.
+    pub mode: u8,
+    /// `INBOUND_PROBE`: the Pod spec declares a kubelet probe on this port.
+    pub flags: u8,
+    pub _pad: u16,
+}
+
+/// PeerAuthentication mode for inbound connections: STRICT refuses every plaintext caller.
 pub const MTLS_STRICT: u8 = 1;
-/// An explicit non-STRICT setting (PERMISSIVE or DISABLE), e.g. a port-level exception.
+/// PERMISSIVE (or DISABLE): plaintext callers are judged by the verdict table.
 pub const MTLS_OPEN: u8 = 2;
+/// `InboundEntry::flags`: the kubelet's own connections to this port pass (its probes).
+pub const INBOUND_PROBE: u8 = 1;
+
+/// Data of a `VERDICTS` LPM key: a verdict table and a source address, IPv4 as IPv4-mapped
+/// IPv6 (`::ffff:a.b.c.d`), in network byte order. The prefix length counts the 32 bits of
+/// `class` too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VerdictKey {
+    /// Big-endian, so that the class is the first 32 bits the trie compares.
+    pub class_be: u32,
+    pub addr: [u8; 16],
+}
+
+/// Values of the `VERDICTS` map.
+pub const VERDICT_ALLOW: u8 = 1;
+pub const VERDICT_DENY: u8 = 2;
+
+/// Who a trusted connection belongs to (`TRUSTED_CGROUPS`, `TRUSTED_CONNS`): the node proxy's
+/// connections to pods pass everything; the kubelet's pass only to declared probe ports.
+pub const TRUSTED_PROXY: u8 = 1;
+pub const TRUSTED_KUBELET: u8 = 2;
+
+/// Value of `PLAINTEXT`, per local mesh pod (keyed by its IPv4 address): connection attempts
+/// from outside the mesh, as judged in the kernel. Per CPU; the proxy sums.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlaintextStats {
+    pub allowed: u64,
+    /// Refused by STRICT.
+    pub strict_denied: u64,
+    /// Refused by an AuthorizationPolicy.
+    pub authz_denied: u64,
+    /// Kubelet probes let through to a declared probe port.
+    pub probes: u64,
+}
+
+/// Key of `PLAIN_PENDING`: a plaintext connection attempt a mesh pod's policy allowed, until
+/// the pod's socket is established (the caller's address, IPv4 mapped, and both ports).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PlainKey {
+    pub src: [u8; 16],
+    /// Host byte order.
+    pub sport: u16,
+    /// Host byte order.
+    pub dport: u16,
+}
+
+/// Value of `PLAIN_CONNS` (keyed by the pod socket's cookie): an open plaintext connection to
+/// a mesh pod, which the proxy re-judges on every policy change.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PlainConn {
+    pub src: [u8; 16],
+    /// The pod's IPv4 address, network byte order.
+    pub pod: u32,
+    /// Host byte order.
+    pub dport: u16,
+    pub _pad: u16,
+}
 
 /// Slots of the `COUNTERS` per-CPU array.
 pub mod counter {
@@ -109,9 +185,34 @@ pub mod counter {
     pub const TRACKED: u32 = 5;
     /// Plaintext connection attempts from outside the mesh dropped at a STRICT pod.
     pub const STRICT_DENIED: u32 = 6;
-    pub const COUNT: u32 = 7;
-    pub const NAMES: [&str; COUNT as usize] =
-        ["captured", "passed", "errors", "proxy_skipped", "not_enrolled", "tracked", "strict_denied"];
+    /// Plaintext connection attempts dropped by an AuthorizationPolicy.
+    pub const AUTHZ_DENIED: u32 = 7;
+    /// Plaintext connection attempts a mesh pod's policy allowed.
+    pub const PLAINTEXT_ALLOWED: u32 = 8;
+    /// Kubelet connections let through to a declared probe port.
+    pub const PROBES: u32 = 9;
+    /// Connection attempts of the node proxy (or the kubelet) recognised by their 4-tuple.
+    pub const TRUSTED: u32 = 10;
+    /// IPv6 packets to a judged pod whose transport header could not be found (dropped).
+    pub const UNPARSED: u32 = 11;
+    /// Packets of open plaintext connections a policy change denied, dropped.
+    pub const REVOKED_DROPS: u32 = 12;
+    pub const COUNT: u32 = 13;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "captured",
+        "passed",
+        "errors",
+        "proxy_skipped",
+        "not_enrolled",
+        "tracked",
+        "strict_denied",
+        "authz_denied",
+        "plaintext_allowed",
+        "probes",
+        "trusted",
+        "unparsed",
+        "revoked_drops",
+    ];
 }
 
 #[cfg(feature = "user")]
@@ -122,4 +223,9 @@ mod pod_impls {
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for FourTuple {}
     unsafe impl aya::Pod for PodPort {}
+    unsafe impl aya::Pod for InboundEntry {}
+    unsafe impl aya::Pod for VerdictKey {}
+    unsafe impl aya::Pod for PlaintextStats {}
+    unsafe impl aya::Pod for PlainKey {}
+    unsafe impl aya::Pod for PlainConn {}
 }

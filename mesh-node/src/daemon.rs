@@ -37,6 +37,8 @@ pub struct Options {
     pub kubernetes: Option<crate::discovery::ApiServer>,
     pub node: String,
     pub cgroup: PathBuf,
+    /// The kubelet's cgroup (see `mesh-node run --kubelet-cgroup`); `None`: found by name.
+    pub kubelet_cgroup: Option<PathBuf>,
     /// Address pods are redirected to; defaults to the node's InternalIP from the config.
     pub proxy_ip: Option<IpAddr>,
     pub outbound_port: u16,
@@ -286,13 +288,14 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
 
     let mut starting = Starting(Some(Capture::attach(&CaptureOptions {
         cgroup: opts.cgroup.clone(),
+        kubelet_cgroup: opts.kubelet_cgroup.clone(),
         proxy_ip,
         proxy_port: opts.outbound_port,
         bpf_log_level: opts.bpf_log_level,
         pin_dir: opts.bpf_pin_dir.clone(),
     })?));
     let capture = starting.get();
-    capture.sync(&cluster, &opts.node);
+    let _ = capture.sync(&cluster, &opts.node);
 
     let (config_rx, held_back) = match discovery {
         Some(d) => {
@@ -437,7 +440,7 @@ async fn serve(opts: &Options, running: Running, mut signals: crate::signals::Sh
                 let cluster = config_rx.borrow_and_update().clone();
                 // Before the reload is counted, so whoever waits for it sees its effect.
                 stats.policy_closed_connections.add(admitted.revoke_denied(&cluster) as u64);
-                capture.sync(&cluster, &opts.node);
+                stats.policy_closed_connections.add(capture.sync(&cluster, &opts.node) as u64);
                 if let Some(tls) = &tls {
                     prefetch_certificates(tls, &cluster, &opts.node);
                 }
@@ -446,7 +449,8 @@ async fn serve(opts: &Options, running: Running, mut signals: crate::signals::Sh
             }
             _ = rescan.tick() => {
                 let cluster = config_rx.borrow().clone();
-                capture.sync(&cluster, &opts.node);
+                stats.policy_closed_connections.add(capture.sync(&cluster, &opts.node) as u64);
+                telemetry.plaintext_inbound(&capture.plaintext_counts());
             }
             signal = signals.recv() => { info!("{signal}: shutting down"); break; }
         }

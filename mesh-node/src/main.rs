@@ -64,6 +64,12 @@ struct RunArgs {
     /// Parent cgroup of this node's pods (absolute, or relative to the cgroup2 mount).
     #[arg(long, env = "MESH_CGROUP")]
     cgroup: PathBuf,
+    /// The kubelet's cgroup (absolute, or relative to the cgroup2 mount): its connections, and
+    /// only its, reach the probe ports a Pod spec declares on STRICT or policy-guarded pods.
+    /// Default: the first of system.slice/{k3s,k3s-agent,kubelet}.service that exists; `none`
+    /// to let no prober through.
+    #[arg(long, env = "MESH_KUBELET_CGROUP")]
+    kubelet_cgroup: Option<PathBuf>,
     /// Address pods are redirected to [default: the node's InternalIP].
     #[arg(long)]
     proxy_ip: Option<std::net::IpAddr>,
@@ -246,6 +252,7 @@ fn main() -> ExitCode {
                 kubernetes,
                 node: args.node,
                 cgroup: args.cgroup,
+                kubelet_cgroup: args.kubelet_cgroup,
                 proxy_ip: args.proxy_ip,
                 outbound_port: args.outbound_port,
                 inbound_port: args.inbound_port,

@@ -2,7 +2,7 @@
 
 One channel is one long-lived HTTP/2 connection, so which pod answers each call shows whether the
 mesh balances per request rather than per connection. Prints one JSON line:
-{"calls": N, "by_pod": {...}, "by_code": {"OK": n, ...}, "pods_in_order": [...]}.
+{"calls": N, "by_pod": {...}, "by_code": {"OK": n, ...}, "pods_in_order": [...], "last_reply": "..."}.
 by_pod counts every call a pod answered (its x-pod metadata or reply), whatever the code.
 """
 import argparse
@@ -42,14 +42,15 @@ def main():
     metadata = metadata_pairs(args.metadata)
     # grpc's own retries and any proxy from the environment would hide what the mesh does.
     options = [("grpc.enable_retries", 0), ("grpc.enable_http_proxy", 0)]
-    by_pod, by_code, order = {}, {}, []
+    by_pod, by_code, order, last_reply = {}, {}, [], None
     with grpc.insecure_channel(args.target, options=options) as channel:
         call = channel.unary_unary(f"/mesh.Probe/{args.method}")
         for _ in range(args.count):
             try:
                 reply, info = call.with_call(b"", metadata=metadata, timeout=args.timeout)
                 code = grpc.StatusCode.OK
-                pod = reply.decode(errors="replace") or pod_of(info.initial_metadata())
+                last_reply = reply.decode(errors="replace")
+                pod = last_reply or pod_of(info.initial_metadata())
             except grpc.RpcError as e:
                 code = e.code()
                 pod = pod_of(e.initial_metadata(), e.trailing_metadata())
@@ -58,7 +59,7 @@ def main():
                 by_pod[pod] = by_pod.get(pod, 0) + 1
             if len(order) < 200:
                 order.append(pod or "-")
-    print(json.dumps({"calls": args.count, "by_pod": by_pod, "by_code": by_code, "pods_in_order": order}))
+    print(json.dumps({"calls": args.count, "by_pod": by_pod, "by_code": by_code, "pods_in_order": order, "last_reply": last_reply}))
 
 
 if __name__ == "__main__":

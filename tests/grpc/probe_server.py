@@ -2,7 +2,11 @@
 
 Who answers with the pod name (raw UTF-8 bytes, no protobuf: the mesh only sees gRPC framing).
 Fail fails with the status named in metadata x-grpc-status when this pod is listed in
-x-fail-pods, so a test scripts failures per call without restarting pods.
+x-fail-pods, so a test scripts failures per call without restarting pods. Both send the pod name
+as initial metadata first, so a failure is HEADERS then trailers carrying grpc-status; with
+metadata x-initial-metadata=no they do not, and a failure is one trailers-only response.
+Count answers the number of Who and Fail calls this server received (itself not counted), asked
+from inside the pod: what the server saw, whatever the clients were told.
 """
 import argparse
 import signal
@@ -20,14 +24,22 @@ class Probe:
         self.name = name
         self.fail_every = fail_every
         self.who_calls = 0
+        self.calls = 0
         # grpc runs handlers on a thread pool; the Nth-call counter must not race.
         self.lock = threading.Lock()
 
     def _identify(self, context):
+        with self.lock:
+            self.calls += 1
         # Initial metadata reaches the client even when the call then fails; the trailer covers
         # trailers-only answers.
-        context.send_initial_metadata((("x-pod", self.name),))
+        if dict(context.invocation_metadata()).get("x-initial-metadata", "").strip() != "no":
+            context.send_initial_metadata((("x-pod", self.name),))
         context.set_trailing_metadata((("x-pod", self.name),))
+
+    def count(self, request, context):
+        with self.lock:
+            return str(self.calls).encode()
 
     def who(self, request, context):
         self._identify(context)
@@ -61,6 +73,7 @@ def main():
     handler = grpc.method_handlers_generic_handler(SERVICE, {
         "Who": grpc.unary_unary_rpc_method_handler(probe.who),
         "Fail": grpc.unary_unary_rpc_method_handler(probe.fail),
+        "Count": grpc.unary_unary_rpc_method_handler(probe.count),
     })
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     server.add_generic_rpc_handlers((handler,))

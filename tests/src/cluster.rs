@@ -18,7 +18,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
@@ -46,6 +46,8 @@ pub struct PodSpec {
     pub ports: Vec<(String, u16)>,
     /// `serviceAccountName`; None: the `app` label (or "default").
     pub service_account: Option<String>,
+    /// Ports the kubelet probes (a readiness, then liveness, then startup `tcpSocket` probe).
+    pub probe_ports: Vec<u16>,
 }
 
 impl PodSpec {
@@ -99,8 +101,27 @@ impl ClusterSpec {
             labels: [("app".to_string(), app.to_string())].into(),
             ports: vec![("tcp".into(), port)],
             service_account: None,
+            probe_ports: Vec::new(),
         });
         self
+    }
+
+    /// Adds a container port to the pod `pod` (added before).
+    pub fn extra_port(mut self, pod: &str, name: &str, port: u16) -> Self {
+        self.pod_spec(pod).ports.push((name.into(), port));
+        self
+    }
+
+    /// Declares a kubelet probe (`tcpSocket`) on `port` of the pod `pod` (added before).
+    pub fn probe(mut self, pod: &str, port: u16) -> Self {
+        let spec = self.pod_spec(pod);
+        assert!(spec.probe_ports.len() < 3, "a container has three probes at most");
+        spec.probe_ports.push(port);
+        self
+    }
+
+    fn pod_spec(&mut self, pod: &str) -> &mut PodSpec {
+        self.pods.iter_mut().find(|p| p.name == pod).unwrap_or_else(|| panic!("no pod {pod} in the spec"))
     }
 
     /// Gives the pod `pod` (added before) the ServiceAccount `name` instead of its `app` label.
@@ -114,7 +135,15 @@ impl ClusterSpec {
     pub fn pod_labelled(mut self, name: &str, namespace: &str, node: usize, app: &str, labels: &[(&str, &str)], port_name: &str, port: u16) -> Self {
         let mut all: BTreeMap<String, String> = [("app".to_string(), app.to_string())].into();
         all.extend(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        self.pods.push(PodSpec { name: name.into(), namespace: namespace.into(), node, labels: all, ports: vec![(port_name.into(), port)], service_account: None });
+        self.pods.push(PodSpec {
+            name: name.into(),
+            namespace: namespace.into(),
+            node,
+            labels: all,
+            ports: vec![(port_name.into(), port)],
+            service_account: None,
+            probe_ports: Vec::new(),
+        });
         self
     }
 
@@ -146,6 +175,10 @@ impl ClusterSpec {
 pub struct SimPod {
     pub spec: PodSpec,
     pub ip: Ipv4Addr,
+    /// A second address on the pod's link (fd00:244:<node>::<k+10>), reachable from its node:
+    /// the config names only the IPv4 one, as a single-stack cluster would, yet the pod answers
+    /// IPv6 too, as a pod on a dual-stack node can.
+    pub ip6: Ipv6Addr,
     pub netns: String,
     pub cgroup: PathBuf,
     pub uid: String,
@@ -162,6 +195,9 @@ pub struct SimNode {
     pub ip: Ipv4Addr,
     pub netns: String,
     pub cgroup: PathBuf,
+    /// Where the node's kubelet runs (`<node>-kubelet` beside the node's pod cgroup, as k3s runs
+    /// in system.slice/k3s.service beside kubepods): its probes come from here.
+    pub kubelet_cgroup: PathBuf,
     proxy: Mutex<Option<Container>>,
     /// The extra `mesh-node run` arguments the proxy was started with (a restart reuses them).
     proxy_args: Mutex<Vec<String>>,
@@ -209,6 +245,19 @@ pub struct SimCluster {
 pub const CA_ADDRESS: &str = "172.30.0.254:15012";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Whether the `mesh-node` under test knows `--kubelet-cgroup` (a baseline build a benchmark
+/// compares against may predate it).
+fn supports_kubelet_cgroup() -> bool {
+    static KNOWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *KNOWN.get_or_init(|| {
+        Command::new(bins::path("mesh-node"))
+            .args(["run", "--help"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("--kubelet-cgroup"))
+            .unwrap_or(true)
+    })
+}
 
 pub fn node_name(i: usize) -> String {
     format!("node-{}", (b'a' + i as u8) as char)
@@ -283,11 +332,14 @@ impl SimCluster {
             sys::ip_in(&ns, &["link", "set", "up0", "up"])?;
             sys::ip_in(&ns, &["link", "add", "cbr0", "type", "bridge"])?;
             sys::ip_in(&ns, &["addr", "add", &format!("10.244.{i}.1/24"), "dev", "cbr0"])?;
+            sys::ip_in(&ns, &["-6", "addr", "add", &format!("fd00:244:{i}::1/64"), "dev", "cbr0", "nodad"])?;
             sys::ip_in(&ns, &["link", "set", "cbr0", "up"])?;
             sys::sysctl_in(&ns, "net.ipv4.ip_forward", "1")?;
             let cgroup = self.root_cgroup.join(node_name(i));
             fs::create_dir(&cgroup)?;
-            self.nodes.push(SimNode { name: node_name(i), ip, netns: ns, cgroup, proxy: Mutex::new(None), proxy_args: Mutex::new(Vec::new()) });
+            let kubelet_cgroup = self.root_cgroup.join(format!("{}-kubelet", node_name(i)));
+            fs::create_dir(&kubelet_cgroup)?;
+            self.nodes.push(SimNode { name: node_name(i), ip, netns: ns, cgroup, kubelet_cgroup, proxy: Mutex::new(None), proxy_args: Mutex::new(Vec::new()) });
         }
         for i in 0..self.spec.nodes {
             for j in (0..self.spec.nodes).filter(|j| *j != i) {
@@ -322,12 +374,14 @@ impl SimCluster {
         sys::ip_in(&node_ns, &["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
         sys::ip_in(&node_ns, &["link", "set", &host_if, "master", "cbr0", "up"])?;
         sys::ip_in(&ns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        let ip6 = Ipv6Addr::new(0xfd00, 0x244, spec.node as u16, 0, 0, 0, 0, k as u16 + 10);
+        sys::ip_in(&ns, &["-6", "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
         sys::ip_in(&ns, &["link", "set", "eth0", "up"])?;
         sys::ip_in(&ns, &["route", "add", "default", "via", &format!("10.244.{}.1", spec.node)])?;
         let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), k);
         let cgroup = node_cgroup.join(format!("pod{uid}"));
         fs::create_dir(&cgroup)?;
-        self.pods.push(SimPod { spec, ip, netns: ns, cgroup, uid, ready: true, terminating: false, deleted: false });
+        self.pods.push(SimPod { spec, ip, ip6, netns: ns, cgroup, uid, ready: true, terminating: false, deleted: false });
         Ok(())
     }
 
@@ -354,6 +408,9 @@ impl SimCluster {
             let mut ports = String::new();
             for (name, port) in &s.ports {
                 let _ = write!(ports, "\n    - name: {name}\n      containerPort: {port}");
+            }
+            for (kind, port) in ["readinessProbe", "livenessProbe", "startupProbe"].iter().zip(&s.probe_ports) {
+                let _ = write!(ports, "\n    {kind}:\n      tcpSocket:\n        port: {port}\n      periodSeconds: 10");
             }
             // As the API server shows a running pod: phase, conditions, and deletionTimestamp
             // once it is being deleted.
@@ -665,6 +722,9 @@ impl SimCluster {
         let path = |p: &Path| p.to_string_lossy().into_owned();
         args.extend(["--config".into(), path(&self.config_dir)]);
         args.extend(["--cgroup".into(), path(&Self::cgroup_in_container(&node.cgroup)?)]);
+        if supports_kubelet_cgroup() {
+            args.extend(["--kubelet-cgroup".into(), path(&Self::cgroup_in_container(&node.kubelet_cgroup)?)]);
+        }
         args.extend(["--drain-timeout-ms".into(), DRAIN_TIMEOUT.as_millis().to_string()]);
         if self.spec.mtls {
             args.extend(["--ca-address".into(), CA_ADDRESS.into()]);
@@ -931,6 +991,15 @@ impl SimCluster {
             bail!("{netns} is not a namespace of this cluster");
         }
         run_with_timeout(Self::netns_command(netns, program, args)?, timeout)
+    }
+
+    /// Runs a process as node i's kubelet would probe a pod: in the node's network namespace and
+    /// in the kubelet's cgroup (killed after `timeout`).
+    pub fn run_as_kubelet(&self, i: usize, program: &Path, args: &[&str], timeout: Duration) -> anyhow::Result<Output> {
+        let node = &self.nodes[i];
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null()).enter(Some(&node.netns), Some(&node.kubelet_cgroup))?;
+        run_with_timeout(cmd, timeout)
     }
 
     /// Starts a process in a network namespace of this cluster with its stdin and stdout piped

@@ -535,20 +535,20 @@ mod ipblocks_source_and_open_connections {
         assert_eq!(v["connect_status"], 200, "allowed control under the DENY: {v}\n{}", logs(c));
     }
 
-    fn now_ms() -> u64 {
+    pub(super) fn now_ms() -> u64 {
         SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
     }
 
     /// `mesh-probe hold` in a pod: one connection used every 200 ms for 8 s, never reopened.
-    struct Hold {
-        what: String,
+    pub(super) struct Hold {
+        pub(super) what: String,
         child: Child,
         lines: mpsc::Receiver<Value>,
         seen: Vec<Value>,
     }
 
     impl Hold {
-        fn start(c: &SimCluster, pod: &str, mode: &str, addr: &str) -> Hold {
+        pub(super) fn start(c: &SimCluster, pod: &str, mode: &str, addr: &str) -> Hold {
             let args = ["hold", mode, addr, "--count", "40", "--interval-ms", "200", "--timeout-ms", "1500"];
             let mut child = c.spawn_piped(pod, &bins::path("mesh-probe"), &args).expect("hold");
             let out = child.stdout.take().expect("piped stdout");
@@ -564,14 +564,14 @@ mod ipblocks_source_and_open_connections {
         }
 
         /// Waits for the first use; it must have worked.
-        fn first_ok(&mut self) {
+        pub(super) fn first_ok(&mut self) {
             let v = self.lines.recv_timeout(Duration::from_secs(10)).unwrap_or_else(|e| panic!("{}: no first use: {e}", self.what));
             assert_eq!(v["result"], "ok", "{}: the connection works before the policy: {v}", self.what);
             self.seen.push(v);
         }
 
         /// Every use, once the probe is done.
-        fn finish(mut self) -> Vec<Value> {
+        pub(super) fn finish(mut self) -> Vec<Value> {
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
                 match self.lines.recv_timeout(Duration::from_millis(500)) {
@@ -648,5 +648,273 @@ mod ipblocks_source_and_open_connections {
         assert!(closed >= 4, "node-b counts the connections it closed: {closed}\n{}", logs(c));
         let out = c.meshctl(1, &["stats"]).unwrap();
         assert!(String::from_utf8_lossy(&out.stdout).contains("policy_closed_connections"), "meshctl stats shows the counter");
+    }
+}
+
+// ---- inbound enforcement / STRICT without holes ----
+//
+// Every connection attempt to a mesh pod is judged, however it arrives (item 1): a plaintext
+// caller from outside the mesh meets the pod's AuthorizationPolicies as a peer without identity,
+// with its real source address. STRICT exempts nothing but the node proxy's own connections and
+// the kubelet's probes of the ports the Pod spec declares (item 2): not a host process on the
+// node (hostNetwork pods, anything SNATed to the node), not IPv6.
+mod inbound {
+    use std::time::Duration;
+
+    use mesh_e2e::{ClusterSpec, SimCluster, bins};
+    use serde_json::Value;
+
+    const T: Duration = Duration::from_secs(30);
+    /// Long enough for an answer on this machine, short enough for a dropped SYN (the kernel
+    /// retries after 1 s) to be seen as one.
+    const CONNECT_MS: &str = "1500";
+
+    fn json(s: &str) -> Value {
+        serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+    }
+
+    fn connect(c: &SimCluster, pod: &str, addr: &str) -> Value {
+        json(&c.probe(pod, &["connect", addr, "--timeout-ms", CONNECT_MS], T).unwrap())
+    }
+
+    fn connect_from_node(c: &SimCluster, node: usize, addr: &str) -> Value {
+        let out = c.run_in_netns(&c.node(node).netns, &bins::path("mesh-probe"), &["connect", addr, "--timeout-ms", CONNECT_MS], T).unwrap();
+        json(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    fn connect_as_kubelet(c: &SimCluster, node: usize, addr: &str) -> Value {
+        let out = c.run_as_kubelet(node, &bins::path("mesh-probe"), &["connect", addr, "--timeout-ms", CONNECT_MS], T).unwrap();
+        json(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    fn ok(r: &Value) -> bool {
+        r["result"] == "ok"
+    }
+
+    fn apply(c: &SimCluster, name: &str, yaml: &str) {
+        c.apply_config(name, yaml).unwrap();
+    }
+
+    /// `mesh` (enrolled): bff on node-a, recall on node-b (7000, and 7100 where its kubelet
+    /// probe is declared); `legacy` (not enrolled): `outsider` on node-a, `neighbour` on node-b.
+    fn cluster() -> SimCluster {
+        let spec = ClusterSpec::new(2)
+            .namespace("mesh", true)
+            .namespace("legacy", false)
+            .pod("bff", "mesh", 0, "bff", 9000)
+            .pod("recall", "mesh", 1, "recall", 7000)
+            .extra_port("recall", "health", 7100)
+            .probe("recall", 7100)
+            .pod("rank", "mesh", 1, "rank", 7200)
+            .pod("outsider", "legacy", 0, "outsider", 9100)
+            .pod("neighbour", "legacy", 1, "neighbour", 9200);
+        let c = SimCluster::start(spec).expect("simulated cluster");
+        c.start_servers().expect("servers");
+        c
+    }
+
+    /// The plaintext connections node-b's metrics report for recall, by `connection_security_policy="none"`
+    /// from an unknown source.
+    fn plaintext_opened(c: &SimCluster) -> u64 {
+        let metrics = c.metrics(1).unwrap();
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .filter(|l| l.contains("reporter=\"destination\"") && l.contains("destination_workload=\"recall\"") && l.contains("source_workload=\"unknown\"") && l.contains("connection_security_policy=\"none\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    fn denied_metric(c: &SimCluster, reason: &str) -> u64 {
+        let metrics = c.metrics(1).unwrap();
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("mesh_inbound_plaintext_denied_total{") && l.contains("destination_workload=\"recall\"") && l.contains(&format!("reason=\"{reason}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    const ONLY_BFF: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-bff, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: recall}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/mesh/sa/bff]}}]
+";
+
+    #[test]
+    fn a_plaintext_caller_from_outside_the_mesh_meets_allow_principals() {
+        let c = cluster();
+        let recall = format!("{}:7000", c.pod("recall").ip);
+        // Before any policy: PERMISSIVE lets plaintext in, and it is counted.
+        assert!(ok(&connect(&c, "outsider", &recall)), "no policy yet");
+        assert!(mesh_e2e::wait_until(Duration::from_secs(5), || plaintext_opened(&c) >= 1), "the plaintext connection is reported by node-b");
+
+        apply(&c, "only-bff.yaml", ONLY_BFF);
+        // Control: bff, through the mesh with its identity.
+        let r = connect(&c, "bff", &recall);
+        assert!(ok(&r), "bff is allowed: {r}");
+        // The attack: straight at the pod IP from outside the mesh, from the other node and from
+        // recall's own node. Before the fix both were answered: no proxy saw them.
+        let denied = c.counter(1, "capture", "authz_denied");
+        let r = connect(&c, "outsider", &recall);
+        assert!(!ok(&r), "a caller without identity passed ALLOW principals: {r}");
+        let r = connect(&c, "neighbour", &recall);
+        assert!(!ok(&r), "a same-node caller without identity passed ALLOW principals: {r}");
+        assert!(c.counter(1, "capture", "authz_denied") >= denied + 2, "refusals counted");
+        assert!(mesh_e2e::wait_until(Duration::from_secs(5), || denied_metric(&c, "authz") >= 2), "refusals reported per workload");
+
+        // Its real source address is what a rule sees: an ipBlocks rule for the outsider
+        // admits it, and only it.
+        let by_ip = format!(
+            "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: outsider-ip, namespace: mesh}}
+spec:
+  selector: {{matchLabels: {{app: recall}}}}
+  action: ALLOW
+  rules:
+  - from: [{{source: {{ipBlocks: [{}/32]}}}}]
+    to: [{{operation: {{ports: ['7000']}}}}]
+",
+            c.pod("outsider").ip
+        );
+        apply(&c, "outsider-ip.yaml", &by_ip);
+        let opened = plaintext_opened(&c);
+        let r = connect(&c, "outsider", &recall);
+        assert!(ok(&r), "the outsider's address is allowed on 7000: {r}");
+        assert!(!ok(&connect(&c, "outsider", &format!("{}:7100", c.pod("recall").ip))), "but only on 7000");
+        assert!(!ok(&connect(&c, "neighbour", &recall)), "the neighbour's address is not allowed");
+        assert!(ok(&connect(&c, "bff", &recall)), "bff still is");
+        assert!(mesh_e2e::wait_until(Duration::from_secs(5), || plaintext_opened(&c) > opened), "the allowed plaintext connection is reported");
+    }
+
+    /// Item 5 for connections no proxy carries: an open plaintext connection the pod's policy
+    /// allowed is cut within a second of a policy that denies it (its packets are dropped).
+    #[test]
+    fn an_open_plaintext_connection_is_cut_when_a_policy_denies_it() {
+        use super::ipblocks_source_and_open_connections::{Hold, now_ms};
+        let c = cluster();
+        let recall = format!("{}:7000", c.pod("recall").ip);
+        let rank = format!("{}:7200", c.pod("rank").ip);
+        let mut denied = [Hold::start(&c, "outsider", "tcp", &recall), Hold::start(&c, "neighbour", "tcp", &recall)];
+        // Control: the same kind of caller to a pod the new policy does not select.
+        let mut allowed = Hold::start(&c, "outsider", "tcp", &rank);
+        for h in denied.iter_mut().chain([&mut allowed]) {
+            h.first_ok();
+        }
+        let cut = c.counter(1, "proxy", "policy_closed_connections");
+        apply(&c, "only-bff.yaml", ONLY_BFF);
+        let applied = now_ms();
+        for h in denied {
+            let what = h.what.clone();
+            let uses = h.finish();
+            let after: Vec<&Value> = uses.iter().filter(|v| v["at_ms"].as_u64().unwrap_or(0) >= applied + 1000).collect();
+            assert!(!after.is_empty(), "{what}: the probe kept trying after the policy: {uses:?}");
+            assert!(after.iter().all(|v| v["result"] != "ok"), "{what}: the open plaintext connection still works 1 s after the policy: {after:?}");
+        }
+        let uses = allowed.finish();
+        assert!(uses.iter().all(|v| v["result"] == "ok"), "the control lost its connection: {uses:?}");
+        assert!(c.counter(1, "proxy", "policy_closed_connections") >= cut + 2, "both cut connections counted");
+        assert!(c.counter(1, "capture", "revoked_drops") > 0, "their packets were dropped");
+        // New ones are refused at the SYN as before, and bff still gets through.
+        assert!(!ok(&connect(&c, "outsider", &recall)));
+        assert!(ok(&connect(&c, "bff", &recall)));
+    }
+
+    #[test]
+    fn strict_refuses_host_processes_and_ipv6_and_lets_only_declared_probes_through() {
+        let c = cluster();
+        let recall = c.pod("recall");
+        let (app, health) = (format!("{}:7000", recall.ip), format!("{}:7100", recall.ip));
+        let app6 = format!("[{}]:7000", recall.ip6);
+        // Before STRICT the node and IPv6 reach the pod: the paths work.
+        assert!(ok(&connect_from_node(&c, 1, &app)), "node -> pod works");
+        assert!(ok(&connect_from_node(&c, 1, &app6)), "node -> pod over IPv6 works");
+
+        apply(&c, "strict.yaml", "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: mesh}\nspec:\n  mtls: {mode: STRICT}\n");
+        assert!(mesh_e2e::wait_until(Duration::from_secs(5), || !ok(&connect_from_node(&c, 1, &app))), "STRICT applies");
+        // Control: the mesh caller, through both proxies (node-b's proxy is trusted by its cgroup).
+        let r = connect(&c, "bff", &app);
+        assert!(ok(&r), "bff through the mesh: {r}");
+        // The attacks. A process on recall's node (a hostNetwork pod), from the node's address:
+        // before the fix every packet from a node address was exempt.
+        let strict = c.counter(1, "capture", "strict_denied");
+        assert!(!ok(&connect_from_node(&c, 1, &app)), "a host process reached a STRICT pod in plaintext");
+        assert!(!ok(&connect_from_node(&c, 1, &health)), "a host process is no kubelet, even on the probe port");
+        // IPv6, which the STRICT program never looked at.
+        let r = connect_from_node(&c, 1, &app6);
+        assert!(!ok(&r), "IPv6 reached a STRICT pod in plaintext: {r}");
+        // Plaintext from outside the mesh, same node and other node.
+        assert!(!ok(&connect(&c, "neighbour", &app)), "a same-node pod outside the mesh");
+        assert!(!ok(&connect(&c, "outsider", &app)), "another node's pod outside the mesh");
+        assert!(c.counter(1, "capture", "strict_denied") >= strict + 5, "each refusal counted");
+        // The kubelet: its probe of the declared port passes; anything else it tries does not.
+        let probes = c.counter(1, "capture", "probes");
+        let r = connect_as_kubelet(&c, 1, &health);
+        assert!(ok(&r), "the kubelet's probe of the declared port: {r}");
+        assert!(c.counter(1, "capture", "probes") > probes);
+        assert!(!ok(&connect_as_kubelet(&c, 1, &app)), "the kubelet on an undeclared port");
+        // The other node's kubelet is a plain node process here.
+        assert!(!ok(&connect_as_kubelet(&c, 0, &health)), "another node's kubelet");
+        // IPv6 still works for pods outside the mesh.
+        assert!(ok(&connect_from_node(&c, 1, &format!("[{}]:9200", c.pod("neighbour").ip6))), "IPv6 to a pod outside the mesh");
+    }
+}
+
+// ---- the seed's policies, for every kind of caller ----
+mod seed_policies {
+    use std::time::Duration;
+
+    use mesh_e2e::{ClusterSpec, SimCluster, bins};
+    use serde_json::Value;
+
+    const T: Duration = Duration::from_secs(30);
+
+    fn seed(file: &str) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/lemo-dev").join(file);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn ok(out: &str) -> bool {
+        serde_json::from_str::<Value>(out.trim()).map(|v| v["result"] == "ok").unwrap_or(false)
+    }
+
+    /// deploy/examples/lemo-dev's PeerAuthentication (STRICT in lemo-dev) and AuthorizationPolicy
+    /// (recall answers only bff's identity), applied unchanged, as its comments promise: "any
+    /// other caller (or a plaintext client outside the mesh) is refused".
+    #[test]
+    fn recall_answers_bff_only_whoever_else_calls() {
+        let spec = ClusterSpec::new(2)
+            .namespace("lemo-dev", true)
+            .namespace("legacy", false)
+            .pod("bff", "lemo-dev", 0, "bff", 8080)
+            .pod("rank", "lemo-dev", 0, "rank", 8082)
+            .pod("recall", "lemo-dev", 1, "recall", 8081)
+            .extra_port("recall", "health", 8091)
+            .probe("recall", 8091)
+            .pod("outsider", "legacy", 0, "outsider", 9100);
+        let c = SimCluster::start(spec).expect("simulated cluster");
+        c.start_servers().expect("servers");
+        c.apply_config("peer-authentication.yaml", &seed("peer-authentication.yaml")).unwrap();
+        c.apply_config("authorization-policy.yaml", &seed("authorization-policy.yaml")).unwrap();
+        let recall = format!("{}:8081", c.pod("recall").ip);
+        let connect = |pod: &str, addr: &str| c.probe(pod, &["connect", addr, "--timeout-ms", "1500"], T).unwrap();
+        let probe = bins::path("mesh-probe");
+        let from_node = |i: usize, addr: &str| String::from_utf8_lossy(&c.run_in_netns(&c.node(i).netns, &probe, &["connect", addr, "--timeout-ms", "1500"], T).unwrap().stdout).into_owned();
+        let kubelet = |i: usize, addr: &str| String::from_utf8_lossy(&c.run_as_kubelet(i, &probe, &["connect", addr, "--timeout-ms", "1500"], T).unwrap().stdout).into_owned();
+
+        assert!(ok(&connect("bff", &recall)), "bff, mTLS with its identity");
+        assert!(!ok(&connect("rank", &recall)), "rank: in the mesh, not bff");
+        assert!(!ok(&connect("outsider", &recall)), "plaintext from outside the mesh");
+        assert!(!ok(&from_node(1, &recall)), "a process on recall's node");
+        assert!(!ok(&from_node(0, &recall)), "a process on the other node");
+        assert!(ok(&kubelet(1, &format!("{}:8091", c.pod("recall").ip))), "the kubelet's declared probe");
+        // STRICT alone (no AuthorizationPolicy on rank): every mesh caller, no plaintext one.
+        let rank = format!("{}:8082", c.pod("rank").ip);
+        assert!(ok(&connect("bff", &rank)), "bff -> rank through the mesh");
+        assert!(!ok(&connect("outsider", &rank)), "plaintext to rank");
     }
 }

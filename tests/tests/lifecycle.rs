@@ -34,6 +34,7 @@ fn echo(name: &str, node: usize) -> PodSpec {
         labels: [("app".to_string(), "echo".to_string())].into(),
         ports: vec![("http".into(), PORT)],
         service_account: None,
+        probe_ports: Vec::new(),
     }
 }
 

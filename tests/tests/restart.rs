@@ -236,7 +236,7 @@ fn restarts_under_load_fail_no_request_and_refuse_no_connection_then_uninstall_l
     // programs detach at once and the pins are gone.
     for i in 0..2 {
         let out = c.uninstall(i).unwrap();
-        assert!(out.contains("4 links detached"), "{out}");
+        assert!(out.contains("5 links detached"), "{out}");
         assert_nothing_left(&c, i);
     }
     // Pods connect as without the mesh: a pod IP directly, the server sees the client itself.
@@ -342,7 +342,7 @@ fn a_successor_that_fails_to_start_hands_the_capture_back() {
     let log = c.proxy_log_plain(0);
     assert!(format!("{err:#}").contains("exited with"), "{err:#}");
     assert!(log.contains("took over the pinned link"), "{log}");
-    assert_eq!(log.matches("start failed: link handed back to the previous program").count(), 4, "{log}");
+    assert_eq!(log.matches("start failed: link handed back to the previous program").count(), 5, "{log}");
     assert_capture_attached(&c, 0);
     let out = c.probe("client", &["who", &format!("{}:7000", c.pod("who-2").ip)], Duration::from_secs(10)).unwrap();
     assert_eq!(out.trim(), "who-2 10.244.1.1", "still captured and proxied");
@@ -376,7 +376,7 @@ fn a_successor_stopped_while_starting_exits_and_hands_the_capture_back() {
     assert!(status.success(), "{status}:\n{}", c.proxy_log(0));
     let log = c.proxy_log_plain(0);
     assert!(log.contains("SIGTERM while starting: giving up the start"), "{log}");
-    assert_eq!(log.matches("start failed: link handed back to the previous program").count(), 4, "{log}");
+    assert_eq!(log.matches("start failed: link handed back to the previous program").count(), 5, "{log}");
     assert_eq!(log.matches("node proxy ready").count(), 1, "only the first proxy got ready: {log}");
     // The running proxy still captures and proxies, and still knows it has no successor.
     assert_capture_attached(&c, 0);

@@ -134,6 +134,14 @@ fn prometheus_scrapes_istio_metrics_under_known_traffic() {
     let prom = Prometheus::start(&c);
     let plog = c.log_dir().join("prometheus/prometheus.log");
 
+    // The 10 failures below are meant to reach the client as they are: without this, Istio's
+    // default retry policy would try each 503 three times (with backoff) and the latency
+    // figures below would measure the retries.
+    c.apply_config(
+        "policy.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: web\n  namespace: demo\nspec:\n  hosts: [web]\n  http:\n  - retries: {attempts: 0}\n    route:\n    - destination: {host: web}\n",
+    )
+    .unwrap();
     // 90 successes paced over 3 s (several scrapes see the rate), then 10 failures, slower.
     let v = http(&c, "http://10.96.0.50/", &["--count", "90", "--rate", "30", "--header", "x-delay-ms: 5"]);
     assert_eq!(v["by_status"]["200"], 90, "{v}");

@@ -3,7 +3,7 @@
 //! Five `recall` pods (HTTP on 8080, 1 KiB answers) on two nodes behind Service `recall`
 //! (port `http` 8081 -> 8080), a `bff` client on node-a. At a fixed rate, three runs:
 //! all pods healthy (the reference), one pod answering 503 to everything with no policy
-//! (Istio defaults: LEAST_REQUEST, default retries, which do not retry 503), and the same with
+//! (Istio defaults: LEAST_REQUEST, default retries, which retry a 503 twice on other pods), and the same with
 //! outlier detection and retries applied.
 use std::{path::Path, time::Duration};
 

@@ -40,6 +40,28 @@ pub fn resolve(cgroup: &Path) -> Result<PathBuf, CaptureError> {
     Ok(path)
 }
 
+/// Where kubelets run, relative to the cgroup2 mount: k3s servers and agents (the kubelet is
+/// part of the k3s process), and a kubelet of its own under systemd.
+pub const KUBELET_CGROUPS: [&str; 3] = ["system.slice/k3s.service", "system.slice/k3s-agent.service", "system.slice/kubelet.service"];
+
+/// The kubelet's cgroup and its id: as configured (`none`: no kubelet), else the first of
+/// [`KUBELET_CGROUPS`] that exists.
+pub fn kubelet(configured: Option<&Path>) -> Result<Option<(PathBuf, u64)>, CaptureError> {
+    let path = match configured {
+        Some(p) if p == Path::new("none") => return Ok(None),
+        Some(p) => resolve(p)?,
+        None => {
+            let mount = cgroup2_mount()?;
+            match KUBELET_CGROUPS.iter().map(|c| mount.join(c)).find(|p| p.join("cgroup.procs").exists()) {
+                Some(p) => p,
+                None => return Ok(None),
+            }
+        }
+    };
+    let id = cgroup_id(&path).map_err(|e| CaptureError::Cgroup { path: path.clone(), reason: e.to_string() })?;
+    Ok(Some((path, id)))
+}
+
 /// The cgroup id the kernel reports from `bpf_get_current_cgroup_id()`: the inode number of the
 /// cgroup's directory in cgroupfs.
 pub fn cgroup_id(path: &Path) -> std::io::Result<u64> {

@@ -10,6 +10,7 @@
 //! again, rather than escaping the mesh's policies).
 pub mod announce;
 pub mod cgroup;
+pub mod inbound;
 mod orig_dst;
 pub mod pin;
 mod view;
@@ -24,15 +25,18 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::{Key, LpmTrie}},
     programs::{CgroupSkb, CgroupSockAddr, SkReuseport, SockOps},
 };
-use mesh_common::{CaptureConfig, DEST_POD_IP, DEST_SERVICE_VIP, MTLS_OPEN, MTLS_STRICT, PodEntry, PodPort, counter};
+use mesh_common::{
+    CaptureConfig, DEST_POD_IP, DEST_SERVICE_VIP, InboundEntry, MTLS_STRICT, PlainConn, PlaintextStats, PodEntry, PodPort, TRUSTED_PROXY, VERDICT_ALLOW,
+    VerdictKey, counter,
+};
 pub use orig_dst::OrigDstTable;
 pub use view::{BpfView, ProgramDesc};
 use tracing::{debug, info, warn};
 
-use crate::config::{Cluster, MtlsMode};
+use crate::config::Cluster;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -54,6 +58,12 @@ pub enum CaptureError {
     NotIpv4(IpAddr),
     #[error(transparent)]
     Pin(#[from] pin::PinError),
+    #[error(
+        "the node proxy does not run under --cgroup {0}: pods could not tell its connections from a host process's (run it as a pod of the cgroup's subtree, as the DaemonSet does under kubepods)"
+    )]
+    OutsideCgroup(PathBuf),
+    #[error("finding the node proxy's own cgroup: {0}")]
+    WhoAmI(std::io::Error),
 }
 
 /// Where captured connections should go, and what to attach to.
@@ -61,6 +71,9 @@ pub enum CaptureError {
 pub struct CaptureOptions {
     /// The cgroup whose subtree holds this node's pods.
     pub cgroup: PathBuf,
+    /// The kubelet's cgroup; `None`: the first of [`cgroup::KUBELET_CGROUPS`] that exists; a
+    /// path `none`: no kubelet probes are let through.
+    pub kubelet_cgroup: Option<PathBuf>,
     /// The node proxy's address as pods reach it.
     pub proxy_ip: IpAddr,
     pub proxy_port: u16,
@@ -72,7 +85,24 @@ pub struct CaptureOptions {
 
 /// The maps a new proxy shares with the one it replaces (everything but the log buffer and
 /// the programs' read-only globals, which belong to each loaded object).
-const SHARED_MAPS: [&str; 8] = ["CONFIG", "ENROLLED", "MESH_DESTS", "SOCK_ORIG", "ORIG_DST", "COUNTERS", "INBOUND_MTLS", "PROXY_SOURCES"];
+const SHARED_MAPS: [&str; 16] = [
+    "CONFIG",
+    "ENROLLED",
+    "MESH_DESTS",
+    "SOCK_ORIG",
+    "ORIG_DST",
+    "COUNTERS",
+    "INBOUND",
+    "VERDICTS",
+    "PLAINTEXT",
+    "TRUSTED_CGROUPS",
+    "SOCK_ROLE",
+    "TRUSTED_CONNS",
+    "PLAIN_PENDING",
+    "PLAIN_CONNS",
+    "REVOKED",
+    "REVOKING",
+];
 
 /// The programs and the cgroup hooks they are linked to.
 const HOOKS: [(&str, u32); 4] = [
@@ -114,8 +144,12 @@ pub struct Capture {
     ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, PodEntry>,
     dests: HashMap<MapData, u32, u8>,
-    inbound_mtls: HashMap<MapData, PodPort, u8>,
-    proxy_sources: HashMap<MapData, u32, u8>,
+    inbound: HashMap<MapData, PodPort, InboundEntry>,
+    verdicts: LpmTrie<MapData, VerdictKey, u8>,
+    plaintext: PerCpuHashMap<MapData, u32, PlaintextStats>,
+    plain_conns: HashMap<MapData, u64, PlainConn>,
+    revoked: HashMap<MapData, u64, u8>,
+    revoking: Array<MapData, u32>,
     counters: Arc<Counters>,
     orig_dst: Arc<OrigDstTable>,
     state: Arc<Mutex<CaptureState>>,
@@ -191,6 +225,8 @@ impl Capture {
         sockops.load().map_err(|source| CaptureError::Program { name: "mesh_sockops", source })?;
         let inbound: &mut CgroupSkb = program(&mut ebpf, "mesh_inbound")?;
         inbound.load().map_err(|source| CaptureError::Program { name: "mesh_inbound", source })?;
+        let kubelet: &mut SockOps = program(&mut ebpf, "mesh_kubelet")?;
+        kubelet.load().map_err(|source| CaptureError::Program { name: "mesh_kubelet", source })?;
         let reuseport: &mut SkReuseport = program(&mut ebpf, "mesh_reuseport")?;
         reuseport.load().map_err(|source| CaptureError::Program { name: "mesh_reuseport", source })?;
         let mut config: Array<MapData, CaptureConfig> = take_map(&mut ebpf, "CONFIG")?;
@@ -206,8 +242,14 @@ impl Capture {
         // Ids first: once taken out of the object, a map's id is out of reach.
         let view_maps = (view::map_id(&ebpf, "ENROLLED"), view::map_id(&ebpf, "MESH_DESTS"));
         let enrolled = take_map(&mut ebpf, "ENROLLED")?;
-        let inbound_mtls = take_map(&mut ebpf, "INBOUND_MTLS")?;
-        let proxy_sources = take_map(&mut ebpf, "PROXY_SOURCES")?;
+        let inbound = take_map(&mut ebpf, "INBOUND")?;
+        let verdicts = take_map(&mut ebpf, "VERDICTS")?;
+        let plaintext = take_map(&mut ebpf, "PLAINTEXT")?;
+        let plain_conns = take_map(&mut ebpf, "PLAIN_CONNS")?;
+        let revoked = take_map(&mut ebpf, "REVOKED")?;
+        let revoking = take_map(&mut ebpf, "REVOKING")?;
+        let mut trusted_cgroups: HashMap<MapData, u64, u8> = take_map(&mut ebpf, "TRUSTED_CGROUPS")?;
+        let mut whoami: HashMap<MapData, u64, u64> = take_map(&mut ebpf, "WHOAMI")?;
         let dests = take_map(&mut ebpf, "MESH_DESTS")?;
         let counters = Arc::new(Counters(take_map(&mut ebpf, "COUNTERS")?));
         let orig_dst = Arc::new(OrigDstTable::new(take_map(&mut ebpf, "ORIG_DST")?));
@@ -222,11 +264,18 @@ impl Capture {
         let mut prog_ids = Vec::new();
         let mut previous = Vec::new();
         let mut took_over = 0;
-        for (name, attach_type) in HOOKS {
+        let kubelet = cgroup::kubelet(opts.kubelet_cgroup.as_deref())?;
+        let kubelet_file = match &kubelet {
+            Some((path, _)) => Some(std::fs::File::open(path).map_err(|e| CaptureError::Cgroup { path: path.clone(), reason: e.to_string() })?),
+            None => None,
+        };
+        let hooks = HOOKS.iter().map(|(name, attach_type)| (*name, *attach_type, cgroup_file.as_fd(), cgroup_id));
+        let kubelet_hook = kubelet_file.as_ref().zip(kubelet.as_ref()).map(|(f, (_, id))| ("mesh_kubelet", pin::BPF_CGROUP_SOCK_OPS, f.as_fd(), *id));
+        for (name, attach_type, cgroup_fd, cgroup_id) in hooks.chain(kubelet_hook) {
             let prog = ebpf.program(name).ok_or(CaptureError::Missing(name))?;
             let prog_fd = prog.fd().map_err(|source| CaptureError::Program { name, source })?;
             let id = prog.info().map_err(|source| CaptureError::Program { name, source })?.id();
-            let (link, setup) = pins.install_link(name, prog_fd.as_fd(), cgroup_file.as_fd(), cgroup_id, attach_type)?;
+            let (link, setup) = pins.install_link(name, prog_fd.as_fd(), cgroup_fd, cgroup_id, attach_type)?;
             match setup {
                 pin::LinkSetup::Created => {
                     debug!(program = name, prog_id = id, "attached");
@@ -243,6 +292,14 @@ impl Capture {
         }
         pins.remove_stale_maps();
         drop(pins);
+        // Before any connection of ours to a pod: STRICT and policy-guarded pods let through
+        // only what the kernel knows to be ours.
+        let own = whoami_probe(&mut whoami).map_err(CaptureError::WhoAmI)?.ok_or_else(|| CaptureError::OutsideCgroup(cgroup_path.clone()))?;
+        trusted_cgroups.insert(own, TRUSTED_PROXY, 0).map_err(|source| CaptureError::Map { name: "TRUSTED_CGROUPS", source })?;
+        match &kubelet {
+            Some((path, _)) => info!(kubelet_cgroup = %path.display(), "kubelet probes: let through to the probe ports pods declare"),
+            None => warn!("no kubelet cgroup (--kubelet-cgroup): probes to STRICT or policy-guarded pods are refused like any plaintext caller"),
+        }
         let start = if took_over > 0 { Start::TookOver } else { Start::Fresh };
         info!(
             cgroup = %cgroup_path.display(),
@@ -258,8 +315,12 @@ impl Capture {
             ebpf,
             enrolled,
             dests,
-            inbound_mtls,
-            proxy_sources,
+            inbound,
+            verdicts,
+            plaintext,
+            plain_conns,
+            revoked,
+            revoking,
             counters,
             orig_dst,
             state,
@@ -361,8 +422,10 @@ impl Capture {
     }
 
     /// Makes the kernel maps match the config: every Service VIP and every enrolled pod's IP is
-    /// a mesh destination; the cgroups of this node's enrolled pods are enrolled.
-    pub fn sync(&mut self, cluster: &Cluster, node: &str) {
+    /// a mesh destination; the cgroups of this node's enrolled pods are enrolled; inbound
+    /// judgements follow the pods' policies. Returns how many open plaintext connections the
+    /// config newly denies (their packets are dropped from now on).
+    pub fn sync(&mut self, cluster: &Cluster, node: &str) -> usize {
         let mut want_dests: BTreeMap<u32, u8> = BTreeMap::new();
         for svc in cluster.services() {
             for ip in &svc.cluster_ips {
@@ -391,14 +454,123 @@ impl Capture {
             }
             enrolled_pods.insert(format!("{}/{}", pod.namespace, pod.name), ids);
         }
-        let (want_mtls, want_sources) = inbound_policy(cluster, node);
-        sync_map(&mut self.inbound_mtls, "INBOUND_MTLS", &want_mtls);
-        sync_map(&mut self.proxy_sources, "PROXY_SOURCES", &want_sources);
-        sync_map(&mut self.dests, "MESH_DESTS", &want_dests);
+        // Enrolled first: the kernel finds an IPv6 caller's pod by its cgroup.
         sync_map(&mut self.enrolled, "ENROLLED", &want_cgroups);
+        let judgements = inbound::compile(cluster, node);
+        self.sync_inbound(&judgements);
+        let revoked = self.revoke_plaintext(&judgements);
+        sync_map(&mut self.dests, "MESH_DESTS", &want_dests);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.enrolled = enrolled_pods;
         state.mesh_destinations = want_dests.len();
+        revoked
+    }
+
+    /// Re-judges the open plaintext connections to this node's mesh pods (the kernel tracks
+    /// those their policy allowed when they opened) against `judgements`: the ones now denied
+    /// are revoked, and the kernel drops their packets. Returns how many are newly revoked.
+    fn revoke_plaintext(&mut self, judgements: &BTreeMap<PodPort, inbound::Judgement>) -> usize {
+        let open: Vec<(u64, PlainConn)> = self.plain_conns.iter().filter_map(Result::ok).collect();
+        let mut want = BTreeMap::new();
+        for (cookie, conn) in &open {
+            let at = |port| PodPort { ip4: conn.pod, port, _pad: 0 };
+            // A pod no longer judged here (gone, or out of the mesh) keeps what it has.
+            let Some(j) = judgements.get(&at(conn.dport)).or_else(|| judgements.get(&at(0))) else { continue };
+            let allowed = j.mode != MTLS_STRICT && j.table.as_ref().is_none_or(|t| inbound::verdict(t, u128::from_be_bytes(conn.src)) == VERDICT_ALLOW);
+            if !allowed {
+                want.insert(*cookie, 1u8);
+            }
+        }
+        let before: BTreeSet<u64> = self.revoked.keys().filter_map(Result::ok).collect();
+        let new = want.keys().filter(|c| !before.contains(c)).count();
+        // The count first when it grows, last when it shrinks: the kernel never skips a
+        // revoked cookie.
+        let count = u32::try_from(want.len()).unwrap_or(u32::MAX);
+        if count > 0 {
+            let _ = self.revoking.set(0, count, 0);
+        }
+        sync_map(&mut self.revoked, "REVOKED", &want);
+        if count == 0 {
+            let _ = self.revoking.set(0, 0, 0);
+        }
+        if new > 0 {
+            info!(connections = new, "policy change: open plaintext connections to local pods now denied; their packets are dropped");
+        }
+        new
+    }
+
+    /// Writes the kernel's inbound judgements: verdict tables first (a class id is a hash of its
+    /// table, so two proxies syncing the same config during a hand-over write the same ids),
+    /// then the pod entries that point at them, then tables no entry uses any more.
+    fn sync_inbound(&mut self, want: &BTreeMap<PodPort, inbound::Judgement>) {
+        let mut ids: BTreeMap<&inbound::Table, u32> = BTreeMap::new();
+        let mut used = BTreeSet::new();
+        for table in want.values().filter_map(|j| j.table.as_ref()) {
+            if ids.contains_key(table) {
+                continue;
+            }
+            let mut id = table_id(table);
+            while id == 0 || used.contains(&id) {
+                id = id.wrapping_add(1);
+            }
+            used.insert(id);
+            ids.insert(table, id);
+        }
+        let mut want_verdicts: BTreeMap<(u32, u8, u128), u8> = BTreeMap::new();
+        for (table, id) in &ids {
+            for (len, bits, verdict) in table.iter() {
+                want_verdicts.insert((*id, *len, *bits), *verdict);
+            }
+        }
+        let have: BTreeMap<(u32, u8, u128), u8> = self
+            .verdicts
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| {
+                let d = k.data();
+                ((u32::from_be(d.class_be), (k.prefix_len() - 32) as u8, u128::from_be_bytes(d.addr)), v)
+            })
+            .collect();
+        let key = |(id, len, bits): (u32, u8, u128)| Key::new(32 + u32::from(len), VerdictKey { class_be: id.to_be(), addr: bits.to_be_bytes() });
+        for (k, v) in &want_verdicts {
+            if have.get(k) != Some(v)
+                && let Err(e) = self.verdicts.insert(&key(*k), *v, 0)
+            {
+                warn!("eBPF map VERDICTS: inserting an entry: {e}");
+            }
+        }
+        let entries: BTreeMap<PodPort, InboundEntry> = want
+            .iter()
+            .map(|(k, j)| {
+                let class = j.table.as_ref().map_or(0, |t| ids[t]);
+                (*k, InboundEntry { class, mode: j.mode, flags: j.flags, _pad: 0 })
+            })
+            .collect();
+        sync_map(&mut self.inbound, "INBOUND", &entries);
+        for k in have.keys().filter(|k| !want_verdicts.contains_key(k)) {
+            if let Err(e) = self.verdicts.remove(&key(*k)) {
+                warn!("eBPF map VERDICTS: removing an entry: {e}");
+            }
+        }
+    }
+
+    /// Plaintext connection attempts judged in the kernel, per local mesh pod (summed over
+    /// CPUs; counts start over when a pod's entry is evicted or the maps are new).
+    pub fn plaintext_counts(&self) -> BTreeMap<Ipv4Addr, PlaintextStats> {
+        self.plaintext
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(ip, per_cpu)| {
+                let mut sum = PlaintextStats::default();
+                for s in per_cpu.iter() {
+                    sum.allowed += s.allowed;
+                    sum.strict_denied += s.strict_denied;
+                    sum.authz_denied += s.authz_denied;
+                    sum.probes += s.probes;
+                }
+                (Ipv4Addr::from(ip.to_ne_bytes()), sum)
+            })
+            .collect()
     }
 
     /// Programs currently loaded by this capture (for tests and `meshctl`).
@@ -407,44 +579,47 @@ impl Capture {
     }
 }
 
-/// PeerAuthentication of this node's mesh pods, pod-wide and per port where a port differs,
-/// and the addresses the node proxy reaches them from (which STRICT pods accept).
-fn inbound_policy(cluster: &Cluster, node: &str) -> (BTreeMap<PodPort, u8>, BTreeMap<u32, u8>) {
-    let mut mtls = BTreeMap::new();
-    let mut sources = BTreeMap::new();
-    if let Some(IpAddr::V4(ip)) = cluster.node(node).map(|n| n.ip) {
-        sources.insert(ip_key(ip), 1);
+/// Asks the kernel which cgroup this process runs in: a socket named in `WHOAMI` by its cookie
+/// is connected (to a closed loopback port), and the capture's connect hook writes the cgroup
+/// it saw. `None` when the hook did not run: the proxy is outside the attach cgroup.
+fn whoami_probe(map: &mut HashMap<MapData, u64, u64>) -> std::io::Result<Option<u64>> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    let value = |m: MtlsMode| if m == MtlsMode::Strict { MTLS_STRICT } else { MTLS_OPEN };
-    for pod in cluster.pods().filter(|p| p.node == node && cluster.is_enrolled(p)) {
-        let IpAddr::V4(ip4) = pod.ip else { continue };
-        let pod_wide = cluster.mtls_mode_for(pod, 0);
-        if pod_wide == MtlsMode::Strict {
-            mtls.insert(PodPort { ip4: ip_key(ip4), port: 0, _pad: 0 }, MTLS_STRICT);
-        }
-        let mut ports: BTreeSet<u16> = pod.container_ports.iter().map(|(_, p)| *p).collect();
-        for pa in cluster.peer_authentications() {
-            ports.extend(pa.port_level_mtls.keys().copied());
-        }
-        for port in ports {
-            let mode = cluster.mtls_mode_for(pod, port);
-            if mode != pod_wide {
-                mtls.insert(PodPort { ip4: ip_key(ip4), port, _pad: 0 }, value(mode));
-            }
-        }
-        if let Some(IpAddr::V4(src)) = source_toward(pod.ip) {
-            sources.insert(ip_key(src), 1);
-        }
+    // SAFETY: a new descriptor nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    if unsafe { libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut cookie).cast(), &mut len) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    (mtls, sources)
+    // The map is this object's own (not shared), so no other proxy's probe is in it.
+    map.insert(cookie, 0, 0).map_err(std::io::Error::other)?;
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 1u16.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([127, 0, 0, 1]) },
+        sin_zero: [0; 8],
+    };
+    // Refused or in progress: either way the connect hook has run.
+    unsafe { libc::connect(sock.as_raw_fd(), (&raw const addr).cast(), std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t) };
+    let seen = map.get(&cookie, 0).map_err(std::io::Error::other);
+    let _ = map.remove(&cookie);
+    Ok(Some(seen?).filter(|id| *id != 0))
 }
 
-/// The source address the kernel picks for connections from this node to `ip` (what a pod
-/// sees as the proxy's address).
-fn source_toward(ip: IpAddr) -> Option<IpAddr> {
-    let sock = std::net::UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), 0)).ok()?;
-    sock.connect((ip, 9)).ok()?;
-    sock.local_addr().ok().map(|a| a.ip())
+/// FNV-1a over the table: the same table gets the same id in every proxy.
+fn table_id(table: &inbound::Table) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for (len, bits, verdict) in table {
+        for b in [*len].iter().chain(&bits.to_be_bytes()).chain([*verdict].iter()) {
+            h ^= u32::from(*b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+    }
+    h
 }
 
 fn ip_key(ip: Ipv4Addr) -> u32 {

@@ -129,6 +129,8 @@ pub(crate) fn pod(pod: k8s::Pod, id: &Ident<'_>, r: &mut Reporter<'_>) -> Option
         }
     }
 
+    let probe_ports = probe_ports(&spec.containers);
+
     let namespace = id.namespace.to_string();
     let name = id.name.to_string();
     let uid = pod
@@ -167,6 +169,7 @@ pub(crate) fn pod(pod: k8s::Pod, id: &Ident<'_>, r: &mut Reporter<'_>) -> Option
             service_account,
             labels: pod.metadata.labels.unwrap_or_default(),
             container_ports,
+            probe_ports,
             host_network: spec.host_network.unwrap_or(false),
             ready,
             terminating: pod.metadata.deletion_timestamp.is_some(),
@@ -506,4 +509,35 @@ mod tests {
         assert_eq!(port_number(65536), None);
         assert_eq!(port_number(-1), None);
     }
+}
+
+/// The ports the kubelet probes (readiness, liveness and startup; HTTP, TCP and gRPC probes), a
+/// named port resolved among its container's ports. A name no port carries is left out: the
+/// kubelet cannot probe it either.
+fn probe_ports(containers: &[k8s_openapi::api::core::v1::Container]) -> Vec<u16> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let mut ports = Vec::new();
+    for c in containers {
+        let probes = [&c.readiness_probe, &c.liveness_probe, &c.startup_probe];
+        for probe in probes.into_iter().flatten() {
+            let named = |port: &IntOrString| match port {
+                IntOrString::Int(n) => port_number(i64::from(*n)),
+                IntOrString::String(name) => c
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|p| p.name.as_deref() == Some(name.as_str()))
+                    .and_then(|p| port_number(i64::from(p.container_port))),
+            };
+            let port = [
+                probe.http_get.as_ref().and_then(|h| named(&h.port)),
+                probe.tcp_socket.as_ref().and_then(|t| named(&t.port)),
+                probe.grpc.as_ref().and_then(|g| port_number(i64::from(g.port))),
+            ];
+            ports.extend(port.into_iter().flatten());
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }

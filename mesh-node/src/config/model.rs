@@ -37,6 +37,9 @@ pub struct Pod {
     pub labels: BTreeMap<String, String>,
     /// `(name, containerPort)` of every container port, in spec order.
     pub container_ports: Vec<(Option<String>, u16)>,
+    /// Ports the kubelet probes (readiness, liveness, startup), sorted: only the kubelet's own
+    /// connections reach them when the pod is STRICT or guarded by an AuthorizationPolicy.
+    pub probe_ports: Vec<u16>,
     /// Host-network pods share their node's IP, so they are exempt from the
     /// unique-IP check and are never mesh workloads of their own.
     pub host_network: bool,

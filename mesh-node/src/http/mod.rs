@@ -1,6 +1,7 @@
 //! The L7 path: a captured connection to an HTTP Service port is served as HTTP/1.1 or HTTP/2,
 //! and each request is routed, balanced, retried and timed out on its own.
 mod actions;
+pub mod grpc;
 pub mod headers;
 pub mod pool;
 mod proxy;

@@ -15,14 +15,14 @@ use tracing::debug;
 
 use super::{
     actions,
-    BoxError, ProxyBody, ServiceTarget, headers, local_reply,
+    BoxError, ProxyBody, ServiceTarget, grpc, headers, local_reply,
     pool::{self, SendError},
     replay::{self, ReplayBody},
     retry::{self, Attempt, RetryPolicy},
     router::{self, RequestInfo, Selected},
 };
 use crate::{
-    balance::{Outcome, hash_key},
+    balance::{ClusterBalancer, Outcome, hash_key},
     config::{Cluster, HashKey, HttpRoute, HttpRouteDestination, Service},
     destination::Destination,
     flags::ResponseFlags,
@@ -256,6 +256,7 @@ async fn forward(
     let max_attempts = if upgrade { 1 } else { 1 + policy.attempts };
     let mut retry_permit = None;
     let mut last_failure: Option<(Attempt, Response<ProxyBody>)> = None;
+    let grpc_request = grpc::is_grpc_request(&parts.headers);
     for attempt in 1..=max_attempts {
         // A fresh body is always replayable; later attempts stop once it outgrew the buffer.
         let Some(body) = first.replay() else { break };
@@ -291,16 +292,30 @@ async fn forward(
                 if let Some(limiter) = &destination.concurrency {
                     limiter.sample(rtt);
                 }
-                destination.balancer.report(addr, Outcome::HttpStatus(status));
-                let grpc = grpc_status(response.headers());
+                let grpc = grpc::status(response.headers());
                 let kind = Attempt::Response { status, grpc };
                 let retry_left = attempt < max_attempts && first.is_replayable();
-                if !(retry_left && policy.should_retry(kind)) {
+                let retry = retry_left && policy.should_retry(kind);
+                // Outlier detection sees a gRPC response's grpc-status as the HTTP status Envoy
+                // maps it to; a response retried away is judged now, by its headers.
+                let judged = grpc::outlier_status_at_headers(grpc_request, status, response.headers(), response.body().is_end_stream());
+                let deferred = match judged {
+                    Some(s) => {
+                        destination.balancer.report(addr, Outcome::HttpStatus(s));
+                        None
+                    }
+                    None if retry => {
+                        destination.balancer.report(addr, Outcome::HttpStatus(status));
+                        None
+                    }
+                    None => Some(Box::new(DeferredOutcome { balancer: destination.balancer.clone(), addr, status })),
+                };
+                if !retry {
                     if attempt > 1 && policy.should_retry(kind) {
                         log.flags.insert(ResponseFlags::RETRY_LIMIT_EXCEEDED);
                     }
                     let guards = Guards { _active: pick.guard, _request: permit, _retry: retry_permit, _concurrency: concurrency_permit };
-                    return Ok(response.map(|b| Guarded { inner: b, _guards: guards }.boxed()));
+                    return Ok(response.map(|b| Guarded { inner: b, outcome: deferred, _guards: guards }.boxed()));
                 }
                 // Drain nothing: dropping the response resets the stream / closes the h1 conn.
                 (kind, None)
@@ -392,10 +407,6 @@ fn upstream_request(parts: &http::request::Parts, body: ReplayBody, version: poo
     req
 }
 
-fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
-}
-
 /// The consistent-hash key of a request, and a cookie to set when the policy generates one.
 fn request_hash(destination: &Destination, parts: &http::request::Parts, peer: SocketAddr) -> (Option<u64>, Option<HeaderValue>) {
     let Some(key) = &destination.hash_key else { return (None, None) };
@@ -452,7 +463,24 @@ fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, response: &mut Response
 /// alive until the body ends or is dropped.
 struct Guarded {
     inner: Incoming,
+    /// A gRPC response that started without a `grpc-status`: judged by its trailers.
+    outcome: Option<Box<DeferredOutcome>>,
     _guards: Guards,
+}
+
+/// Outlier detection's verdict on a streamed gRPC response, given once: the status its trailers'
+/// `grpc-status` maps to, or (no status in trailers, an error, the client gone) the HTTP status
+/// of its headers, what Envoy reports for such a response.
+struct DeferredOutcome {
+    balancer: Arc<ClusterBalancer>,
+    addr: SocketAddr,
+    status: u16,
+}
+
+impl Drop for DeferredOutcome {
+    fn drop(&mut self) {
+        self.balancer.report(self.addr, Outcome::HttpStatus(self.status));
+    }
 }
 
 /// The bookkeeping a response body keeps, released (in this order) when it ends. Plain
@@ -469,7 +497,22 @@ impl Body for Guarded {
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if self.outcome.is_some() {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(trailers) = frame.trailers_ref()
+                        && let Some(mut outcome) = self.outcome.take()
+                    {
+                        outcome.status = grpc::after_trailers(outcome.status, trailers);
+                    }
+                }
+                // The end, or an error: report now rather than when the body is dropped.
+                Poll::Ready(_) => self.outcome = None,
+                Poll::Pending => {}
+            }
+        }
+        polled.map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {

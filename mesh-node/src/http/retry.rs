@@ -9,7 +9,9 @@ use crate::config::{HttpRetry, RetryOn};
 /// What one attempt ended with, as far as retries care.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attempt {
-    /// A response arrived: its status and, for gRPC trailers-only responses, `grpc-status`.
+    /// A response's headers arrived: its status and, for gRPC trailers-only responses,
+    /// `grpc-status`. As in Envoy, gRPC conditions are judged on the headers only: a status in
+    /// trailers after a streamed body comes when the response is already the client's.
     Response { status: u16, grpc: Option<u8> },
     ConnectFailure,
     /// The upstream refused the stream before processing it (HTTP/2 REFUSED_STREAM).
@@ -20,11 +22,7 @@ pub enum Attempt {
     PerTryTimeout,
 }
 
-const GRPC_CANCELLED: u8 = 1;
-const GRPC_DEADLINE_EXCEEDED: u8 = 4;
-const GRPC_RESOURCE_EXHAUSTED: u8 = 8;
-const GRPC_INTERNAL: u8 = 13;
-const GRPC_UNAVAILABLE: u8 = 14;
+use super::grpc::{CANCELLED as GRPC_CANCELLED, DEADLINE_EXCEEDED as GRPC_DEADLINE_EXCEEDED, INTERNAL as GRPC_INTERNAL, RESOURCE_EXHAUSTED as GRPC_RESOURCE_EXHAUSTED, UNAVAILABLE as GRPC_UNAVAILABLE};
 
 /// Istio's default retries, built once: a request borrows its policy instead of copying it.
 static ISTIO_DEFAULT: LazyLock<HttpRetry> = LazyLock::new(HttpRetry::istio_default);
@@ -36,7 +34,9 @@ pub struct RetryPolicy<'a> {
 }
 
 impl<'a> RetryPolicy<'a> {
-    /// The route's `retries`, or Istio's default when the route has none.
+    /// The route's `retries`, or Istio's default when the route has none. As Istio's pilot:
+    /// a `retries` block without `retryOn` keeps the default conditions (and so their retriable
+    /// status 503); one with `retryOn` retries exactly the conditions and statuses it lists.
     pub fn from_route(retries: Option<&'a HttpRetry>) -> Self {
         let r = retries.unwrap_or(&ISTIO_DEFAULT);
         let conditions = if r.retry_on.is_empty() { &ISTIO_DEFAULT.retry_on } else { &r.retry_on };
@@ -93,14 +93,59 @@ mod tests {
     }
 
     #[test]
-    fn istio_default_retries_connect_failures_and_unavailable_only() {
+    fn istio_default_retries_503_connect_failures_and_grpc_unavailable_and_cancelled() {
         let p = RetryPolicy::from_route(None);
         assert_eq!(p.attempts, 2);
         assert!(p.should_retry(Attempt::ConnectFailure));
         assert!(p.should_retry(Attempt::RefusedStream));
         assert!(p.should_retry(Attempt::Response { status: 200, grpc: Some(14) }));
-        assert!(!p.should_retry(Attempt::Response { status: 503, grpc: None }));
+        assert!(p.should_retry(Attempt::Response { status: 200, grpc: Some(1) }));
+        // retriable-status-codes with Istio's RetriableStatusCodes [503].
+        assert!(p.should_retry(Attempt::Response { status: 503, grpc: None }));
+        for status in [500, 502, 504, 429, 404, 200] {
+            assert!(!p.should_retry(Attempt::Response { status, grpc: None }), "{status}");
+        }
+        for grpc in [0, 4, 8, 13] {
+            assert!(!p.should_retry(Attempt::Response { status: 200, grpc: Some(grpc) }), "grpc-status {grpc}");
+        }
         assert!(!p.should_retry(Attempt::Reset));
+        assert!(!p.should_retry(Attempt::PerTryTimeout));
+    }
+
+    #[test]
+    fn a_retries_block_without_retry_on_keeps_the_default_conditions() {
+        let retry = Box::leak(Box::new(HttpRetry { attempts: 5, per_try_timeout: None, retry_on: vec![], retry_remote_localities: false }));
+        let p = RetryPolicy::from_route(Some(retry));
+        assert_eq!(p.attempts, 5);
+        assert!(p.should_retry(Attempt::Response { status: 503, grpc: None }));
+        // attempts: 0 disables retries (Istio sends no retry policy at all).
+        let off = Box::leak(Box::new(HttpRetry { attempts: 0, per_try_timeout: None, retry_on: vec![], retry_remote_localities: false }));
+        assert_eq!(RetryPolicy::from_route(Some(off)).attempts, 0);
+        // An explicit retryOn replaces the default list, 503 included.
+        let p = policy(&[RetryOn::ConnectFailure]);
+        assert!(!p.should_retry(Attempt::Response { status: 503, grpc: None }));
+        assert!(policy(&[RetryOn::Status(503)]).should_retry(Attempt::Response { status: 503, grpc: None }));
+    }
+
+    #[test]
+    fn grpc_conditions_read_the_trailers_only_status() {
+        let cases = [
+            (RetryOn::Cancelled, 1),
+            (RetryOn::DeadlineExceeded, 4),
+            (RetryOn::ResourceExhausted, 8),
+            (RetryOn::Internal, 13),
+            (RetryOn::Unavailable, 14),
+        ];
+        for (cond, code) in cases {
+            let p = policy(&[cond]);
+            assert!(p.should_retry(Attempt::Response { status: 200, grpc: Some(code) }), "{cond} on {code}");
+            for (_, other) in cases.iter().filter(|(_, c)| *c != code) {
+                assert!(!p.should_retry(Attempt::Response { status: 200, grpc: Some(*other) }), "{cond} on {other}");
+            }
+            // A gRPC response that started without a status (the status comes in trailers).
+            assert!(!p.should_retry(Attempt::Response { status: 200, grpc: None }), "{cond}");
+            assert!(!p.should_retry(Attempt::Response { status: 200, grpc: Some(0) }), "{cond}");
+        }
     }
 
     #[test]

@@ -171,6 +171,7 @@ mod tests {
             service_account: app.into(),
             labels: BTreeMap::from([("app".to_string(), app.to_string())]),
             container_ports: vec![],
+            probe_ports: vec![],
             host_network: false,
             ready: true,
             terminating: false,

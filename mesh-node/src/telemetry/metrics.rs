@@ -376,6 +376,17 @@ impl IstioMetrics {
         self.response_bytes.with_label_values(&v).observe(outcome.response_bytes as f64);
     }
 
+    /// Counts `n` TCP connections as opened that no proxy carries (the kernel judged them).
+    pub fn count_tcp_opened(&self, peering: &Peering, flags: &str, n: u64) {
+        let p = peering.values();
+        let mut v: [&str; 19] = [""; 19];
+        v[..16].copy_from_slice(&p);
+        v[16] = "tcp";
+        v[17] = flags;
+        v[18] = peering.security.as_str();
+        self.tcp_opened.with_label_values(&v).inc_by(n);
+    }
+
     /// Counts a TCP connection as opened and returns its series.
     pub fn open_tcp(&self, peering: &Peering, flags: &str) -> TcpSeries {
         let p = peering.values();

@@ -10,6 +10,7 @@ pub mod connections;
 pub mod mesh_metrics;
 pub mod metrics;
 pub mod otlp;
+pub mod plaintext;
 pub mod propagation;
 pub mod request;
 pub mod server;
@@ -71,6 +72,7 @@ pub struct Telemetry {
     mtls: bool,
     registry: Registry,
     metrics: Option<metrics::IstioMetrics>,
+    plaintext: Option<plaintext::PlaintextMetrics>,
     workloads: workload::WorkloadCache,
     access_log: access_log::AccessLog,
     tracer: Option<trace::Tracer>,
@@ -84,13 +86,13 @@ impl Telemetry {
             return Err(TelemetryError::Sampling(opts.trace_sampling));
         }
         let registry = Registry::new();
-        let metrics = match opts.metrics {
+        let (metrics, plaintext) = match opts.metrics {
             Some(_) => {
                 registry.register(Box::new(mesh_metrics::OUTLIER_EJECTIONS.clone()))?;
                 registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
-                Some(metrics::IstioMetrics::register(&registry)?)
+                (Some(metrics::IstioMetrics::register(&registry)?), Some(plaintext::PlaintextMetrics::register(&registry)?))
             }
-            None => None,
+            None => (None, None),
         };
         let tracer = match &opts.otlp_endpoint {
             Some(endpoint) => {
@@ -108,6 +110,7 @@ impl Telemetry {
             mtls,
             registry,
             metrics,
+            plaintext,
             workloads,
             access_log: access_log::AccessLog::new(opts.access_log),
             tracer,
@@ -158,6 +161,14 @@ impl Telemetry {
             if removed > 0 {
                 info!(removed, "metrics: dropped the series of workloads no longer in the config");
             }
+        }
+    }
+
+    /// Turns the kernel's counts of plaintext connection attempts to this node's mesh pods into
+    /// series (see [`plaintext`]).
+    pub fn plaintext_inbound(&self, counts: &std::collections::BTreeMap<std::net::Ipv4Addr, mesh_common::PlaintextStats>) {
+        if let (Some(istio), Some(p)) = (&self.metrics, &self.plaintext) {
+            p.record(istio, &self.workloads.get(&self.cluster()), counts);
         }
     }
 

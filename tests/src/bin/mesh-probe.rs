@@ -268,7 +268,8 @@ fn http(args: http_client::HttpArgs) -> io::Result<bool> {
 // ---------- server ----------
 
 fn serve(name: &str, port: u16) -> io::Result<bool> {
-    let listener = TcpListener::bind(("0.0.0.0", port))?;
+    // Dual-stack: IPv4 callers arrive as ::ffff:a.b.c.d (answered as a.b.c.d), IPv6 ones too.
+    let listener = TcpListener::bind(("::", port))?;
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let name = name.to_string();
@@ -289,7 +290,7 @@ fn handle(conn: TcpStream, name: &str) -> io::Result<()> {
     let mut out = conn;
     match words.next() {
         Some("WHO") => {
-            writeln!(out, "{name} {}", peer.ip())?;
+            writeln!(out, "{name} {}", peer.ip().to_canonical())?;
             out.shutdown(Shutdown::Write)?;
         }
         Some("ECHO") => {

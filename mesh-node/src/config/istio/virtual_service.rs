@@ -179,6 +179,8 @@ impl HttpRetry {
                 RetryOn::Unavailable,
                 RetryOn::Cancelled,
                 RetryOn::RetriableStatusCodes,
+                // Istio's `RetriableStatusCodes: [503]`, what `retriable-status-codes` retries.
+                RetryOn::Status(503),
             ],
             retry_remote_localities: false,
         }
