@@ -23,6 +23,13 @@ enum Command {
         /// needs peer identities is then a problem.
         #[arg(long)]
         insecure_plaintext_tunnels: bool,
+        /// Exit non-zero when the directory holds objects of kinds the mesh does not apply
+        /// (ServiceEntry, Sidecar, Gateway, ...); they are always listed.
+        #[arg(long)]
+        strict: bool,
+        /// Istio's root namespace (mesh-wide policies, fallback DestinationRules).
+        #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = mesh_node::config::ROOT_NAMESPACE)]
+        root_namespace: String,
     },
     /// Run the mesh CA: signs workload certificates for node proxies over gRPC (TLS).
     Ca(mesh_node::ca::CaArgs),
@@ -37,6 +44,9 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// Istio's root namespace (mesh-wide policies, fallback DestinationRules).
+    #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = mesh_node::config::ROOT_NAMESPACE)]
+    root_namespace: String,
     /// Config directory, watched for changes.
     #[arg(long, env = "MESH_CONFIG_DIR", required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
     config: Option<PathBuf>,
@@ -184,18 +194,37 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Validate { dir, insecure_plaintext_tunnels } => match Cluster::load_dir_in(&dir, validate_mode(insecure_plaintext_tunnels)) {
+        Command::Validate { dir, insecure_plaintext_tunnels, strict, root_namespace } => {
+            mesh_node::config::set_root_namespace(&root_namespace);
+            match Cluster::load_dir_in(&dir, validate_mode(insecure_plaintext_tunnels)) {
             Ok(cluster) => {
                 // Valid and applied, but not as written: said, without failing the check.
                 for w in cluster.warnings() {
                     eprintln!("warning: {w}");
                 }
+                // Kinds the mesh does not apply: listed, and an error with --strict.
+                let label = if strict { "error" } else { "warning" };
+                for u in cluster.unapplied() {
+                    eprintln!("{label}: {u}");
+                }
+                if strict && !cluster.unapplied().is_empty() {
+                    eprintln!(
+                        "{}: {} object(s) of kinds not applied by mesh (--strict)",
+                        dir.display(),
+                        cluster.unapplied().len()
+                    );
+                    return ExitCode::FAILURE;
+                }
                 println!(
-                    "{}: ok ({} nodes, {} pods, {} services)",
+                    "{}: ok ({} nodes, {} pods, {} services{})",
                     dir.display(),
                     cluster.nodes().count(),
                     cluster.pods().count(),
-                    cluster.services().count()
+                    cluster.services().count(),
+                    match cluster.unapplied().len() {
+                        0 => String::new(),
+                        n => format!("; {n} object(s) not applied by mesh"),
+                    }
                 );
                 ExitCode::SUCCESS
             }
@@ -203,8 +232,10 @@ fn main() -> ExitCode {
                 eprintln!("{e}");
                 ExitCode::FAILURE
             }
-        },
+            }
+        }
         Command::Run(args) => {
+            mesh_node::config::set_root_namespace(&args.root_namespace);
             let kubernetes = if !args.kubernetes {
                 None
             } else {

@@ -6,7 +6,7 @@
 //! `/log_level`.
 mod bpf;
 mod certs;
-mod config_errors;
+pub(crate) mod config_errors;
 pub mod log_level;
 mod reply;
 mod routes;
@@ -140,6 +140,7 @@ async fn admin(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Respons
         "/config_errors" => {
             let mut errors = config_errors::config_errors(state.held_back.as_ref(), SystemTime::now());
             errors["warnings"] = config_errors::warnings(&state.proxy.cluster());
+            errors["not_applied"] = config_errors::not_applied(&state.proxy.cluster());
             json(errors)
         }
         "/clusters" => json(state.proxy.destinations.snapshot()),

@@ -22,7 +22,7 @@ pub fn routes(state: &AdminState, service: Option<&str>) -> Result<Value, String
 fn service_routes(cluster: &Cluster, svc: &Service) -> Value {
     let mut http = Vec::new();
     let mut tcp = Vec::new();
-    for vs in cluster.virtual_services_for(svc) {
+    for vs in cluster.virtual_services_for(svc, None) {
         let source = format!("{}/{}", vs.namespace, vs.name);
         http.extend(vs.http.iter().map(|r| http_route(&source, r)));
         tcp.extend(vs.tcp.iter().map(|r| tcp_route(&source, r)));
@@ -33,7 +33,7 @@ fn service_routes(cluster: &Cluster, svc: &Service) -> Value {
         // DestinationRule policy.
         "http": http,
         "tcp": tcp,
-        "destination_rule": cluster.destination_rule_for(svc).map(rule_summary),
+        "destination_rule": cluster.destination_rule_for(svc, None).map(rule_summary),
     })
 }
 

@@ -78,7 +78,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
             connect_and_pipe(client, peer, &endpoint, &caller, timeout, &ctx, route).await;
         }
         TcpTarget::Cluster(key) => {
-            let destination = match ctx.destinations.resolve(&cluster, &key, false) {
+            let destination = match ctx.destinations.resolve(&cluster, &key, source.map(|p| p.namespace.as_str()), false) {
                 Ok(d) => d,
                 Err(e) => {
                     ctx.stats.outbound_no_route.inc();

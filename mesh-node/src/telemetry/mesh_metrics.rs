@@ -58,6 +58,28 @@ impl MeshCollector {
         c.collect().pop().expect("a counter collects one family")
     }
 
+    /// Objects in the live config of kinds the mesh does not apply (ServiceEntry, Gateway,
+    /// ...), by kind; `changes_routing` marks kinds that route mesh traffic in Istio.
+    fn not_applied(&self) -> Option<MetricFamily> {
+        let cluster = self.sources.config.borrow().clone();
+        let gauge = prometheus::IntGaugeVec::new(
+            Opts::new("mesh_config_not_applied_objects", "Objects of kinds the mesh does not apply (ServiceEntry, Sidecar, Gateway, ...), by kind"),
+            &["kind", "changes_routing"],
+        )
+        .ok()?;
+        for u in cluster.unapplied() {
+            gauge.with_label_values(&[u.kind.as_str(), if u.changes_routing { "true" } else { "false" }]).inc();
+        }
+        // An empty family still names the metric, so dashboards see 0 rather than nothing.
+        gauge.collect().pop().or_else(|| {
+            let mut family = MetricFamily::default();
+            family.set_name("mesh_config_not_applied_objects".into());
+            family.set_help("Objects of kinds the mesh does not apply (ServiceEntry, Sidecar, Gateway, ...), by kind".into());
+            family.set_field_type(prometheus::proto::MetricType::GAUGE);
+            Some(family)
+        })
+    }
+
     fn certificate_expiry(&self) -> Option<MetricFamily> {
         let tls = self.sources.tls.as_ref()?;
         let cluster = self.sources.config.borrow().clone();
@@ -101,6 +123,7 @@ impl Collector for MeshCollector {
             }
         }
         out.extend(self.certificate_expiry());
+        out.extend(self.not_applied());
         out
     }
 }

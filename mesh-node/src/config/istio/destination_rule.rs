@@ -21,6 +21,9 @@ pub struct DestinationRule {
     pub export_to: Vec<String>,
     /// The mesh's own extensions, from `metadata.annotations["mesh.io/*"]`.
     pub mesh: MeshPolicy,
+    /// `metadata.creationTimestamp` (seconds since the epoch); breaks ties between equally
+    /// specific rules of one namespace (the older wins). `None` orders first.
+    pub created: Option<i64>,
 }
 
 /// Options Istio's schema has no field for, set by annotations on the DestinationRule and
@@ -196,8 +199,8 @@ pub struct TcpSettings {
 }
 
 /// `None` fields: unlimited, except `idle_timeout` (1h in Istio).
-/// `maxConcurrentStreams` is not supported. `useClientProtocol` is accepted
-/// either way and not modelled: the proxy always speaks the client's protocol.
+/// `maxConcurrentStreams` is not supported. `useClientProtocol: true` is what the proxy always
+/// does (forward in the client's HTTP version); `false` is refused.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HttpSettings {
     pub http1_max_pending_requests: Option<u32>,
@@ -207,6 +210,8 @@ pub struct HttpSettings {
     pub max_retries: Option<u32>,
     pub idle_timeout: Option<Duration>,
     pub h2_upgrade_policy: H2UpgradePolicy,
+    /// `useClientProtocol: true`: requests go upstream in the client's HTTP version.
+    pub use_client_protocol: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -247,10 +252,10 @@ pub struct ClientTls {
     pub mode: TlsMode,
 }
 
-/// SIMPLE and MUTUAL (TLS to an external server) are not supported.
+/// Only ISTIO_MUTUAL, which is how the proxy always reaches mesh pods (HBONE tunnels with the
+/// workloads' certificates; refused without a CA). DISABLE, SIMPLE and MUTUAL are refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsMode {
-    Disable,
     IstioMutual,
 }
 
@@ -302,6 +307,7 @@ pub(crate) fn convert(
         subsets,
         export_to: common::export_to(r, &root.key("exportTo"), &spec.export_to),
         mesh: mesh_policy(r, annotations, spec),
+        created: None,
     }
 }
 
@@ -610,6 +616,7 @@ fn connection_pool(
                 }
                 Some(raw::H2UpgradePolicy::DoNotUpgrade) => H2UpgradePolicy::DoNotUpgrade,
             },
+            use_client_protocol: h.use_client_protocol == Some(true),
         }
     });
     ConnectionPool { tcp, http }
@@ -673,10 +680,9 @@ fn client_tls(r: &mut Reporter<'_>, path: &FieldPath, tls: &raw::ClientTls) -> O
             r.at(&path.key("mode"), "is required");
             return None;
         }
-        Some(raw::TlsMode::Disable) => TlsMode::Disable,
         Some(raw::TlsMode::IstioMutual) => TlsMode::IstioMutual,
         // Reported by `unsupported`.
-        Some(raw::TlsMode::Simple | raw::TlsMode::Mutual) => return None,
+        Some(raw::TlsMode::Disable | raw::TlsMode::Simple | raw::TlsMode::Mutual) => return None,
     };
     Some(ClientTls { mode })
 }

@@ -194,9 +194,7 @@ pub struct HttpSettings {
     pub max_retries: Option<i64>,
     pub idle_timeout: Option<DurationText>,
     pub h2_upgrade_policy: Option<H2UpgradePolicy>,
-    /// Either value is accepted and none is read: the proxy always speaks the
-    /// client's protocol. Typed so that a non-boolean is still an error.
-    #[allow(dead_code)]
+    /// `true` is what the proxy always does; `false` is refused (`unsupported`).
     pub use_client_protocol: Option<bool>,
     pub max_concurrent_streams: Option<Ignored>,
 }

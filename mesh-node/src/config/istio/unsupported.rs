@@ -171,13 +171,24 @@ fn policy_parts(
         }
         let set = http.max_concurrent_streams.is_some();
         reject(r, &path, &[("maxConcurrentStreams", set)]);
+        if http.use_client_protocol == Some(false) {
+            r.at(
+                &path.key("useClientProtocol"),
+                "false is not supported (the proxy always forwards a request in the HTTP version the client used, which is what true asks for: set true or leave it out)",
+            );
+        }
     }
     if let Some(tls) = tls {
         let path = path.key("tls");
+        const ORIGINATION: &str = "TLS origination to a server of its own is not implemented; between mesh pods the proxy always uses mutual TLS (ISTIO_MUTUAL)";
         match tls.mode {
-            Some(raw::TlsMode::Simple) => reject_value(r, &path.key("mode"), "SIMPLE"),
-            Some(raw::TlsMode::Mutual) => reject_value(r, &path.key("mode"), "MUTUAL"),
-            Some(raw::TlsMode::Disable | raw::TlsMode::IstioMutual) | None => {}
+            Some(raw::TlsMode::Simple) => r.at(&path.key("mode"), format!("SIMPLE is not supported ({ORIGINATION})")),
+            Some(raw::TlsMode::Mutual) => r.at(&path.key("mode"), format!("MUTUAL is not supported ({ORIGINATION})")),
+            Some(raw::TlsMode::Disable) => r.at(
+                &path.key("mode"),
+                "DISABLE is not supported (traffic between mesh pods always goes through mutual TLS tunnels (HBONE), as in Istio ambient, and traffic to pods outside the mesh is plaintext already: remove tls, or use ISTIO_MUTUAL)",
+            ),
+            Some(raw::TlsMode::IstioMutual) | None => {}
         }
         reject(
             r,

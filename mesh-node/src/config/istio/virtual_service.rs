@@ -23,6 +23,9 @@ pub struct VirtualService {
     pub http: Vec<HttpRoute>,
     /// `tls` routes are not supported.
     pub tcp: Vec<TcpRoute>,
+    /// `metadata.creationTimestamp` (seconds since the epoch): of two VirtualServices for one
+    /// host, the older wins (Istio). `None` (no timestamp, as in hand-written files) is oldest.
+    pub created: Option<i64>,
 }
 
 impl VirtualService {
@@ -320,6 +323,17 @@ pub(crate) fn convert(
     unsupported::virtual_service(r, spec);
     let root = FieldPath::root();
     let mesh_bound = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == "mesh");
+    if !mesh_bound {
+        // Istio: a VirtualService bound only to (ingress/egress) gateways does not apply to
+        // mesh traffic, and mesh traffic is all this proxy serves.
+        r.warn(
+            &root.key("gateways"),
+            format!(
+                "bound only to gateway(s) {} (not \"mesh\"): not applied by mesh, which routes mesh traffic only (add \"mesh\" to apply it to mesh traffic too)",
+                spec.gateways.join(", ")
+            ),
+        );
+    }
     if spec.hosts.is_empty() {
         r.at(&root.key("hosts"), "at least one host is required");
     }
@@ -367,6 +381,7 @@ pub(crate) fn convert(
         export_to: common::export_to(r, &root.key("exportTo"), &spec.export_to),
         http,
         tcp,
+        created: None,
     }
 }
 
