@@ -7,6 +7,7 @@
 mod bpf;
 mod certs;
 pub(crate) mod config_errors;
+mod describe;
 pub mod log_level;
 mod reply;
 mod routes;
@@ -114,7 +115,7 @@ impl AdminState {
 }
 
 const ENDPOINTS: &str = "endpoints: /status /config_dump /config_status /config_errors /workloads /services /endpoints?service=NS/NAME \
-/routes[?service=NS/NAME] /certs /connections /bpf /stats /clusters /log_level (GET; POST ?level=LEVEL) /ready\n";
+/routes[?service=NS/NAME] /describe?from=NS/POD&host=HOST[:PORT] /certs /connections /bpf /stats /clusters /log_level (GET; POST ?level=LEVEL) /ready\n";
 
 async fn admin(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
@@ -151,6 +152,9 @@ async fn admin(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Respons
             None => error(StatusCode::BAD_REQUEST, "/endpoints needs ?service=NAMESPACE/NAME"),
         },
         "/routes" => routes::routes(&state, query_param(&query, "service").as_deref()).map(json).unwrap_or_else(|e| error(StatusCode::NOT_FOUND, e)),
+        "/describe" => describe::describe(&state, query_param(&query, "from").as_deref(), query_param(&query, "host").as_deref())
+            .map(json)
+            .unwrap_or_else(|e| error(StatusCode::BAD_REQUEST, e)),
         "/certs" => json(certs::certs(&state).await),
         "/bpf" => json(bpf::bpf(&state)),
         "/connections" => json(json!({"node": state.node, "connections": state.proxy.telemetry.live_connections()})),

@@ -124,7 +124,7 @@ pub fn endpoints(state: &AdminState, spec: &str) -> Result<Value, String> {
     Ok(json!({"service": format!("{}/{}", svc.namespace, svc.name), "clusters": clusters}))
 }
 
-fn live_endpoint(e: &Value) -> Value {
+pub(super) fn live_endpoint(e: &Value) -> Value {
     let ejected = e["ejected"].as_bool().unwrap_or(false);
     json!({
         "addr": e["addr"], "pod": e["pod"], "node": e["node"],
