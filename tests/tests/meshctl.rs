@@ -277,6 +277,7 @@ fn describe_explains_the_seed_canary() {
     c.apply_config("virtual-services.yaml", &seed("virtual-services.yaml")).unwrap();
 
     let table = ok(&c, NODE_A, &["describe", "lemo-dev/bff", "recall:50051"]);
+    eprintln!("{table}");
     for want in [
         "VirtualService lemo-dev/recall",
         "x-canary",

@@ -131,6 +131,44 @@ fn destination<'a>(cluster: &'a Cluster, host: &str, client_ns: &str) -> Result<
     Ok((svc, port))
 }
 
+/// The settings a connection pool sets, as Istio names them.
+fn pool_summary(c: &crate::config::ConnectionPool) -> String {
+    let d = |x: std::time::Duration| format!("{}s", x.as_secs_f64());
+    let mut parts = Vec::new();
+    if let Some(t) = &c.tcp {
+        if let Some(n) = t.max_connections {
+            parts.push(format!("tcp.maxConnections {n}"));
+        }
+        if let Some(x) = t.connect_timeout {
+            parts.push(format!("tcp.connectTimeout {}", d(x)));
+        }
+        if let Some(x) = t.idle_timeout {
+            parts.push(format!("tcp.idleTimeout {}", d(x)));
+        }
+    }
+    if let Some(h) = &c.http {
+        if let Some(n) = h.http1_max_pending_requests {
+            parts.push(format!("http.http1MaxPendingRequests {n}"));
+        }
+        if let Some(n) = h.http2_max_requests {
+            parts.push(format!("http.http2MaxRequests {n}"));
+        }
+        if let Some(n) = h.max_requests_per_connection {
+            parts.push(format!("http.maxRequestsPerConnection {n}"));
+        }
+        if let Some(n) = h.max_retries {
+            parts.push(format!("http.maxRetries {n}"));
+        }
+        if let Some(x) = h.idle_timeout {
+            parts.push(format!("http.idleTimeout {}", d(x)));
+        }
+        if h.use_client_protocol {
+            parts.push("http.useClientProtocol true".into());
+        }
+    }
+    if parts.is_empty() { "set, every field at its default".into() } else { parts.join(", ") }
+}
+
 fn rule_origin(r: &DestinationRule, client_ns: &str, svc_ns: &str) -> &'static str {
     if r.namespace == client_ns {
         "client namespace"
@@ -172,7 +210,7 @@ fn upstream(state: &AdminState, cluster: &Cluster, svc: &Service, port: u16, sub
             })),
         },
         "connection_pool": {
-            "value": p.connection_pool.as_ref().map_or_else(|| json!("unlimited (Istio default)"), |c| json!(format!("{c:?}"))),
+            "value": p.connection_pool.as_ref().map_or_else(|| json!("unlimited (Istio default)"), |c| json!(pool_summary(c))),
             "origin": from_rule(p.connection_pool.is_some()),
         },
     });
