@@ -28,7 +28,7 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    tokio::io::copy_bidirectional_with_sizes(a, b, 64 * 1024, 64 * 1024).await
+    tokio::io::copy_bidirectional_with_sizes(a, b, PIPE_BUFFER, PIPE_BUFFER).await
 }
 
 /// Closes a client connection with a reset, so a refused connection fails at once instead of
@@ -37,3 +37,7 @@ pub fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
 }
+
+/// Each direction's copy buffer of an L4 pipe. Every open pipe holds two: part of what the
+/// memory budget (`--memory-budget-mib`) divides into connection caps.
+pub const PIPE_BUFFER: usize = 16 * 1024;
