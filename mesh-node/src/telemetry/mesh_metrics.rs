@@ -116,6 +116,11 @@ impl Collector for MeshCollector {
             Self::counter("mesh_config_reloads_total", "Config snapshots loaded", stats.config_reloads.get()),
             Self::counter("mesh_policy_closed_connections_total", "Open connections closed because a policy change denies them", stats.policy_closed_connections.get()),
             Self::counter("mesh_config_errors_total", "Config changes rejected by validation", CONFIG_ERRORS.load(Ordering::Relaxed)),
+            Self::counter(
+                "mesh_metric_series_overflow_total",
+                "Requests not recorded in the Istio metrics because they would open a series past the per-proxy cap",
+                super::metrics::SERIES_OVERFLOW.load(Ordering::Relaxed),
+            ),
         ];
         if let Some(capture) = &self.sources.capture {
             for (name, value) in capture.read() {
