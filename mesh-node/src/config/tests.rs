@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::*;
 
 mod authorization;
+mod conformance;
 mod endpoints;
 mod lookup;
 
