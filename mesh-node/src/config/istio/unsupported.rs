@@ -3,7 +3,9 @@
 //! applied in their most restrictive reading and reported as warnings, see
 //! `authorization_policy::l7_fields`): each one found is reported as
 //! `<field.path>: not supported by mesh` (or `<VALUE> is not supported by mesh`
-//! for an enum value), and the converters leave these fields out of the model.
+//! for an enum value, and `not supported by mesh (<why, or what to write instead>)` where
+//! there is something to say), and the converters leave these fields out of the model.
+//! docs/conformance.md lists every field with what the proxy does and its test.
 //!
 //! The raw layer accepts these fields (most typed `raw::Ignored`) only so they
 //! are named here rather than reported as unknown. To support one, convert it

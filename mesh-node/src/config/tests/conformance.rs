@@ -547,30 +547,42 @@ fn vs_route_weight() {
     assert_eq!(route.effective_weights(), [90, 10]);
 }
 
+/// `set`, `add` and `remove` of `request` and `response`, as the model holds them, and what
+/// they do to a header map (the proxy applies both with `http::headers::apply`).
+fn assert_header_operations(headers: &Headers) {
+    let map = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
+    assert_eq!(headers.request, HeaderOperations { set: map(&[("x-a", "1")]), add: map(&[("x-b", "2")]), remove: vec!["x-c".into()] });
+    assert_eq!(headers.response, HeaderOperations { set: map(&[("x-d", "4")]), add: map(&[("x-e", "5")]), remove: vec!["server".into()] });
+    for ops in [&headers.request, &headers.response] {
+        let mut m = http::HeaderMap::new();
+        for name in ["x-a", "x-b", "x-c", "x-d", "x-e", "server"] {
+            m.insert(name, "old".parse().expect("value"));
+        }
+        crate::http::headers::apply(ops, &mut m);
+        for (name, value) in &ops.set {
+            assert_eq!(m.get_all(name.as_str()).iter().map(|v| v.as_bytes()).collect::<Vec<_>>(), [value.as_bytes()], "set replaces");
+        }
+        for (name, value) in &ops.add {
+            assert_eq!(m.get_all(name.as_str()).iter().map(|v| v.as_bytes()).collect::<Vec<_>>(), [&b"old"[..], value.as_bytes()], "add appends");
+        }
+        for name in &ops.remove {
+            assert!(m.get(name.as_str()).is_none(), "remove");
+        }
+    }
+}
+
+const HEADERS: &str = "{request: {set: {x-a: \"1\"}, add: {x-b: \"2\"}, remove: [x-c]}, response: {set: {x-d: \"4\"}, add: {x-e: \"5\"}, remove: [server]}}";
+
 #[test]
 fn vs_route_destination_headers() {
-    let route = http_route(
-        "{route: [{destination: {host: rank}, headers: {request: {set: {x-to: rank}}, response: {remove: [server]}}}]}",
-    );
-    let headers = route.route[0].headers.clone().expect("headers");
-    assert_eq!(headers.request.set.get("x-to").map(String::as_str), Some("rank"));
-    assert_eq!(headers.response.remove, ["server"]);
+    let route = http_route(&format!("{{route: [{{destination: {{host: rank}}, headers: {HEADERS}}}]}}"));
+    assert_header_operations(route.route[0].headers.as_ref().expect("headers"));
 }
 
 #[test]
 fn vs_headers() {
-    let route = http_route(&format!(
-        "{{{TO_RANK}, headers: {{request: {{set: {{x-a: \"1\"}}, add: {{x-b: \"2\"}}, remove: [x-c]}}, response: {{set: {{x-d: \"4\"}}}}}}}}"
-    ));
-    let headers = route.headers.expect("headers");
-    let mut map = http::HeaderMap::new();
-    map.insert("x-b", "0".parse().expect("value"));
-    map.insert("x-c", "gone".parse().expect("value"));
-    crate::http::headers::apply(&headers.request, &mut map);
-    assert_eq!(map.get("x-a").map(|v| v.as_bytes()), Some(&b"1"[..]));
-    assert_eq!(map.get_all("x-b").iter().count(), 2, "add appends");
-    assert!(map.get("x-c").is_none());
-    assert_eq!(headers.response.set.get("x-d").map(String::as_str), Some("4"));
+    let route = http_route(&format!("{{{TO_RANK}, headers: {HEADERS}}}"));
+    assert_header_operations(route.headers.as_ref().expect("headers"));
 }
 
 #[test]
@@ -1043,6 +1055,13 @@ fn every_row_names_a_test_that_exists() {
         }
     }
     assert!(rows > 100, "only {rows} rows");
+    // The README's summary counts the same rows.
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    assert!(readme.contains(&format!("one row per field ({rows} rows)")), "README row count is not {rows}");
+    for status in ["applied", "applied, more restrictive", "no effect by design", "refused"] {
+        let n = table.lines().filter(|l| l.contains(&format!(" | **{status}**"))).count();
+        assert!(readme.contains(&format!("| {status} | {n} |")), "README count of {status} is not {n}");
+    }
     let mut cited = table.clone();
     cited.push_str("every_row_names_a_test_that_exists");
     for name in here.split("#[test]\nfn ").skip(1).filter_map(|t| t.split('(').next()) {
