@@ -84,6 +84,16 @@ struct RunArgs {
     /// Upstream connect timeout, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     connect_timeout_ms: u64,
+    /// Memory the node proxy may spend on connections, in MiB (the DaemonSet's limit is
+    /// 256Mi): the connection caps of the outbound and inbound listeners derive from it.
+    #[arg(long, default_value_t = 192, value_parser = clap::value_parser!(u64).range(16..))]
+    memory_budget_mib: u64,
+    /// Connections open at once per data listener [default: from --memory-budget-mib].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: Option<u32>,
+    /// Of those, from one source address [default: a quarter of --max-connections].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_source: Option<u32>,
     /// Log level of the eBPF programs: off, error, warn, info, debug, trace.
     #[arg(long, default_value = "warn", value_parser = parse_bpf_level)]
     bpf_log_level: u8,
@@ -259,6 +269,9 @@ fn main() -> ExitCode {
                 admin: args.admin,
                 readiness: args.readiness,
                 connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+                memory_budget_mib: args.memory_budget_mib,
+                max_connections: args.max_connections.map(|n| n as usize),
+                max_connections_per_source: args.max_connections_per_source.map(|n| n as usize),
                 bpf_log_level: args.bpf_log_level,
                 config_poll: Duration::from_millis(args.config_poll_ms),
                 ca: match (args.ca_address, args.ca_root, args.node_token_file) {

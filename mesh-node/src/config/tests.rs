@@ -1156,3 +1156,33 @@ fn mesh_annotations_on_destination_rules() {
         assert_problems(&[("smart.yaml", doc)], &want);
     }
 }
+
+#[test]
+fn hash_tables_above_the_cap_are_refused_by_field() {
+    let dr = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {namespace: lemo-dev, name: rank}
+spec:
+  host: rank
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpHeaderName: x-user
+        ringHash: {minimumRingSize: 8388608}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      loadBalancer:
+        consistentHash:
+          httpHeaderName: x-user
+          maglev: {tableSize: 1048573}
+"#;
+    let problems = problems_with(&[("dr.yaml", dr)]);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].ends_with("trafficPolicy.loadBalancer.consistentHash.ringHash.minimumRingSize: 8388608 is over the node proxy's cap of 1048576 entries per upstream cluster (memory is shared by every workload of the node)"),
+        "{problems:?}"
+    );
+}

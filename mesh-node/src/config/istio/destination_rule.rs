@@ -537,8 +537,16 @@ fn consistent_hash(
         );
         return None;
     };
+    // Each table is built per upstream cluster by any tenant's rule: its size is capped
+    // (ring entries take 16 bytes, Maglev slots 4), with an error rather than a silent clamp.
     let ring = |r: &mut Reporter<'_>, p: &FieldPath, v: Option<i64>| {
-        common::int_in(r, p, v, 0, i64::from(u32::MAX)).map(u64::from)
+        if let Some(v) = v
+            && v > MAX_HASH_TABLE_SIZE
+        {
+            r.at(p, format!("{v} is over the node proxy's cap of {MAX_HASH_TABLE_SIZE} entries per upstream cluster (memory is shared by every workload of the node)"));
+            return None;
+        }
+        common::int_in(r, p, v, 0, MAX_HASH_TABLE_SIZE).map(u64::from)
     };
     let algorithms = [
         ch.minimum_ring_size.is_some(),
@@ -571,6 +579,11 @@ fn consistent_hash(
     };
     Some(ConsistentHash { key, algorithm })
 }
+
+/// The largest `minimumRingSize` / `maglev.tableSize` a rule may ask for: 2^20 entries (a
+/// 16 MiB ring, a 4 MiB Maglev table per upstream cluster). Envoy's own ceiling is 8M ring
+/// entries; a node proxy shared by every workload of the node cannot give one tenant that.
+pub const MAX_HASH_TABLE_SIZE: i64 = 1 << 20;
 
 fn connection_pool(
     r: &mut Reporter<'_>,
