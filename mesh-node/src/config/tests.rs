@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::*;
 
 mod authorization;
+mod conformance;
 mod endpoints;
 mod lookup;
 
@@ -569,7 +570,7 @@ fn structural_errors_name_the_field_path() {
     let cases: &[(&str, &str)] = &[
         (
             "spec:\n  host: recall\n  trafficPolicy:\n    loadBalancer:\n      simpel: RANDOM\n",
-            "trafficPolicy.loadBalancer.simpel: unknown field (expected one of: simple, consistentHash, warmupDurationSecs, warmup, localityLbSetting)",
+            "trafficPolicy.loadBalancer.simpel: unknown field (expected one of: simple, consistentHash, warmupDurationSecs, warmup, localityLbSetting, zoneAwareLbSetting)",
         ),
         (
             "spec:\n  host: recall\n  trafficPolicy:\n    loadBalancer:\n      simple: FASTEST\n",
