@@ -117,6 +117,11 @@ impl Collector for MeshCollector {
             Self::counter("mesh_policy_closed_connections_total", "Open connections closed because a policy change denies them", stats.policy_closed_connections.get()),
             Self::counter("mesh_config_errors_total", "Config changes rejected by validation", CONFIG_ERRORS.load(Ordering::Relaxed)),
             Self::counter(
+                "mesh_replay_budget_exhausted_total",
+                "Requests that stopped being buffered for retries because the node-wide replay budget was spent",
+                crate::http::replay::BUDGET_EXHAUSTED.load(Ordering::Relaxed),
+            ),
+            Self::counter(
                 "mesh_metric_series_overflow_total",
                 "Requests not recorded in the Istio metrics because they would open a series past the per-proxy cap",
                 super::metrics::SERIES_OVERFLOW.load(Ordering::Relaxed),
