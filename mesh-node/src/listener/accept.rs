@@ -56,22 +56,31 @@ pub struct Acceptor {
     logged: LogLimiter,
 }
 
-/// Says yes at most once per [`LOG_EVERY`] per source address, so one misbehaving peer cannot
-/// flood the log.
+/// Says yes at most once per [`LOG_EVERY`] per source address and kind of event, so one
+/// misbehaving peer cannot flood the log while each different thing it does is still said.
 #[derive(Default)]
-pub struct LogLimiter(Mutex<HashMap<IpAddr, Instant>>);
+pub struct LogLimiter(Mutex<HashMap<(IpAddr, u64), Instant>>);
 
 impl LogLimiter {
     pub fn should_log(&self, source: IpAddr) -> bool {
+        self.should_log_kind(source, "")
+    }
+
+    /// `kind` tells events of one source apart (e.g. the reason a handshake failed).
+    pub fn should_log_kind(&self, source: IpAddr, kind: &str) -> bool {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::hash::DefaultHasher::new();
+        kind.hash(&mut h);
+        let key = (source, h.finish());
         let mut logged = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         if logged.len() > 4096 {
             logged.retain(|_, at| now.duration_since(*at) < LOG_EVERY);
         }
-        match logged.get(&source) {
+        match logged.get(&key) {
             Some(at) if now.duration_since(*at) < LOG_EVERY => false,
             _ => {
-                logged.insert(source, now);
+                logged.insert(key, now);
                 true
             }
         }

@@ -48,7 +48,7 @@ pub async fn serve(listener: super::accept::Acceptor, ctx: Arc<ProxyContext>) {
                 Some(tls) => {
                     let Ok(handshake) = handshakes.try_acquire() else {
                         ctx.stats.inbound_handshakes_over_cap.inc();
-                        if failures.should_log(peer.ip()) {
+                        if failures.should_log_kind(peer.ip(), "handshakes over cap") {
                             warn!(%peer, "inbound: {MAX_HANDSHAKES} TLS handshakes in progress: refused (logged once per source per interval)");
                         }
                         return upstream::reset(stream);
@@ -58,7 +58,7 @@ pub async fn serve(listener: super::accept::Acceptor, ctx: Arc<ProxyContext>) {
                     match accepted {
                     Err(_) => {
                         ctx.stats.inbound_tls_refused.inc();
-                        if failures.should_log(peer.ip()) {
+                        if failures.should_log_kind(peer.ip(), "handshake timeout") {
                             warn!(%peer, "inbound: TLS handshake not completed within {TLS_HANDSHAKE_TIMEOUT:?} (logged once per source per interval)");
                         }
                     }
@@ -68,7 +68,7 @@ pub async fn serve(listener: super::accept::Acceptor, ctx: Arc<ProxyContext>) {
                     }
                     Ok(Err(e)) => {
                         ctx.stats.inbound_tls_refused.inc();
-                        if failures.should_log(peer.ip()) {
+                        if failures.should_log_kind(peer.ip(), &e.to_string()) {
                             warn!(%peer, "inbound: TLS refused: {e} (logged once per source per interval)");
                         }
                     }
