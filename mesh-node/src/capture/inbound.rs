@@ -42,7 +42,7 @@ pub fn compile(cluster: &Cluster, node: &str) -> BTreeMap<PodPort, Judgement> {
     let port_level: BTreeSet<u16> = cluster.peer_authentications().flat_map(|pa| pa.port_level_mtls.keys().copied()).collect();
     for pod in cluster.pods().filter(|p| p.node == node && cluster.is_enrolled(p)) {
         let IpAddr::V4(ip4) = pod.ip else { continue };
-        let key = |port| PodPort { ip4: u32::from_ne_bytes(ip4.octets()), port, _pad: 0 };
+        let key = |port| PodPort { ip4: super::ip_key(ip4), port, _pad: 0 };
         let policies = cluster.authorization_policies_for(pod);
         let named = policy_ports(&policies);
         let blocks = address_blocks(&policies);

@@ -628,7 +628,7 @@ fn table_id(table: &inbound::Table) -> u32 {
     h
 }
 
-fn ip_key(ip: Ipv4Addr) -> u32 {
+pub(crate) fn ip_key(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 

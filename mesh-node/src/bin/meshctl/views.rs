@@ -54,21 +54,9 @@ pub fn routes(v: &Value) -> String {
         let mut t = Table::new(&["  #", "KIND", "VIRTUALSERVICE", "MATCH", "ROUTE"]);
         for (kind, list) in [("http", &s["http"]), ("tcp", &s["tcp"])] {
             for (i, r) in items(list).enumerate() {
-                let matches: Vec<String> = items(&r["match"])
-                    .map(|m| match m["conditions"].as_array() {
-                        Some(c) if !c.is_empty() => c.iter().map(cell).collect::<Vec<_>>().join(" && "),
-                        Some(_) => "*".into(),
-                        None => m.to_string(),
-                    })
-                    .collect();
-                let route: Vec<String> = items(&r["route"])
-                    .map(|d| {
-                        let subset = d["subset"].as_str().map(|s| format!(" subset {s}")).unwrap_or_default();
-                        format!("{}{subset} {}%", cell(&d["host"]), d["weight"])
-                    })
-                    .collect();
-                let route = if route.is_empty() { r["redirect"].as_str().map(|x| format!("redirect {x}")).unwrap_or("-".into()) } else { route.join(", ") };
-                t.row(vec![format!("  {}", i + 1), kind.into(), cell(&r["virtual_service"]), if matches.is_empty() { "*".into() } else { matches.join(" || ") }, route]);
+                let (matches, route) = (route_matches(r), route_destinations(r));
+                let route = if route.is_empty() { r["redirect"].as_str().map(|x| format!("redirect {x}")).unwrap_or("-".into()) } else { route };
+                t.row(vec![format!("  {}", i + 1), kind.into(), cell(&r["virtual_service"]), matches, route]);
             }
         }
         if t.is_empty() {
@@ -321,32 +309,20 @@ pub fn describe(v: &Value) -> String {
             }
             let mut t = Table::new(&["  #", "MATCH", "ROUTE", "TIMEOUT", "RETRIES"]);
             for (i, r) in items(&v["http_routes"]).enumerate() {
-                let matches: Vec<String> = items(&r["match"])
-                    .map(|m| match m["conditions"].as_array() {
-                        Some(c) if !c.is_empty() => c.iter().map(cell).collect::<Vec<_>>().join(" && "),
-                        _ => "*".into(),
-                    })
-                    .collect();
-                let route: Vec<String> = items(&r["route"])
-                    .map(|d| {
-                        let subset = d["subset"].as_str().map(|s| format!(" subset {s}")).unwrap_or_default();
-                        format!("{}{subset} {}%", cell(&d["host"]), d["weight"])
-                    })
-                    .collect();
+                let (matches, route) = (route_matches(r), route_destinations(r));
                 let t_out = &r["effective_timeout"];
                 let retry = &r["effective_retries"];
                 let retries = format!("{} x [{}] ({})", retry["attempts"], items(&retry["retry_on"]).map(cell).collect::<Vec<_>>().join(","), cell(&retry["origin"]));
                 t.row(vec![
                     format!("  {}", i + 1),
-                    if matches.is_empty() { "*".into() } else { matches.join(" || ") },
-                    if route.is_empty() { "-".into() } else { route.join(", ") },
+                    matches,
+                    if route.is_empty() { "-".into() } else { route },
                     format!("{} ({})", cell(&t_out["value"]), cell(&t_out["origin"])),
                     retries,
                 ]);
             }
             for (i, r) in items(&v["tcp_routes"]).enumerate() {
-                let route: Vec<String> = items(&r["route"]).map(|d| format!("{} {}%", cell(&d["host"]), d["weight"])).collect();
-                t.row(vec![format!("  tcp {}", i + 1), "*".into(), route.join(", "), "-".into(), "-".into()]);
+                t.row(vec![format!("  tcp {}", i + 1), "*".into(), route_destinations(r), "-".into(), "-".into()]);
             }
             out.push_str(&t.render());
         }
@@ -391,5 +367,28 @@ pub fn describe(v: &Value) -> String {
         }
     }
     out
+}
+
+/// A route's match blocks as `a && b || c` (`*` when it matches everything).
+fn route_matches(r: &Value) -> String {
+    let blocks: Vec<String> = items(&r["match"])
+        .map(|m| match m["conditions"].as_array() {
+            Some(c) if !c.is_empty() => c.iter().map(cell).collect::<Vec<_>>().join(" && "),
+            Some(_) => "*".into(),
+            None => m.to_string(),
+        })
+        .collect();
+    if blocks.is_empty() { "*".into() } else { blocks.join(" || ") }
+}
+
+/// A route's destinations as `host subset s W%, ...` (empty when it has none, e.g. a redirect).
+fn route_destinations(r: &Value) -> String {
+    let dests: Vec<String> = items(&r["route"])
+        .map(|d| {
+            let subset = d["subset"].as_str().map(|s| format!(" subset {s}")).unwrap_or_default();
+            format!("{}{subset} {}%", cell(&d["host"]), d["weight"])
+        })
+        .collect();
+    dests.join(", ")
 }
 
