@@ -151,7 +151,7 @@ fn measure(c: &SimCluster, p: &Path4, seconds: u64) -> anyhow::Result<Value> {
     c.probe(p.client, &["rr", &p.target, "--rate", "500", "--seconds", "1", "--conns", "4"], timeout)?;
     let proxies: Vec<u32> = p.groups.iter().flat_map(|g| g.1.iter().copied()).collect();
     let tunneled_before = c.counter(0, "proxy", "outbound_tunneled");
-    let meter = CpuMeter::start(&proxies);
+    let meter = CpuMeter::start_in(&proxies, Some(&c.root_cgroup));
     let (rr, tunnels) = with_tunnel_samples(c, seconds, || {
         c.probe(p.client, &["rr", &p.target, "--rate", &RATE.to_string(), "--seconds", &seconds.to_string(), "--conns", "4", "--size", "1024"], timeout)
     });

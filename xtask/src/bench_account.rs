@@ -14,7 +14,13 @@
 //! it), so what a mode adds shows as the difference to the no-mesh run of the same phase,
 //! including kernel work outside the proxies (iptables and conntrack for sidecars, eBPF and
 //! softirq for the mesh). Proxy CPU is the processes' own utime + stime (`/proc/PID/stat`).
-use std::{collections::BTreeMap, fs, os::unix::fs::MetadataExt as _, time::Instant};
+use std::{
+    collections::BTreeMap,
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
 use serde_json::{Value, json};
 
@@ -100,16 +106,16 @@ impl Accounting {
         Self { groups: groups.iter().map(|(n, p)| group_mem(n, p)).collect() }
     }
     pub fn node_mib(&self) -> f64 {
-        self.groups.iter().map(|g| g.node_mib).sum()
+        self.groups.iter().map(|g| g.node_mib).fold(0.0, |a, b| a + b)
     }
     pub fn rss_mib(&self) -> f64 {
-        self.groups.iter().map(|g| g.rss_mib).sum()
+        self.groups.iter().map(|g| g.rss_mib).fold(0.0, |a, b| a + b)
     }
     pub fn pss_mib(&self) -> f64 {
-        self.groups.iter().map(|g| g.pss_mib).sum()
+        self.groups.iter().map(|g| g.pss_mib).fold(0.0, |a, b| a + b)
     }
     pub fn private_mib(&self) -> f64 {
-        self.groups.iter().map(|g| g.private_mib).sum()
+        self.groups.iter().map(|g| g.private_mib).fold(0.0, |a, b| a + b)
     }
     pub fn to_json(&self) -> Value {
         json!({
@@ -133,6 +139,10 @@ impl Accounting {
     }
 }
 
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
 /// `/proc/stat`'s all-CPU line: (busy ticks = user+nice+system+irq+softirq, user+nice, system,
 /// irq+softirq).
 fn node_ticks() -> [u64; 4] {
@@ -145,11 +155,19 @@ fn node_ticks() -> [u64; 4] {
     [user + system + irq, user, system, irq]
 }
 
-/// Node and process CPU over a phase.
+/// CPU seconds a cgroup (v2, with its descendants) has used: `cpu.stat`'s usage_usec, which
+/// cgroup v2 keeps without the cpu controller.
+fn cgroup_cpu_seconds(cgroup: &Path) -> Option<f64> {
+    let stat = fs::read_to_string(cgroup.join("cpu.stat")).ok()?;
+    stat.lines().find_map(|l| l.strip_prefix("usage_usec ")).and_then(|v| v.trim().parse::<f64>().ok()).map(|us| us / 1e6)
+}
+
+/// Node and process CPU over a phase (and a cgroup's, when given: the simulated cluster's).
 pub struct CpuMeter {
     pids: Vec<u32>,
     node0: [u64; 4],
     proc0: f64,
+    cgroup: Option<(PathBuf, f64)>,
     t0: Instant,
 }
 
@@ -163,18 +181,25 @@ pub struct CpuUse {
     pub node_irq_vcpu: f64,
     pub proc_vcpu: f64,
     pub proc_cpu_s: f64,
+    /// The cgroup's CPU (every process of the simulated cluster), vCPU.
+    pub cluster_vcpu: Option<f64>,
 }
 
 impl CpuMeter {
     pub fn start(pids: &[u32]) -> Self {
-        Self { pids: pids.to_vec(), node0: node_ticks(), proc0: cpu_seconds(pids), t0: Instant::now() }
+        Self::start_in(pids, None)
+    }
+    pub fn start_in(pids: &[u32], cgroup: Option<&Path>) -> Self {
+        let cgroup = cgroup.and_then(|c| Some((c.to_path_buf(), cgroup_cpu_seconds(c)?)));
+        Self { pids: pids.to_vec(), node0: node_ticks(), proc0: cpu_seconds(pids), cgroup, t0: Instant::now() }
     }
     pub fn stop(&self) -> CpuUse {
         let wall = self.t0.elapsed().as_secs_f64().max(1e-9);
         let n = node_ticks();
         let d = |i: usize| n[i].saturating_sub(self.node0[i]) as f64 / clk_tck() / wall;
         let proc_cpu_s = cpu_seconds(&self.pids) - self.proc0;
-        CpuUse { wall_s: wall, node_vcpu: d(0), node_user_vcpu: d(1), node_system_vcpu: d(2), node_irq_vcpu: d(3), proc_vcpu: proc_cpu_s / wall, proc_cpu_s }
+        let cluster_vcpu = self.cgroup.as_ref().and_then(|(c, c0)| Some((cgroup_cpu_seconds(c)? - c0) / wall));
+        CpuUse { wall_s: wall, node_vcpu: d(0), node_user_vcpu: d(1), node_system_vcpu: d(2), node_irq_vcpu: d(3), proc_vcpu: proc_cpu_s / wall, proc_cpu_s, cluster_vcpu }
     }
 }
 
@@ -188,6 +213,8 @@ impl CpuUse {
             "node_irq_softirq_vcpu": self.node_irq_vcpu,
             "proxy_vcpu": self.proc_vcpu,
             "proxy_cpu_s": self.proc_cpu_s,
+            "cluster_vcpu": self.cluster_vcpu,
+            "node_saturated": self.node_vcpu >= 0.9 * cpus() as f64,
         })
     }
 }
@@ -273,7 +300,7 @@ impl Target {
             if self.at_most { "<=" } else { ">=" },
             self.limit,
             self.unit,
-            verdict(self.met()),
+            if s.n == 0 { "NOT MEASURED" } else { verdict(self.met()) },
             self.margin(),
             self.unit,
             self.repeats_met(),
@@ -291,6 +318,8 @@ impl Target {
             "at_most": self.at_most,
             "met": self.met(),
             "margin": f(self.margin()),
+            "unit": self.unit,
+            "digits": self.digits,
         })
     }
 }

@@ -197,7 +197,7 @@ fn run_in(json_out: &Path, opts: &Opts, envoy: &Path, work: &Path) -> anyhow::Re
             // Warm up connections and caches.
             with(&["--rate", "500", "--count", "500"])?;
             let count = (RATE * opts.seconds).to_string();
-            let meter = CpuMeter::start(&t.pids());
+            let meter = CpuMeter::start_in(&t.pids(), Some(&c.root_cgroup));
             let lat = with(&["--rate", &RATE.to_string(), "--count", &count])?;
             let cpu = meter.stop();
             let requests = lat["requests"].as_u64().unwrap_or(0).max(1);
