@@ -186,9 +186,6 @@ pub struct CpuUse {
 }
 
 impl CpuMeter {
-    pub fn start(pids: &[u32]) -> Self {
-        Self::start_in(pids, None)
-    }
     pub fn start_in(pids: &[u32], cgroup: Option<&Path>) -> Self {
         let cgroup = cgroup.and_then(|c| Some((c.to_path_buf(), cgroup_cpu_seconds(c)?)));
         Self { pids: pids.to_vec(), node0: node_ticks(), proc0: cpu_seconds(pids), cgroup, t0: Instant::now() }
