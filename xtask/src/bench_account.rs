@@ -2,7 +2,7 @@
 //! proxies' own, medians and spread over repeats, and targets that can fail.
 //!
 //! Memory. Per process, from `/proc/PID/smaps_rollup`: RSS, PSS and USS (private: Private_Clean +
-//! Private_Dirty). Per simulated node (or the control plane, as its own group), what the node
+//! Private_Dirty). Per simulated node (the mesh CA counted on the node it runs on), what the node
 //! pays: the private memory of every mesh process on it, plus one copy of each binary's shared
 //! pages. A binary's shared pages are approximated as the largest `RSS - USS` among the group's
 //! processes of that executable (same file: device and inode of `/proc/PID/exe`). That
