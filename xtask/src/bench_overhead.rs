@@ -1076,7 +1076,8 @@ fn markdown(r: &Value) -> String {
         show(&q["added_p50"], 3, 1.0)
     );
     s.push_str("Targets (median over repeats [min-max], margin on the good side):\n\n");
-    for (_, t) in r["targets"].as_object().into_iter().flatten() {
+    let order = ["memory_ratio", "idle_proxy_rss_mib", "node_cpu_ratio", "cluster_cpu_ratio", "proxy_cpu_ratio", "added_p99_ratio", "partial_failure_success"];
+    for t in order.iter().map(|k| &r["targets"][*k]).filter(|t| t.is_object()) {
         let pct = t["target"].as_f64().is_some_and(|x| x > 0.99 && x < 1.0);
         let (digits, scale, unit) = if pct { (2, 100.0, "%") } else { (t["digits"].as_u64().unwrap_or(3) as usize, 1.0, t["unit"].as_str().unwrap_or("")) };
         let measured = t["spread"]["n"].as_u64().unwrap_or(0);
