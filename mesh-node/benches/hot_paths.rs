@@ -217,7 +217,7 @@ fn route_name(selected: Selected<'_>) -> &str {
 fn route_match(c: &mut Criterion) {
     let cluster = cluster(VIRTUAL_SERVICE);
     let svc = service(&cluster);
-    let vss: Vec<&VirtualService> = cluster.virtual_services_for(svc);
+    let vss: Vec<&VirtualService> = cluster.virtual_services_for(svc, None);
     assert_eq!(vss.len(), 1);
     assert_eq!(vss[0].http.len(), 10);
     let cases = [
@@ -252,7 +252,7 @@ fn route_match(c: &mut Criterion) {
     }
     // What the proxy does before `select` on every request: the Service's VirtualServices.
     group.bench_function("virtual_services_for", |b| {
-        b.iter(|| cluster.virtual_services_for(black_box(svc)).len())
+        b.iter(|| cluster.virtual_services_for(black_box(svc), None).len())
     });
     group.finish();
 }
@@ -279,7 +279,7 @@ fn destination_policy(
     );
     let c = cluster(&dr);
     let rule = c
-        .destination_rule_for(service(&c))
+        .destination_rule_for(service(&c), None)
         .expect("DestinationRule");
     let policy = rule.traffic_policy.clone().unwrap_or_default().for_port(80);
     (
@@ -465,7 +465,7 @@ fn outlier(c: &mut Criterion) {
 
 fn header_handling(c: &mut Criterion) {
     let cluster = cluster(VIRTUAL_SERVICE);
-    let vss = cluster.virtual_services_for(service(&cluster));
+    let vss = cluster.virtual_services_for(service(&cluster), None);
     let route: &HttpRoute = vss[0]
         .http
         .iter()

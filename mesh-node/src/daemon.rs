@@ -46,6 +46,13 @@ pub struct Options {
     pub admin: SocketAddr,
     pub readiness: SocketAddr,
     pub connect_timeout: Duration,
+    /// Memory the node proxy may spend on connections and their buffers, in MiB; the data
+    /// listeners' connection caps derive from it unless given.
+    pub memory_budget_mib: u64,
+    /// Connections open at once per data listener (outbound, inbound); `None`: from the budget.
+    pub max_connections: Option<usize>,
+    /// Of those, per source address; `None`: a quarter of `max_connections`.
+    pub max_connections_per_source: Option<usize>,
     pub bpf_log_level: u8,
     pub config_poll: Duration,
     /// Workload certificates from this CA; without one, tunnels are plaintext, which needs
@@ -282,6 +289,10 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
     let inbound_addr = SocketAddr::new(unspecified, opts.inbound_port);
     let outbound = bind(outbound_addr, "outbound")?;
     let inbound = bind(inbound_addr, "inbound")?;
+    // The admin API can change the daemon (log level) and shows every workload: loopback only.
+    if !opts.admin.ip().is_loopback() {
+        anyhow::bail!("--admin {}: the admin API listens on loopback only (127.0.0.1 or ::1); reach it from elsewhere through `kubectl port-forward`", opts.admin);
+    }
     let admin_listener = bind(opts.admin, "admin")?;
     let readiness = bind(opts.readiness, "readiness")?;
     let metrics = opts.telemetry.metrics.map(|addr| bind(addr, "metrics").map(|s| (addr, s))).transpose()?;
@@ -394,14 +405,20 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
         held_back,
     });
     // Each task owns its listener: aborting it closes the listener.
+    let caps = data_caps(opts);
+    // A quarter of the budget for request bodies kept for retries, node-wide.
+    crate::http::replay::set_budget(opts.memory_budget_mib * 1024 * 1024 / 4);
+    info!(total = caps.total, per_source = caps.per_source, budget_mib = opts.memory_budget_mib, "connection caps per data listener");
+    let accept = |name, l, caps, refused: fn(&crate::stats::ProxyStats) -> &crate::stats::Counter| listener::accept::Acceptor::new(name, l, caps, stats.clone(), refused);
+    let small = listener::accept::Caps::SMALL;
     let mut tasks = vec![
-        tokio::spawn(listener::outbound::serve(outbound, ctx.clone())),
-        tokio::spawn(listener::inbound::serve(inbound, ctx.clone())),
-        tokio::spawn(admin::serve_admin(admin_listener, admin_state.clone())),
-        tokio::spawn(admin::serve_readiness(readiness, admin_state.clone())),
+        tokio::spawn(listener::outbound::serve(accept("outbound", outbound, caps, |s| &s.outbound_over_cap), ctx.clone())),
+        tokio::spawn(listener::inbound::serve(accept("inbound", inbound, caps, |s| &s.inbound_over_cap), ctx.clone())),
+        tokio::spawn(admin::serve_admin(accept("admin", admin_listener, small, |s| &s.endpoints_over_cap), admin_state.clone())),
+        tokio::spawn(admin::serve_readiness(accept("readiness", readiness, small, |s| &s.endpoints_over_cap), admin_state.clone())),
     ];
     if let Some((addr, metrics)) = metrics {
-        let metrics = listen(metrics, "metrics")?;
+        let metrics = accept("metrics", listen(metrics, "metrics")?, small, |s| &s.endpoints_over_cap);
         tasks.push(tokio::spawn(telemetry::server::serve(metrics, telemetry.clone())));
         info!(%addr, "metrics on /metrics");
     }
@@ -525,4 +542,11 @@ fn release(capture: Capture) {
         Ok(Release::Detached { links, maps }) => info!(links, maps, "no successor: capture detached and unpinned"),
         Err(e) => warn!("detaching the capture: {e} (run `mesh-node uninstall`)"),
     }
+}
+
+/// The data listeners' connection caps: as given, or from the memory budget.
+fn data_caps(opts: &Options) -> listener::accept::Caps {
+    let budget = listener::accept::Caps::from_budget(opts.memory_budget_mib);
+    let total = opts.max_connections.unwrap_or(budget.total);
+    listener::accept::Caps { total, per_source: opts.max_connections_per_source.unwrap_or((total / 4).max(1)) }
 }

@@ -58,6 +58,10 @@ pub enum DestinationError {
 pub struct Destination {
     pub key: DestinationKey,
     pub name: String,
+    /// The namespace of the clients this was resolved for (`None`: callers that are not pods).
+    pub client_namespace: Option<String>,
+    /// The DestinationRule applied (`namespace/name`), if any.
+    pub rule: Option<String>,
     pub endpoints: Vec<Endpoint>,
     pub policy: TrafficPolicy,
     pub balancer: Arc<ClusterBalancer>,
@@ -79,7 +83,8 @@ pub struct Destinations {
     /// without building (allocating) a [`DestinationKey`]; entries: (http2, generation, cluster).
     cache: Mutex<HashMap<u64, Vec<(bool, u64, Arc<Destination>)>>>,
     balancers: Balancers,
-    limits: Mutex<HashMap<(DestinationKey, bool), Arc<Limits>>>,
+    /// By (key, DestinationRule from the client's own namespace, http2).
+    limits: Mutex<HashMap<(DestinationKey, Option<String>, bool), Arc<Limits>>>,
     /// By Service (namespace, name): one bucket per Service on the node.
     rate_limits: Mutex<HashMap<(String, String), Arc<TokenBucket>>>,
     /// By Service (namespace, name): one adaptive concurrency limiter per Service on the node.
@@ -88,12 +93,15 @@ pub struct Destinations {
 
 impl Destinations {
     /// `http2`: whether requests to this cluster go over HTTP/2 (the limits differ).
-    pub fn resolve(&self, cluster: &Cluster, key: &DestinationKey, http2: bool) -> Result<Arc<Destination>, DestinationError> {
-        self.resolve_parts(cluster, &key.namespace, &key.service, key.port, key.subset.as_deref(), http2)
+    /// `client_ns`: the calling pod's namespace (`None` when the caller is not a known pod),
+    /// which decides the DestinationRule (Istio's lookup starts in the client's namespace).
+    pub fn resolve(&self, cluster: &Cluster, key: &DestinationKey, client_ns: Option<&str>, http2: bool) -> Result<Arc<Destination>, DestinationError> {
+        self.resolve_parts(cluster, &key.namespace, &key.service, key.port, key.subset.as_deref(), client_ns, http2)
     }
 
     /// [`Self::resolve`] from the key's parts; the key is only built when the cluster is not
-    /// cached yet (once per config snapshot), not per request.
+    /// cached yet (once per config snapshot and client namespace), not per request.
+    #[allow(clippy::too_many_arguments)]
     pub fn resolve_parts(
         &self,
         cluster: &Cluster,
@@ -101,18 +109,25 @@ impl Destinations {
         service: &str,
         port: u16,
         subset: Option<&str>,
+        client_ns: Option<&str>,
         http2: bool,
     ) -> Result<Arc<Destination>, DestinationError> {
         let generation = cluster.fingerprint();
-        let hash = key_hash(namespace, service, port, subset, http2);
-        let is = |d: &Destination| d.key.port == port && d.key.namespace == namespace && d.key.service == service && d.key.subset.as_deref() == subset;
+        let hash = key_hash(namespace, service, port, subset, client_ns, http2);
+        let is = |d: &Destination| {
+            d.key.port == port
+                && d.key.namespace == namespace
+                && d.key.service == service
+                && d.key.subset.as_deref() == subset
+                && d.client_namespace.as_deref() == client_ns
+        };
         if let Some(bucket) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&hash)
             && let Some((_, _, dest)) = bucket.iter().find(|(h2, g, d)| *h2 == http2 && *g == generation && is(d))
         {
             return Ok(dest.clone());
         }
         let key = DestinationKey { namespace: namespace.to_owned(), service: service.to_owned(), port, subset: subset.map(str::to_owned) };
-        let dest = Arc::new(self.build(cluster, &key, http2)?);
+        let dest = Arc::new(self.build(cluster, &key, client_ns, http2)?);
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         let bucket = cache.entry(hash).or_default();
         // Replaces the entry of an older snapshot, as the keyed map used to.
@@ -121,11 +136,11 @@ impl Destinations {
         Ok(dest)
     }
 
-    fn build(&self, cluster: &Cluster, key: &DestinationKey, http2: bool) -> Result<Destination, DestinationError> {
+    fn build(&self, cluster: &Cluster, key: &DestinationKey, client_ns: Option<&str>, http2: bool) -> Result<Destination, DestinationError> {
         let svc = cluster
             .service(&key.namespace, &key.service)
             .ok_or_else(|| DestinationError::NoService(format!("{}/{}", key.namespace, key.service)))?;
-        let rule = cluster.destination_rule_for(svc);
+        let rule = cluster.destination_rule_for(svc, client_ns);
         let mut endpoints = cluster.endpoints(svc, key.port);
         let mut policy = rule.and_then(|r| r.traffic_policy.as_ref()).map(|p| p.for_port(key.port)).unwrap_or_default();
         if let Some(subset_name) = &key.subset {
@@ -146,7 +161,15 @@ impl Destinations {
         // even while other subsets have ready pods.
         let endpoints = crate::config::usable(endpoints);
         let name = key.to_string();
-        let balancer = self.balancers.get(&name);
+        // A rule from the client's own namespace (Istio: it wins for that client) gets its own
+        // balancer and limits: its policy differs from what other clients of the Service use.
+        let own_rule = rule
+            .filter(|r| r.namespace != svc.namespace && r.namespace != crate::config::root_namespace())
+            .map(|r| format!("{}/{}", r.namespace, r.name));
+        let balancer = match &own_rule {
+            Some(r) => self.balancers.get(&format!("{name};dr={r}")),
+            None => self.balancers.get(&name),
+        };
         let lb: Option<LbPolicy> = policy.load_balancer.as_ref().map(|l| l.policy.clone());
         let hash_key = match &lb {
             Some(LbPolicy::ConsistentHash(ch)) => Some(ch.key.clone()),
@@ -188,7 +211,8 @@ impl Destinations {
         };
         let limits = {
             let mut all = self.limits.lock().unwrap_or_else(|e| e.into_inner());
-            let limits = all.entry((key.clone(), http2)).or_insert_with(|| Arc::new(Limits::new(policy.connection_pool.as_ref(), http2)));
+            let limits =
+                all.entry((key.clone(), own_rule.clone(), http2)).or_insert_with(|| Arc::new(Limits::new(policy.connection_pool.as_ref(), http2)));
             limits.update(policy.connection_pool.as_ref(), http2);
             limits.clone()
         };
@@ -197,7 +221,21 @@ impl Destinations {
             max_requests_per_connection: limits.max_requests_per_connection(),
             idle_timeout: limits.idle_timeout().unwrap_or(DEFAULT_IDLE_TIMEOUT),
         };
-        Ok(Destination { key: key.clone(), name, endpoints, policy, balancer, limits, rate_limit, concurrency, hash_key, pool })
+        let rule_name = rule.map(|r| format!("{}/{}", r.namespace, r.name));
+        Ok(Destination {
+            key: key.clone(),
+            name,
+            client_namespace: client_ns.map(str::to_owned),
+            rule: rule_name,
+            endpoints,
+            policy,
+            balancer,
+            limits,
+            rate_limit,
+            concurrency,
+            hash_key,
+            pool,
+        })
     }
 
     /// Balancer state of every cluster, for the admin endpoint.
@@ -218,10 +256,10 @@ impl Destinations {
     }
 }
 
-fn key_hash(namespace: &str, service: &str, port: u16, subset: Option<&str>, http2: bool) -> u64 {
+fn key_hash(namespace: &str, service: &str, port: u16, subset: Option<&str>, client_ns: Option<&str>, http2: bool) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
     let mut h = std::hash::DefaultHasher::new();
-    (namespace, service, port, subset, http2).hash(&mut h);
+    (namespace, service, port, subset, client_ns, http2).hash(&mut h);
     h.finish()
 }
 

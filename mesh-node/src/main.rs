@@ -23,6 +23,13 @@ enum Command {
         /// needs peer identities is then a problem.
         #[arg(long)]
         insecure_plaintext_tunnels: bool,
+        /// Exit non-zero when the directory holds objects of kinds the mesh does not apply
+        /// (ServiceEntry, Sidecar, Gateway, ...); they are always listed.
+        #[arg(long)]
+        strict: bool,
+        /// Istio's root namespace (mesh-wide policies, fallback DestinationRules).
+        #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = mesh_node::config::ROOT_NAMESPACE)]
+        root_namespace: String,
     },
     /// Run the mesh CA: signs workload certificates for node proxies over gRPC (TLS).
     Ca(mesh_node::ca::CaArgs),
@@ -37,6 +44,9 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// Istio's root namespace (mesh-wide policies, fallback DestinationRules).
+    #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = mesh_node::config::ROOT_NAMESPACE)]
+    root_namespace: String,
     /// Config directory, watched for changes.
     #[arg(long, env = "MESH_CONFIG_DIR", required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
     config: Option<PathBuf>,
@@ -74,6 +84,16 @@ struct RunArgs {
     /// Upstream connect timeout, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     connect_timeout_ms: u64,
+    /// Memory the node proxy may spend on connections, in MiB (the DaemonSet's limit is
+    /// 256Mi): the connection caps of the outbound and inbound listeners derive from it.
+    #[arg(long, default_value_t = 192, value_parser = clap::value_parser!(u64).range(16..))]
+    memory_budget_mib: u64,
+    /// Connections open at once per data listener [default: from --memory-budget-mib].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: Option<u32>,
+    /// Of those, from one source address [default: a quarter of --max-connections].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_source: Option<u32>,
     /// Log level of the eBPF programs: off, error, warn, info, debug, trace.
     #[arg(long, default_value = "warn", value_parser = parse_bpf_level)]
     bpf_log_level: u8,
@@ -184,18 +204,37 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Validate { dir, insecure_plaintext_tunnels } => match Cluster::load_dir_in(&dir, validate_mode(insecure_plaintext_tunnels)) {
+        Command::Validate { dir, insecure_plaintext_tunnels, strict, root_namespace } => {
+            mesh_node::config::set_root_namespace(&root_namespace);
+            match Cluster::load_dir_in(&dir, validate_mode(insecure_plaintext_tunnels)) {
             Ok(cluster) => {
                 // Valid and applied, but not as written: said, without failing the check.
                 for w in cluster.warnings() {
                     eprintln!("warning: {w}");
                 }
+                // Kinds the mesh does not apply: listed, and an error with --strict.
+                let label = if strict { "error" } else { "warning" };
+                for u in cluster.unapplied() {
+                    eprintln!("{label}: {u}");
+                }
+                if strict && !cluster.unapplied().is_empty() {
+                    eprintln!(
+                        "{}: {} object(s) of kinds not applied by mesh (--strict)",
+                        dir.display(),
+                        cluster.unapplied().len()
+                    );
+                    return ExitCode::FAILURE;
+                }
                 println!(
-                    "{}: ok ({} nodes, {} pods, {} services)",
+                    "{}: ok ({} nodes, {} pods, {} services{})",
                     dir.display(),
                     cluster.nodes().count(),
                     cluster.pods().count(),
-                    cluster.services().count()
+                    cluster.services().count(),
+                    match cluster.unapplied().len() {
+                        0 => String::new(),
+                        n => format!("; {n} object(s) not applied by mesh"),
+                    }
                 );
                 ExitCode::SUCCESS
             }
@@ -203,8 +242,10 @@ fn main() -> ExitCode {
                 eprintln!("{e}");
                 ExitCode::FAILURE
             }
-        },
+            }
+        }
         Command::Run(args) => {
+            mesh_node::config::set_root_namespace(&args.root_namespace);
             let kubernetes = if !args.kubernetes {
                 None
             } else {
@@ -228,6 +269,9 @@ fn main() -> ExitCode {
                 admin: args.admin,
                 readiness: args.readiness,
                 connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+                memory_budget_mib: args.memory_budget_mib,
+                max_connections: args.max_connections.map(|n| n as usize),
+                max_connections_per_source: args.max_connections_per_source.map(|n| n as usize),
                 bpf_log_level: args.bpf_log_level,
                 config_poll: Duration::from_millis(args.config_poll_ms),
                 ca: match (args.ca_address, args.ca_root, args.node_token_file) {

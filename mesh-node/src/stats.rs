@@ -47,6 +47,12 @@ proxy_stats!(
     // Open connections closed because a new policy denies them.
     policy_closed_connections,
     inbound_not_a_node,
+    // Connections turned away because a listener was at its cap (in all or for their source).
+    outbound_over_cap,
+    inbound_over_cap,
+    endpoints_over_cap,
+    // TLS handshakes on the tunnel port refused because too many were in progress.
+    inbound_handshakes_over_cap,
     http_requests,
     http_retries,
     flag_uh,

@@ -917,3 +917,49 @@ mod seed_policies {
         assert!(!ok(&connect("outsider", &rank)), "plaintext to rank");
     }
 }
+
+// ---- budgets (issue 16) ----
+mod budgets {
+    use std::time::Duration;
+
+    use mesh_e2e::{ClusterSpec, SimCluster};
+    use serde_json::Value;
+
+    use super::ipblocks_source_and_open_connections::Hold;
+
+    /// One pod cannot take a node proxy's whole outbound listener: past its per-source cap its
+    /// connections are refused at once (and counted) while another pod's still work, and a
+    /// place freed is usable again.
+    #[test]
+    fn a_pod_over_its_connection_cap_is_refused_and_others_are_not() {
+        let mut spec = ClusterSpec::new(2)
+            .namespace("demo", true)
+            .pod("greedy", "demo", 0, "greedy", 9000)
+            .pod("polite", "demo", 0, "polite", 9000)
+            .pod("echo", "demo", 1, "echo", 7000)
+            .service("echo", "demo", [10, 96, 0, 90], "echo", 7000, 7000);
+        spec.start_proxies = false;
+        let c = SimCluster::start(spec).expect("simulated cluster");
+        for i in 0..2 {
+            c.start_proxy_with(i, &["--max-connections-per-source", "4"]).expect("proxy");
+        }
+        c.start_servers().expect("servers");
+        let vip = "10.96.0.90:7000";
+        let mut held: Vec<Hold> = (0..4).map(|_| Hold::start(&c, "greedy", "tcp", vip)).collect();
+        for h in &mut held {
+            h.first_ok();
+        }
+        let over = c.counter(0, "proxy", "outbound_over_cap");
+        let connect = |pod: &str| -> Value {
+            serde_json::from_str(c.probe(pod, &["connect", vip, "--timeout-ms", "2000"], Duration::from_secs(10)).unwrap().trim()).unwrap()
+        };
+        let r = connect("greedy");
+        assert_ne!(r["result"], "ok", "a fifth connection from the same pod was served: {r}");
+        assert_eq!(c.counter(0, "proxy", "outbound_over_cap"), over + 1, "the refusal is counted");
+        let r = connect("polite");
+        assert_eq!(r["result"], "ok", "another pod is not affected: {r}");
+        drop(held.pop());
+        let served = mesh_e2e::wait_until(Duration::from_secs(5), || connect("greedy")["result"] == "ok");
+        assert!(served, "a freed place is usable again");
+    }
+}

@@ -256,3 +256,65 @@ fn every_meshctl_command_shows_the_live_node() {
     let out = std::process::Command::new(&plugin).arg("--help").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("Usage: kubectl mesh"), "{}", text(&out));
 }
+
+/// `meshctl describe` for the seed's recall canary (deploy/examples/lemo-dev's DestinationRule
+/// and VirtualService, unchanged): bff's requests to recall:50051 go by the VirtualService's
+/// routes (canary by header, 90/10 otherwise) to subsets v1 and v2 of the DestinationRule found
+/// in bff's own namespace, each with its endpoints and where every setting comes from.
+#[test]
+fn describe_explains_the_seed_canary() {
+    let seed = |f: &str| std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/lemo-dev").join(f)).unwrap();
+    let spec = ClusterSpec::new(2)
+        .namespace("lemo-dev", true)
+        .pod("bff", "lemo-dev", NODE_A, "bff", 8080)
+        .pod_labelled("recall-v1-a", "lemo-dev", NODE_A, "recall", &[("version", "v1")], "grpc", 50051)
+        .pod_labelled("recall-v1-b", "lemo-dev", NODE_B, "recall", &[("version", "v1")], "grpc", 50051)
+        .pod_labelled("recall-v2", "lemo-dev", NODE_B, "recall", &[("version", "v2")], "grpc", 50051);
+    let c = SimCluster::start(spec).expect("simulated cluster");
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: recall, namespace: lemo-dev}\nspec:\n  clusterIP: 10.96.0.20\n  selector: {app: recall}\n  ports:\n  - {name: grpc, port: 50051, targetPort: grpc, appProtocol: grpc}\n";
+    c.apply_config("recall-service.yaml", service).unwrap();
+    c.apply_config("destination-rules.yaml", &seed("destination-rules.yaml")).unwrap();
+    c.apply_config("virtual-services.yaml", &seed("virtual-services.yaml")).unwrap();
+
+    let table = ok(&c, NODE_A, &["describe", "lemo-dev/bff", "recall:50051"]);
+    eprintln!("{table}");
+    for want in [
+        "VirtualService lemo-dev/recall",
+        "x-canary",
+        "subset v1 90%",
+        "subset v2 10%",
+        "DestinationRule lemo-dev/recall (from the client namespace)",
+        "Cluster outbound|50051|v1|recall.lemo-dev.svc.cluster.local",
+        "Cluster outbound|50051|v2|recall.lemo-dev.svc.cluster.local",
+        "lemo-dev/recall-v1-a",
+        "lemo-dev/recall-v1-b",
+        "lemo-dev/recall-v2",
+    ] {
+        assert!(table.contains(want), "describe lacks {want:?}:\n{table}");
+    }
+    let v = json(&c, NODE_A, &["describe", "lemo-dev/bff", "recall:50051"]);
+    assert_eq!(v["source"]["identity"], "spiffe://cluster.local/ns/lemo-dev/sa/bff");
+    assert_eq!(v["destination_rule"]["origin"], "client namespace");
+    let routes = v["http_routes"].as_array().unwrap();
+    assert_eq!(routes.len(), 2, "{v:#}");
+    // The canary route sets no retries: Istio's default applies; the default route sets its own.
+    assert_eq!(routes[0]["effective_retries"]["origin"], "Istio default");
+    assert_eq!(routes[0]["effective_retries"]["attempts"], 2);
+    assert_eq!(routes[1]["effective_retries"]["origin"], "VirtualService lemo-dev/recall");
+    assert_eq!(routes[1]["effective_retries"]["attempts"], 3);
+    let weights: Vec<(String, u64)> = routes[1]["route"].as_array().unwrap().iter().map(|d| (d["subset"].as_str().unwrap().to_string(), d["weight"].as_u64().unwrap())).collect();
+    assert_eq!(weights, [("v1".to_string(), 90), ("v2".to_string(), 10)]);
+    let clusters = v["clusters"].as_array().unwrap();
+    let pods = |subset: &str| -> Vec<String> {
+        let c = clusters.iter().find(|c| c["subset"] == subset).unwrap_or_else(|| panic!("no {subset} cluster: {v:#}"));
+        assert_eq!(c["policy"]["outlier_detection"]["origin"], "DestinationRule lemo-dev/recall");
+        let mut p: Vec<String> = c["endpoints"].as_array().unwrap().iter().map(|e| e["pod"].as_str().unwrap().to_string()).collect();
+        p.sort();
+        p
+    };
+    assert_eq!(pods("v1"), ["lemo-dev/recall-v1-a", "lemo-dev/recall-v1-b"]);
+    assert_eq!(pods("v2"), ["lemo-dev/recall-v2"]);
+    // Asking about something that is not there says what is wrong.
+    let out = c.meshctl(NODE_A, &["describe", "lemo-dev/bff", "nothing:1"]).unwrap();
+    assert!(!out.status.success() && text(&out).contains("no Service nothing"), "{}", text(&out));
+}

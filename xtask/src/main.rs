@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask setup | test | demo | bench`.
 mod bench;
+mod bench_abuse;
 mod bench_account;
 mod bench_chart;
 mod bench_failure;
@@ -83,6 +84,9 @@ enum Task {
 enum Suite {
     Overhead,
     Micro,
+    /// A legitimate client through the mesh while an attacker pod misbehaves (idle connections,
+    /// slowloris, stalled uploads, TLS garbage); writes target/bench/abuse.json.
+    Abuse,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -174,6 +178,12 @@ fn main() -> anyhow::Result<()> {
             require_root("the demo")?;
             build_bins(true)?;
             demo::run(seconds)
+        }
+        Task::Bench { suite: Some(Suite::Abuse), seconds, .. } => {
+            setup::setup()?;
+            require_root("the benchmark")?;
+            build_bins(true)?;
+            bench_abuse::run(&workspace_root().join("target/bench/abuse.json"), seconds)
         }
         Task::Bench { suite: Some(Suite::Micro), .. } => run(cargo().args(["bench", "-p", "mesh-node", "--bench", "hot_paths"])),
         Task::Bench { suite: Some(Suite::Overhead), quick, repeats, check, .. } => {

@@ -35,6 +35,23 @@ pub fn warnings(cluster: &crate::config::Cluster) -> Value {
         .collect()
 }
 
+/// The live config's objects of kinds the mesh does not apply, in both modes: each is
+/// "not applied by mesh (kind X)"; `changes_routing` ones (ServiceEntry, Sidecar) route mesh
+/// traffic in Istio, so traffic here goes otherwise.
+pub fn not_applied(cluster: &crate::config::Cluster) -> Value {
+    cluster
+        .unapplied()
+        .iter()
+        .map(|u| {
+            json!({
+                "kind": u.kind, "api_version": u.api_version,
+                "namespace": (!u.namespace.is_empty()).then_some(u.namespace.as_str()), "name": u.name,
+                "changes_routing": u.changes_routing, "message": u.message(), "line": format!("{}: {}", u.object(), u.message()),
+            })
+        })
+        .collect()
+}
+
 fn object(h: &HeldBack, now: SystemTime) -> Value {
     let r = &h.rejected;
     // `Kind namespace/name`, or `Kind name` for cluster-scoped kinds.

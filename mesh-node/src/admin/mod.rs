@@ -6,7 +6,8 @@
 //! `/log_level`.
 mod bpf;
 mod certs;
-mod config_errors;
+pub(crate) mod config_errors;
+mod describe;
 pub mod log_level;
 mod reply;
 mod routes;
@@ -30,7 +31,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::sync::watch;
 use tracing::debug;
 
 use crate::{
@@ -114,15 +115,47 @@ impl AdminState {
 }
 
 const ENDPOINTS: &str = "endpoints: /status /config_dump /config_status /config_errors /workloads /services /endpoints?service=NS/NAME \
-/routes[?service=NS/NAME] /certs /connections /bpf /stats /clusters /log_level (GET; POST ?level=LEVEL) /ready\n";
+/routes[?service=NS/NAME] /describe?from=NS/POD&host=HOST[:PORT] /certs /connections /bpf /stats /clusters /log_level (GET; POST ?level=LEVEL) /ready\n";
 
-async fn admin(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// The largest request body the admin API reads.
+const MAX_BODY: usize = 1024;
+
+/// The uid owning the peer's socket, from the kernel's socket table of this network namespace
+/// (`/proc/net/tcp{,6}`: a loopback peer is a local socket there).
+fn peer_uid(peer: SocketAddr) -> Option<u32> {
+    let (file, want) = match peer {
+        SocketAddr::V4(a) => ("/proc/net/tcp", format!("{:08X}:{:04X}", u32::from_ne_bytes(a.ip().octets()), a.port())),
+        SocketAddr::V6(a) => {
+            let words: Vec<String> = a.ip().octets().chunks(4).map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]]))).collect();
+            ("/proc/net/tcp6", format!("{}:{:04X}", words.concat(), a.port()))
+        }
+    };
+    let table = std::fs::read_to_string(file).ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.get(1) == Some(&want.as_str())).then(|| f.get(7)?.parse().ok()).flatten()
+    })
+}
+
+async fn admin(req: Request<Incoming>, state: Arc<AdminState>, peer: SocketAddr) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     let method = req.method().clone();
     if path == "/log_level" && (method == Method::POST || method == Method::PUT) {
-        // The level comes from `?level=` or, failing that, the body (`curl -d debug`).
-        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        // A mutation: only root's processes may (a hostNetwork pod shares the node's loopback).
+        match peer_uid(peer) {
+            Some(0) => {}
+            uid => {
+                let who = uid.map_or("unknown".to_string(), |u| u.to_string());
+                return Ok(error(StatusCode::FORBIDDEN, format!("POST /log_level: only root may change the daemon (the caller's socket belongs to uid {who})")));
+            }
+        }
+        // The level comes from `?level=` or, failing that, the body (`curl -d debug`), at most
+        // MAX_BODY bytes of it.
+        let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return Ok(error(StatusCode::PAYLOAD_TOO_LARGE, format!("POST /log_level: the body is over {MAX_BODY} bytes"))),
+        };
         let level = query_param(&query, "level").unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_owned());
         return Ok(match log_level::set(&level) {
             Ok(level) => json(json!({"level": level})),
@@ -140,6 +173,7 @@ async fn admin(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Respons
         "/config_errors" => {
             let mut errors = config_errors::config_errors(state.held_back.as_ref(), SystemTime::now());
             errors["warnings"] = config_errors::warnings(&state.proxy.cluster());
+            errors["not_applied"] = config_errors::not_applied(&state.proxy.cluster());
             json(errors)
         }
         "/clusters" => json(state.proxy.destinations.snapshot()),
@@ -150,6 +184,9 @@ async fn admin(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Respons
             None => error(StatusCode::BAD_REQUEST, "/endpoints needs ?service=NAMESPACE/NAME"),
         },
         "/routes" => routes::routes(&state, query_param(&query, "service").as_deref()).map(json).unwrap_or_else(|e| error(StatusCode::NOT_FOUND, e)),
+        "/describe" => describe::describe(&state, query_param(&query, "from").as_deref(), query_param(&query, "host").as_deref())
+            .map(json)
+            .unwrap_or_else(|e| error(StatusCode::BAD_REQUEST, e)),
         "/certs" => json(certs::certs(&state).await),
         "/bpf" => json(bpf::bpf(&state)),
         "/connections" => json(json!({"node": state.node, "connections": state.proxy.telemetry.live_connections()})),
@@ -198,26 +235,44 @@ async fn readiness(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Res
 }
 
 /// Serves the admin API on `listener` (meant to be loopback).
-pub async fn serve_admin(listener: TcpListener, state: Arc<AdminState>) {
-    serve(listener, state, |req, st| Box::pin(admin(req, st))).await
+pub async fn serve_admin(listener: crate::listener::accept::Acceptor, state: Arc<AdminState>) {
+    serve(listener, state, |req, st, peer| Box::pin(admin(req, st, peer))).await
 }
 
 /// Serves `/healthz/ready` and `/healthz/live` only, for kubelet probes.
-pub async fn serve_readiness(listener: TcpListener, state: Arc<AdminState>) {
-    serve(listener, state, |req, st| Box::pin(readiness(req, st))).await
+pub async fn serve_readiness(listener: crate::listener::accept::Acceptor, state: Arc<AdminState>) {
+    serve(listener, state, |req, st, _| Box::pin(readiness(req, st))).await
 }
 
-type Handler = fn(Request<Incoming>, Arc<AdminState>) -> std::pin::Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>;
+type Handler = fn(Request<Incoming>, Arc<AdminState>, SocketAddr) -> std::pin::Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>;
 
-async fn serve(listener: TcpListener, state: Arc<AdminState>, handler: Handler) {
+async fn serve(listener: crate::listener::accept::Acceptor, state: Arc<AdminState>, handler: Handler) {
     loop {
-        let Ok((stream, peer)) = listener.accept().await else { continue };
+        let (stream, peer, permit) = listener.accept().await;
         let state = state.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| handler(req, state.clone()));
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            let _permit = permit;
+            let service = service_fn(move |req| handler(req, state.clone(), peer));
+            if let Err(e) = crate::http::server::http1().serve_connection(TokioIo::new(stream), service).await {
                 debug!(%peer, "admin connection: {e}");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod peer_tests {
+    use super::*;
+
+    #[test]
+    fn the_peer_socket_owner_is_found_for_ipv4_and_ipv6() {
+        let uid = unsafe { libc::geteuid() };
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let listener = std::net::TcpListener::bind(addr).unwrap();
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (_server, peer) = listener.accept().unwrap();
+            assert_eq!(peer, client.local_addr().unwrap());
+            assert_eq!(peer_uid(peer), Some(uid), "{addr}");
+        }
     }
 }

@@ -22,7 +22,7 @@ pub fn routes(state: &AdminState, service: Option<&str>) -> Result<Value, String
 fn service_routes(cluster: &Cluster, svc: &Service) -> Value {
     let mut http = Vec::new();
     let mut tcp = Vec::new();
-    for vs in cluster.virtual_services_for(svc) {
+    for vs in cluster.virtual_services_for(svc, None) {
         let source = format!("{}/{}", vs.namespace, vs.name);
         http.extend(vs.http.iter().map(|r| http_route(&source, r)));
         tcp.extend(vs.tcp.iter().map(|r| tcp_route(&source, r)));
@@ -33,11 +33,11 @@ fn service_routes(cluster: &Cluster, svc: &Service) -> Value {
         // DestinationRule policy.
         "http": http,
         "tcp": tcp,
-        "destination_rule": cluster.destination_rule_for(svc).map(rule_summary),
+        "destination_rule": cluster.destination_rule_for(svc, None).map(rule_summary),
     })
 }
 
-fn http_route(source: &str, r: &HttpRoute) -> Value {
+pub(super) fn http_route(source: &str, r: &HttpRoute) -> Value {
     json!({
         "virtual_service": source,
         "name": r.name,
@@ -107,7 +107,7 @@ fn string_match(m: &StringMatch) -> String {
     }
 }
 
-fn tcp_route(source: &str, r: &TcpRoute) -> Value {
+pub(super) fn tcp_route(source: &str, r: &TcpRoute) -> Value {
     json!({
         "virtual_service": source,
         "match": r.matches.iter().map(|m| json!({
@@ -145,7 +145,7 @@ fn policy_summary(p: &TrafficPolicy) -> Value {
     })
 }
 
-fn lb_name(p: &LbPolicy) -> String {
+pub(super) fn lb_name(p: &LbPolicy) -> String {
     match p {
         LbPolicy::Simple(SimpleLb::Unspecified) => "LEAST_REQUEST (default)".into(),
         LbPolicy::Simple(SimpleLb::RoundRobin) => "ROUND_ROBIN".into(),
@@ -169,7 +169,7 @@ fn lb_name(p: &LbPolicy) -> String {
 }
 
 /// With Istio's defaults filled in, since that is what the balancer runs with.
-fn outlier_summary(o: &OutlierDetection) -> Value {
+pub(super) fn outlier_summary(o: &OutlierDetection) -> Value {
     json!({
         "consecutive_5xx_errors": o.consecutive_5xx_errors.unwrap_or(OutlierDetection::DEFAULT_CONSECUTIVE_5XX),
         "consecutive_gateway_errors": o.consecutive_gateway_errors,

@@ -35,8 +35,8 @@ pub fn services(state: &AdminState) -> Value {
                 "name": svc.name,
                 "vips": svc.cluster_ips,
                 "ports": ports,
-                "destination_rule": cluster.destination_rule_for(svc).map(|r| format!("{}/{}", r.namespace, r.name)),
-                "virtual_services": cluster.virtual_services_for(svc).iter().map(|v| format!("{}/{}", v.namespace, v.name)).collect::<Vec<_>>(),
+                "destination_rule": cluster.destination_rule_for(svc, None).map(|r| format!("{}/{}", r.namespace, r.name)),
+                "virtual_services": cluster.virtual_services_for(svc, None).iter().map(|v| format!("{}/{}", v.namespace, v.name)).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -124,7 +124,7 @@ pub fn endpoints(state: &AdminState, spec: &str) -> Result<Value, String> {
     Ok(json!({"service": format!("{}/{}", svc.namespace, svc.name), "clusters": clusters}))
 }
 
-fn live_endpoint(e: &Value) -> Value {
+pub(super) fn live_endpoint(e: &Value) -> Value {
     let ejected = e["ejected"].as_bool().unwrap_or(false);
     json!({
         "addr": e["addr"], "pod": e["pod"], "node": e["node"],

@@ -73,6 +73,8 @@ pub async fn config_status(state: &AdminState) -> Value {
     let live = state.proxy.cluster();
     // Applied, but more restrictively than written: listed in both modes.
     let warnings: Vec<String> = live.warnings().iter().map(ToString::to_string).collect();
+    // Objects of kinds the mesh does not apply (ServiceEntry, Gateway, ...): listed in both modes.
+    let not_applied = super::config_errors::not_applied(&live);
     if state.config_dir.as_os_str().is_empty() {
         // Kubernetes mode: there is no directory to compare with; what matters is which
         // objects discovery holds back.
@@ -84,7 +86,7 @@ pub async fn config_status(state: &AdminState) -> Value {
             "reloads": state.proxy_stats.config_reloads.get(),
             "status": if held_back.is_empty() { "live" } else { "held-back" },
             "problems": problems, "held_back": held_back, "rejections_total": errors["rejections_total"],
-            "warnings": warnings,
+            "warnings": warnings, "not_applied": not_applied,
         });
     }
     let dir = state.config_dir.clone();
@@ -94,7 +96,7 @@ pub async fn config_status(state: &AdminState) -> Value {
     let base = |status: &str, problems: Vec<String>| {
         json!({
             "dir": state.config_dir, "generation": generation, "reloads": reloads,
-            "status": status, "problems": problems, "warnings": warnings,
+            "status": status, "problems": problems, "warnings": warnings, "not_applied": not_applied,
         })
     };
     match loaded {

@@ -150,6 +150,8 @@ pub struct Capture {
     plain_conns: HashMap<MapData, u64, PlainConn>,
     revoked: HashMap<MapData, u64, u8>,
     revoking: Array<MapData, u32>,
+    /// The inbound judgements of the last sync.
+    judged: Option<BTreeMap<PodPort, inbound::Judgement>>,
     counters: Arc<Counters>,
     orig_dst: Arc<OrigDstTable>,
     state: Arc<Mutex<CaptureState>>,
@@ -321,6 +323,7 @@ impl Capture {
             plain_conns,
             revoked,
             revoking,
+            judged: None,
             counters,
             orig_dst,
             state,
@@ -458,7 +461,10 @@ impl Capture {
         sync_map(&mut self.enrolled, "ENROLLED", &want_cgroups);
         let judgements = inbound::compile(cluster, node);
         self.sync_inbound(&judgements);
-        let revoked = self.revoke_plaintext(&judgements);
+        // Open plaintext connections need judging again only when the judgements changed: new
+        // ones meet the current tables at their SYN.
+        let revoked = if self.judged.as_ref() == Some(&judgements) { 0 } else { self.revoke_plaintext(&judgements) };
+        self.judged = Some(judgements);
         sync_map(&mut self.dests, "MESH_DESTS", &want_dests);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.enrolled = enrolled_pods;

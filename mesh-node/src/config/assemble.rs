@@ -9,11 +9,13 @@ use std::net::IpAddr;
 use serde_yaml::Value;
 
 use super::cluster::Cluster;
-use super::decode::{Kind, Object, Origin, decode};
+use super::decode::{Kind, Object, Origin, Unapplied, decode};
 use super::error::{Problem, Reporter};
 use super::fail_closed;
 use super::field_path::FieldPath;
 use super::host::{self, host_matches};
+use super::istio::exported_to;
+use super::lookup;
 use super::load::{Source, documents};
 use super::tunnels::{self, TunnelMode};
 
@@ -70,11 +72,15 @@ struct Decoded {
 /// Decodes every document of `sources` in order. Problems go to `problems` in file order; a
 /// duplicate (same kind, namespace and name as an earlier object) is reported and left out,
 /// so it is not in the result.
-fn decode_sources(sources: &[Source], problems: &mut Vec<Problem>) -> Vec<Decoded> {
+fn decode_sources(sources: &[Source], problems: &mut Vec<Problem>, unapplied: &mut Vec<Unapplied>) -> Vec<Decoded> {
     let mut out = Vec::new();
     let mut first_seen: HashMap<ObjectKey, String> = HashMap::new();
     for source in sources {
         for (index, value) in documents(source, problems) {
+            if let Some(u) = super::decode::unapplied(&source.rel, &value) {
+                unapplied.push(u);
+                continue;
+            }
             let before = problems.len();
             let mut warnings = Vec::new();
             let Some((origin, object)) = decode(&source.rel, index, &value, problems, &mut warnings) else {
@@ -102,7 +108,8 @@ pub(crate) fn assemble(sources: &[Source], mode: TunnelMode) -> Result<Cluster, 
     let mut problems = Vec::new();
     let mut parts = Parts::default();
     let mut warnings = Vec::new();
-    for d in decode_sources(sources, &mut problems) {
+    let mut unapplied = Vec::new();
+    for d in decode_sources(sources, &mut problems, &mut unapplied) {
         warnings.extend(d.warnings);
         if let Some(object) = d.object {
             parts.push(d.origin, object);
@@ -114,8 +121,10 @@ pub(crate) fn assemble(sources: &[Source], mode: TunnelMode) -> Result<Cluster, 
     if !problems.is_empty() {
         return Err(problems);
     }
+    warnings.extend(cross_object_warnings(&parts, &|ns: &str| known_namespaces.contains(ns)));
     let mut cluster = index(parts, known_namespaces);
     cluster.warnings = warnings;
+    cluster.unapplied = unapplied;
     Ok(cluster)
 }
 
@@ -173,7 +182,8 @@ struct Candidate {
 /// object, and a fallback that is blamed is removed, so this ends.
 pub(crate) fn assemble_per_object(sources: &[Source], last_good: &BTreeMap<ObjectKey, Kept>, mode: TunnelMode) -> PerObject {
     let mut problems = Vec::new();
-    let decoded = decode_sources(sources, &mut problems);
+    let mut unapplied = Vec::new();
+    let decoded = decode_sources(sources, &mut problems, &mut unapplied);
     let mut rejected: BTreeMap<ObjectKey, Rejected> = BTreeMap::new();
     let mut candidates: BTreeMap<ObjectKey, Candidate> = BTreeMap::new();
     let fallback = |key: &ObjectKey, candidates: &mut BTreeMap<ObjectKey, Candidate>| {
@@ -233,8 +243,11 @@ pub(crate) fn assemble_per_object(sources: &[Source], last_good: &BTreeMap<Objec
                 r.kept_previous = candidates.get(&r.key).is_some_and(|c| c.fallback);
                 r.fail_closed = candidates.get(&r.key).is_some_and(|c| c.fail_closed);
             }
+            let cross = cross_object_warnings(&parts, &|ns: &str| known.contains(ns));
             let mut cluster = index(parts, known);
             cluster.warnings = candidates.values().flat_map(|c| c.kept.warnings.iter().cloned()).collect();
+            cluster.warnings.extend(cross);
+            cluster.unapplied = unapplied;
             let (stand_ins, applied): (Vec<_>, Vec<_>) = candidates.into_iter().partition(|(_, c)| c.fail_closed);
             let applied = applied.into_iter().map(|(k, c)| (k, c.kept)).collect();
             let fail_closed = stand_ins.into_iter().map(|(_, c)| c.kept).collect();
@@ -291,6 +304,11 @@ fn run_checks(parts: &Parts, known_namespaces: &BTreeSet<String>, mode: TunnelMo
 fn check_needs_identities(parts: &Parts, checks: &mut Checks<'_>) {
     for (origin, pa) in &parts.peer_authentications {
         for (field, message) in tunnels::peer_authentication(pa) {
+            checks.report(origin, &field, message);
+        }
+    }
+    for (origin, dr) in &parts.destination_rules {
+        for (field, message) in tunnels::destination_rule(dr) {
             checks.report(origin, &field, message);
         }
     }
@@ -379,37 +397,127 @@ fn check_service_ips(parts: &Parts, checks: &mut Checks<'_>) {
     }
 }
 
-/// Istio rejects routes to subsets no DestinationRule defines (the traffic
-/// would be black-holed), so the error goes on the VirtualService.
+/// Istio rejects routes to subsets no DestinationRule defines (the traffic would be
+/// black-holed), so the error goes on the VirtualService. The rule a request uses depends on
+/// the client's namespace (see `lookup`), so the check runs the proxy's own lookup for every
+/// namespace with pods whose clients see the VirtualService, and for clients of any other namespace: a
+/// VirtualService that validates never finds its subset missing at runtime. When the rule of
+/// one client namespace (its own DestinationRule, which wins there) lacks a subset the others
+/// define, that rule is blamed instead.
 fn check_subsets(parts: &Parts, is_ns: &dyn Fn(&str) -> bool, checks: &mut Checks<'_>) {
     let dr_hosts: Vec<String> = parts
         .destination_rules
         .iter()
         .map(|(_, dr)| host::canonical_host(&dr.host, &dr.namespace, is_ns))
         .collect();
+    let rules = || parts.destination_rules.iter().map(|(_, dr)| dr).zip(dr_hosts.iter().map(String::as_str));
+    // The namespaces clients call from: those with pods (a namespace without any has no client
+    // yet; its first pod makes the check run again), and any other namespace, which sees only
+    // what is exported everywhere.
+    const ELSEWHERE: &str = "";
+    let mut clients: Vec<&str> = parts.pods.iter().map(|(_, p)| p.namespace.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
+    clients.push(ELSEWHERE);
+    let mut reported: BTreeSet<(ObjectKey, String)> = BTreeSet::new();
     for (origin, vs) in &parts.virtual_services {
         for (path, dest) in vs.destinations() {
             let Some(subset) = &dest.subset else { continue };
             let target = host::canonical_host(&dest.host, &vs.namespace, is_ns);
-            let defined =
-                parts
-                    .destination_rules
-                    .iter()
-                    .zip(&dr_hosts)
-                    .any(|((_, dr), pattern)| {
-                        host_matches(pattern, &target) && dr.subset(subset).is_some()
-                    });
-            if !defined {
-                checks.report(
-                    origin,
-                    &path.key("subset"),
-                    format!(
-                        "subset {subset:?} is not defined by any DestinationRule for host {target}"
-                    ),
-                );
+            let defined_anywhere = rules().any(|(dr, pattern)| host_matches(pattern, &target) && dr.subset(subset).is_some());
+            let svc = parts.services.iter().map(|(_, s)| s).find(|s| s.fqdn() == target);
+            let (Some(svc), true) = (svc, defined_anywhere) else {
+                if !defined_anywhere {
+                    checks.report(
+                        origin,
+                        &path.key("subset"),
+                        format!("subset {subset:?} is not defined by any DestinationRule for host {target}"),
+                    );
+                }
+                continue;
+            };
+            for client in &clients {
+                let sees_vs = if *client == ELSEWHERE {
+                    vs.export_to.is_empty() || vs.export_to.iter().any(|e| e == "*")
+                } else {
+                    exported_to(&vs.export_to, &vs.namespace, client)
+                };
+                if !sees_vs || !lookup::service_visible(svc, client) {
+                    continue;
+                }
+                let rule = lookup::destination_rule(rules(), svc, client);
+                if rule.is_some_and(|dr| dr.subset(subset).is_some()) {
+                    continue;
+                }
+                let who = if *client == ELSEWHERE { "other namespaces".to_string() } else { format!("namespace {client}") };
+                match rule {
+                    // The client namespace's own rule shadows one that has the subset: blame it.
+                    Some(dr) if dr.namespace == *client && dr.namespace != svc.namespace => {
+                        let (dr_origin, _) = parts
+                            .destination_rules
+                            .iter()
+                            .find(|(_, d)| std::ptr::eq(d, dr))
+                            .expect("the rule comes from parts");
+                        let message = format!(
+                            "does not define subset {subset:?}, which VirtualService {}/{} routes to ({path}); as the DestinationRule of the clients' own namespace it is the one that applies to host {target} for clients in {who} (Istio's lookup), so their requests would find no subset",
+                            vs.namespace, vs.name
+                        );
+                        if reported.insert((key_of(dr_origin), message.clone())) {
+                            checks.report(dr_origin, &FieldPath::of(&["subsets"]), message);
+                        }
+                    }
+                    _ => {
+                        let applied = match rule {
+                            Some(dr) => format!("by DestinationRule {}/{}, the rule that applies to host {target} for clients in {who}", dr.namespace, dr.name),
+                            None => format!("for clients in {who}: no DestinationRule for host {target} is visible to them (exportTo)"),
+                        };
+                        let message = format!("subset {subset:?} is not defined {applied}");
+                        if reported.insert((key_of(origin), format!("{path}: {message}"))) {
+                            checks.report(origin, &path.key("subset"), message);
+                        }
+                    }
+                }
             }
         }
     }
+}
+
+/// What is applied but not the way it reads, across objects: VirtualServices shadowed by an
+/// older one for the same host (Istio uses one VirtualService per host: the oldest).
+fn cross_object_warnings(parts: &Parts, is_ns: &dyn Fn(&str) -> bool) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let known = known_namespaces(parts);
+    let known: Vec<&str> = known.iter().map(String::as_str).collect();
+    let mesh: Vec<(&Origin, &super::istio::VirtualService, Vec<String>)> = parts
+        .virtual_services
+        .iter()
+        .filter(|(_, vs)| vs.applies_to_mesh())
+        .map(|(o, vs)| (o, vs, vs.hosts.iter().map(|h| host::canonical_host(h, &vs.namespace, is_ns)).collect()))
+        .collect();
+    let age = |vs: &super::istio::VirtualService| (vs.created.unwrap_or(i64::MIN), vs.name.clone(), vs.namespace.clone());
+    for (origin, vs, hosts) in &mesh {
+        for (i, host) in hosts.iter().enumerate() {
+            let winner = mesh
+                .iter()
+                .filter(|(_, other, other_hosts)| {
+                    other_hosts.contains(host)
+                        && age(other) < age(vs)
+                        && lookup::visibility_overlaps((&vs.export_to, &vs.namespace), (&other.export_to, &other.namespace), &known)
+                })
+                .min_by_key(|(_, other, _)| age(other));
+            if let Some((_, older, _)) = winner {
+                let display = origin.display();
+                let mut sink = Vec::new();
+                Reporter::new(&origin.file, &display, &mut sink).at(
+                    &FieldPath::of(&["hosts"]).index(i),
+                    format!(
+                        "shadowed: VirtualService {}/{} is older and also routes host {host}; Istio applies only the oldest VirtualService of a host (creationTimestamp, then name), so this one is not used for it by clients that see both",
+                        older.namespace, older.name
+                    ),
+                );
+                out.extend(sink);
+            }
+        }
+    }
+    out
 }
 
 fn sorted<T>(mut items: Vec<Placed<T>>) -> Vec<T> {
@@ -482,5 +590,6 @@ fn index(parts: Parts, known_namespaces: BTreeSet<String>) -> Cluster {
         known_namespaces,
         fingerprint: 0,
         warnings: Vec::new(),
+        unapplied: Vec::new(),
     }
 }

@@ -5,20 +5,17 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use super::assemble::assemble;
+use super::decode::Unapplied;
 use super::error::{ConfigError, Problem};
-use super::host::{self, host_matches, specificity};
-use super::istio::{
-    AuthorizationPolicy, DestinationRule, MtlsMode, PeerAuthentication, VirtualService, exported_to,
-};
+use super::host;
+use super::istio::{AuthorizationPolicy, DestinationRule, MtlsMode, PeerAuthentication, VirtualService};
+use super::lookup::{self, root_namespace};
 use super::load::{self, Source};
 use super::tunnels::TunnelMode;
 use super::model::{
     Conditions, DATAPLANE_MODE_LABEL, Endpoint, EndpointSlice, Namespace, Node, Pod, Service,
     labels_match,
 };
-
-/// Istio's root namespace: mesh-wide policies and fallback DestinationRules live here.
-pub const ROOT_NAMESPACE: &str = "istio-system";
 
 /// An immutable, validated snapshot of the cluster. Cloning copies
 /// everything; share it behind an `Arc` (the watcher does).
@@ -52,6 +49,8 @@ pub struct Cluster {
     /// Problems with objects that are applied anyway, in a reading that differs from (is
     /// more restrictive than) what they say; in file order.
     pub(crate) warnings: Vec<Problem>,
+    /// Objects of kinds the mesh does not apply (ServiceEntry, Gateway, ...), in file order.
+    pub(crate) unapplied: Vec<Unapplied>,
 }
 
 impl Cluster {
@@ -99,6 +98,12 @@ impl Cluster {
     /// HTTP attributes, applied in its most restrictive reading), one per field.
     pub fn warnings(&self) -> &[Problem] {
         &self.warnings
+    }
+
+    /// Objects of kinds the mesh does not apply (Istio's ServiceEntry, Sidecar, Gateway, ...,
+    /// Gateway API routes), each reported as "not applied by mesh (kind X)".
+    pub fn unapplied(&self) -> &[Unapplied] {
+        &self.unapplied
     }
 
     /// Identifies the input this snapshot was built from (names and contents).
@@ -282,49 +287,30 @@ impl Cluster {
         namespace_ambient && !opted_out && !pod.host_network
     }
 
-    /// Istio's lookup: the most specific matching rule in the Service's
-    /// namespace, else one in the root namespace exported to it (`workloadSelector`
-    /// is rejected by validation, so every rule applies to all clients). Ties
-    /// go to the first by name.
-    pub fn destination_rule_for(&self, svc: &Service) -> Option<&DestinationRule> {
-        let fqdn = svc.fqdn();
-        let best_in = |namespace: &str| {
-            self.destination_rules
-                .iter()
-                .zip(&self.dr_hosts)
-                .filter(|(dr, pattern)| {
-                    dr.namespace == namespace
-                        && host_matches(pattern, &fqdn)
-                        && exported_to(&dr.export_to, &dr.namespace, &svc.namespace)
-                })
-                // max_by_key keeps the last maximum; reverse so the first by name wins.
-                .rev()
-                .max_by_key(|(_, pattern)| specificity(pattern))
-                .map(|(dr, _)| dr)
-        };
-        best_in(&svc.namespace).or_else(|| best_in(ROOT_NAMESPACE))
+    /// The DestinationRule that applies to requests for `svc` from a client in `client_ns`
+    /// (`None`: the caller is not a known pod; it is looked up as from the Service's own
+    /// namespace). Istio's lookup, see [`super::lookup`]: the client's namespace, then the
+    /// Service's, then the root namespace, with `exportTo` evaluated from the client's.
+    pub fn destination_rule_for(&self, svc: &Service, client_ns: Option<&str>) -> Option<&DestinationRule> {
+        let client = client_ns.unwrap_or(&svc.namespace);
+        lookup::destination_rule(self.destination_rules.iter().zip(self.dr_hosts.iter().map(String::as_str)), svc, client)
     }
 
-    /// VirtualServices for mesh traffic whose hosts cover `svc`, ordered by
-    /// namespace/name. As in Istio, the proxy should use the first one that
-    /// matches a request.
-    pub fn virtual_services_for(&self, svc: &Service) -> Vec<&VirtualService> {
-        let fqdn = svc.fqdn();
-        self.virtual_services
-            .iter()
-            .zip(&self.vs_hosts)
-            .filter(|(vs, hosts)| {
-                vs.applies_to_mesh()
-                    && hosts.iter().any(|h| {
-                        // A VirtualService may name a Service by its VIP too.
-                        host_matches(h, &fqdn)
-                            || h.parse::<IpAddr>()
-                                .is_ok_and(|ip| svc.cluster_ips.contains(&ip))
-                    })
-                    && exported_to(&vs.export_to, &vs.namespace, &svc.namespace)
-            })
-            .map(|(vs, _)| vs)
-            .collect()
+    /// The VirtualService that routes mesh traffic for `svc` from a client in `client_ns`
+    /// (`None`: as from the Service's namespace), as a list of at most one: Istio's sidecars
+    /// use one VirtualService per host, the oldest of the most specific (see [`super::lookup`]),
+    /// and never fall through to another one.
+    pub fn virtual_services_for(&self, svc: &Service, client_ns: Option<&str>) -> Vec<&VirtualService> {
+        let mut all = self.virtual_services_seen_by(svc, client_ns);
+        all.truncate(1);
+        all
+    }
+
+    /// Every VirtualService for `svc` that a client in `client_ns` sees, the one that applies
+    /// first; the others are shadowed by it.
+    pub fn virtual_services_seen_by(&self, svc: &Service, client_ns: Option<&str>) -> Vec<&VirtualService> {
+        let client = client_ns.unwrap_or(&svc.namespace);
+        lookup::virtual_services(self.virtual_services.iter().zip(self.vs_hosts.iter().map(Vec::as_slice)), svc, client)
     }
 
     pub fn destination_rules(&self) -> impl Iterator<Item = &DestinationRule> {
@@ -353,7 +339,7 @@ impl Cluster {
         self.authorization_policies
             .iter()
             .filter(|p| {
-                (p.namespace == pod.namespace || p.namespace == ROOT_NAMESPACE)
+                (p.namespace == pod.namespace || p.namespace == root_namespace())
                     && p.selector
                         .as_ref()
                         .is_none_or(|s| labels_match(s, &pod.labels))
@@ -381,7 +367,7 @@ impl Cluster {
         let mesh = self
             .peer_authentications
             .iter()
-            .find(|pa| pa.namespace == ROOT_NAMESPACE && pa.selector.is_none());
+            .find(|pa| pa.namespace == root_namespace() && pa.selector.is_none());
         let decided = |m: Option<MtlsMode>| m.filter(|m| *m != MtlsMode::Unset);
         workload
             .and_then(|pa| decided(pa.port_level_mtls.get(&port).copied()))

@@ -1,6 +1,8 @@
 //! Turns one YAML document into one typed object of the model, or into
 //! problems that name the file, the object and the field.
 
+use std::fmt;
+
 use k8s_openapi::api::core::v1 as k8s;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
@@ -76,6 +78,84 @@ impl Kind {
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
+}
+
+/// Kinds the mesh knows and does not apply (Istio and Gateway API kinds): each object is
+/// reported as "not applied by mesh (kind X)", never silently skipped. `(API group, kind,
+/// changes mesh routing in Istio)`.
+pub(crate) const UNAPPLIED_KINDS: &[(&str, &str, bool)] = &[
+    ("networking.istio.io", "ServiceEntry", true),
+    ("networking.istio.io", "Sidecar", true),
+    ("networking.istio.io", "Gateway", false),
+    ("networking.istio.io", "WorkloadEntry", false),
+    ("networking.istio.io", "WorkloadGroup", false),
+    ("networking.istio.io", "EnvoyFilter", false),
+    ("networking.istio.io", "ProxyConfig", false),
+    ("telemetry.istio.io", "Telemetry", false),
+    ("security.istio.io", "RequestAuthentication", false),
+    ("extensions.istio.io", "WasmPlugin", false),
+    ("gateway.networking.k8s.io", "Gateway", false),
+    ("gateway.networking.k8s.io", "HTTPRoute", false),
+    ("gateway.networking.k8s.io", "GRPCRoute", false),
+    ("gateway.networking.k8s.io", "TCPRoute", false),
+    ("gateway.networking.k8s.io", "TLSRoute", false),
+];
+
+/// An object of a kind the mesh does not apply (see [`UNAPPLIED_KINDS`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unapplied {
+    pub file: String,
+    pub api_version: String,
+    pub kind: String,
+    /// Empty when the document names none (`default` is not assumed for unknown kinds).
+    pub namespace: String,
+    pub name: String,
+    /// In Istio this kind changes how mesh traffic is routed (ServiceEntry, Sidecar), so
+    /// traffic here goes differently than under Istio.
+    pub changes_routing: bool,
+}
+
+impl Unapplied {
+    /// `Kind namespace/name`.
+    pub fn object(&self) -> String {
+        if self.namespace.is_empty() {
+            format!("{} {}", self.kind, self.name)
+        } else {
+            format!("{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+
+    pub fn message(&self) -> String {
+        let mut m = format!("not applied by mesh (kind {})", self.kind);
+        if self.changes_routing {
+            m.push_str(": in Istio it changes how mesh traffic is routed, so traffic here is routed as if it did not exist");
+        }
+        m
+    }
+}
+
+impl fmt::Display for Unapplied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} ({}): {}", self.file, self.object(), self.api_version, self.message())
+    }
+}
+
+/// The document as an object of a kind the mesh does not apply, if it is one.
+pub(crate) fn unapplied(file: &str, value: &Value) -> Option<Unapplied> {
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+    let api_version = text(value.get("apiVersion"))?;
+    let kind = text(value.get("kind"))?;
+    let group = api_version.split_once('/').map_or("", |(g, _)| g);
+    let &(_, _, changes_routing) = UNAPPLIED_KINDS.iter().find(|(g, k, _)| *g == group && *k == kind)?;
+    let metadata = value.get("metadata");
+    Some(Unapplied {
+        file: file.to_string(),
+        api_version,
+        kind,
+        namespace: text(metadata.and_then(|m| m.get("namespace"))).unwrap_or_default(),
+        name: text(metadata.and_then(|m| m.get("name"))).unwrap_or_default(),
+        changes_routing,
+    })
 }
 
 /// Where an object came from, for messages about it.
@@ -221,23 +301,23 @@ pub(crate) fn decode(
             .map(Object::EndpointSlice),
         Kind::DestinationRule => {
             envelope_and_spec::<raw::DestinationRuleSpec>(value, &mut r).map(|(envelope, s)| {
+                let created = created(&envelope.metadata);
                 let annotations = envelope.metadata.annotations.unwrap_or_default();
-                Object::DestinationRule(Box::new(istio::convert::destination_rule(
+                let mut dr = istio::convert::destination_rule(
                     &s,
                     &origin.namespace,
                     &origin.name,
                     &annotations,
                     &mut r,
-                )))
+                );
+                dr.created = created;
+                Object::DestinationRule(Box::new(dr))
             })
         }
-        Kind::VirtualService => spec::<raw::VirtualServiceSpec>(value, &mut r).map(|s| {
-            Object::VirtualService(Box::new(istio::convert::virtual_service(
-                &s,
-                &origin.namespace,
-                &origin.name,
-                &mut r,
-            )))
+        Kind::VirtualService => envelope_and_spec::<raw::VirtualServiceSpec>(value, &mut r).map(|(envelope, s)| {
+            let mut vs = istio::convert::virtual_service(&s, &origin.namespace, &origin.name, &mut r);
+            vs.created = created(&envelope.metadata);
+            Object::VirtualService(Box::new(vs))
         }),
         Kind::PeerAuthentication => spec::<raw::PeerAuthenticationSpec>(value, &mut r).map(|s| {
             Object::PeerAuthentication(Box::new(istio::convert::peer_authentication(
@@ -257,6 +337,12 @@ pub(crate) fn decode(
         }),
     };
     Some((origin, object))
+}
+
+/// `metadata.creationTimestamp` in seconds since the epoch (what Istio orders conflicting
+/// rules by); `None` when absent (files written by hand), which orders first.
+fn created(metadata: &ObjectMeta) -> Option<i64> {
+    metadata.creation_timestamp.as_ref().map(|t| t.0.timestamp())
 }
 
 fn report(r: &mut Reporter<'_>, e: DeError) {

@@ -318,6 +318,7 @@ pub(crate) fn service(svc: k8s::Service, id: &Ident<'_>, r: &mut Reporter<'_>) -
 
     // The API server drops the selector of an ExternalName Service's endpoints: it has none.
     let selector = spec.selector.filter(|s| !s.is_empty() && external_name.is_none());
+    let export_to = service_export_to(svc.metadata.annotations.as_ref(), r);
     (r.count() == before).then(|| Service {
         namespace: id.namespace.to_string(),
         name: id.name.to_string(),
@@ -327,7 +328,26 @@ pub(crate) fn service(svc: k8s::Service, id: &Ident<'_>, r: &mut Reporter<'_>) -
         labels: svc.metadata.labels.unwrap_or_default(),
         publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
         external_name,
+        export_to,
     })
+}
+
+/// Istio's Service annotation that limits which namespaces see the Service.
+pub(crate) const SERVICE_EXPORT_TO_ANNOTATION: &str = "networking.istio.io/exportTo";
+
+/// `networking.istio.io/exportTo: "., ns-a"`: entries as a DestinationRule's `exportTo`.
+fn service_export_to(annotations: Option<&std::collections::BTreeMap<String, String>>, r: &mut Reporter<'_>) -> Vec<String> {
+    let Some(value) = annotations.and_then(|a| a.get(SERVICE_EXPORT_TO_ANNOTATION)) else {
+        return Vec::new();
+    };
+    let entries: Vec<String> = value.split(',').map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
+    let path = FieldPath::of(&["metadata", "annotations"]).key(SERVICE_EXPORT_TO_ANNOTATION);
+    for entry in &entries {
+        if !(matches!(entry.as_str(), "." | "*" | "~") || super::istio::is_dns_label(entry)) {
+            r.at(&path, format!("{entry:?} is not ., *, ~ or a namespace name"));
+        }
+    }
+    entries
 }
 
 /// The label naming the Service an EndpointSlice belongs to.

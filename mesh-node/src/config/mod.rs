@@ -26,6 +26,7 @@ mod host;
 mod istio;
 mod kube;
 mod load;
+mod lookup;
 mod model;
 mod per_object;
 mod tunnels;
@@ -34,7 +35,9 @@ mod watch;
 #[cfg(test)]
 mod tests;
 
-pub use cluster::{Cluster, ROOT_NAMESPACE};
+pub use cluster::Cluster;
+pub use lookup::{ROOT_NAMESPACE, root_namespace, set_root_namespace};
+pub use decode::Unapplied;
 pub use duration::parse_duration;
 pub use error::{ConfigError, Problem};
 pub use field_path::FieldPath;

@@ -79,6 +79,9 @@ pub struct Service {
     /// `spec.externalName` of an `ExternalName` Service: a DNS alias the client resolves
     /// itself; such a Service has no VIP and no endpoints.
     pub external_name: Option<String>,
+    /// The `networking.istio.io/exportTo` annotation, split at commas: the namespaces whose
+    /// clients see the Service in the mesh (`.`, `*`, `~` or names); empty means everywhere.
+    pub export_to: Vec<String>,
 }
 
 impl Service {

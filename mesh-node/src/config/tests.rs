@@ -9,7 +9,9 @@ use std::time::Duration;
 use super::*;
 
 mod authorization;
+mod conformance;
 mod endpoints;
+mod lookup;
 
 const AUTHORIZATION_POLICY: &str =
     include_str!("../../../deploy/examples/lemo-dev/authorization-policy.yaml");
@@ -268,7 +270,7 @@ fn hosts_resolve_to_services() {
 fn destination_rule_is_typed() {
     let c = sample();
     let recall = c.service("lemo-dev", "recall").expect("recall");
-    let dr = c.destination_rule_for(recall).expect("recall rule");
+    let dr = c.destination_rule_for(recall, None).expect("recall rule");
     assert_eq!(
         (dr.namespace.as_str(), dr.name.as_str(), dr.host.as_str()),
         ("lemo-dev", "recall", "recall")
@@ -302,7 +304,7 @@ fn destination_rule_is_typed() {
         Some("v2")
     );
     assert!(
-        c.destination_rule_for(c.service("lemo-dev", "rank").expect("rank"))
+        c.destination_rule_for(c.service("lemo-dev", "rank").expect("rank"), None)
             .is_none()
     );
 }
@@ -338,7 +340,7 @@ spec:
     files.push(("extra.yaml", extra));
     let c = Cluster::from_yaml_files(files).unwrap_or_else(|e| panic!("{e}"));
     let rule = |svc: &str| {
-        c.destination_rule_for(c.service("lemo-dev", svc).expect("svc"))
+        c.destination_rule_for(c.service("lemo-dev", svc).expect("svc"), None)
             .map(|d| d.name.as_str())
     };
     // Exact host beats the namespace wildcard; the namespace beats the root.
@@ -375,7 +377,7 @@ spec:
     files.push(("extra.yaml", extra));
     let c = Cluster::from_yaml_files(files).unwrap_or_else(|e| panic!("{e}"));
     let dr = c
-        .destination_rule_for(c.service("lemo-dev", "rank").expect("rank"))
+        .destination_rule_for(c.service("lemo-dev", "rank").expect("rank"), None)
         .expect("root rule");
     assert_eq!(dr.name, "mesh-rank");
     let tls = dr
@@ -390,7 +392,7 @@ spec:
 fn virtual_service_is_typed() {
     let c = sample();
     let recall = c.service("lemo-dev", "recall").expect("recall");
-    let vss = c.virtual_services_for(recall);
+    let vss = c.virtual_services_for(recall, None);
     assert_eq!(vss.len(), 1);
     let vs = vss[0];
     assert!(vs.applies_to_mesh());
@@ -428,7 +430,7 @@ fn virtual_service_is_typed() {
         ]
     );
     assert!(
-        c.virtual_services_for(c.service("lemo-dev", "rank").expect("rank"))
+        c.virtual_services_for(c.service("lemo-dev", "rank").expect("rank"), None)
             .is_empty()
     );
 }
@@ -568,7 +570,7 @@ fn structural_errors_name_the_field_path() {
     let cases: &[(&str, &str)] = &[
         (
             "spec:\n  host: recall\n  trafficPolicy:\n    loadBalancer:\n      simpel: RANDOM\n",
-            "trafficPolicy.loadBalancer.simpel: unknown field (expected one of: simple, consistentHash, warmupDurationSecs, warmup, localityLbSetting)",
+            "trafficPolicy.loadBalancer.simpel: unknown field (expected one of: simple, consistentHash, warmupDurationSecs, warmup, localityLbSetting, zoneAwareLbSetting)",
         ),
         (
             "spec:\n  host: recall\n  trafficPolicy:\n    loadBalancer:\n      simple: FASTEST\n",
@@ -767,11 +769,11 @@ spec:
         format!("{tp}.connectionPool.tcp.idleTimeout: not supported by mesh"),
         format!("{tp}.connectionPool.http.h2UpgradePolicy: UPGRADE is not supported by mesh"),
         format!("{tp}.connectionPool.http.maxConcurrentStreams: not supported by mesh"),
-        format!("{tp}.tls.mode: SIMPLE is not supported by mesh"),
+        format!("{tp}.tls.mode: SIMPLE is not supported (TLS origination to a server of its own is not implemented; between mesh pods the proxy always uses mutual TLS (ISTIO_MUTUAL))"),
         format!("{tp}.tls.sni: not supported by mesh"),
         format!("{tp}.proxyProtocol: not supported by mesh"),
         format!("{tp}.tunnel: not supported by mesh"),
-        format!("{port}.tls.mode: MUTUAL is not supported by mesh"),
+        format!("{port}.tls.mode: MUTUAL is not supported (TLS origination to a server of its own is not implemented; between mesh pods the proxy always uses mutual TLS (ISTIO_MUTUAL))"),
         format!("{port}.tls.clientCertificate: not supported by mesh"),
         format!("{port}.tls.privateKey: not supported by mesh"),
     ]
@@ -792,8 +794,7 @@ spec:
   host: rank
   trafficPolicy:
     connectionPool:
-      http: {h2UpgradePolicy: DO_NOT_UPGRADE, useClientProtocol: false, idleTimeout: 30s}
-    tls: {mode: DISABLE}
+      http: {h2UpgradePolicy: DO_NOT_UPGRADE, useClientProtocol: true, idleTimeout: 30s}
     portLevelSettings:
       - port: {number: 80}
         connectionPool: {http: {useClientProtocol: true}}
@@ -816,15 +817,10 @@ spec:
     files.push(("extra.yaml", extra));
     let c = Cluster::from_yaml_files(files).unwrap_or_else(|e| panic!("{e}"));
     let dr = c
-        .destination_rule_for(c.service("lemo-dev", "rank").expect("rank"))
+        .destination_rule_for(c.service("lemo-dev", "rank").expect("rank"), None)
         .expect("rank rule");
     let tp = dr.traffic_policy.as_ref().expect("policy");
-    assert_eq!(
-        tp.tls,
-        Some(ClientTls {
-            mode: TlsMode::Disable
-        })
-    );
+    assert_eq!(tp.tls, None);
     assert_eq!(
         tp.for_port(80).tls,
         Some(ClientTls {
@@ -837,6 +833,7 @@ spec:
         .and_then(|p| p.http.as_ref())
         .expect("http settings");
     assert_eq!(http.h2_upgrade_policy, H2UpgradePolicy::DoNotUpgrade);
+    assert!(http.use_client_protocol);
 }
 
 #[test]
@@ -1158,4 +1155,34 @@ fn mesh_annotations_on_destination_rules() {
         let want: Vec<&str> = want.iter().map(String::as_str).collect();
         assert_problems(&[("smart.yaml", doc)], &want);
     }
+}
+
+#[test]
+fn hash_tables_above_the_cap_are_refused_by_field() {
+    let dr = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {namespace: lemo-dev, name: rank}
+spec:
+  host: rank
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpHeaderName: x-user
+        ringHash: {minimumRingSize: 8388608}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      loadBalancer:
+        consistentHash:
+          httpHeaderName: x-user
+          maglev: {tableSize: 1048573}
+"#;
+    let problems = problems_with(&[("dr.yaml", dr)]);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].ends_with("trafficPolicy.loadBalancer.consistentHash.ringHash.minimumRingSize: 8388608 is over the node proxy's cap of 1048576 entries per upstream cluster (memory is shared by every workload of the node)"),
+        "{problems:?}"
+    );
 }

@@ -12,7 +12,7 @@
 //! the admin API) and keeps "what is live" decided in one place.
 
 use super::field_path::FieldPath;
-use super::istio::{AuthorizationPolicy, MtlsMode, PeerAuthentication};
+use super::istio::{AuthorizationPolicy, DestinationRule, MtlsMode, PeerAuthentication, TrafficPolicy};
 
 /// How this node's tunnels are secured, which decides whether identity-based config is valid.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -36,6 +36,30 @@ pub(crate) fn peer_authentication(pa: &PeerAuthentication) -> Vec<(FieldPath, St
     }
     for (port, _) in pa.port_level_mtls.iter().filter(|(_, m)| strict(m)) {
         out.push((root.key("portLevelMtls").key(port.to_string()).key("mode"), format!("STRICT {WHY}")));
+    }
+    out
+}
+
+/// The `tls.mode: ISTIO_MUTUAL` fields of a DestinationRule: mutual TLS the node cannot give.
+pub(crate) fn destination_rule(dr: &DestinationRule) -> Vec<(FieldPath, String)> {
+    let mut out = Vec::new();
+    let mut policy = |path: FieldPath, tp: &TrafficPolicy| {
+        if tp.tls.is_some() {
+            out.push((path.key("tls").key("mode"), format!("ISTIO_MUTUAL {WHY}")));
+        }
+        for (i, p) in tp.port_level_settings.iter().enumerate() {
+            if p.tls.is_some() {
+                out.push((path.key("portLevelSettings").index(i).key("tls").key("mode"), format!("ISTIO_MUTUAL {WHY}")));
+            }
+        }
+    };
+    if let Some(tp) = &dr.traffic_policy {
+        policy(FieldPath::root().key("trafficPolicy"), tp);
+    }
+    for (i, s) in dr.subsets.iter().enumerate() {
+        if let Some(tp) = &s.traffic_policy {
+            policy(FieldPath::root().key("subsets").index(i).key("trafficPolicy"), tp);
+        }
     }
     out
 }

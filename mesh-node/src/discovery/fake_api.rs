@@ -154,7 +154,7 @@ impl Fake {
     pub(crate) fn path_of(&self, object: &Value) -> String {
         let kind = object["kind"].as_str().expect("kind");
         let st = self.state();
-        let k = KINDS.iter().find(|k| k.kind == kind).expect("a discovered kind");
+        let k = KINDS.iter().chain(super::kinds::REPORTED).find(|k| k.kind == kind && k.versions.iter().any(|v| st.objects.contains_key(&k.path(v)))).expect("a discovered kind");
         k.versions.iter().map(|v| k.path(v)).find(|p| st.objects.contains_key(p)).expect("served")
     }
 

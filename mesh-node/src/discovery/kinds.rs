@@ -15,6 +15,29 @@ pub(crate) struct Kind {
     pub versions: &'static [&'static str],
 }
 
+/// Kinds the mesh does not apply but reports ("not applied by mesh (kind X)" in
+/// `/config_errors`, a metric, `meshctl check`). Watched like the others, except that they never
+/// hold readiness back: a CRD that is not installed (404) or a list the ServiceAccount may not
+/// make (403) is simply nothing to report.
+pub(crate) const REPORTED: &[Kind] = &[
+    Kind { kind: "ServiceEntry", plural: "serviceentries", versions: &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"] },
+    Kind { kind: "Sidecar", plural: "sidecars", versions: &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"] },
+    Kind { kind: "Gateway", plural: "gateways", versions: &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"] },
+    Kind { kind: "WorkloadEntry", plural: "workloadentries", versions: &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"] },
+    Kind { kind: "WorkloadGroup", plural: "workloadgroups", versions: &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"] },
+    Kind { kind: "EnvoyFilter", plural: "envoyfilters", versions: &["networking.istio.io/v1alpha3"] },
+    Kind { kind: "ProxyConfig", plural: "proxyconfigs", versions: &["networking.istio.io/v1beta1"] },
+    Kind { kind: "Telemetry", plural: "telemetries", versions: &["telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1"] },
+    Kind { kind: "RequestAuthentication", plural: "requestauthentications", versions: &["security.istio.io/v1", "security.istio.io/v1beta1"] },
+    Kind { kind: "WasmPlugin", plural: "wasmplugins", versions: &["extensions.istio.io/v1alpha1"] },
+    // Gateway API routes. (Its Gateway would share the store key `gateways` with Istio's: not
+    // watched; file mode reports it.)
+    Kind { kind: "HTTPRoute", plural: "httproutes", versions: &["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"] },
+    Kind { kind: "GRPCRoute", plural: "grpcroutes", versions: &["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1alpha2"] },
+    Kind { kind: "TCPRoute", plural: "tcproutes", versions: &["gateway.networking.k8s.io/v1alpha2"] },
+    Kind { kind: "TLSRoute", plural: "tlsroutes", versions: &["gateway.networking.k8s.io/v1alpha3", "gateway.networking.k8s.io/v1alpha2"] },
+];
+
 /// A built-in kind as its k8s-openapi type names it.
 macro_rules! builtin {
     ($t:ty) => {

@@ -161,6 +161,10 @@ pub fn spawn(api: ApiServer, opts: Options) -> Discovery {
     for kind in kinds::KINDS {
         watchers.spawn(watcher::run(api.clone(), *kind, shared.clone(), opts.clone()));
     }
+    // Kinds the mesh only reports; readiness never waits for them (`kinds` below).
+    for kind in kinds::REPORTED {
+        watchers.spawn(watcher::run_reported(api.clone(), *kind, shared.clone(), opts.clone()));
+    }
     let kinds: Vec<&'static str> = kinds::KINDS.iter().map(|k| k.plural).collect();
     let counter = rejections.clone();
     tokio::spawn(async move {

@@ -56,7 +56,7 @@ pub(super) fn summary(c: &Cluster) -> String {
         for port in &svc.ports {
             s += &format!("  ep {} {:?}\n", port.port, c.endpoints(svc, port.port));
         }
-        s += &format!("  dr {:?}\n  vs {:?}\n", c.destination_rule_for(svc), c.virtual_services_for(svc));
+        s += &format!("  dr {:?}\n  vs {:?}\n", c.destination_rule_for(svc, None), c.virtual_services_for(svc, None));
     }
     for pa in c.peer_authentications() {
         s += &format!("pa {pa:?}\n");
@@ -282,7 +282,7 @@ async fn subset_membership_follows_labels() {
         .find(|(_, s)| !s.labels.is_empty())
         .expect("the sample has a subset with labels");
     let svc = c.destination_rules().position(|x| x.name == dr.name).map(|_| ()).and_then(|_| {
-        c.services().find(|s| c.destination_rule_for(s).is_some_and(|x| x.name == dr.name)).cloned()
+        c.services().find(|s| c.destination_rule_for(s, None).is_some_and(|x| x.name == dr.name)).cloned()
     }).unwrap();
     let member = c.pods().find(|p| svc.selects(p) && labels_match(&subset.labels, &p.labels)).cloned().unwrap();
     let mut j = pod_json(&fake, &member.namespace, &member.name);
@@ -646,6 +646,7 @@ fn install_rbac_grants_exactly_what_discovery_reads() {
     }
     let read: BTreeSet<(String, String)> = KINDS
         .iter()
+        .chain(super::kinds::REPORTED)
         .map(|r| {
             let group = r.versions[0].rsplit_once('/').map_or("", |(g, _)| g);
             (group.to_string(), r.plural.to_string())
@@ -683,4 +684,44 @@ async fn without_a_ca_a_strict_peer_authentication_is_held_back() {
     let name = ns_name(&fake);
     until(&mut d, "a valid change applies", move |c| c.namespace(&name).is_some_and(|n| n.labels.contains_key("extra"))).await;
     assert!(!strict(&d.config.borrow()));
+}
+
+/// Kinds the mesh does not apply are watched and reported (`Cluster::unapplied`), without
+/// holding readiness: the fake serves none of their CRDs at first (404: nothing to report),
+/// then a ServiceEntry appears once its CRD is served.
+#[tokio::test]
+async fn unapplied_kinds_are_reported_and_never_hold_readiness() {
+    let fake = loaded_fake(&[]);
+    let d = start(&fake).await;
+    assert!(d.is_ready(), "ready without any of the reported kinds' CRDs");
+    assert!(d.config.borrow().unapplied().is_empty());
+    until_true("the ServiceEntry CRD was looked for", || !fake.lists("/apis/networking.istio.io/v1alpha3/serviceentries").is_empty()).await;
+
+    // A cluster with Istio's CRDs: a ServiceEntry and a Gateway exist.
+    let fake = loaded_fake(&[]);
+    fake.state().objects.insert("/apis/networking.istio.io/v1/serviceentries".into(), Default::default());
+    fake.state().objects.insert("/apis/networking.istio.io/v1/gateways".into(), Default::default());
+    let ns = ns_name(&fake);
+    fake.apply("ADDED", json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry", "metadata": {"namespace": ns, "name": "payments"},
+        "spec": {"hosts": ["api.payments.example"], "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}], "resolution": "DNS"}}));
+    fake.apply("ADDED", json!({"apiVersion": "networking.istio.io/v1", "kind": "Gateway", "metadata": {"namespace": "istio-system", "name": "ingress"},
+        "spec": {"selector": {"istio": "ingressgateway"}, "servers": []}}));
+    let mut d2 = start(&fake).await;
+    until(&mut d2, "both reported", |c| c.unapplied().len() == 2).await;
+    let c = d2.config.borrow().clone();
+    let se = c.unapplied().iter().find(|u| u.kind == "ServiceEntry").expect("ServiceEntry");
+    assert_eq!((se.namespace.as_str(), se.name.as_str(), se.changes_routing), (ns.as_str(), "payments", true));
+    assert_eq!(se.message().split(':').next(), Some("not applied by mesh (kind ServiceEntry)"));
+    let gw = c.unapplied().iter().find(|u| u.kind == "Gateway").expect("Gateway");
+    assert!(!gw.changes_routing);
+    // Listed by the admin API's /config_errors.
+    let listed = crate::admin::config_errors::not_applied(&c);
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    assert!(listed.to_string().contains("not applied by mesh (kind Gateway)"), "{listed}");
+    // Deleted: nothing to report any more.
+    let path = "/apis/networking.istio.io/v1/serviceentries";
+    let object = fake.state().objects[path].values().next().cloned().unwrap();
+    fake.apply_at(path, "DELETED", object);
+    until(&mut d2, "the ServiceEntry is gone", |c| c.unapplied().len() == 1).await;
+    drop(d);
 }

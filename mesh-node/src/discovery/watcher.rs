@@ -130,6 +130,30 @@ pub(crate) async fn run(api: ApiServer, kind: Kind, shared: Arc<Shared>, opts: O
     }
 }
 
+/// Like [`run`], for a kind the mesh only reports (`kinds::REPORTED`): its CRD missing (404)
+/// is nothing to report, looked at again every few minutes rather than at `backoff_max`, and
+/// readiness never waits for it. A refused list (403: the ServiceAccount may not read the
+/// kind) is retried after the usual backoff and reports nothing meanwhile.
+pub(crate) async fn run_reported(api: ApiServer, kind: Kind, shared: Arc<Shared>, opts: Options) {
+    const LOOK_AGAIN: std::time::Duration = std::time::Duration::from_secs(300);
+    loop {
+        let client = match api.client() {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::error!(kind = kind.kind, "{e}");
+                tokio::time::sleep(opts.backoff_max).await;
+                continue;
+            }
+        };
+        for &version in kind.versions {
+            watch_version(client.clone(), kind, version, &shared, &opts).await;
+        }
+        tracing::debug!(kind = kind.kind, "not served (CRD not installed): nothing to report");
+        shared.replace(kind.kind, kind.plural, kind.versions[0], Vec::new());
+        tokio::time::sleep(opts.backoff_max.max(LOOK_AGAIN)).await;
+    }
+}
+
 /// Runs the watcher of `kind` at `version` into `shared`; returns when that version is not
 /// served (404).
 async fn watch_version(client: kube::Client, kind: Kind, version: &'static str, shared: &Shared, opts: &Options) {

@@ -8,6 +8,7 @@ mod proxy;
 pub mod replay;
 pub mod retry;
 pub mod router;
+pub mod server;
 
 use std::{
     convert::Infallible,
@@ -22,8 +23,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::{Response, StatusCode, service::service_fn};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
+    rt::TokioIo,
 };
 use tokio::sync::Notify;
 use tracing::debug;
@@ -91,8 +91,7 @@ where
             }
         }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http2().timer(hyper_util::rt::TokioTimer::new());
+    let builder = server::auto();
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     // When to shut the connection down gracefully: HTTP/2 at once when the drain starts (GOAWAY:

@@ -87,7 +87,10 @@ async fn route_request(mut req: Request<Incoming>, conn: &Downstream, ctx: &Prox
     let upgrade = headers::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let source = cluster.pod_by_ip(conn.peer.ip());
-    let virtual_services = cluster.virtual_services_for(svc);
+    // Istio's lookups start from the client's namespace (VirtualService and DestinationRule
+    // `exportTo`, a DestinationRule of the client's own namespace first).
+    let client_ns = source.map(|p| p.namespace.as_str());
+    let virtual_services = cluster.virtual_services_for(svc, client_ns);
     let (route, vs_namespace) = match router::select(&virtual_services, &RequestInfo { parts: &parts, port: conn.target.port, source }) {
         Selected::Route { vs, route } => (Some(route), vs.namespace.as_str()),
         Selected::Default => (None, svc.namespace.as_str()),
@@ -114,7 +117,7 @@ async fn route_request(mut req: Request<Incoming>, conn: &Downstream, ctx: &Prox
         }
     };
     let version = if parts.version == Version::HTTP_2 { pool::Version::Http2 } else { pool::Version::Http1 };
-    let destination = match ctx.destinations.resolve_parts(&cluster, &dest_svc.namespace, &dest_svc.name, port, subset, version == pool::Version::Http2) {
+    let destination = match ctx.destinations.resolve_parts(&cluster, &dest_svc.namespace, &dest_svc.name, port, subset, client_ns, version == pool::Version::Http2) {
         Ok(d) => d,
         Err(e) => {
             debug!("route: {e}");

@@ -21,6 +21,31 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 /// Envoy's default per-request buffer limit for retries is 1 MiB (per_request_buffer_limit).
 pub const DEFAULT_LIMIT: usize = 1 << 20;
 
+/// Bytes all requests of the node proxy may hold for replay at once. Istio's default retry
+/// policy gives every route one, so without a node-wide bound 1 MiB uploads that never finish
+/// would each pin 1 MiB (384 of them took a proxy to 374 MiB in `cargo xtask bench abuse`).
+/// Past it a request streams on unbuffered: it is forwarded, only no longer retried.
+static BUDGET: AtomicU64 = AtomicU64::new(48 << 20);
+static BUFFERED: AtomicU64 = AtomicU64::new(0);
+/// Requests that stopped buffering because the node-wide budget was spent.
+pub static BUDGET_EXHAUSTED: AtomicU64 = AtomicU64::new(0);
+
+/// Sets the node-wide replay budget (from `--memory-budget-mib`), before serving.
+pub fn set_budget(bytes: u64) {
+    BUDGET.store(bytes, Ordering::Relaxed);
+}
+
+/// Takes `n` bytes of the node-wide budget, if they are left.
+fn reserve(n: usize) -> bool {
+    let n = n as u64;
+    let limit = BUDGET.load(Ordering::Relaxed);
+    BUFFERED.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| (used + n <= limit).then_some(used + n)).is_ok()
+}
+
+fn release(n: usize) {
+    BUFFERED.fetch_sub(n as u64, Ordering::AcqRel);
+}
+
 struct Shared<B> {
     source: Option<B>,
     chunks: Vec<Bytes>,
@@ -32,6 +57,12 @@ struct Shared<B> {
     /// Body bytes pulled from the client so far; shared so telemetry can read the request size
     /// after the body (and this buffer) is gone.
     pulled: Arc<AtomicU64>,
+}
+
+impl<B> Drop for Shared<B> {
+    fn drop(&mut self) {
+        release(self.buffered);
+    }
 }
 
 pub struct ReplayBody<B = Incoming> {
@@ -128,14 +159,20 @@ where
             Ok(data) => {
                 shared.pulled.fetch_add(data.len() as u64, Ordering::Relaxed);
                 if this.next != STREAMING {
-                    shared.buffered += data.len();
-                    if shared.buffered > shared.limit {
-                        shared.overflowed = true;
-                        shared.chunks = Vec::new();
-                        this.next = STREAMING;
-                    } else {
+                    let fits = shared.buffered + data.len() <= shared.limit;
+                    let reserved = fits && reserve(data.len());
+                    if fits && !reserved {
+                        BUDGET_EXHAUSTED.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if reserved {
+                        shared.buffered += data.len();
                         shared.chunks.push(data.clone());
                         this.next = shared.chunks.len();
+                    } else {
+                        shared.overflowed = true;
+                        shared.chunks = Vec::new();
+                        release(std::mem::take(&mut shared.buffered));
+                        this.next = STREAMING;
                     }
                 }
                 return Poll::Ready(Some(Ok(Frame::data(data))));

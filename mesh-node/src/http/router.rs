@@ -142,7 +142,7 @@ mod tests {
 
     fn route_name(c: &Cluster, p: &Parts) -> String {
         let svc = c.service("demo", "recall").unwrap();
-        let vss = c.virtual_services_for(svc);
+        let vss = c.virtual_services_for(svc, None);
         match select(&vss, &RequestInfo { parts: p, port: 80, source: None }) {
             Selected::Route { route, .. } => route.name.clone().unwrap_or_default(),
             Selected::Default => "default".into(),

@@ -45,7 +45,7 @@ pub fn route(cluster: &Cluster, orig: SocketAddr, source: Option<&Pod>) -> Resul
 /// The first matching `tcp` route of the Service's VirtualServices picks a weighted
 /// destination; without any `tcp` route the connection goes to the Service port itself.
 fn tcp_route(cluster: &Cluster, svc: &Service, port: u16, source: Option<&Pod>) -> Result<DestinationKey, RouteError> {
-    let virtual_services = cluster.virtual_services_for(svc);
+    let virtual_services = cluster.virtual_services_for(svc, source.map(|p| p.namespace.as_str()));
     let routes: Vec<(&VirtualService, &crate::config::TcpRoute)> =
         virtual_services.iter().flat_map(|vs| vs.tcp.iter().map(move |r| (*vs, r))).collect();
     if routes.is_empty() {

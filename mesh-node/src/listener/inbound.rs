@@ -14,8 +14,7 @@ use std::{
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
 use super::{ProxyContext, drain::Phase};
@@ -30,26 +29,38 @@ use crate::{
 /// A peer that opens the tunnel port and never finishes the handshake does not hold a task.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
+/// TLS handshakes in progress at once on the tunnel port; more are refused at once.
+const MAX_HANDSHAKES: usize = 128;
+
+pub async fn serve(listener: super::accept::Acceptor, ctx: Arc<ProxyContext>) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let failures = Arc::new(super::accept::LogLimiter::default());
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                warn!("inbound accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (stream, peer, permit) = listener.accept().await;
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let open = ctx.drain.track();
+        let (handshakes, failures) = (handshakes.clone(), failures.clone());
         tokio::spawn(async move {
             let _open = open;
+            let _permit = permit;
             match ctx.connector.tunnels.tls().cloned() {
-                Some(tls) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream, peer)).await {
+                Some(tls) => {
+                    let Ok(handshake) = handshakes.try_acquire() else {
+                        ctx.stats.inbound_handshakes_over_cap.inc();
+                        if failures.should_log_kind(peer.ip(), "handshakes over cap") {
+                            warn!(%peer, "inbound: {MAX_HANDSHAKES} TLS handshakes in progress: refused (logged once per source per interval)");
+                        }
+                        return upstream::reset(stream);
+                    };
+                    let accepted = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream, peer)).await;
+                    drop(handshake);
+                    match accepted {
                     Err(_) => {
                         ctx.stats.inbound_tls_refused.inc();
-                        warn!(%peer, "inbound: TLS handshake not completed within {TLS_HANDSHAKE_TIMEOUT:?}");
+                        if failures.should_log_kind(peer.ip(), "handshake timeout") {
+                            warn!(%peer, "inbound: TLS handshake not completed within {TLS_HANDSHAKE_TIMEOUT:?} (logged once per source per interval)");
+                        }
                     }
                     Ok(Ok((stream, client, requested))) => {
                         let peer = Peer { addr: peer, identity: Some(client), requested: Some(requested) };
@@ -57,9 +68,12 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
                     }
                     Ok(Err(e)) => {
                         ctx.stats.inbound_tls_refused.inc();
-                        warn!(%peer, "inbound: TLS refused: {e}");
+                        if failures.should_log_kind(peer.ip(), &e.to_string()) {
+                            warn!(%peer, "inbound: TLS refused: {e} (logged once per source per interval)");
+                        }
                     }
-                },
+                    }
+                }
                 None if !is_other_node(&ctx.cluster(), &ctx.node, peer.ip()) => {
                     ctx.stats.inbound_not_a_node.inc();
                     warn!(%peer, "inbound: plaintext tunnel from an address that is no other node's InternalIP: refused");
@@ -95,8 +109,7 @@ where
     let peer = Arc::new(peer);
     let mut drain = ctx.drain.signal();
     let service = service_fn(move |req| handle(req, peer.clone(), ctx.clone()));
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
+    let conn = crate::http::server::http2()
         .initial_stream_window_size(tunnel::STREAM_WINDOW)
         .initial_connection_window_size(tunnel::CONNECTION_WINDOW)
         .max_frame_size(tunnel::MAX_FRAME)

@@ -1,5 +1,6 @@
 //! The proxy's listening sockets: outbound (captured pod connections) and inbound (tunnels
 //! from other node proxies).
+pub mod accept;
 pub mod drain;
 pub mod inbound;
 pub mod outbound;

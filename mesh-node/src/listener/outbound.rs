@@ -1,7 +1,7 @@
 //! Outbound listener: connections captured from this node's pods.
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::ProxyContext;
@@ -16,22 +16,16 @@ use crate::{
     upstream::{self, Source, UpstreamIo},
 };
 
-pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
+pub async fn serve(listener: super::accept::Acceptor, ctx: Arc<ProxyContext>) {
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                warn!("outbound accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (stream, peer, permit) = listener.accept().await;
         let ctx = ctx.clone();
         // Counted until the connection ends: a stopping proxy waits for it (or its drain timeout).
         let open = ctx.drain.track();
         tokio::spawn(async move {
             handle(stream, peer, ctx).await;
             drop(open);
+            drop(permit);
         });
     }
 }
@@ -78,7 +72,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
             connect_and_pipe(client, peer, &endpoint, &caller, timeout, &ctx, route).await;
         }
         TcpTarget::Cluster(key) => {
-            let destination = match ctx.destinations.resolve(&cluster, &key, false) {
+            let destination = match ctx.destinations.resolve(&cluster, &key, source.map(|p| p.namespace.as_str()), false) {
                 Ok(d) => d,
                 Err(e) => {
                     ctx.stats.outbound_no_route.inc();

@@ -58,6 +58,28 @@ impl MeshCollector {
         c.collect().pop().expect("a counter collects one family")
     }
 
+    /// Objects in the live config of kinds the mesh does not apply (ServiceEntry, Gateway,
+    /// ...), by kind; `changes_routing` marks kinds that route mesh traffic in Istio.
+    fn not_applied(&self) -> Option<MetricFamily> {
+        let cluster = self.sources.config.borrow().clone();
+        let gauge = prometheus::IntGaugeVec::new(
+            Opts::new("mesh_config_not_applied_objects", "Objects of kinds the mesh does not apply (ServiceEntry, Sidecar, Gateway, ...), by kind"),
+            &["kind", "changes_routing"],
+        )
+        .ok()?;
+        for u in cluster.unapplied() {
+            gauge.with_label_values(&[u.kind.as_str(), if u.changes_routing { "true" } else { "false" }]).inc();
+        }
+        // An empty family still names the metric, so dashboards see 0 rather than nothing.
+        gauge.collect().pop().or_else(|| {
+            let mut family = MetricFamily::default();
+            family.set_name("mesh_config_not_applied_objects".into());
+            family.set_help("Objects of kinds the mesh does not apply (ServiceEntry, Sidecar, Gateway, ...), by kind".into());
+            family.set_field_type(prometheus::proto::MetricType::GAUGE);
+            Some(family)
+        })
+    }
+
     fn certificate_expiry(&self) -> Option<MetricFamily> {
         let tls = self.sources.tls.as_ref()?;
         let cluster = self.sources.config.borrow().clone();
@@ -94,6 +116,16 @@ impl Collector for MeshCollector {
             Self::counter("mesh_config_reloads_total", "Config snapshots loaded", stats.config_reloads.get()),
             Self::counter("mesh_policy_closed_connections_total", "Open connections closed because a policy change denies them", stats.policy_closed_connections.get()),
             Self::counter("mesh_config_errors_total", "Config changes rejected by validation", CONFIG_ERRORS.load(Ordering::Relaxed)),
+            Self::counter(
+                "mesh_replay_budget_exhausted_total",
+                "Requests that stopped being buffered for retries because the node-wide replay budget was spent",
+                crate::http::replay::BUDGET_EXHAUSTED.load(Ordering::Relaxed),
+            ),
+            Self::counter(
+                "mesh_metric_series_overflow_total",
+                "Requests not recorded in the Istio metrics because they would open a series past the per-proxy cap",
+                super::metrics::SERIES_OVERFLOW.load(Ordering::Relaxed),
+            ),
         ];
         if let Some(capture) = &self.sources.capture {
             for (name, value) in capture.read() {
@@ -101,6 +133,7 @@ impl Collector for MeshCollector {
             }
         }
         out.extend(self.certificate_expiry());
+        out.extend(self.not_applied());
         out
     }
 }

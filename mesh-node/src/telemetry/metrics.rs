@@ -233,6 +233,14 @@ type SeriesCache = HashMap<u64, Vec<(SeriesKey, Arc<RequestSeries>)>, BuildHashe
 /// cluster: entries are cleared at each config change anyway).
 const SERIES_CACHE_MAX: usize = 4096;
 
+/// Request series (label sets of `istio_requests_total` and its histograms) one proxy exports
+/// at most; requests that would open a new one past it are counted in
+/// `mesh_metric_series_overflow_total` instead of recorded.
+pub const MAX_REQUEST_SERIES: usize = 20_000;
+
+/// Requests not recorded because their series would pass [`MAX_REQUEST_SERIES`].
+pub static SERIES_OVERFLOW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn mix(h: u64, v: u64) -> u64 {
     (h.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95)
 }
@@ -268,6 +276,12 @@ pub struct IstioMetrics {
     tcp_closed: IntCounterVec,
     /// Handles of the HTTP series recorded so far; see [`RequestSeries`].
     series: Mutex<(SeriesCache, usize)>,
+    /// Hashes of the request label sets recorded since the last prune, and how many series
+    /// were left by that prune (counted against the cap too: conservative, since a series
+    /// left by the prune is counted again when it is next recorded).
+    exported: Mutex<(HashSet<u64>, usize)>,
+    /// [`MAX_REQUEST_SERIES`], smaller in tests.
+    series_cap: usize,
 }
 
 impl IstioMetrics {
@@ -285,6 +299,8 @@ impl IstioMetrics {
             tcp_opened: counter("istio_tcp_connections_opened_total", "TCP connections opened", &tcp)?,
             tcp_closed: counter("istio_tcp_connections_closed_total", "TCP connections closed", &tcp)?,
             series: Mutex::default(),
+            exported: Mutex::default(),
+            series_cap: MAX_REQUEST_SERIES,
         };
         for c in m.collectors() {
             registry.register(c)?;
@@ -326,6 +342,10 @@ impl IstioMetrics {
                     security: peering.security,
                 };
                 let v = Self::request_labels(&plain, outcome);
+                if !self.admit_series(&v) {
+                    SERIES_OVERFLOW.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
                 let s = Arc::new(RequestSeries {
                     requests: self.requests.with_label_values(&v),
                     duration: self.duration.with_label_values(&v),
@@ -368,8 +388,29 @@ impl IstioMetrics {
         v
     }
 
+    /// Whether the label set `v` is exported already or may be added under the cap.
+    fn admit_series(&self, v: &[&str]) -> bool {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::hash::DefaultHasher::new();
+        v.hash(&mut h);
+        let hash = h.finish();
+        let mut guard = self.exported.lock().unwrap_or_else(|e| e.into_inner());
+        let (exported, base) = &mut *guard;
+        if exported.contains(&hash) {
+            return true;
+        }
+        if exported.len() + *base >= self.series_cap {
+            return false;
+        }
+        exported.insert(hash)
+    }
+
     pub fn record_request(&self, peering: &Peering, outcome: &RequestOutcome) {
         let v = Self::request_labels(peering, outcome);
+        if !self.admit_series(&v) {
+            SERIES_OVERFLOW.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
         self.requests.with_label_values(&v).inc();
         self.duration.with_label_values(&v).observe(outcome.duration_ms);
         self.request_bytes.with_label_values(&v).observe(outcome.request_bytes as f64);
@@ -407,6 +448,7 @@ impl IstioMetrics {
         // the cache over, holding its lock so no request records in between.
         let mut series = self.series.lock().unwrap_or_else(|e| e.into_inner());
         *series = Default::default();
+        let mut exported = self.exported.lock().unwrap_or_else(|e| e.into_inner());
         let mut removed = 0;
         for vec in [&self.requests, &self.tcp_sent, &self.tcp_received, &self.tcp_opened, &self.tcp_closed] {
             removed += retain(vec, live, |v, labels| v.remove(labels).is_ok());
@@ -414,6 +456,8 @@ impl IstioMetrics {
         for vec in [&self.duration, &self.request_bytes, &self.response_bytes] {
             removed += retain(vec, live, |v, labels| v.remove(labels).is_ok());
         }
+        let left = self.requests.collect().first().map_or(0, |f| f.get_metric().len());
+        *exported = (HashSet::new(), left);
         removed
     }
 }
@@ -511,5 +555,31 @@ mod tests {
         m.record_request_cached(&peering, &outcome);
         assert!(text(&registry).contains("istio_requests_total{"));
         assert!(text(&registry).contains("istio_requests_total{") && text(&registry).lines().any(|l| l.starts_with("istio_requests_total{") && l.ends_with(" 1")));
+    }
+}
+
+#[cfg(test)]
+mod series_cap_tests {
+    use super::*;
+    use crate::telemetry::workload::{ServiceLabels, Workload};
+
+    #[test]
+    fn new_series_past_the_cap_are_counted_not_recorded() {
+        let registry = Registry::new();
+        let mut m = IstioMetrics::register(&registry).unwrap();
+        m.series_cap = 10;
+        let (w, svc) = (Workload::unknown(), ServiceLabels::unknown());
+        let peering = Peering { reporter: Reporter::Source, source: &w, destination: &w, service: &svc, security: Security::None };
+        let before = SERIES_OVERFLOW.load(std::sync::atomic::Ordering::Relaxed);
+        for i in 0..15 {
+            let code = format!("{}", 200 + i);
+            let outcome = RequestOutcome { protocol: "http", code: &code, grpc_status: "", flags: "-", duration_ms: 1.0, request_bytes: 0, response_bytes: 0 };
+            m.record_request(&peering, &outcome);
+            // An existing series keeps counting.
+            m.record_request(&peering, &outcome);
+        }
+        let series = m.requests.collect()[0].get_metric().len();
+        assert_eq!(series, 10);
+        assert!(SERIES_OVERFLOW.load(std::sync::atomic::Ordering::Relaxed) >= before + 10, "5 new series, twice each");
     }
 }

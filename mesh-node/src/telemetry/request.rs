@@ -116,9 +116,17 @@ impl HttpExchange {
     }
 }
 
-/// `grpc-status`, when it is text; kept as the header value (a shared buffer, no copy).
+/// `grpc-status` as a metric label: gRPC's codes are 0-16, written as decimal digits; any
+/// other value (an upstream writing text, or a unique string per response) becomes
+/// "unknown", so the label cannot grow the series count without bound. Kept as the header value
+/// (a shared buffer, no copy) when it is a code.
 fn grpc_status(headers: &HeaderMap) -> Option<HeaderValue> {
-    headers.get("grpc-status").filter(|v| v.to_str().is_ok()).cloned()
+    let v = headers.get("grpc-status")?;
+    let code = v.to_str().ok().filter(|s| !s.is_empty() && s.len() <= 2 && s.bytes().all(|b| b.is_ascii_digit())).and_then(|s| s.parse::<u8>().ok());
+    match code {
+        Some(c) if c <= 16 => Some(v.clone()),
+        _ => Some(HeaderValue::from_static("unknown")),
+    }
 }
 
 /// Everything known when the response headers go out; completed by the body's end.
@@ -301,5 +309,25 @@ impl Drop for Recorded {
     fn drop(&mut self) {
         let completed = self.inner.is_end_stream();
         self.done(completed);
+    }
+}
+
+#[cfg(test)]
+mod grpc_status_label {
+    use super::*;
+
+    #[test]
+    fn only_grpc_codes_become_label_values() {
+        let label = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-status", HeaderValue::from_static(v));
+            grpc_status(&h).map(|v| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(label("0").as_deref(), Some("0"));
+        assert_eq!(label("16").as_deref(), Some("16"));
+        assert_eq!(label("17").as_deref(), Some("unknown"));
+        assert_eq!(label("007").as_deref(), Some("unknown"));
+        assert_eq!(label("internal error #4711").as_deref(), Some("unknown"));
+        assert_eq!(grpc_status(&HeaderMap::new()), None);
     }
 }

@@ -6,21 +6,21 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Incoming, header, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
 use tracing::debug;
 
 use super::Telemetry;
 
-pub async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>) {
+pub async fn serve(listener: crate::listener::accept::Acceptor, telemetry: Arc<Telemetry>) {
     loop {
-        let Ok((stream, peer)) = listener.accept().await else { continue };
+        let (stream, peer, permit) = listener.accept().await;
         let telemetry = telemetry.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |req| {
                 let telemetry = telemetry.clone();
                 async move { Ok::<_, Infallible>(handle(&req, &telemetry)) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            if let Err(e) = crate::http::server::http1().serve_connection(TokioIo::new(stream), service).await {
                 debug!(%peer, "metrics connection: {e}");
             }
         });

@@ -26,6 +26,8 @@ mod mtls;
 mod ca_request;
 #[path = "probe/hold.rs"]
 mod hold;
+#[path = "probe/abuse.rs"]
+mod abuse;
 #[path = "probe/h2c.rs"]
 mod h2c;
 
@@ -167,6 +169,9 @@ enum Cmd {
     /// Keep one connection (HTTP/1.1 keep-alive, or TCP to an ECHO server) and use it every
     /// interval, never reconnecting; one JSON line per use, printed as it happens.
     Hold(hold::HoldArgs),
+    /// A misbehaving caller for the abuse bench: idle connections, slowloris headers, uploads
+    /// that never finish, or a flood of failing TLS handshakes.
+    Abuse(abuse::AbuseArgs),
 }
 
 fn main() -> ExitCode {
@@ -191,6 +196,7 @@ fn main() -> ExitCode {
         Cmd::TlsConnect(args) => mtls::tls_connect(args).map_err(anyhow_to_io),
         Cmd::CaRequest(args) => ca_request::run(args).map_err(anyhow_to_io),
         Cmd::Hold(args) => hold::run(args).map_err(anyhow_to_io),
+        Cmd::Abuse(args) => abuse::run(args).map_err(anyhow_to_io),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

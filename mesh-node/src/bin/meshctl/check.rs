@@ -50,6 +50,7 @@ pub async fn run(admin: &Admin) -> Vec<Check> {
     checks.push(listeners(&status["listeners"]));
     checks.extend(certificates(&status["certificates"]));
     checks.push(config(&status["config"]));
+    checks.extend(not_applied(&status["config"]));
     checks
 }
 
@@ -155,8 +156,8 @@ fn config(c: &Value) -> Check {
     if live && let Some(first) = warnings.first() {
         return warn(
             "config valid",
-            format!("applied, {} field(s) enforced more restrictively than written: {first}", warnings.len()),
-            "a policy field the mesh cannot check at L4 (an HTTP attribute) makes an ALLOW rule match nothing and is ignored in a DENY rule; `meshctl status` or GET /config_errors lists each",
+            format!("applied, {} field(s) applied differently than written: {first}", warnings.len()),
+            "a policy field the mesh cannot check at L4 (an HTTP attribute) makes an ALLOW rule match nothing and is ignored in a DENY rule; a VirtualService shadowed by an older one for the same host, or bound only to gateways, is not used for mesh traffic; PeerAuthentication DISABLE acts as PERMISSIVE. `meshctl status` or GET /config_errors lists each",
         );
     }
     match c["status"].as_str() {
@@ -183,6 +184,27 @@ fn config(c: &Value) -> Check {
         }
         _ => fail("config valid", c["problems"].to_string(), format!("the daemon cannot read {dir}")),
     }
+}
+
+/// Objects of kinds the mesh does not apply: a warning (clusters keep Gateways for their
+/// ingress), a failure for ServiceEntry and Sidecar objects, which route mesh traffic in Istio.
+fn not_applied(c: &Value) -> Option<Check> {
+    let all: Vec<&Value> = c["not_applied"].as_array().into_iter().flatten().collect();
+    let line = |v: &Value| v["line"].as_str().unwrap_or("?").to_owned();
+    let routing: Vec<String> = all.iter().filter(|v| v["changes_routing"] == true).map(|v| line(v)).collect();
+    if !routing.is_empty() {
+        return Some(fail(
+            "kinds applied",
+            format!("{} object(s) that route mesh traffic in Istio are not applied: {}", routing.len(), routing.join("; ")),
+            "mesh does not apply ServiceEntry or Sidecar: traffic to hosts a ServiceEntry adds goes out as plain connections, and a Sidecar's egress limits are not enforced. Route through Kubernetes Services instead (an ExternalName Service for an external host), or delete the object if it only served Istio sidecars; GET /config_errors lists each (not_applied)",
+        ));
+    }
+    let first = all.first()?;
+    Some(warn(
+        "kinds applied",
+        format!("{} object(s) of kinds mesh does not apply, e.g. {}", all.len(), line(first)),
+        "Gateways, Gateway API routes, Telemetry, RequestAuthentication, EnvoyFilter, WasmPlugin, ... are for Istio's gateways and Envoy proxies: they have no effect on mesh traffic here. `mesh-node validate --strict` fails on them; GET /config_errors lists each (not_applied)",
+    ))
 }
 
 pub fn render(checks: &[Check]) -> String {
@@ -231,5 +253,19 @@ mod tests {
         assert!(w.detail.ends_with(line), "{}", w.detail);
         let held = config(&json!({"source": "kubernetes", "status": "held-back", "warnings": [line], "held_back": [{"message": "x"}]}));
         assert!(held.outcome == Outcome::Fail, "an error outranks a warning");
+    }
+
+    #[test]
+    fn unapplied_kinds_warn_and_routing_kinds_fail_with_a_hint() {
+        assert!(not_applied(&json!({"status": "live", "not_applied": []})).is_none(), "nothing to say");
+        let gateway = json!({"kind": "Gateway", "changes_routing": false, "line": "Gateway istio-system/ingress: not applied by mesh (kind Gateway)"});
+        let w = not_applied(&json!({"not_applied": [gateway.clone()]})).expect("a check");
+        assert!(w.outcome == Outcome::Warn, "{}", w.detail);
+        assert!(w.detail.contains("not applied by mesh (kind Gateway)"), "{}", w.detail);
+        let se = json!({"kind": "ServiceEntry", "changes_routing": true, "line": "ServiceEntry demo/api: not applied by mesh (kind ServiceEntry): ..."});
+        let f = not_applied(&json!({"not_applied": [gateway, se]})).expect("a check");
+        assert!(f.outcome == Outcome::Fail, "{}", f.detail);
+        assert!(f.detail.contains("ServiceEntry demo/api"), "{}", f.detail);
+        assert!(f.hint.as_deref().is_some_and(|h| h.contains("ExternalName")), "{:?}", f.hint);
     }
 }

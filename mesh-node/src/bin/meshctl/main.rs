@@ -62,6 +62,17 @@ enum Command {
         /// Only this Service (NAMESPACE/NAME); all Services without it.
         service: Option<String>,
     },
+    /// Why a request from a pod to a host goes where it goes: the VirtualService route and
+    /// DestinationRule that apply (and from which namespace), subsets and endpoints with their
+    /// state, retries/timeout/outlier settings with their origin (rule or Istio default), the
+    /// PeerAuthentication mode and the AuthorizationPolicies consulted.
+    Describe {
+        /// The calling pod: NAMESPACE/POD or its IP.
+        from: String,
+        /// The destination as the pod names it: a Service name (short names from the pod's
+        /// namespace), FQDN or VIP, with :PORT when the Service has several ports.
+        host: String,
+    },
     /// Workload certificates held on this node (identity, serial, expiry) and the CA's state.
     Certs,
     /// Connections the proxy carries right now.
@@ -134,6 +145,7 @@ fn examples(bin: &str) -> String {
   {bin} check                           # verify the node; non-zero exit on failure
   {bin} endpoints demo/web              # which endpoints are ejected, and for how long
   {bin} routes demo/web                 # VirtualService routes in order, DestinationRule policy
+  {bin} describe lemo-dev/bff-0 lemo-service-recall:8081   # why bff's requests to recall go where they go
   {bin} bpf                             # programs attached, enrolled pods, VIP map
   {bin} top --interval 2                # requests/s, success rate, p99 per service
   {bin} log-level debug                 # change the daemon's log level now
@@ -186,6 +198,10 @@ async fn run(cli: Cli, bin: &str) -> anyhow::Result<ExitCode> {
         Command::Routes { service } => {
             let path = service.map(|s| format!("/routes?service={}", encode(&s))).unwrap_or_else(|| "/routes".into());
             print(out, &admin.get(&path).await?, views::routes)?
+        }
+        Command::Describe { from, host } => {
+            let path = format!("/describe?from={}&host={}", encode(&from), encode(&host));
+            print(out, &admin.get(&path).await?, views::describe)?
         }
         Command::Certs => print(out, &admin.get("/certs").await?, views::certs)?,
         Command::Connections => print(out, &admin.get("/connections").await?, views::connections)?,

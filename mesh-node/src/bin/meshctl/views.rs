@@ -304,3 +304,92 @@ mod tests {
         assert!(out.contains("held back") && out.contains("Service demo/dup rejected (left out): spec.clusterIP") && out.contains("(for 2m"), "{out}");
     }
 }
+
+/// `meshctl describe`: one section per question a user asks about a request's path.
+pub fn describe(v: &Value) -> String {
+    let mut out = String::new();
+    let src = &v["source"];
+    let dst = &v["destination"];
+    let _ = writeln!(out, "From   {} ({}, node {}, {}){}", cell(&src["pod"]), cell(&src["ip"]), cell(&src["node"]), cell(&src["identity"]), if src["in_mesh"] == true { "" } else { "  NOT IN THE MESH: its connections are not captured" });
+    let _ = writeln!(out, "To     {} port {} ({}), Service {}", cell(&dst["host"]), dst["port"], cell(&dst["protocol"]), cell(&dst["service"]));
+    match &v["virtual_service"] {
+        Value::Null => out.push_str("\nVirtualService: none (every request goes to the Service)\n"),
+        vs => {
+            let _ = writeln!(out, "\nVirtualService {}", cell(&vs["name"]));
+            for s in items(&vs["shadowed"]) {
+                let _ = writeln!(out, "  shadows {} (newer, or less specific: not applied for this client)", cell(s));
+            }
+            let mut t = Table::new(&["  #", "MATCH", "ROUTE", "TIMEOUT", "RETRIES"]);
+            for (i, r) in items(&v["http_routes"]).enumerate() {
+                let matches: Vec<String> = items(&r["match"])
+                    .map(|m| match m["conditions"].as_array() {
+                        Some(c) if !c.is_empty() => c.iter().map(cell).collect::<Vec<_>>().join(" && "),
+                        _ => "*".into(),
+                    })
+                    .collect();
+                let route: Vec<String> = items(&r["route"])
+                    .map(|d| {
+                        let subset = d["subset"].as_str().map(|s| format!(" subset {s}")).unwrap_or_default();
+                        format!("{}{subset} {}%", cell(&d["host"]), d["weight"])
+                    })
+                    .collect();
+                let t_out = &r["effective_timeout"];
+                let retry = &r["effective_retries"];
+                let retries = format!("{} x [{}] ({})", retry["attempts"], items(&retry["retry_on"]).map(cell).collect::<Vec<_>>().join(","), cell(&retry["origin"]));
+                t.row(vec![
+                    format!("  {}", i + 1),
+                    if matches.is_empty() { "*".into() } else { matches.join(" || ") },
+                    if route.is_empty() { "-".into() } else { route.join(", ") },
+                    format!("{} ({})", cell(&t_out["value"]), cell(&t_out["origin"])),
+                    retries,
+                ]);
+            }
+            for (i, r) in items(&v["tcp_routes"]).enumerate() {
+                let route: Vec<String> = items(&r["route"]).map(|d| format!("{} {}%", cell(&d["host"]), d["weight"])).collect();
+                t.row(vec![format!("  tcp {}", i + 1), "*".into(), route.join(", "), "-".into(), "-".into()]);
+            }
+            out.push_str(&t.render());
+        }
+    }
+    match &v["destination_rule"] {
+        Value::Null => out.push_str("\nDestinationRule: none (Istio defaults)\n"),
+        dr => {
+            let _ = writeln!(out, "\nDestinationRule {} (from the {})", cell(&dr["name"]), cell(&dr["origin"]));
+        }
+    }
+    for c in items(&v["clusters"]) {
+        let _ = writeln!(out, "\nCluster {}", cell(&c["cluster"]));
+        if let Some(e) = c["error"].as_str() {
+            let _ = writeln!(out, "  error: {e}");
+            continue;
+        }
+        let p = &c["policy"];
+        for (what, key) in [("load balancer", "load_balancer"), ("outlier detection", "outlier_detection"), ("connection pool", "connection_pool")] {
+            let value = &p[key]["value"];
+            let shown = if value.is_object() { outlier(value) } else { cell(value) };
+            let _ = writeln!(out, "  {what}: {shown}  [{}]", cell(&p[key]["origin"]));
+        }
+        let mut t = Table::new(&["  ENDPOINT", "POD", "NODE", "READY", "HEALTH", "ACTIVE", "PEERAUTHN", "AUTHZ"]);
+        for e in items(&c["endpoints"]) {
+            let authz = match &e["authorization"] {
+                Value::Null => "-".to_string(),
+                a => {
+                    let policies: Vec<String> = items(&a["policies"]).map(cell).collect();
+                    if policies.is_empty() { format!("{} (no policy)", cell(&a["decision"])) } else { format!("{} ({})", cell(&a["decision"]), policies.join(", ")) }
+                }
+            };
+            let health = match e["ejection_remaining_ms"].as_u64() {
+                Some(ms) => format!("{} ({:.1}s left)", cell(&e["health"]), ms as f64 / 1000.0),
+                None => cell(&e["health"]),
+            };
+            t.row(vec![format!("  {}", cell(&e["addr"])), cell(&e["pod"]), cell(&e["node"]), cell(&e["ready"]), health, cell(&e["active"]), cell(&e["peer_authentication"]), authz]);
+        }
+        if t.is_empty() {
+            out.push_str("  no endpoint\n");
+        } else {
+            out.push_str(&t.render());
+        }
+    }
+    out
+}
+

@@ -206,6 +206,10 @@ fn source(r: &mut Reporter<'_>, path: &FieldPath, s: &raw::AuthorizationSource) 
         s.not_request_principals.len(),
         s.remote_ip_blocks.len(),
         s.not_remote_ip_blocks.len(),
+        s.service_accounts.len(),
+        s.not_service_accounts.len(),
+        s.trust_domains.len(),
+        s.not_trust_domains.len(),
     ];
     // An empty source would match every peer, which Istio refuses as a likely mistake.
     if set.iter().all(|n| *n == 0) {

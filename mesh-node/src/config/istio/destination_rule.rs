@@ -21,6 +21,9 @@ pub struct DestinationRule {
     pub export_to: Vec<String>,
     /// The mesh's own extensions, from `metadata.annotations["mesh.io/*"]`.
     pub mesh: MeshPolicy,
+    /// `metadata.creationTimestamp` (seconds since the epoch); breaks ties between equally
+    /// specific rules of one namespace (the older wins). `None` orders first.
+    pub created: Option<i64>,
 }
 
 /// Options Istio's schema has no field for, set by annotations on the DestinationRule and
@@ -196,8 +199,8 @@ pub struct TcpSettings {
 }
 
 /// `None` fields: unlimited, except `idle_timeout` (1h in Istio).
-/// `maxConcurrentStreams` is not supported. `useClientProtocol` is accepted
-/// either way and not modelled: the proxy always speaks the client's protocol.
+/// `maxConcurrentStreams` is not supported. `useClientProtocol: true` is what the proxy always
+/// does (forward in the client's HTTP version); `false` is refused.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HttpSettings {
     pub http1_max_pending_requests: Option<u32>,
@@ -207,6 +210,8 @@ pub struct HttpSettings {
     pub max_retries: Option<u32>,
     pub idle_timeout: Option<Duration>,
     pub h2_upgrade_policy: H2UpgradePolicy,
+    /// `useClientProtocol: true`: requests go upstream in the client's HTTP version.
+    pub use_client_protocol: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -247,10 +252,10 @@ pub struct ClientTls {
     pub mode: TlsMode,
 }
 
-/// SIMPLE and MUTUAL (TLS to an external server) are not supported.
+/// Only ISTIO_MUTUAL, which is how the proxy always reaches mesh pods (HBONE tunnels with the
+/// workloads' certificates; refused without a CA). DISABLE, SIMPLE and MUTUAL are refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsMode {
-    Disable,
     IstioMutual,
 }
 
@@ -302,6 +307,7 @@ pub(crate) fn convert(
         subsets,
         export_to: common::export_to(r, &root.key("exportTo"), &spec.export_to),
         mesh: mesh_policy(r, annotations, spec),
+        created: None,
     }
 }
 
@@ -531,8 +537,16 @@ fn consistent_hash(
         );
         return None;
     };
+    // Each table is built per upstream cluster by any tenant's rule: its size is capped
+    // (ring entries take 16 bytes, Maglev slots 4), with an error rather than a silent clamp.
     let ring = |r: &mut Reporter<'_>, p: &FieldPath, v: Option<i64>| {
-        common::int_in(r, p, v, 0, i64::from(u32::MAX)).map(u64::from)
+        if let Some(v) = v
+            && v > MAX_HASH_TABLE_SIZE
+        {
+            r.at(p, format!("{v} is over the node proxy's cap of {MAX_HASH_TABLE_SIZE} entries per upstream cluster (memory is shared by every workload of the node)"));
+            return None;
+        }
+        common::int_in(r, p, v, 0, MAX_HASH_TABLE_SIZE).map(u64::from)
     };
     let algorithms = [
         ch.minimum_ring_size.is_some(),
@@ -565,6 +579,11 @@ fn consistent_hash(
     };
     Some(ConsistentHash { key, algorithm })
 }
+
+/// The largest `minimumRingSize` / `maglev.tableSize` a rule may ask for: 2^20 entries (a
+/// 16 MiB ring, a 4 MiB Maglev table per upstream cluster). Envoy's own ceiling is 8M ring
+/// entries; a node proxy shared by every workload of the node cannot give one tenant that.
+pub const MAX_HASH_TABLE_SIZE: i64 = 1 << 20;
 
 fn connection_pool(
     r: &mut Reporter<'_>,
@@ -610,6 +629,7 @@ fn connection_pool(
                 }
                 Some(raw::H2UpgradePolicy::DoNotUpgrade) => H2UpgradePolicy::DoNotUpgrade,
             },
+            use_client_protocol: h.use_client_protocol == Some(true),
         }
     });
     ConnectionPool { tcp, http }
@@ -673,10 +693,9 @@ fn client_tls(r: &mut Reporter<'_>, path: &FieldPath, tls: &raw::ClientTls) -> O
             r.at(&path.key("mode"), "is required");
             return None;
         }
-        Some(raw::TlsMode::Disable) => TlsMode::Disable,
         Some(raw::TlsMode::IstioMutual) => TlsMode::IstioMutual,
         // Reported by `unsupported`.
-        Some(raw::TlsMode::Simple | raw::TlsMode::Mutual) => return None,
+        Some(raw::TlsMode::Disable | raw::TlsMode::Simple | raw::TlsMode::Mutual) => return None,
     };
     Some(ClientTls { mode })
 }

@@ -17,7 +17,7 @@ pub use authorization_policy::{
     AuthorizationPolicy, AuthzAction, AuthzOperation, AuthzRule, AuthzSource,
 };
 pub use authz_values::{IpBlock, Wildcard};
-pub(crate) use common::exported_to;
+pub(crate) use common::{exported_to, is_dns_label};
 pub use common::{Destination, Pattern, StringMatch};
 pub use destination_rule::{
     ClientTls, ConnectionPool, ConsistentHash, DestinationRule, H2UpgradePolicy, HashAlgorithm,

@@ -78,6 +78,18 @@ pub(crate) fn convert(
             None => r.at(&path.key("mode"), "is required"),
         }
     }
+    // Istio ambient does not support DISABLE (mesh traffic is always mutual TLS between node
+    // proxies) and reads it like PERMISSIVE: it lifts STRICT, so plaintext from outside the
+    // mesh is accepted. Applied so, and said, since the name promises more.
+    let disable_note = "DISABLE is applied as Istio ambient applies it, like PERMISSIVE: plaintext from outside the mesh is accepted (it lifts a STRICT mode), while traffic from mesh pods still arrives over mutual TLS";
+    if spec.mtls.and_then(mode) == Some(MtlsMode::Disable) {
+        r.warn(&root.key("mtls").key("mode"), disable_note);
+    }
+    for (port, m) in &port_level_mtls {
+        if *m == MtlsMode::Disable {
+            r.warn(&root.key("portLevelMtls").key(port.to_string()).key("mode"), disable_note);
+        }
+    }
     PeerAuthentication {
         namespace: namespace.to_string(),
         name: name.to_string(),

@@ -100,6 +100,7 @@ pub struct TrafficPolicy {
     pub port_level_settings: Vec<PortTrafficPolicy>,
     pub proxy_protocol: Option<Ignored>,
     pub tunnel: Option<Ignored>,
+    pub retry_budget: Option<Ignored>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -120,6 +121,7 @@ pub struct LoadBalancer {
     pub warmup_duration_secs: Option<Ignored>,
     pub warmup: Option<Ignored>,
     pub locality_lb_setting: Option<Ignored>,
+    pub zone_aware_lb_setting: Option<Ignored>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -154,6 +156,7 @@ pub struct HttpCookie {
     pub name: String,
     pub ttl: Option<DurationText>,
     pub path: Option<String>,
+    pub attributes: Option<Ignored>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -194,11 +197,10 @@ pub struct HttpSettings {
     pub max_retries: Option<i64>,
     pub idle_timeout: Option<DurationText>,
     pub h2_upgrade_policy: Option<H2UpgradePolicy>,
-    /// Either value is accepted and none is read: the proxy always speaks the
-    /// client's protocol. Typed so that a non-boolean is still an error.
-    #[allow(dead_code)]
+    /// `true` is what the proxy always does; `false` is refused (`unsupported`).
     pub use_client_protocol: Option<bool>,
     pub max_concurrent_streams: Option<Ignored>,
+    pub http2_keep_alive: Option<Ignored>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -222,6 +224,7 @@ pub struct OutlierDetection {
     pub base_ejection_time: Option<DurationText>,
     pub max_ejection_percent: Option<i64>,
     pub min_health_percent: Option<i64>,
+    pub outlier_detection_http_error_codes: Option<Ignored>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -371,6 +374,8 @@ pub struct HttpRedirect {
     pub port: Option<i64>,
     pub scheme: Option<String>,
     pub redirect_code: Option<i64>,
+    pub derive_port: Option<Ignored>,
+    pub prefix_rewrite: Option<Ignored>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -378,6 +383,7 @@ pub struct HttpRedirect {
 pub struct HttpRewrite {
     pub uri: Option<String>,
     pub authority: Option<String>,
+    pub uri_regex_rewrite: Option<Ignored>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -388,6 +394,9 @@ pub struct HttpRetry {
     pub retry_on: Option<String>,
     /// `false` (the default) is accepted; `true` is rejected.
     pub retry_remote_localities: Option<bool>,
+    /// `true` (the default) is what the proxy always does; `false` is rejected.
+    pub retry_ignore_previous_hosts: Option<bool>,
+    pub backoff: Option<Ignored>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -402,6 +411,9 @@ pub struct HttpFault {
 pub struct FaultDelay {
     pub percentage: Option<Percent>,
     pub fixed_delay: Option<DurationText>,
+    /// Deprecated integer form of `percentage`, used when `percentage` is not set.
+    pub percent: Option<i64>,
+    pub exponential_delay: Option<Ignored>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -410,6 +422,7 @@ pub struct FaultAbort {
     pub percentage: Option<Percent>,
     pub http_status: Option<i64>,
     pub grpc_status: Option<String>,
+    pub http2_error: Option<Ignored>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -432,6 +445,7 @@ pub struct L4Match {
     pub source_namespace: Option<String>,
     #[serde(default)]
     pub gateways: Vec<String>,
+    pub source_subnet: Option<Ignored>,
 }
 
 // ---------------------------------------------------------------- PeerAuthentication
@@ -551,6 +565,14 @@ pub struct AuthorizationSource {
     pub remote_ip_blocks: Vec<Ignored>,
     #[serde(default)]
     pub not_remote_ip_blocks: Vec<Ignored>,
+    #[serde(default)]
+    pub service_accounts: Vec<Ignored>,
+    #[serde(default)]
+    pub not_service_accounts: Vec<Ignored>,
+    #[serde(default)]
+    pub trust_domains: Vec<Ignored>,
+    #[serde(default)]
+    pub not_trust_domains: Vec<Ignored>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

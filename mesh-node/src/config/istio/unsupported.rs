@@ -3,7 +3,9 @@
 //! applied in their most restrictive reading and reported as warnings, see
 //! `authorization_policy::l7_fields`): each one found is reported as
 //! `<field.path>: not supported by mesh` (or `<VALUE> is not supported by mesh`
-//! for an enum value), and the converters leave these fields out of the model.
+//! for an enum value, and `not supported by mesh (<why, or what to write instead>)` where
+//! there is something to say), and the converters leave these fields out of the model.
+//! docs/conformance.md lists every field with what the proxy does and its test.
 //!
 //! The raw layer accepts these fields (most typed `raw::Ignored`) only so they
 //! are named here rather than reported as unknown. To support one, convert it
@@ -27,6 +29,13 @@ fn reject(r: &mut Reporter<'_>, path: &FieldPath, fields: &[(&str, bool)]) {
     }
 }
 
+/// Reports `path.field`, when set, as not supported, saying why (and what to write instead).
+fn reject_why(r: &mut Reporter<'_>, path: &FieldPath, field: &str, set: bool, why: &str) {
+    if set {
+        r.at(&path.key(field), format!("{NOT_SUPPORTED} ({why})"));
+    }
+}
+
 fn reject_value(r: &mut Reporter<'_>, path: &FieldPath, value: &str) {
     r.at(path, format!("{value} is {NOT_SUPPORTED}"));
 }
@@ -46,6 +55,13 @@ pub(super) fn virtual_service(r: &mut Reporter<'_>, spec: &raw::VirtualServiceSp
                 r,
                 &path,
                 &[("destinationSubnets", !m.destination_subnets.is_empty())],
+            );
+            reject_why(
+                r,
+                &path,
+                "sourceSubnet",
+                m.source_subnet.is_some(),
+                "match callers with sourceLabels or sourceNamespace",
             );
             // The proxy only serves mesh traffic: a match limited to other
             // gateways would wrongly apply to it.
@@ -78,8 +94,47 @@ fn http_route(r: &mut Reporter<'_>, path: &FieldPath, h: &raw::HttpRoute) {
         ],
     );
     if let Some(rt) = &h.retries {
+        let path = path.key("retries");
         let set = rt.retry_remote_localities == Some(true);
-        reject(r, &path.key("retries"), &[("retryRemoteLocalities", set)]);
+        reject(r, &path, &[("retryRemoteLocalities", set)]);
+        if rt.retry_ignore_previous_hosts == Some(false) {
+            r.at(
+                &path.key("retryIgnorePreviousHosts"),
+                "false is not supported (a retry always goes to a host not tried yet while one is left, which is what true, Istio's default, asks for: set true or leave it out)",
+            );
+        }
+        reject_why(
+            r,
+            &path,
+            "backoff",
+            rt.backoff.is_some(),
+            "retries wait Envoy's default backoff: 25ms base, exponential with jitter, capped at 250ms",
+        );
+    }
+    if let Some(rw) = &h.rewrite {
+        reject_why(
+            r,
+            &path.key("rewrite"),
+            "uriRegexRewrite",
+            rw.uri_regex_rewrite.is_some(),
+            "only rewrite.uri (the matched prefix or the whole path) and rewrite.authority are implemented",
+        );
+    }
+    if let Some(rd) = &h.redirect {
+        let path = path.key("redirect");
+        reject_why(r, &path, "derivePort", rd.derive_port.is_some(), "set redirect.port instead");
+        reject_why(r, &path, "prefixRewrite", rd.prefix_rewrite.is_some(), "set redirect.uri instead");
+    }
+    if let Some(f) = &h.fault {
+        let path = path.key("fault");
+        if let Some(d) = &f.delay {
+            let set = d.exponential_delay.is_some();
+            reject_why(r, &path.key("delay"), "exponentialDelay", set, "Istio does not implement it either: use fixedDelay");
+        }
+        if let Some(a) = &f.abort {
+            let set = a.http2_error.is_some();
+            reject_why(r, &path.key("abort"), "http2Error", set, "Istio does not implement it either: use httpStatus or grpcStatus");
+        }
     }
 }
 
@@ -105,6 +160,7 @@ fn traffic_policy(r: &mut Reporter<'_>, path: &FieldPath, tp: &raw::TrafficPolic
         path,
         tp.load_balancer.as_ref(),
         tp.connection_pool.as_ref(),
+        tp.outlier_detection.as_ref(),
         tp.tls.as_ref(),
     );
     for (i, p) in tp.port_level_settings.iter().enumerate() {
@@ -113,6 +169,7 @@ fn traffic_policy(r: &mut Reporter<'_>, path: &FieldPath, tp: &raw::TrafficPolic
             &path.key("portLevelSettings").index(i),
             p.load_balancer.as_ref(),
             p.connection_pool.as_ref(),
+            p.outlier_detection.as_ref(),
             p.tls.as_ref(),
         );
     }
@@ -124,6 +181,13 @@ fn traffic_policy(r: &mut Reporter<'_>, path: &FieldPath, tp: &raw::TrafficPolic
             ("tunnel", tp.tunnel.is_some()),
         ],
     );
+    reject_why(
+        r,
+        path,
+        "retryBudget",
+        tp.retry_budget.is_some(),
+        "bound concurrent retries with connectionPool.http.maxRetries",
+    );
 }
 
 /// The parts a policy and a `portLevelSettings` entry have in common.
@@ -132,6 +196,7 @@ fn policy_parts(
     path: &FieldPath,
     lb: Option<&raw::LoadBalancer>,
     pool: Option<&raw::ConnectionPool>,
+    outlier: Option<&raw::OutlierDetection>,
     tls: Option<&raw::ClientTls>,
 ) {
     if let Some(lb) = lb {
@@ -148,6 +213,22 @@ fn policy_parts(
                 ("localityLbSetting", lb.locality_lb_setting.is_some()),
             ],
         );
+        reject_why(
+            r,
+            &path,
+            "zoneAwareLbSetting",
+            lb.zone_aware_lb_setting.is_some(),
+            "the proxy balances over every endpoint whatever its zone",
+        );
+        if let Some(cookie) = lb.consistent_hash.as_ref().and_then(|c| c.http_cookie.as_ref()) {
+            reject_why(
+                r,
+                &path.key("consistentHash").key("httpCookie"),
+                "attributes",
+                cookie.attributes.is_some(),
+                "a generated cookie carries Max-Age, Path and HttpOnly only",
+            );
+        }
     }
     if let Some(tcp) = pool.and_then(|p| p.tcp.as_ref()) {
         let path = path.key("connectionPool").key("tcp");
@@ -171,13 +252,35 @@ fn policy_parts(
         }
         let set = http.max_concurrent_streams.is_some();
         reject(r, &path, &[("maxConcurrentStreams", set)]);
+        let set = http.http2_keep_alive.is_some();
+        reject_why(r, &path, "http2KeepAlive", set, "the proxy sends no HTTP/2 PINGs upstream");
+        if http.use_client_protocol == Some(false) {
+            r.at(
+                &path.key("useClientProtocol"),
+                "false is not supported (the proxy always forwards a request in the HTTP version the client used, which is what true asks for: set true or leave it out)",
+            );
+        }
+    }
+    if let Some(od) = outlier {
+        reject_why(
+            r,
+            &path.key("outlierDetection"),
+            "outlierDetectionHttpErrorCodes",
+            od.outlier_detection_http_error_codes.is_some(),
+            "5xx responses count as errors, as Istio counts them when this is not set",
+        );
     }
     if let Some(tls) = tls {
         let path = path.key("tls");
+        const ORIGINATION: &str = "TLS origination to a server of its own is not implemented; between mesh pods the proxy always uses mutual TLS (ISTIO_MUTUAL)";
         match tls.mode {
-            Some(raw::TlsMode::Simple) => reject_value(r, &path.key("mode"), "SIMPLE"),
-            Some(raw::TlsMode::Mutual) => reject_value(r, &path.key("mode"), "MUTUAL"),
-            Some(raw::TlsMode::Disable | raw::TlsMode::IstioMutual) | None => {}
+            Some(raw::TlsMode::Simple) => r.at(&path.key("mode"), format!("SIMPLE is not supported ({ORIGINATION})")),
+            Some(raw::TlsMode::Mutual) => r.at(&path.key("mode"), format!("MUTUAL is not supported ({ORIGINATION})")),
+            Some(raw::TlsMode::Disable) => r.at(
+                &path.key("mode"),
+                "DISABLE is not supported (traffic between mesh pods always goes through mutual TLS tunnels (HBONE), as in Istio ambient, and traffic to pods outside the mesh is plaintext already: remove tls, or use ISTIO_MUTUAL)",
+            ),
+            Some(raw::TlsMode::IstioMutual) | None => {}
         }
         reject(
             r,
@@ -216,5 +319,18 @@ pub(super) fn authorization_policy(r: &mut Reporter<'_>, spec: &raw::Authorizati
         Some(raw::AuthorizationAction::Audit) => reject_value(r, &root.key("action"), "AUDIT"),
         Some(raw::AuthorizationAction::Custom) => reject_value(r, &root.key("action"), "CUSTOM"),
         Some(raw::AuthorizationAction::Allow | raw::AuthorizationAction::Deny) | None => {}
+    }
+    // Source fields newer than the proxy: refused rather than read as "any source".
+    const ACCOUNTS: &str = "write principals: [<trust-domain>/ns/<namespace>/sa/<name>] instead";
+    const DOMAINS: &str = "write principals: [<trust-domain>/*] instead";
+    for (i, rule) in spec.rules.iter().enumerate() {
+        for (j, from) in rule.from.iter().flatten().enumerate() {
+            let Some(s) = &from.source else { continue };
+            let path = root.key("rules").index(i).key("from").index(j).key("source");
+            reject_why(r, &path, "serviceAccounts", !s.service_accounts.is_empty(), ACCOUNTS);
+            reject_why(r, &path, "notServiceAccounts", !s.not_service_accounts.is_empty(), ACCOUNTS);
+            reject_why(r, &path, "trustDomains", !s.trust_domains.is_empty(), DOMAINS);
+            reject_why(r, &path, "notTrustDomains", !s.not_trust_domains.is_empty(), DOMAINS);
+        }
     }
 }

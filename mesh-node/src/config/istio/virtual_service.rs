@@ -23,6 +23,9 @@ pub struct VirtualService {
     pub http: Vec<HttpRoute>,
     /// `tls` routes are not supported.
     pub tcp: Vec<TcpRoute>,
+    /// `metadata.creationTimestamp` (seconds since the epoch): of two VirtualServices for one
+    /// host, the older wins (Istio). `None` (no timestamp, as in hand-written files) is oldest.
+    pub created: Option<i64>,
 }
 
 impl VirtualService {
@@ -257,14 +260,15 @@ pub struct HttpFault {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct FaultDelay {
-    /// Percent of requests delayed; 100 when not set.
+    /// Percent of requests delayed (`percentage`, or the deprecated `percent`); 0 when not set,
+    /// as in Istio.
     pub percentage: f64,
     pub fixed_delay: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct FaultAbort {
-    /// Percent of requests aborted; 100 when not set.
+    /// Percent of requests aborted; 0 when not set, as in Istio.
     pub percentage: f64,
     pub status: AbortStatus,
 }
@@ -320,6 +324,17 @@ pub(crate) fn convert(
     unsupported::virtual_service(r, spec);
     let root = FieldPath::root();
     let mesh_bound = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == "mesh");
+    if !mesh_bound {
+        // Istio: a VirtualService bound only to (ingress/egress) gateways does not apply to
+        // mesh traffic, and mesh traffic is all this proxy serves.
+        r.warn(
+            &root.key("gateways"),
+            format!(
+                "bound only to gateway(s) {} (not \"mesh\"): not applied by mesh, which routes mesh traffic only (add \"mesh\" to apply it to mesh traffic too)",
+                spec.gateways.join(", ")
+            ),
+        );
+    }
     if spec.hosts.is_empty() {
         r.at(&root.key("hosts"), "at least one host is required");
     }
@@ -367,6 +382,7 @@ pub(crate) fn convert(
         export_to: common::export_to(r, &root.key("exportTo"), &spec.export_to),
         http,
         tcp,
+        created: None,
     }
 }
 
@@ -577,9 +593,18 @@ fn fault(r: &mut Reporter<'_>, path: &FieldPath, f: &raw::HttpFault) -> Option<H
     }
     let delay = f.delay.as_ref().and_then(|d| {
         let p = path.key("delay");
-        let percentage = common::percent(r, &p.key("percentage"), d.percentage).unwrap_or(100.0);
+        // Istio: `percentage` wins; the deprecated integer `percent` applies without it.
+        let percentage = match (d.percentage, d.percent) {
+            (Some(_), _) => common::percent(r, &p.key("percentage"), d.percentage),
+            (None, Some(n)) => common::int_in(r, &p.key("percent"), Some(n), 0, 100).map(f64::from),
+            (None, None) => None,
+        }
+        .unwrap_or_else(|| unset_percentage(r, &p, "delayed", d.percentage.is_some() || d.percent.is_some()));
         let Some(text) = &d.fixed_delay else {
-            r.at(&p.key("fixedDelay"), "is required");
+            // `exponentialDelay` stands in for it; `unsupported` reports that.
+            if d.exponential_delay.is_none() {
+                r.at(&p.key("fixedDelay"), "is required");
+            }
             return None;
         };
         let fixed_delay = common::duration(r, &p.key("fixedDelay"), Some(text))?;
@@ -590,14 +615,18 @@ fn fault(r: &mut Reporter<'_>, path: &FieldPath, f: &raw::HttpFault) -> Option<H
     });
     let abort = f.abort.as_ref().and_then(|a| {
         let p = path.key("abort");
-        let percentage = common::percent(r, &p.key("percentage"), a.percentage).unwrap_or(100.0);
+        let percentage = common::percent(r, &p.key("percentage"), a.percentage)
+            .unwrap_or_else(|| unset_percentage(r, &p, "aborted", a.percentage.is_some()));
         let status = match (a.http_status, &a.grpc_status) {
             (Some(_), Some(_)) => {
                 r.at(&p, "only one of httpStatus or grpcStatus may be set");
                 return None;
             }
             (None, None) => {
-                r.at(&p, "one of httpStatus or grpcStatus is required");
+                // `http2Error` stands in for them; `unsupported` reports that.
+                if a.http2_error.is_none() {
+                    r.at(&p, "one of httpStatus or grpcStatus is required");
+                }
                 return None;
             }
             (Some(code), None) => AbortStatus::Http(
@@ -618,6 +647,19 @@ fn fault(r: &mut Reporter<'_>, path: &FieldPath, f: &raw::HttpFault) -> Option<H
         Some(FaultAbort { percentage, status })
     });
     Some(HttpFault { delay, abort })
+}
+
+/// Istio's (and Envoy's) reading of a fault without `percentage`: no request is faulted. Said
+/// as a warning, since the block reads as if it applied to every request. `invalid`: the value
+/// was set but refused (reported already), nothing more to say.
+fn unset_percentage(r: &mut Reporter<'_>, path: &FieldPath, what: &str, invalid: bool) -> f64 {
+    if !invalid {
+        r.warn(
+            &path.key("percentage"),
+            format!("not set: no request is {what}, as in Istio (set percentage.value: 100 for every request)"),
+        );
+    }
+    0.0
 }
 
 fn l4_match(r: &mut Reporter<'_>, path: &FieldPath, m: &raw::L4Match) -> L4Match {
