@@ -32,39 +32,53 @@ fn nice_max(max: f64) -> f64 {
     [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * p).find(|v| *v >= max).unwrap_or(10.0 * p)
 }
 
-/// Two bar groups side by side: proxy memory (steady RSS, MiB) and proxy CPU (steady, vCPU),
-/// one bar per mode, the value written on each bar.
+/// Three bar groups side by side at steady load: memory as the nodes pay it (MiB), the proxies'
+/// own CPU and the whole node's CPU (vCPU); one bar per mode at the median over repeats, a
+/// whisker from min to max, the median written on each bar.
 pub fn resource_bars(report: &Value) -> String {
-    let (w, h) = (760u32, 340u32);
-    let mut s = header(w, h, "Proxy resources at 1000 service requests/s (steady)");
-    let panels = [("Memory: proxy RSS (MiB)", "steady_rss_mean_mib", 1usize), ("CPU: proxy time (vCPU)", "steady.proxy_vcpu", 3usize)];
+    let (w, h) = (1120u32, 340u32);
+    let mut s = header(w, h, "Resources at 1000 service requests/s (steady), median of repeats with min-max");
+    let panels = [
+        ("Memory: per-node accounting (MiB)", "steady_node_mib", 1usize),
+        ("CPU: proxies' own (vCPU)", "steady_proxy_vcpu", 3usize),
+        ("CPU: whole node, /proc/stat (vCPU)", "steady_node_vcpu", 3usize),
+    ];
     let (top, bottom) = (60.0, 280.0);
     for (i, (title, key, digits)) in panels.iter().enumerate() {
-        let x0 = 40.0 + i as f64 * 370.0;
-        let values: Vec<f64> = MODES
-            .iter()
-            .map(|(m, _, _)| {
-                let v = &report["modes"][m];
-                num(match key.split_once('.') {
-                    Some((a, b)) => &v[a][b],
-                    None => &v[*key],
-                })
-            })
-            .collect();
-        let max = nice_max(values.iter().cloned().fold(0.0, f64::max));
+        let x0 = 40.0 + i as f64 * 360.0;
+        let stat = |m: &str, k: &str| num(&report["modes"][m]["stats"][*key][k]);
+        let values: Vec<(f64, f64, f64)> = MODES.iter().map(|(m, _, _)| (stat(m, "median"), stat(m, "min"), stat(m, "max"))).collect();
+        let max = nice_max(values.iter().map(|v| v.2.max(v.0)).fold(0.0, f64::max));
         let _ = writeln!(s, "<text x=\"{}\" y=\"48\" text-anchor=\"middle\" font-size=\"13\" {FONT}>{}</text>", x0 + 160.0, escape(title));
         let _ = writeln!(s, "<line x1=\"{x0}\" y1=\"{bottom}\" x2=\"{}\" y2=\"{bottom}\" stroke=\"#333\"/>", x0 + 320.0);
-        for (j, ((_, label, color), v)) in MODES.iter().zip(&values).enumerate() {
+        for (j, ((_, label, color), (v, lo, hi))) in MODES.iter().zip(&values).enumerate() {
             let bw = 80.0;
             let x = x0 + 20.0 + j as f64 * 100.0;
-            let bh = (bottom - top) * v / max;
-            let _ = writeln!(s, "<rect x=\"{x}\" y=\"{:.1}\" width=\"{bw}\" height=\"{bh:.1}\" fill=\"{color}\"/>", bottom - bh);
-            let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"12\" {FONT}>{v:.digits$}</text>", x + bw / 2.0, bottom - bh - 5.0);
+            let y = |v: f64| bottom - (bottom - top) * v / max;
+            let bh = bottom - y(*v);
+            let _ = writeln!(s, "<rect x=\"{x}\" y=\"{:.1}\" width=\"{bw}\" height=\"{bh:.1}\" fill=\"{color}\"/>", y(*v));
+            if hi > lo {
+                let cx = x + bw / 2.0;
+                let _ = writeln!(s, "<line x1=\"{cx:.1}\" y1=\"{:.1}\" x2=\"{cx:.1}\" y2=\"{:.1}\" stroke=\"#222\" stroke-width=\"1.5\"/>", y(*lo), y(*hi));
+                for e in [lo, hi] {
+                    let _ = writeln!(s, "<line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#222\" stroke-width=\"1.5\"/>", cx - 8.0, y(*e), cx + 8.0, y(*e));
+                }
+            }
+            let label_y = y(v.max(*hi)) - 5.0;
+            let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{label_y:.1}\" text-anchor=\"middle\" font-size=\"12\" {FONT}>{v:.digits$}</text>", x + bw / 2.0);
             let short = label.split(" (").next().unwrap_or(label);
             let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"12\" {FONT}>{}</text>", x + bw / 2.0, bottom + 18.0, escape(short));
         }
     }
-    let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-size=\"11\" fill=\"#555\" {FONT}>sidecars: {} Envoy processes; mesh: {} node proxies (2 nodes)</text>", w / 2, h - 12, report["modes"]["sidecars"]["proxy_processes"], report["modes"]["mesh"]["proxy_processes"]);
+    let procs = |m: &str| num(&report["modes"][m]["stats"]["mesh_processes"]["median"]);
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-size=\"11\" fill=\"#555\" {FONT}>sidecars: {:.0} Envoy processes; mesh: {:.0} processes (2 node proxies + the CA). Memory: private memory plus each binary's shared pages once per node. Node CPU: the whole VM.</text>",
+        w / 2,
+        h - 12,
+        procs("sidecars"),
+        procs("mesh")
+    );
     s.push_str("</svg>\n");
     s
 }
@@ -72,7 +86,7 @@ pub fn resource_bars(report: &Value) -> String {
 /// End-to-end latency CDF at steady load, one line per mode (x: ms, log scale; y: quantile).
 pub fn latency_cdf(report: &Value) -> String {
     let (w, h) = (760u32, 420u32);
-    let mut s = header(w, h, "End-to-end latency at steady load (bff request, 7 service calls)");
+    let mut s = header(w, h, "End-to-end latency at steady load (bff request, 7 service calls; median run, from scheduled start)");
     let (left, right, top, bottom) = (70.0, 560.0, 40.0, 370.0);
     let curves: Vec<Vec<(f64, f64)>> = MODES
         .iter()
@@ -127,14 +141,23 @@ mod tests {
     #[test]
     fn charts_carry_every_mode_and_value() {
         let cdf = json!([[0.0, 1.0], [0.5, 2.0], [0.99, 5.0], [1.0, 9.0]]);
+        let st = |mem: f64, proxy: f64, node: f64, n: f64| {
+            json!({
+                "steady_node_mib": {"median": mem, "min": mem * 0.9, "max": mem * 1.1, "n": 3},
+                "steady_proxy_vcpu": {"median": proxy, "min": proxy, "max": proxy, "n": 3},
+                "steady_node_vcpu": {"median": node, "min": node * 0.9, "max": node * 1.2, "n": 3},
+                "mesh_processes": {"median": n, "min": n, "max": n, "n": 3},
+            })
+        };
         let r = json!({"modes": {
-            "no_mesh": {"proxy_processes": 0, "steady_rss_mean_mib": 0.0, "steady": {"proxy_vcpu": 0.0, "cdf_ms": cdf, "p99_ms": 5.0}},
-            "sidecars": {"proxy_processes": 10, "steady_rss_mean_mib": 512.5, "steady": {"proxy_vcpu": 0.75, "cdf_ms": cdf, "p99_ms": 7.0}},
-            "mesh": {"proxy_processes": 2, "steady_rss_mean_mib": 30.25, "steady": {"proxy_vcpu": 0.2, "cdf_ms": cdf, "p99_ms": 6.0}},
+            "no_mesh": {"stats": st(0.0, 0.0, 0.9, 0.0), "steady": {"cdf_ms": cdf, "p99_ms": 5.0}},
+            "sidecars": {"stats": st(512.5, 0.75, 1.5, 10.0), "steady": {"cdf_ms": cdf, "p99_ms": 7.0}},
+            "mesh": {"stats": st(30.25, 0.2, 1.1, 3.0), "steady": {"cdf_ms": cdf, "p99_ms": 6.0}},
         }});
         let bars = super::resource_bars(&r);
         assert!(bars.starts_with("<svg") && bars.trim_end().ends_with("</svg>"));
-        assert!(bars.contains(">512.5<") && bars.contains(">30.2<") && bars.contains(">0.750<"));
+        assert!(bars.contains(">512.5<") && bars.contains(">30.2<") && bars.contains(">0.750<") && bars.contains(">1.500<"), "{bars}");
+        assert!(bars.contains("10 Envoy processes") && bars.contains("3 processes"));
         let cdf = super::latency_cdf(&r);
         assert_eq!(cdf.matches("<polyline").count(), 3);
         assert!(cdf.contains("p99 7.00 ms"));

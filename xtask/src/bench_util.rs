@@ -22,7 +22,7 @@ pub fn ok_count(v: &Value) -> u64 {
     v["by_status"].as_object().map_or(0, |m| m.iter().filter(|(k, _)| k.starts_with('2')).map(|(_, n)| n.as_u64().unwrap_or(0)).sum())
 }
 
-fn clk_tck() -> f64 {
+pub fn clk_tck() -> f64 {
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 { t as f64 } else { 100.0 }
 }

@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask setup | test | demo | bench`.
 mod bench;
 mod bench_abuse;
+mod bench_account;
 mod bench_chart;
 mod bench_failure;
 mod bench_l7;
@@ -63,12 +64,19 @@ enum Task {
         /// Seconds per max-rps run, L4 and L7 (h2load, after a 1 s warm-up).
         #[arg(long, default_value_t = 5)]
         max_seconds: u64,
-        /// Plaintext HTTP between the two Envoys instead of mTLS.
-        #[arg(long)]
-        envoy_plaintext: bool,
         /// Run only these parts (comma-separated or repeated); default: all.
         #[arg(long, value_enum, value_delimiter = ',')]
         only: Vec<BenchPart>,
+        /// Runs of each measured configuration, interleaved; medians with min-max are reported
+        /// (default: 3, or 1 with --quick).
+        #[arg(long)]
+        repeats: Option<usize>,
+        /// Exit non-zero when a target is missed (the numbers are for people: not used in CI).
+        #[arg(long)]
+        check: bool,
+        /// A ztunnel binary: the L4 bench adds a ztunnel pair as a peer (skipped when absent).
+        #[arg(long)]
+        ztunnel: Option<PathBuf>,
     },
 }
 
@@ -134,6 +142,18 @@ fn require_root(what: &str) -> anyhow::Result<()> {
     mesh_e2e::cluster::preflight().with_context(|| format!("{what} builds a simulated cluster with real eBPF"))
 }
 
+/// With `--check`, a missed target fails the command; without, misses are only listed.
+fn fail_on_misses(check: bool, missed: &[String]) -> anyhow::Result<()> {
+    if missed.is_empty() {
+        return Ok(());
+    }
+    eprintln!("targets not met: {}", missed.join(", "));
+    if check {
+        bail!("{} target(s) not met (--check)", missed.len());
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::setup(),
@@ -148,7 +168,7 @@ fn main() -> anyhow::Result<()> {
                 // The Criterion hot-path benchmarks, each run once as a test, so they keep building.
                 run(cargo().args(["test", "-p", "mesh-node", "--bench", "hot_paths"]))?;
                 let out = workspace_root().join("target/bench-smoke");
-                bench_overhead::run(&out, &bench_overhead::Opts { quick: true })?;
+                bench_overhead::run(&out, &bench_overhead::Opts { quick: true, repeats: 1 })?;
                 bench_overhead::check_numbers(&out.join("overhead.json"))?;
             }
             Ok(())
@@ -166,20 +186,22 @@ fn main() -> anyhow::Result<()> {
             bench_abuse::run(&workspace_root().join("target/bench/abuse.json"), seconds)
         }
         Task::Bench { suite: Some(Suite::Micro), .. } => run(cargo().args(["bench", "-p", "mesh-node", "--bench", "hot_paths"])),
-        Task::Bench { suite: Some(Suite::Overhead), quick, .. } => {
+        Task::Bench { suite: Some(Suite::Overhead), quick, repeats, check, .. } => {
             setup::setup()?;
             require_root("the benchmark")?;
             if std::env::var_os("MESH_BENCH_PREBUILT").is_none() || std::env::var_os("MESH_BIN_DIR").is_none() {
                 build_bins(true)?;
             }
             let out = workspace_root().join("target/bench");
-            bench_overhead::run(&out, &bench_overhead::Opts { quick })?;
+            let missed = bench_overhead::run(&out, &bench_overhead::Opts { quick, repeats: repeats.unwrap_or(if quick { 1 } else { 3 }) })?;
             if quick {
                 bench_overhead::check_numbers(&out.join("overhead.json"))?;
             }
-            Ok(())
+            fail_on_misses(check, &missed)
         }
-        Task::Bench { json, seconds, l7_seconds, max_seconds, envoy_plaintext, only, .. } => {
+        Task::Bench { json, seconds, l7_seconds, max_seconds, only, quick, repeats, check, ztunnel, .. } => {
+            let repeats = repeats.unwrap_or(if quick { 1 } else { 3 });
+            let mut missed = Vec::new();
             let part = |p: BenchPart| only.is_empty() || only.contains(&p);
             setup::setup()?;
             require_root("the benchmark")?;
@@ -192,7 +214,7 @@ fn main() -> anyhow::Result<()> {
             let started = std::time::Instant::now();
             let mut failed = Vec::new();
             if part(BenchPart::L4) {
-                bench::run(&json, seconds, max_seconds)?;
+                missed.extend(bench::run(&json, &bench::Opts { seconds, max_seconds, repeats, ztunnel })?);
             }
             if part(BenchPart::Failure)
                 && let Err(e) = bench_failure::run(&sibling("failure.json"), seconds)
@@ -212,17 +234,20 @@ fn main() -> anyhow::Result<()> {
                 eprintln!("bench telemetry: {e:#}");
                 failed.push("telemetry");
             }
-            if part(BenchPart::L7)
-                && let Err(e) = bench_l7::run(&sibling("l7.json"), &bench_l7::Opts { seconds: l7_seconds, max_seconds, envoy_plaintext })
-            {
-                eprintln!("bench l7: {e:#}");
-                failed.push("l7");
+            if part(BenchPart::L7) {
+                match bench_l7::run(&sibling("l7.json"), &bench_l7::Opts { seconds: l7_seconds, max_seconds, repeats }) {
+                    Ok(m) => missed.extend(m),
+                    Err(e) => {
+                        eprintln!("bench l7: {e:#}");
+                        failed.push("l7");
+                    }
+                }
             }
             eprintln!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
             if !failed.is_empty() {
                 bail!("bench parts failed: {}", failed.join(", "));
             }
-            Ok(())
+            fail_on_misses(check, &missed)
         }
     }
 }

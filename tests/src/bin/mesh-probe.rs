@@ -469,13 +469,13 @@ fn rr(addr: &str, size: usize, rate: u64, seconds: u64, conns: u64) -> io::Resul
     let mut threads = Vec::new();
     for c in 0..conns {
         let addr = addr.to_string();
-        threads.push(std::thread::spawn(move || -> io::Result<(Vec<f64>, u64)> {
+        threads.push(std::thread::spawn(move || -> io::Result<(Vec<f64>, u64, u64, u64)> {
             let mut s = dial(&addr, Duration::from_secs(5))?;
             s.write_all(format!("RR {size}\n").as_bytes())?;
             let req = vec![0x5au8; size];
             let mut resp = vec![0u8; size];
             let mut lat = Vec::with_capacity(total_per_conn as usize);
-            let mut errors = 0;
+            let (mut errors, mut late, mut max_lag_us) = (0, 0, 0);
             // Stagger connections so the aggregate rate is smooth.
             let start = Instant::now() + per_conn_interval.mul_f64(c as f64 / conns as f64);
             for i in 0..total_per_conn {
@@ -483,22 +483,30 @@ fn rr(addr: &str, size: usize, rate: u64, seconds: u64, conns: u64) -> io::Resul
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
                 }
-                let t = Instant::now();
+                // A start held back by a slow answer is late; its latency still counts from
+                // the scheduled start (no coordinated omission).
+                let lag = Instant::now().saturating_duration_since(due).as_micros() as u64;
+                if lag > 1000 {
+                    late += 1;
+                }
+                max_lag_us = max_lag_us.max(lag);
                 if s.write_all(&req).and_then(|_| s.read_exact(&mut resp)).is_err() {
                     errors += 1;
                     break;
                 }
-                lat.push(t.elapsed().as_secs_f64() * 1e6);
+                lat.push(due.elapsed().as_secs_f64() * 1e6);
             }
-            Ok((lat, errors))
+            Ok((lat, errors, late, max_lag_us))
         }));
     }
     let mut all = Vec::new();
-    let mut errors = 0;
+    let (mut errors, mut late, mut max_lag_us) = (0, 0, 0);
     for t in threads {
-        let (lat, e) = t.join().map_err(|_| io::Error::other("worker panicked"))??;
+        let (lat, e, l, m) = t.join().map_err(|_| io::Error::other("worker panicked"))??;
         all.extend(lat);
         errors += e;
+        late += l;
+        max_lag_us = max_lag_us.max(m);
     }
     all.sort_by(|a, b| a.total_cmp(b));
     println!(
@@ -506,6 +514,7 @@ fn rr(addr: &str, size: usize, rate: u64, seconds: u64, conns: u64) -> io::Resul
         serde_json::json!({
             "requests": all.len(), "errors": errors,
             "p50_us": percentile(&all, 0.50), "p90_us": percentile(&all, 0.90), "p99_us": percentile(&all, 0.99),
+            "late_starts": late, "max_start_lag_us": max_lag_us, "latency_from": "scheduled start",
         })
     );
     Ok(errors == 0)

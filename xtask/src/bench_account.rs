@@ -1,0 +1,366 @@
+//! Whole-node accounting for the benchmarks: memory as a node pays it, node CPU beside the
+//! proxies' own, medians and spread over repeats, and targets that can fail.
+//!
+//! Memory. Per process, from `/proc/PID/smaps_rollup`: RSS, PSS and USS (private: Private_Clean +
+//! Private_Dirty). Per simulated node (the mesh CA counted on the node it runs on), what the node
+//! pays: the private memory of every mesh process on it, plus one copy of each binary's shared
+//! pages. A binary's shared pages are approximated as the largest `RSS - USS` among the group's
+//! processes of that executable (same file: device and inode of `/proc/PID/exe`). That
+//! approximation also counts shared libraries (libc, ...) once per binary: a little more than a
+//! real node pays, where they are shared with everything else too.
+//!
+//! CPU. Node CPU is `/proc/stat`'s all-CPU line, user + nice + system + irq + softirq: here the
+//! whole VM is "the node" (both simulated nodes, the load generator and the applications share
+//! it), so what a mode adds shows as the difference to the no-mesh run of the same phase,
+//! including kernel work outside the proxies (iptables and conntrack for sidecars, eBPF and
+//! softirq for the mesh). Proxy CPU is the processes' own utime + stime (`/proc/PID/stat`).
+use std::{
+    collections::BTreeMap,
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use serde_json::{Value, json};
+
+use crate::bench_util::{clk_tck, cpu_seconds, verdict};
+
+/// One process's memory, KiB.
+#[derive(Clone, Debug, Default)]
+pub struct ProcMem {
+    pub pid: u32,
+    /// (device, inode) of the executable, and its file name.
+    pub exe: (u64, u64),
+    pub exe_name: String,
+    pub rss_kib: u64,
+    pub pss_kib: u64,
+    pub uss_kib: u64,
+}
+
+pub fn proc_mem(pid: u32) -> Option<ProcMem> {
+    let text = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let field = |name: &str| -> u64 {
+        text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim_start_matches(':').split_whitespace().next()?.parse().ok())).unwrap_or(0)
+    };
+    let meta = fs::metadata(format!("/proc/{pid}/exe")).ok();
+    let exe_name = fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "?".into());
+    Some(ProcMem {
+        pid,
+        exe: meta.map_or((0, pid as u64), |m| (m.dev(), m.ino())),
+        exe_name,
+        rss_kib: field("Rss:"),
+        pss_kib: field("Pss:"),
+        uss_kib: field("Private_Clean:") + field("Private_Dirty:"),
+    })
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// What one group of processes (a node's mesh processes) costs, MiB.
+#[derive(Clone, Debug, Default)]
+pub struct GroupMem {
+    pub name: String,
+    pub procs: Vec<ProcMem>,
+    /// Sum of USS + each binary's shared pages once.
+    pub node_mib: f64,
+    pub private_mib: f64,
+    pub shared_mib: f64,
+    pub rss_mib: f64,
+    pub pss_mib: f64,
+}
+
+pub fn group_mem(name: &str, pids: &[u32]) -> GroupMem {
+    let procs: Vec<ProcMem> = pids.iter().filter_map(|p| proc_mem(*p)).collect();
+    let mut shared: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+    for p in &procs {
+        let s = shared.entry(p.exe).or_default();
+        *s = (*s).max(p.rss_kib.saturating_sub(p.uss_kib));
+    }
+    let private: u64 = procs.iter().map(|p| p.uss_kib).sum();
+    let shared_kib: u64 = shared.values().sum();
+    GroupMem {
+        name: name.into(),
+        node_mib: mib(private + shared_kib),
+        private_mib: mib(private),
+        shared_mib: mib(shared_kib),
+        rss_mib: mib(procs.iter().map(|p| p.rss_kib).sum()),
+        pss_mib: mib(procs.iter().map(|p| p.pss_kib).sum()),
+        procs,
+    }
+}
+
+/// Memory of every group (nodes, control plane) and their total.
+#[derive(Clone, Debug, Default)]
+pub struct Accounting {
+    pub groups: Vec<GroupMem>,
+}
+
+impl Accounting {
+    pub fn take(groups: &[(String, Vec<u32>)]) -> Self {
+        Self { groups: groups.iter().map(|(n, p)| group_mem(n, p)).collect() }
+    }
+    pub fn node_mib(&self) -> f64 {
+        self.groups.iter().map(|g| g.node_mib).fold(0.0, |a, b| a + b)
+    }
+    pub fn rss_mib(&self) -> f64 {
+        self.groups.iter().map(|g| g.rss_mib).fold(0.0, |a, b| a + b)
+    }
+    pub fn pss_mib(&self) -> f64 {
+        self.groups.iter().map(|g| g.pss_mib).fold(0.0, |a, b| a + b)
+    }
+    pub fn private_mib(&self) -> f64 {
+        self.groups.iter().map(|g| g.private_mib).fold(0.0, |a, b| a + b)
+    }
+    pub fn to_json(&self) -> Value {
+        json!({
+            "node_accounted_mib": self.node_mib(),
+            "rss_mib": self.rss_mib(),
+            "pss_mib": self.pss_mib(),
+            "private_mib": self.private_mib(),
+            "groups": self.groups.iter().map(|g| json!({
+                "name": g.name,
+                "node_accounted_mib": g.node_mib,
+                "private_mib": g.private_mib,
+                "shared_once_per_binary_mib": g.shared_mib,
+                "rss_mib": g.rss_mib,
+                "pss_mib": g.pss_mib,
+                "processes": g.procs.iter().map(|p| json!({
+                    "pid": p.pid, "exe": p.exe_name,
+                    "rss_mib": mib(p.rss_kib), "pss_mib": mib(p.pss_kib), "uss_mib": mib(p.uss_kib),
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// `/proc/stat`'s all-CPU line: (busy ticks = user+nice+system+irq+softirq, user+nice, system,
+/// irq+softirq).
+fn node_ticks() -> [u64; 4] {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return [0; 4] };
+    let f: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let g = |i: usize| f.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal guest guest_nice (guest is in user already)
+    let (user, system, irq) = (g(0) + g(1), g(2), g(5) + g(6));
+    [user + system + irq, user, system, irq]
+}
+
+/// CPU seconds a cgroup (v2, with its descendants) has used: `cpu.stat`'s usage_usec, which
+/// cgroup v2 keeps without the cpu controller.
+fn cgroup_cpu_seconds(cgroup: &Path) -> Option<f64> {
+    let stat = fs::read_to_string(cgroup.join("cpu.stat")).ok()?;
+    stat.lines().find_map(|l| l.strip_prefix("usage_usec ")).and_then(|v| v.trim().parse::<f64>().ok()).map(|us| us / 1e6)
+}
+
+/// Node and process CPU over a phase (and a cgroup's, when given: the simulated cluster's).
+pub struct CpuMeter {
+    pids: Vec<u32>,
+    node0: [u64; 4],
+    proc0: f64,
+    cgroup: Option<(PathBuf, f64)>,
+    t0: Instant,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuUse {
+    pub wall_s: f64,
+    /// vCPU (cores busy on average) over the phase.
+    pub node_vcpu: f64,
+    pub node_user_vcpu: f64,
+    pub node_system_vcpu: f64,
+    pub node_irq_vcpu: f64,
+    pub proc_vcpu: f64,
+    pub proc_cpu_s: f64,
+    /// The cgroup's CPU (every process of the simulated cluster), vCPU.
+    pub cluster_vcpu: Option<f64>,
+}
+
+impl CpuMeter {
+    pub fn start_in(pids: &[u32], cgroup: Option<&Path>) -> Self {
+        let cgroup = cgroup.and_then(|c| Some((c.to_path_buf(), cgroup_cpu_seconds(c)?)));
+        Self { pids: pids.to_vec(), node0: node_ticks(), proc0: cpu_seconds(pids), cgroup, t0: Instant::now() }
+    }
+    pub fn stop(&self) -> CpuUse {
+        let wall = self.t0.elapsed().as_secs_f64().max(1e-9);
+        let n = node_ticks();
+        let d = |i: usize| n[i].saturating_sub(self.node0[i]) as f64 / clk_tck() / wall;
+        let proc_cpu_s = cpu_seconds(&self.pids) - self.proc0;
+        let cluster_vcpu = self.cgroup.as_ref().and_then(|(c, c0)| Some((cgroup_cpu_seconds(c)? - c0) / wall));
+        CpuUse { wall_s: wall, node_vcpu: d(0), node_user_vcpu: d(1), node_system_vcpu: d(2), node_irq_vcpu: d(3), proc_vcpu: proc_cpu_s / wall, proc_cpu_s, cluster_vcpu }
+    }
+}
+
+impl CpuUse {
+    pub fn to_json(self) -> Value {
+        json!({
+            "wall_s": self.wall_s,
+            "node_vcpu": self.node_vcpu,
+            "node_user_vcpu": self.node_user_vcpu,
+            "node_system_vcpu": self.node_system_vcpu,
+            "node_irq_softirq_vcpu": self.node_irq_vcpu,
+            "proxy_vcpu": self.proc_vcpu,
+            "proxy_cpu_s": self.proc_cpu_s,
+            "cluster_vcpu": self.cluster_vcpu,
+            "node_saturated": self.node_vcpu >= 0.9 * cpus() as f64,
+        })
+    }
+}
+
+/// Median, min and max of the finite values (NaN when there is none).
+#[derive(Clone, Copy, Debug)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+pub fn spread(values: &[f64]) -> Spread {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return Spread { median: f64::NAN, min: f64::NAN, max: f64::NAN, n: 0 };
+    }
+    let n = v.len();
+    let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+    Spread { median, min: v[0], max: v[n - 1], n }
+}
+
+impl Spread {
+    pub fn to_json(self) -> Value {
+        let f = |x: f64| if x.is_finite() { json!(x) } else { Value::Null };
+        json!({"median": f(self.median), "min": f(self.min), "max": f(self.max), "n": self.n})
+    }
+    /// "1.23 [1.10-1.40]" (the range only with more than one value).
+    pub fn show(self, digits: usize) -> String {
+        if !self.median.is_finite() {
+            return "-".into();
+        }
+        if self.n > 1 { format!("{:.digits$} [{:.digits$}-{:.digits$}]", self.median, self.min, self.max) } else { format!("{:.digits$}", self.median) }
+    }
+}
+
+/// A target: the median over repeats against a limit.
+pub struct Target {
+    pub key: &'static str,
+    pub what: String,
+    pub values: Vec<f64>,
+    pub limit: f64,
+    /// true: the value must be at most the limit; false: at least.
+    pub at_most: bool,
+    pub unit: &'static str,
+    pub digits: usize,
+}
+
+impl Target {
+    pub fn spread(&self) -> Spread {
+        spread(&self.values)
+    }
+    pub fn met(&self) -> bool {
+        let m = self.spread().median;
+        m.is_finite() && if self.at_most { m <= self.limit } else { m >= self.limit }
+    }
+    /// Distance to the limit on the good side (negative: missed by that much).
+    pub fn margin(&self) -> f64 {
+        let m = self.spread().median;
+        if self.at_most { self.limit - m } else { m - self.limit }
+    }
+    /// Whether every repeat alone would meet (or miss) it: "all", "none" or "some".
+    fn repeats_met(&self) -> &'static str {
+        let ok = self.values.iter().filter(|v| v.is_finite() && if self.at_most { **v <= self.limit } else { **v >= self.limit }).count();
+        if ok == self.values.len() {
+            "every repeat"
+        } else if ok == 0 {
+            "no repeat"
+        } else {
+            "some repeats"
+        }
+    }
+    pub fn line(&self) -> String {
+        let d = self.digits;
+        let s = self.spread();
+        format!(
+            "{}: {}{} (target {} {:.d$}{}): {}, margin {:+.d$}{}; met in {} of {}",
+            self.what,
+            s.show(d),
+            self.unit,
+            if self.at_most { "<=" } else { ">=" },
+            self.limit,
+            self.unit,
+            if s.n == 0 { "NOT MEASURED" } else { verdict(self.met()) },
+            self.margin(),
+            self.unit,
+            self.repeats_met(),
+            self.values.len()
+        )
+    }
+    pub fn to_json(&self) -> Value {
+        let f = |x: f64| if x.is_finite() { json!(x) } else { Value::Null };
+        json!({
+            "what": self.what,
+            "value": f(self.spread().median),
+            "spread": self.spread().to_json(),
+            "values": self.values.iter().map(|v| f(*v)).collect::<Vec<_>>(),
+            "target": self.limit,
+            "at_most": self.at_most,
+            "met": self.met(),
+            "margin": f(self.margin()),
+            "unit": self.unit,
+            "digits": self.digits,
+        })
+    }
+}
+
+/// Prints the targets under a heading; returns the JSON map and the keys of the missed ones.
+pub fn report_targets(bench: &str, targets: &[Target]) -> (Value, Vec<String>) {
+    println!("\n{bench} targets (median of repeats [min-max]):");
+    let mut map = serde_json::Map::new();
+    let mut missed = Vec::new();
+    for t in targets {
+        println!("- {}", t.line());
+        map.insert(t.key.into(), t.to_json());
+        if !t.met() {
+            missed.push(format!("{bench}: {}", t.key));
+        }
+    }
+    (Value::Object(map), missed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_and_targets() {
+        let s = spread(&[3.0, 1.0, 2.0, f64::NAN]);
+        assert_eq!((s.median, s.min, s.max, s.n), (2.0, 1.0, 3.0, 3));
+        assert_eq!(spread(&[1.0, 2.0]).median, 1.5);
+        assert!(spread(&[]).median.is_nan());
+        let t = Target { key: "k", what: "x".into(), values: vec![0.1, 0.3, 0.2], limit: 0.25, at_most: true, unit: "", digits: 2 };
+        assert!(t.met());
+        assert!((t.margin() - 0.05).abs() < 1e-9);
+        assert!(t.line().contains("some repeats"), "{}", t.line());
+        let nan = Target { key: "k", what: "x".into(), values: vec![f64::NAN], limit: 1.0, at_most: false, unit: "", digits: 1 };
+        assert!(!nan.met());
+    }
+
+    #[test]
+    fn own_process_memory() {
+        let me = proc_mem(std::process::id()).expect("own smaps_rollup");
+        assert!(me.rss_kib > 0 && me.uss_kib <= me.rss_kib && me.pss_kib <= me.rss_kib);
+        // Two entries for the same process: its shared pages are counted once.
+        let g = group_mem("self", &[std::process::id(), std::process::id()]);
+        assert!((g.private_mib - 2.0 * me.uss_kib as f64 / 1024.0).abs() < 1.0);
+        assert!(g.shared_mib <= (me.rss_kib - me.uss_kib) as f64 / 1024.0 + 1.0);
+    }
+}
