@@ -111,7 +111,20 @@ fn oid_name(oid: &Oid<'_>) -> String {
     REGISTRY
         .get(oid)
         .map(|entry| entry.sn().to_string())
-        .unwrap_or_else(|| oid.to_id_string())
+        .unwrap_or_else(|| {
+            let id = oid.to_id_string();
+            // Curves the registry does not name.
+            match id.as_str() {
+                "1.3.132.0.10" => "secp256k1".into(),
+                "1.3.101.112" => "Ed25519".into(),
+                "1.3.101.113" => "Ed448".into(),
+                "1.2.840.10040.4.1" => "DSA".into(),
+                "1.3.132.0.33" => "secp224r1".into(),
+                "1.3.132.0.35" => "secp521r1".into(),
+                "1.2.840.10045.3.1.1" => "prime192v1".into(),
+                _ => id,
+            }
+        })
 }
 
 #[cfg(test)]

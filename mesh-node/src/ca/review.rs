@@ -376,6 +376,35 @@ mod tests {
         assert_eq!(base64url_decode("_-8").as_deref(), Some(&[0xff, 0xef][..]));
     }
 
+    /// An API server that accepts connections and never answers: reviews hang until cancelled.
+    #[tokio::test]
+    async fn cancelled_reviews_leave_no_in_flight_entry() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let api = ApiServer::new(&format!("http://{}", silent.local_addr().expect("addr")), None, None).expect("api");
+        let reviewer = Arc::new(TokenReviewer::new(api, ReviewOptions::default()).expect("reviewer"));
+        // One token reviewed by two callers at once (the second waits on the first), and
+        // another token: all cancelled by a deadline, as the CA's request deadline does.
+        let mut calls = tokio::task::JoinSet::new();
+        for token in ["tok-1", "tok-1", "tok-2"] {
+            let reviewer = reviewer.clone();
+            calls.spawn(async move { tokio::time::timeout(Duration::from_millis(300), reviewer.review(token)).await.is_err() });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(reviewer.in_flight_len(), 2, "two tokens under review");
+        while let Some(timed_out) = calls.join_next().await {
+            assert!(timed_out.expect("task"), "the silent API server never answers");
+        }
+        assert_eq!(reviewer.in_flight_len(), 0, "cancelled reviews removed their entries");
+        // A task aborted mid-review (a client gone) cleans up too.
+        let r = reviewer.clone();
+        let task = tokio::spawn(async move { r.review("tok-3").await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(reviewer.in_flight_len(), 1);
+        task.abort();
+        let _ = task.await;
+        assert_eq!(reviewer.in_flight_len(), 0);
+    }
+
     #[test]
     fn node_service_accounts_must_be_namespace_slash_name() {
         let api = ApiServer::new("http://127.0.0.1:1", None, None).expect("api");

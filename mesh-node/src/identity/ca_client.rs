@@ -62,6 +62,14 @@ impl CaClientConfig {
     }
 }
 
+impl CaClientConfig {
+    /// The same config with another root file.
+    pub fn with_root(mut self, root_cert: impl Into<PathBuf>) -> CaClientConfig {
+        self.root_cert = root_cert.into();
+        self
+    }
+}
+
 /// A lazily connecting client; it reconnects by itself after the CA restarts.
 #[derive(Debug, Clone)]
 pub struct CaClient {
