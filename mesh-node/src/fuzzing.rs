@@ -63,6 +63,50 @@ pub fn sniff(data: &[u8]) {
     }
 }
 
+/// Routes on `bff` with every kind of match, a redirect, rewrites and header rules, so the
+/// HTTP/1 target reaches all of the router.
+const FUZZ_ROUTES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  namespace: lemo-dev
+  name: bff
+spec:
+  hosts: [bff]
+  http:
+    - name: old
+      match:
+        - uri: {prefix: /old/}
+          method: {exact: GET}
+      redirect: {uri: /new/, authority: bff.lemo-dev, redirectCode: 301}
+    - name: api
+      match:
+        - uri: {regex: "/api/v[0-9]+/.*"}
+          headers:
+            x-user: {prefix: "a"}
+          queryParams:
+            debug: {exact: "1"}
+          ignoreUriCase: true
+        - authority: {exact: bff.lemo-dev}
+          withoutHeaders:
+            x-skip: {exact: "yes"}
+      rewrite: {uri: /v2/, authority: bff-v2}
+      headers:
+        request:
+          set: {x-route: api}
+          add: {x-seen: "1"}
+          remove: [x-remove]
+      route:
+        - destination: {host: bff}
+    - name: rest
+      match:
+        - uri: {exact: /}
+        - uri: {prefix: /static}
+          port: 80
+      route:
+        - destination: {host: bff}
+"#;
+
 /// The cluster of deploy/examples/lemo-dev, whose VirtualServices and DestinationRules the
 /// HTTP/1 target routes through.
 static LEMO_DEV: LazyLock<Cluster> = LazyLock::new(|| {
@@ -72,6 +116,7 @@ static LEMO_DEV: LazyLock<Cluster> = LazyLock::new(|| {
         ("virtual-services.yaml", include_str!("../../deploy/examples/lemo-dev/virtual-services.yaml")),
         ("authorization-policy.yaml", include_str!("../../deploy/examples/lemo-dev/authorization-policy.yaml")),
         ("peer-authentication.yaml", include_str!("../../deploy/examples/lemo-dev/peer-authentication.yaml")),
+        ("fuzz-routes.yaml", FUZZ_ROUTES),
     ])
     .expect("the lemo-dev example loads")
 });
@@ -109,12 +154,14 @@ where
 }
 
 /// HTTP/1 request parsing on the proxy path: the bytes of a downstream connection to
-/// `recall.lemo-dev:8080`, parsed by hyper as the outbound listener configures it, each request
+/// `recall.lemo-dev:8081` (and as if to `bff.lemo-dev:80`), parsed by hyper as the outbound listener configures it, each request
 /// head then routed as the proxy does (VirtualService match, redirect, rewrite, header rules).
 pub fn http1_request(data: &[u8]) {
     serve_bytes(data, |req: hyper::Request<hyper::body::Incoming>| async move {
         let (mut parts, body) = req.into_parts();
-        let status = crate::http::fuzz_hooks::request_head(&LEMO_DEV, "lemo-dev", "recall", 8080, &mut parts);
+        let mut for_bff = http::request::Parts::clone(&parts);
+        let _ = crate::http::fuzz_hooks::request_head(&LEMO_DEV, "lemo-dev", "bff", 80, &mut for_bff);
+        let status = crate::http::fuzz_hooks::request_head(&LEMO_DEV, "lemo-dev", "recall", 8081, &mut parts);
         // Bounded, as the replay buffer is.
         let _ = http_body_util::Limited::new(body, 64 * 1024).collect().await;
         let mut res = hyper::Response::new(Full::new(Bytes::new()));

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | demo | bench`.
+//! Project tasks: `cargo xtask setup | test | demo | bench | fuzz`.
 mod bench;
 mod bench_chart;
 mod bench_failure;
@@ -8,6 +8,7 @@ mod bench_surge;
 mod bench_telemetry;
 mod bench_util;
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -68,6 +69,16 @@ enum Task {
         /// Run only these parts (comma-separated or repeated); default: all.
         #[arg(long, value_enum, value_delimiter = ',')]
         only: Vec<BenchPart>,
+    },
+    /// Run the cargo-fuzz targets (nightly; cargo-fuzz is installed if missing), one after the
+    /// other, and report executions per target. Targets: config_yaml, sniff, http1_request,
+    /// hbone_connect, csr, admin_request. Not part of `test`.
+    Fuzz {
+        /// One target; default: all of them in turn.
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
 }
 
@@ -133,6 +144,7 @@ fn require_root(what: &str) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::setup(),
+        Task::Fuzz { target, seconds } => fuzz::fuzz(target.as_deref(), seconds),
         Task::Test { args } => {
             setup::setup()?;
             require_root("the end-to-end tests")?;
