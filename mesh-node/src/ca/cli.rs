@@ -232,6 +232,17 @@ mod tests {
         assert_eq!(review.audience, "mesh-ca");
         assert_eq!(review.node_service_accounts, ["mesh-system/mesh-node"]);
 
+        // Budgets, the deadline and a rotation's extra roots.
+        let opts = parse(&[
+            "--config", "/c", "--tokens", "/t.yaml", "--node-rate-limit", "2.5", "--node-burst", "7", "--request-timeout", "3s",
+            "--extra-roots", "/old-root.pem",
+        ])
+        .expect("limits");
+        assert_eq!(opts.limits, RequestLimits { per_second: 2.5, burst: 7, deadline: Duration::from_secs(3) });
+        assert_eq!(opts.extra_roots.as_deref(), Some(std::path::Path::new("/old-root.pem")));
+        let opts = parse(&["--config", "/c", "--tokens", "/t.yaml"]).expect("defaults");
+        assert_eq!(opts.limits, RequestLimits::default());
+
         // Pods from the API, static tokens (the static-node-tokens install component).
         let opts = parse(&["--kubernetes", "--api-server", "http://127.0.0.1:8080", "--tokens", "/t.yaml"]).expect("mix");
         assert!(matches!(&opts.pods, PodsFrom::Kubernetes(_)));
@@ -251,6 +262,12 @@ mod tests {
         let err = parse(&["--kubernetes", "--api-server", "http://h:1", "--tokens", "/t", "--node-service-account", "a/b"])
             .expect_err("review flag with static tokens");
         assert!(err.contains("--node-service-account"), "{err}");
+        let err = parse(&["--config", "/c", "--tokens", "/t", "--node-rate-limit=-1"]).expect_err("negative rate");
+        assert!(err.contains("--node-rate-limit"), "{err}");
+        let err = parse(&["--config", "/c", "--tokens", "/t", "--request-timeout", "0s"]).expect_err("no time");
+        assert!(err.contains("--request-timeout"), "{err}");
+        let err = parse(&["--config", "/c", "--tokens", "/t", "--review-negative-cache-ttl", "5s"]).expect_err("review flag in file mode");
+        assert!(err.contains("--review-negative-cache-ttl"), "{err}");
         let err = parse(&["--kubernetes", "--api-server", "ftp://h"]).expect_err("bad URL");
         assert_eq!(err, "--kubernetes: API server URL \"ftp://h\": must start with http:// or https://");
     }
