@@ -116,6 +116,8 @@ pub struct CaOptions {
     /// This node's token for the CA.
     pub token_file: PathBuf,
     pub cert_ttl: Duration,
+    /// How often `root_cert` is re-read (trust bundle reload, root rotation).
+    pub root_poll: Duration,
 }
 
 /// Binds with SO_REUSEPORT: a new proxy binds the same ports while this one still serves,
@@ -194,8 +196,11 @@ fn enable_migrate_req_sysctl() {
 
 /// Requests certificates for this node's mesh workloads ahead of time: the inbound side must
 /// present them during the TLS handshake, which cannot wait for the CA.
+/// Gets certificates for the identities of this node's pods, and drops (stops renewing) those
+/// of pods that left.
 fn prefetch_certificates(tls: &Arc<MeshTls>, cluster: &Cluster, node: &str) -> Vec<tokio::task::JoinHandle<()>> {
     let ids: std::collections::BTreeSet<_> = cluster.pods().filter(|p| p.node == node && cluster.is_enrolled(p)).map(|p| tls.identity_of(p)).collect();
+    tls.certs().retain(&ids);
     let mut tasks = Vec::new();
     for id in ids {
         if tls.certs().cached(&id).is_some() {
@@ -320,7 +325,7 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
     let tls = match &opts.ca {
         Some(ca) => {
             let certs = CertManager::new(CertManagerConfig {
-                ca: CaClientConfig::new(&ca.address, &opts.node, &ca.token_file, &ca.root_cert, &opts.trust_domain),
+                ca: CaClientConfig { root_poll: ca.root_poll, ..CaClientConfig::new(&ca.address, &opts.node, &ca.token_file, &ca.root_cert, &opts.trust_domain) },
                 trust_domain: opts.trust_domain.clone(),
                 ttl: ca.cert_ttl,
                 rotation: RotationConfig::default(),

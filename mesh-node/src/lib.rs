@@ -19,6 +19,8 @@ pub mod daemon;
 pub mod destination;
 pub mod discovery;
 pub mod flags;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod identity;
 pub mod l4;

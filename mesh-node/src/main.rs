@@ -109,9 +109,13 @@ struct RunArgs {
     /// config. For tests and benchmarks, never for a cluster with anything to protect.
     #[arg(long, conflicts_with = "ca_address")]
     insecure_plaintext_tunnels: bool,
-    /// The mesh root certificate (PEM), trust anchor for the CA and all peers.
+    /// The mesh root certificate(s) (PEM), trust anchor for the CA and all peers. Re-read
+    /// every --ca-root-poll-ms: a changed bundle applies without a restart (root rotation).
     #[arg(long, env = "MESH_CA_ROOT")]
     ca_root: Option<PathBuf>,
+    /// How often the --ca-root file is checked for changes, in milliseconds (0: never).
+    #[arg(long, default_value_t = 5000)]
+    ca_root_poll_ms: u64,
     /// File holding this node's token for the CA.
     #[arg(long, env = "MESH_NODE_TOKEN_FILE")]
     node_token_file: Option<PathBuf>,
@@ -276,7 +280,13 @@ fn main() -> ExitCode {
                 config_poll: Duration::from_millis(args.config_poll_ms),
                 ca: match (args.ca_address, args.ca_root, args.node_token_file) {
                     (Some(address), Some(root_cert), Some(token_file)) => {
-                        Some(daemon::CaOptions { address, root_cert, token_file, cert_ttl: Duration::from_secs(args.cert_ttl_secs) })
+                        Some(daemon::CaOptions {
+                            address,
+                            root_cert,
+                            token_file,
+                            cert_ttl: Duration::from_secs(args.cert_ttl_secs),
+                            root_poll: Duration::from_millis(args.ca_root_poll_ms),
+                        })
                     }
                     _ => None,
                 },

@@ -40,6 +40,22 @@ fn by_name(name: &str) -> Protocol {
 
 const METHODS: &[&[u8]] = &[b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"TRACE ", b"CONNECT ", b"PRI "];
 
+/// What the first bytes of a connection say: `Some(Http)` for an HTTP/1.x request line or the
+/// HTTP/2 preface, `Some(Tcp)` for anything else, `None` while `seen` is a prefix of a method
+/// (more bytes needed). Empty input is TCP.
+pub fn classify(seen: &[u8]) -> Option<Protocol> {
+    if seen.is_empty() {
+        return Some(Protocol::Tcp);
+    }
+    if METHODS.iter().any(|m| seen.starts_with(m)) {
+        return Some(Protocol::Http);
+    }
+    if !METHODS.iter().any(|m| m.starts_with(seen)) {
+        return Some(Protocol::Tcp);
+    }
+    None
+}
+
 /// Looks at the first bytes without consuming them: an HTTP/1.x request line or the HTTP/2
 /// connection preface means HTTP.
 pub async fn sniff(stream: &TcpStream, timeout: Duration) -> Protocol {
@@ -53,12 +69,8 @@ pub async fn sniff(stream: &TcpStream, timeout: Duration) -> Protocol {
         if n == 0 {
             return Protocol::Tcp;
         }
-        let seen = &buf[..n];
-        if METHODS.iter().any(|m| seen.starts_with(m)) {
-            return Protocol::Http;
-        }
-        if !METHODS.iter().any(|m| m.starts_with(seen)) {
-            return Protocol::Tcp;
+        if let Some(protocol) = classify(&buf[..n]) {
+            return protocol;
         }
         // A prefix of a method: wait for more bytes (peek returns at once while data is queued).
         tokio::time::sleep(Duration::from_millis(1)).await;

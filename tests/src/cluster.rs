@@ -80,6 +80,8 @@ pub struct ClusterSpec {
     pub mtls: bool,
     /// Requested workload certificate lifetime, in seconds (None: the daemon's default).
     pub cert_ttl_secs: Option<u64>,
+    /// `--ca-root-poll-ms` of the proxies (how soon a changed trust bundle is reloaded).
+    pub ca_root_poll_ms: Option<u64>,
 }
 
 impl ClusterSpec {
@@ -609,6 +611,17 @@ impl SimCluster {
     /// (Re)starts the CA process on the same state directory, in its container (deploy/ca.yaml:
     /// its own user, no capabilities) on the switch, in a cgroup of the cluster's.
     pub fn restart_ca(&self) -> anyhow::Result<()> {
+        self.restart_ca_with(&[])
+    }
+
+    /// Like [`Self::restart_ca`], with extra `mesh-node ca` arguments (a provided root, extra
+    /// roots of a rotation, budgets). Files they name must be readable by the CA's user.
+    pub fn restart_ca_with(&self, extra_args: &[&str]) -> anyhow::Result<()> {
+        // A CA still running is stopped first (SIGTERM), as a Deployment rollout does.
+        if let Some(mut ca) = self.ca.lock().unwrap().take() {
+            ca.signal(libc::SIGTERM)?;
+            ca.wait_timeout(Duration::from_secs(10)).context("mesh-node ca did not exit after SIGTERM")?;
+        }
         let state = self.ca_dir.join("state");
         let cgroup = self.root_cgroup.join("mesh-ca");
         for dir in [&state, &cgroup] {
@@ -625,6 +638,7 @@ impl SimCluster {
             .into_iter()
             .map(std::ffi::OsStr::new)
             .chain([state_dir.as_os_str(), "--config".as_ref(), config.as_os_str(), "--tokens".as_ref(), tokens.as_os_str()])
+            .chain(extra_args.iter().map(std::ffi::OsStr::new))
             .collect();
         let mut cmd = spec.command(&bins::path("mesh-node"), &args);
         cmd.env("MESH_LOG", std::env::var("MESH_LOG").unwrap_or_else(|_| "info".into())).enter(Some(&self.net_netns()), None)?;
@@ -650,9 +664,20 @@ impl SimCluster {
     fn publish_ca_root(&self, root: &Path) -> anyhow::Result<()> {
         let published = self.ca_root_cert();
         fs::create_dir_all(published.parent().context("root certificate path")?)?;
-        fs::copy(root, &published).with_context(|| format!("publishing {} as {}", root.display(), published.display()))?;
-        fs::set_permissions(&published, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        // Swapped in whole, as kubelet updates a mounted ConfigMap: proxies watching the file
+        // never read half of it.
+        let tmp = published.with_extension("tmp");
+        fs::copy(root, &tmp).with_context(|| format!("publishing {} as {}", root.display(), published.display()))?;
+        fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        fs::rename(&tmp, &published)?;
         Ok(())
+    }
+
+    /// Makes `path` the CA user's (its files: a provided root and key, extra roots), as a
+    /// mounted Secret is readable by the pod's `fsGroup`.
+    pub fn give_to_ca(&self, path: &Path) -> anyhow::Result<()> {
+        let s = &self.ca_security;
+        std::os::unix::fs::chown(path, Some(s.run_as_user), Some(s.run_as_group)).with_context(|| format!("chown {}", path.display()))
     }
 
     /// The CA's process (host pid; 1 in its container), if it runs.
@@ -732,6 +757,9 @@ impl SimCluster {
             args.extend(["--node-token-file".into(), path(&self.ca_dir.join("tokens").join(&node.name))]);
             if let Some(ttl) = self.spec.cert_ttl_secs {
                 args.extend(["--cert-ttl-secs".into(), ttl.to_string()]);
+            }
+            if let Some(ms) = self.spec.ca_root_poll_ms {
+                args.extend(["--ca-root-poll-ms".into(), ms.to_string()]);
             }
         } else {
             // Without a CA the daemon refuses to start unless told plaintext is meant.

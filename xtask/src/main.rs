@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | demo | bench`.
+//! Project tasks: `cargo xtask setup | test | demo | bench | fuzz`.
 mod bench;
 mod bench_abuse;
 mod bench_account;
@@ -10,6 +10,7 @@ mod bench_surge;
 mod bench_telemetry;
 mod bench_util;
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -77,6 +78,16 @@ enum Task {
         /// A ztunnel binary: the L4 bench adds a ztunnel pair as a peer (skipped when absent).
         #[arg(long)]
         ztunnel: Option<PathBuf>,
+    },
+    /// Run the cargo-fuzz targets (nightly; cargo-fuzz is installed if missing), one after the
+    /// other, and report executions per target. Targets: config_yaml, sniff, http1_request,
+    /// hbone_connect, csr, admin_request. Not part of `test`.
+    Fuzz {
+        /// One target; default: all of them in turn.
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
 }
 
@@ -157,6 +168,7 @@ fn fail_on_misses(check: bool, missed: &[String]) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::setup(),
+        Task::Fuzz { target, seconds } => fuzz::fuzz(target.as_deref(), seconds),
         Task::Test { args } => {
             setup::setup()?;
             require_root("the end-to-end tests")?;

@@ -137,11 +137,47 @@ fn peer_uid(peer: SocketAddr) -> Option<u32> {
     })
 }
 
+/// What an admin request asks for, read from its method, path, query and body alone (no
+/// state): the parsing half of [`admin`], fuzzed on its own (`fuzz/`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminRequest {
+    /// `POST`/`PUT /log_level`: the directives from `?level=` or the body.
+    SetLogLevel(String),
+    /// A read-only endpoint, with its `?service=` when it takes one.
+    Get { path: String, service: Option<String> },
+    /// Any other method.
+    MethodNotAllowed { method: String, path: String },
+}
+
+impl AdminRequest {
+    pub fn parse(method: &Method, path: &str, query: &str, body: &[u8]) -> AdminRequest {
+        if path == "/log_level" && (method == Method::POST || method == Method::PUT) {
+            // The level comes from `?level=` or, failing that, the body (`curl -d debug`).
+            let level = query_param(query, "level").unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_owned());
+            return AdminRequest::SetLogLevel(level);
+        }
+        if method != Method::GET && method != Method::HEAD {
+            return AdminRequest::MethodNotAllowed { method: method.to_string(), path: path.to_owned() };
+        }
+        AdminRequest::Get { path: path.to_owned(), service: query_param(query, "service") }
+    }
+}
+
+/// Checks log filter directives as `POST /log_level` would, without applying them.
+pub fn check_log_level(directives: &str) -> Result<(), String> {
+    let directives = directives.trim();
+    if directives.is_empty() {
+        return Err("empty".into());
+    }
+    tracing_subscriber::EnvFilter::try_new(directives).map(|_| ()).map_err(|e| e.to_string())
+}
+
 async fn admin(req: Request<Incoming>, state: Arc<AdminState>, peer: SocketAddr) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     let method = req.method().clone();
-    if path == "/log_level" && (method == Method::POST || method == Method::PUT) {
+    let mutation = path == "/log_level" && (method == Method::POST || method == Method::PUT);
+    let body = if mutation {
         // A mutation: only root's processes may (a hostNetwork pod shares the node's loopback).
         match peer_uid(peer) {
             Some(0) => {}
@@ -150,21 +186,25 @@ async fn admin(req: Request<Incoming>, state: Arc<AdminState>, peer: SocketAddr)
                 return Ok(error(StatusCode::FORBIDDEN, format!("POST /log_level: only root may change the daemon (the caller's socket belongs to uid {who})")));
             }
         }
-        // The level comes from `?level=` or, failing that, the body (`curl -d debug`), at most
-        // MAX_BODY bytes of it.
-        let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY).collect().await {
+        match http_body_util::Limited::new(req.into_body(), MAX_BODY).collect().await {
             Ok(b) => b.to_bytes(),
             Err(_) => return Ok(error(StatusCode::PAYLOAD_TOO_LARGE, format!("POST /log_level: the body is over {MAX_BODY} bytes"))),
-        };
-        let level = query_param(&query, "level").unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_owned());
-        return Ok(match log_level::set(&level) {
-            Ok(level) => json(json!({"level": level})),
-            Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
-        });
-    }
-    if method != Method::GET && method != Method::HEAD {
-        return Ok(error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} {path}: only GET (and POST on /log_level)")));
-    }
+        }
+    } else {
+        Bytes::new()
+    };
+    let service = match AdminRequest::parse(&method, &path, &query, &body) {
+        AdminRequest::SetLogLevel(level) => {
+            return Ok(match log_level::set(&level) {
+                Ok(level) => json(json!({"level": level})),
+                Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+            });
+        }
+        AdminRequest::MethodNotAllowed { method, path } => {
+            return Ok(error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} {path}: only GET (and POST on /log_level)")));
+        }
+        AdminRequest::Get { service, .. } => service,
+    };
     Ok(match path.as_str() {
         "/status" => json(status::status(&state).await),
         "/stats" => json(state.stats()),
@@ -179,11 +219,11 @@ async fn admin(req: Request<Incoming>, state: Arc<AdminState>, peer: SocketAddr)
         "/clusters" => json(state.proxy.destinations.snapshot()),
         "/workloads" => json(workloads::workloads(&state)),
         "/services" => json(services::services(&state)),
-        "/endpoints" => match query_param(&query, "service") {
+        "/endpoints" => match service {
             Some(svc) => services::endpoints(&state, &svc).map(json).unwrap_or_else(|e| error(StatusCode::NOT_FOUND, e)),
             None => error(StatusCode::BAD_REQUEST, "/endpoints needs ?service=NAMESPACE/NAME"),
         },
-        "/routes" => routes::routes(&state, query_param(&query, "service").as_deref()).map(json).unwrap_or_else(|e| error(StatusCode::NOT_FOUND, e)),
+        "/routes" => routes::routes(&state, service.as_deref()).map(json).unwrap_or_else(|e| error(StatusCode::NOT_FOUND, e)),
         "/describe" => describe::describe(&state, query_param(&query, "from").as_deref(), query_param(&query, "host").as_deref())
             .map(json)
             .unwrap_or_else(|e| error(StatusCode::BAD_REQUEST, e)),

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use super::limits::RequestLimits;
 use super::review::ReviewOptions;
 use super::server::{CaOptions, NodeAuthOptions, PodsFrom};
 use super::signer::TtlPolicy;
@@ -46,6 +47,25 @@ pub struct CaArgs {
     /// node proxy pod's token keeps working.
     #[arg(long, default_value = "60s", value_parser = parse_duration, requires = "kubernetes", conflicts_with = "tokens")]
     pub review_cache_ttl: Duration,
+    /// How long a refused TokenReview is reused (0s: never): a node retrying with a bad token
+    /// costs the API server one review per interval.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, requires = "kubernetes", conflicts_with = "tokens")]
+    pub review_negative_cache_ttl: Duration,
+    /// Sustained certificate requests per second allowed per node (and per source address);
+    /// 0 disables the limit. Over it, requests are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = RequestLimits::default().per_second)]
+    pub node_rate_limit: f64,
+    /// Requests a node may make at once above its rate (a node starting asks once per identity).
+    #[arg(long, default_value_t = RequestLimits::default().burst)]
+    pub node_burst: u32,
+    /// Longest time the CA spends on one request, TokenReview included (DEADLINE_EXCEEDED after).
+    #[arg(long, default_value = "8s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// PEM file of roots published in `root-cert.pem` next to the signing root, for a root
+    /// rotation: first the new root here while signing with the old, then the old root here
+    /// while signing with the new (see deploy/README.md, "Rotating the root").
+    #[arg(long)]
+    pub extra_roots: Option<PathBuf>,
     #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
     /// Lifetime of a certificate when the request names none.
@@ -73,6 +93,12 @@ impl CaArgs {
         if self.default_ttl.is_zero() || self.max_ttl.is_zero() {
             return Err("--default-ttl and --max-ttl must be positive".into());
         }
+        if !self.node_rate_limit.is_finite() || self.node_rate_limit < 0.0 {
+            return Err(format!("--node-rate-limit {}: must be a number of requests per second, 0 or more", self.node_rate_limit));
+        }
+        if self.request_timeout.is_zero() {
+            return Err("--request-timeout must be positive".into());
+        }
         if self.default_ttl > self.max_ttl {
             return Err(format!("--default-ttl {:?} is longer than --max-ttl {:?}", self.default_ttl, self.max_ttl));
         }
@@ -94,6 +120,7 @@ impl CaArgs {
                     audience: self.token_audience,
                     node_service_accounts: self.node_service_accounts,
                     cache_ttl: self.review_cache_ttl,
+                    negative_cache_ttl: self.review_negative_cache_ttl,
                     ..ReviewOptions::default()
                 },
             },
@@ -106,6 +133,8 @@ impl CaArgs {
         opts.root_key = self.root_key;
         opts.extra_sans = self.sans;
         opts.config_poll = Duration::from_millis(self.config_poll_ms);
+        opts.limits = RequestLimits { per_second: self.node_rate_limit, burst: self.node_burst, deadline: self.request_timeout };
+        opts.extra_roots = self.extra_roots;
         Ok(opts)
     }
 }
@@ -203,6 +232,17 @@ mod tests {
         assert_eq!(review.audience, "mesh-ca");
         assert_eq!(review.node_service_accounts, ["mesh-system/mesh-node"]);
 
+        // Budgets, the deadline and a rotation's extra roots.
+        let opts = parse(&[
+            "--config", "/c", "--tokens", "/t.yaml", "--node-rate-limit", "2.5", "--node-burst", "7", "--request-timeout", "3s",
+            "--extra-roots", "/old-root.pem",
+        ])
+        .expect("limits");
+        assert_eq!(opts.limits, RequestLimits { per_second: 2.5, burst: 7, deadline: Duration::from_secs(3) });
+        assert_eq!(opts.extra_roots.as_deref(), Some(std::path::Path::new("/old-root.pem")));
+        let opts = parse(&["--config", "/c", "--tokens", "/t.yaml"]).expect("defaults");
+        assert_eq!(opts.limits, RequestLimits::default());
+
         // Pods from the API, static tokens (the static-node-tokens install component).
         let opts = parse(&["--kubernetes", "--api-server", "http://127.0.0.1:8080", "--tokens", "/t.yaml"]).expect("mix");
         assert!(matches!(&opts.pods, PodsFrom::Kubernetes(_)));
@@ -222,6 +262,12 @@ mod tests {
         let err = parse(&["--kubernetes", "--api-server", "http://h:1", "--tokens", "/t", "--node-service-account", "a/b"])
             .expect_err("review flag with static tokens");
         assert!(err.contains("--node-service-account"), "{err}");
+        let err = parse(&["--config", "/c", "--tokens", "/t", "--node-rate-limit=-1"]).expect_err("negative rate");
+        assert!(err.contains("--node-rate-limit"), "{err}");
+        let err = parse(&["--config", "/c", "--tokens", "/t", "--request-timeout", "0s"]).expect_err("no time");
+        assert!(err.contains("--request-timeout"), "{err}");
+        let err = parse(&["--config", "/c", "--tokens", "/t", "--review-negative-cache-ttl", "5s"]).expect_err("review flag in file mode");
+        assert!(err.contains("--review-negative-cache-ttl"), "{err}");
         let err = parse(&["--kubernetes", "--api-server", "ftp://h"]).expect_err("bad URL");
         assert_eq!(err, "--kubernetes: API server URL \"ftp://h\": must start with http:// or https://");
     }

@@ -10,6 +10,15 @@ pub enum CaError {
     InvalidCsr(String),
     #[error("CSR identity {identity} is not in trust domain {expected:?}")]
     ForeignTrustDomain { identity: String, expected: String },
+    #[error(
+        "identity {0} is the CA's own (ServiceAccount {ns}/{sa}) and is never issued to workloads",
+        ns = super::CA_NAMESPACE,
+        sa = super::CA_SERVICE_ACCOUNT
+    )]
+    ReservedIdentity(String),
+    /// The key or signature algorithm of a CSR is refused (the message says which and why).
+    #[error("{0}")]
+    WeakKey(String),
     #[error("identity {0} is not allowed for this node")]
     NotAllowed(String),
     #[error("invalid request: {0}")]
@@ -36,8 +45,10 @@ impl CaError {
     /// The status code a client gets for this error.
     pub fn grpc_code(&self) -> tonic::Code {
         match self {
-            CaError::InvalidCsr(_) | CaError::InvalidRequest(_) => tonic::Code::InvalidArgument,
-            CaError::ForeignTrustDomain { .. } | CaError::NotAllowed(_) => tonic::Code::PermissionDenied,
+            CaError::InvalidCsr(_) | CaError::InvalidRequest(_) | CaError::WeakKey(_) => tonic::Code::InvalidArgument,
+            CaError::ForeignTrustDomain { .. } | CaError::NotAllowed(_) | CaError::ReservedIdentity(_) => {
+                tonic::Code::PermissionDenied
+            }
             _ => tonic::Code::Internal,
         }
     }

@@ -12,7 +12,9 @@
 //! listener, options), `cli` (`mesh-node ca`), `error`.
 
 mod cli;
+pub mod csr_policy;
 mod error;
+mod limits;
 pub mod proto;
 mod review;
 mod server;
@@ -28,6 +30,7 @@ mod tests;
 
 pub use cli::{CaArgs, run_cli};
 pub use error::CaError;
+pub use limits::RequestLimits;
 pub use review::{NODE_NAME_EXTRA, ReviewError, ReviewOptions, ReviewedNode};
 pub use server::{CaOptions, CaServer, NodeAuthOptions, PodsFrom, serve};
 pub use signer::{CaSigner, TtlPolicy};

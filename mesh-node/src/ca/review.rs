@@ -6,7 +6,8 @@
 //!
 //! Positive reviews are cached for a short, bounded time by token hash: every node renews one
 //! certificate per identity at about the same moment (and all of them at start), which would
-//! otherwise be one review each. Concurrent requests with the same token wait for one review.
+//! otherwise be one review each. Refusals are cached for a shorter time, so a bad token costs
+//! one review per interval. Concurrent requests with the same token wait for one review.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,7 +33,10 @@ pub struct ReviewOptions {
     pub node_service_accounts: Vec<String>,
     /// How long a positive review is reused; zero disables the cache.
     pub cache_ttl: Duration,
-    /// Most tokens remembered at once (a few per node: the current one and a rotated one).
+    /// How long a refusal (not an API server failure) is reused; zero disables it.
+    pub negative_cache_ttl: Duration,
+    /// Most tokens remembered at once, accepted and refused each (a few per node: the current
+    /// one and a rotated one).
     pub cache_max: usize,
     /// Deadline of one review request.
     pub timeout: Duration,
@@ -44,6 +48,7 @@ impl Default for ReviewOptions {
             audience: "mesh-ca".into(),
             node_service_accounts: vec!["mesh-system/mesh-node".into()],
             cache_ttl: Duration::from_secs(60),
+            negative_cache_ttl: Duration::from_secs(10),
             cache_max: 4096,
             // Under the node's 10 s request deadline, so it sees why rather than a timeout.
             timeout: Duration::from_secs(5),
@@ -104,14 +109,78 @@ struct Cached {
     until: Instant,
 }
 
+struct Refused {
+    error: ReviewError,
+    until: Instant,
+}
+
+type Gates = std::sync::Mutex<HashMap<TokenHash, Arc<tokio::sync::Mutex<()>>>>;
+
+/// A place in the queue of one token's review. Dropping it, on completion or cancellation,
+/// removes the token's entry once nobody else holds or waits for it.
+struct InFlight<'a> {
+    gates: &'a Gates,
+    hash: TokenHash,
+    gate: Option<Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl<'a> InFlight<'a> {
+    fn join(gates: &'a Gates, hash: TokenHash) -> InFlight<'a> {
+        let gate = gates.lock().unwrap_or_else(|e| e.into_inner()).entry(hash).or_default().clone();
+        InFlight { gates, hash, gate: Some(gate) }
+    }
+
+    fn gate(&self) -> &tokio::sync::Mutex<()> {
+        self.gate.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        let gate = self.gate.take();
+        // Only the map's entry and this one left (others join under the same lock).
+        if gate.is_some_and(|g| Arc::strong_count(&g) <= 2) {
+            gates.remove(&self.hash);
+        }
+    }
+}
+
+/// Inserts into a map bounded at `max` entries: expired ones go first, then the one expiring
+/// soonest. `max` 0 keeps nothing.
+fn bounded_insert<V>(
+    map: &std::sync::Mutex<HashMap<TokenHash, V>>,
+    hash: TokenHash,
+    value: V,
+    max: usize,
+    now: Instant,
+    until: impl Fn(&V) -> Instant,
+) {
+    if max == 0 {
+        return;
+    }
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    if map.len() >= max && !map.contains_key(&hash) {
+        map.retain(|_, v| until(v) > now);
+    }
+    if map.len() >= max
+        && !map.contains_key(&hash)
+        && let Some(soonest) = map.iter().min_by_key(|(_, v)| until(v)).map(|(k, _)| *k)
+    {
+        map.remove(&soonest);
+    }
+    map.insert(hash, value);
+}
+
 pub(crate) struct TokenReviewer {
     api: ApiServer,
     options: ReviewOptions,
     /// `system:serviceaccount:<ns>:<name>` of each accepted ServiceAccount.
     users: Vec<String>,
     cache: std::sync::Mutex<HashMap<TokenHash, Cached>>,
+    refused: std::sync::Mutex<HashMap<TokenHash, Refused>>,
     /// One lock per token under review, so a burst with one token makes one review.
-    in_flight: std::sync::Mutex<HashMap<TokenHash, Arc<tokio::sync::Mutex<()>>>>,
+    in_flight: Gates,
 }
 
 impl TokenReviewer {
@@ -138,45 +207,43 @@ impl TokenReviewer {
             options,
             users,
             cache: Default::default(),
+            refused: Default::default(),
             in_flight: Default::default(),
         })
     }
 
-    /// The node `token` was issued to, from the cache or a review.
+    /// The node `token` was issued to, from the cache or a review. A refusal is remembered
+    /// briefly too (`negative_cache_ttl`), so a node retrying with a bad token, or anyone
+    /// replaying one, costs the API server one review per interval. Cancelling this future
+    /// (a request deadline, a client gone) leaves nothing behind.
     pub(crate) async fn review(&self, token: &str) -> Result<ReviewedNode, ReviewError> {
         let hash = hash(token);
         if let Some(hit) = self.cached(&hash) {
-            return Ok(hit);
+            return hit;
         }
-        let gate = {
-            let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-            in_flight.entry(hash).or_default().clone()
-        };
-        let result = {
-            let _turn = gate.lock().await;
-            // Whoever held the gate before may have just reviewed this very token.
-            match self.cached(&hash) {
-                Some(hit) => Ok(hit),
-                None => {
-                    let result = self.ask(token).await;
-                    if let Ok(node) = &result {
-                        self.remember(hash, node.clone(), token);
-                    }
-                    result
-                }
-            }
-        };
-        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        // Only the entry and this clone left: nobody else is waiting on it.
-        if Arc::strong_count(&gate) <= 2 {
-            in_flight.remove(&hash);
+        let gate = InFlight::join(&self.in_flight, hash);
+        let _turn = gate.gate().lock().await;
+        // Whoever held the gate before may have just reviewed this very token.
+        if let Some(hit) = self.cached(&hash) {
+            return hit;
+        }
+        let result = self.ask(token).await;
+        match &result {
+            Ok(node) => self.remember(hash, node.clone(), token),
+            // The API server's own trouble says nothing about the token: asked again next time.
+            Err(ReviewError::Api(_)) => {}
+            Err(refusal) => self.remember_refusal(hash, refusal.clone()),
         }
         result
     }
 
-    fn cached(&self, hash: &TokenHash) -> Option<ReviewedNode> {
-        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.get(hash).filter(|c| c.until > Instant::now()).map(|c| c.node.clone())
+    fn cached(&self, hash: &TokenHash) -> Option<Result<ReviewedNode, ReviewError>> {
+        let now = Instant::now();
+        if let Some(hit) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(hash).filter(|c| c.until > now) {
+            return Some(Ok(hit.node.clone()));
+        }
+        let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        refused.get(hash).filter(|r| r.until > now).map(|r| Err(r.error.clone()))
     }
 
     fn remember(&self, hash: TokenHash, node: ReviewedNode, token: &str) {
@@ -186,20 +253,28 @@ impl TokenReviewer {
         if let Some(exp) = jwt_expiry(token) {
             ttl = ttl.min(exp.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO));
         }
-        if ttl.is_zero() || self.options.cache_max == 0 {
+        // A token accepted now is no longer refused.
+        self.refused.lock().unwrap_or_else(|e| e.into_inner()).remove(&hash);
+        if ttl.is_zero() {
             return;
         }
         let now = Instant::now();
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= self.options.cache_max {
-            cache.retain(|_, c| c.until > now);
+        bounded_insert(&self.cache, hash, Cached { node, until: now + ttl }, self.options.cache_max, now, |c| c.until);
+    }
+
+    /// Refusals live in their own map: a flood of junk tokens cannot evict the nodes' good ones.
+    fn remember_refusal(&self, hash: TokenHash, error: ReviewError) {
+        let ttl = self.options.negative_cache_ttl;
+        if ttl.is_zero() {
+            return;
         }
-        if cache.len() >= self.options.cache_max
-            && let Some(soonest) = cache.iter().min_by_key(|(_, c)| c.until).map(|(k, _)| *k)
-        {
-            cache.remove(&soonest);
-        }
-        cache.insert(hash, Cached { node, until: now + ttl });
+        let now = Instant::now();
+        bounded_insert(&self.refused, hash, Refused { error, until: now + ttl }, self.options.cache_max, now, |r| r.until);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn in_flight_len(&self) -> usize {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     async fn ask(&self, token: &str) -> Result<ReviewedNode, ReviewError> {
@@ -299,6 +374,35 @@ mod tests {
         assert_eq!(jwt_expiry("a.b!c.d"), None);
         assert_eq!(base64url_decode("aGk").as_deref(), Some(&b"hi"[..]));
         assert_eq!(base64url_decode("_-8").as_deref(), Some(&[0xff, 0xef][..]));
+    }
+
+    /// An API server that accepts connections and never answers: reviews hang until cancelled.
+    #[tokio::test]
+    async fn cancelled_reviews_leave_no_in_flight_entry() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let api = ApiServer::new(&format!("http://{}", silent.local_addr().expect("addr")), None, None).expect("api");
+        let reviewer = Arc::new(TokenReviewer::new(api, ReviewOptions::default()).expect("reviewer"));
+        // One token reviewed by two callers at once (the second waits on the first), and
+        // another token: all cancelled by a deadline, as the CA's request deadline does.
+        let mut calls = tokio::task::JoinSet::new();
+        for token in ["tok-1", "tok-1", "tok-2"] {
+            let reviewer = reviewer.clone();
+            calls.spawn(async move { tokio::time::timeout(Duration::from_millis(300), reviewer.review(token)).await.is_err() });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(reviewer.in_flight_len(), 2, "two tokens under review");
+        while let Some(timed_out) = calls.join_next().await {
+            assert!(timed_out.expect("task"), "the silent API server never answers");
+        }
+        assert_eq!(reviewer.in_flight_len(), 0, "cancelled reviews removed their entries");
+        // A task aborted mid-review (a client gone) cleans up too.
+        let r = reviewer.clone();
+        let task = tokio::spawn(async move { r.review("tok-3").await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(reviewer.in_flight_len(), 1);
+        task.abort();
+        let _ = task.await;
+        assert_eq!(reviewer.in_flight_len(), 0);
     }
 
     #[test]

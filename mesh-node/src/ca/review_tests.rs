@@ -369,12 +369,37 @@ async fn token_review_caches_positive_answers_only_and_briefly() {
     request(&node_a, "bff").await.expect("issued");
     assert_eq!(fake.reviews(), 4, "reviewed again after the cache TTL");
 
-    // Refusals are never cached: every try is asked again.
+    // Refusals are cached too, briefly: a node retrying with a bad token costs one review.
     let liar = setup.client(ca.addr, "node-a", &setup.token("bad.token", "garbage"));
-    for _ in 0..2 {
-        assert_eq!(refusal(request(&liar, "bff").await).0, tonic::Code::Unauthenticated);
+    for _ in 0..3 {
+        let (code, message) = refusal(request(&liar, "bff").await);
+        assert_eq!(code, tonic::Code::Unauthenticated);
+        assert_eq!(message, "token rejected by the Kubernetes API server: invalid bearer token");
     }
-    assert_eq!(fake.reviews(), 6);
+    assert_eq!(fake.reviews(), 5, "one review for three tries with the same bad token");
+}
+
+#[tokio::test]
+async fn token_review_refusals_expire_and_a_token_accepted_later_works() {
+    logs();
+    let fake = FakeApi::new();
+    let api = fake.clone().serve().await;
+    let setup = Setup::new();
+    let review = ReviewOptions { negative_cache_ttl: Duration::from_millis(500), ..ReviewOptions::default() };
+    let ca = start(setup.options(api, review)).await;
+    let node_a = setup.client(ca.addr, "node-a", &setup.token("node-a.token", "tok-late"));
+    // Wait for the pod list, then the token is unknown: refused, and the refusal reused.
+    let first = eventually(&node_a, "bff").await;
+    assert_eq!(refusal(first).0, tonic::Code::Unauthenticated);
+    let before = fake.reviews();
+    assert_eq!(refusal(request(&node_a, "bff").await).0, tonic::Code::Unauthenticated);
+    assert_eq!(fake.reviews(), before, "answered from the negative cache");
+    // The API server learns the token (a node proxy pod just created): after the short
+    // negative TTL it is reviewed again and accepted.
+    fake.state().tokens.insert("tok-late".into(), Known::node_proxy("node-a"));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    request(&node_a, "bff").await.expect("issued once the refusal expired");
+    assert_eq!(fake.reviews(), before + 1);
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::ServerConfig;
+use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -19,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
 use super::error::CaError;
+use super::limits::RequestLimits;
 use super::review::{ReviewOptions, TokenReviewer};
 use super::service::{CertificateService, NodeAuth, PodSource};
 use super::signer::{CaSigner, TtlPolicy};
@@ -72,6 +74,11 @@ pub struct CaOptions {
     pub config_poll: Duration,
     /// List/watch tunables (Kubernetes mode).
     pub discovery: crate::discovery::Options,
+    /// Per-node request budgets and the request deadline.
+    pub limits: RequestLimits,
+    /// Roots published next to the signing root in `root-cert.pem` (PEM file): the other
+    /// root of a rotation, trusted by nodes while both are in use.
+    pub extra_roots: Option<PathBuf>,
 }
 
 impl CaOptions {
@@ -99,6 +106,8 @@ impl CaOptions {
             extra_sans: Vec::new(),
             config_poll: Duration::from_millis(500),
             discovery: crate::discovery::Options::default(),
+            limits: RequestLimits::default(),
+            extra_roots: None,
         }
     }
 }
@@ -159,7 +168,7 @@ impl CaServer {
         Ok(CaServer {
             listener,
             acceptor,
-            service: CertificateService::new(signer, auth, pods),
+            service: CertificateService::new(signer, auth, pods, opts.limits),
             local_addr,
             root_cert_path: opts.state_dir.join(ROOT_CERT_FILE),
         })
@@ -194,19 +203,54 @@ pub async fn serve(opts: CaOptions, shutdown: impl Future<Output = ()>) -> Resul
     CaServer::bind(opts).await?.run(shutdown).await
 }
 
+/// Loads the signer and publishes the trust bundle (its root, then `--extra-roots`).
 fn load_signer(opts: &CaOptions) -> Result<CaSigner, CaError> {
-    match (&opts.root_cert, &opts.root_key) {
-        (None, None) => CaSigner::load_or_create(&opts.state_dir, &opts.trust_domain),
+    let signer = match (&opts.root_cert, &opts.root_key) {
+        (None, None) => CaSigner::load_or_create(&opts.state_dir, &opts.trust_domain)?,
         (Some(cert), Some(key)) => {
             let cert_pem = std::fs::read_to_string(cert).map_err(|e| CaError::file(cert, e))?;
             let key_pem = std::fs::read_to_string(key).map_err(|e| CaError::file(key, e))?;
             let signer = CaSigner::from_pem(&cert_pem, &key_pem, &opts.trust_domain)?;
-            store::write_root_cert(&opts.state_dir, &signer.root_pem())?;
             tracing::info!(cert = %cert.display(), "using the provided CA certificate");
-            Ok(signer)
+            signer
         }
-        _ => Err(CaError::Key("--root-cert and --root-key go together".into())),
+        _ => return Err(CaError::Key("--root-cert and --root-key go together".into())),
+    };
+    let extra = match &opts.extra_roots {
+        Some(path) => extra_roots(path, &signer.root_cert())?,
+        None => Vec::new(),
+    };
+    let mut bundle = signer.root_pem();
+    for root in &extra {
+        bundle.push_str(&super::signer::to_pem(root));
     }
+    store::write_root_cert(&opts.state_dir, &bundle)?;
+    if !extra.is_empty() {
+        tracing::info!(roots = 1 + extra.len(), "publishing a trust bundle with extra roots (root rotation)");
+    }
+    Ok(signer)
+}
+
+/// The roots of an `--extra-roots` file: CA certificates, the signing root itself left out.
+fn extra_roots(path: &Path, own: &CertificateDer<'_>) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    use rustls_pki_types::pem::PemObject as _;
+    let pem = std::fs::read(path).map_err(|e| CaError::file(path, e))?;
+    let mut roots = Vec::new();
+    for (i, cert) in CertificateDer::pem_slice_iter(&pem).enumerate() {
+        let cert = cert.map_err(|e| CaError::file(path, format!("certificate {}: {e}", i + 1)))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+            .map_err(|e| CaError::file(path, format!("certificate {}: {e}", i + 1)))?;
+        if !parsed.is_ca() {
+            return Err(CaError::file(path, format!("certificate {} ({}) is not a CA", i + 1, parsed.subject())));
+        }
+        if cert.as_ref() != own.as_ref() && !roots.contains(&cert) {
+            roots.push(cert);
+        }
+    }
+    if roots.is_empty() && CertificateDer::pem_slice_iter(&pem).next().is_none() {
+        return Err(CaError::file(path, "no certificate in the file"));
+    }
+    Ok(roots)
 }
 
 fn serving_config(signer: &CaSigner, listen_ip: IpAddr, extra: &[String]) -> Result<ServerConfig, CaError> {

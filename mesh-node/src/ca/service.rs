@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -19,6 +20,7 @@ use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 
 use super::proto::{CREATE_CERTIFICATE_PATH, IstioCertificateRequest, IstioCertificateResponse, NODE_HEADER, SERVICE_NAME};
+use super::limits::{KeyedLimiter, RequestLimits};
 use super::review::TokenReviewer;
 use super::signer::CaSigner;
 use super::tokens::NodeTokens;
@@ -53,17 +55,64 @@ struct State {
     signer: Arc<CaSigner>,
     auth: NodeAuth,
     pods: PodSource,
+    limits: RequestLimits,
+    /// Keyed `ip:<peer>` before authentication and `node:<name>` after.
+    limiter: KeyedLimiter,
 }
 
 impl CertificateService {
-    pub(crate) fn new(signer: Arc<CaSigner>, auth: NodeAuth, pods: PodSource) -> Self {
-        CertificateService { state: Arc::new(State { signer, auth, pods }) }
+    pub(crate) fn new(signer: Arc<CaSigner>, auth: NodeAuth, pods: PodSource, limits: RequestLimits) -> Self {
+        CertificateService {
+            state: Arc::new(State { signer, auth, pods, limits, limiter: KeyedLimiter::new(limits) }),
+        }
     }
 }
 
 impl State {
+    /// One request, bounded by the deadline: running out of time drops the work in progress
+    /// (a TokenReview in flight included, see `review`).
     async fn create_certificate(&self, request: Request<IstioCertificateRequest>) -> Result<IstioCertificateResponse, Status> {
+        let peer = request.extensions().get::<SocketAddr>().copied();
+        let deadline = self.limits.deadline;
+        match tokio::time::timeout(deadline, self.create_certificate_now(peer, request)).await {
+            Ok(result) => result,
+            Err(_) => {
+                let who = peer.map(|p| p.ip().to_string()).unwrap_or_else(|| "?".into());
+                Err(refuse(
+                    &who,
+                    Status::deadline_exceeded(format!("the CA did not finish the request within {deadline:?}; retry")),
+                ))
+            }
+        }
+    }
+
+    /// Takes a token of `key`'s bucket or says how long to wait.
+    fn admit(&self, key: &str, who: &str) -> Result<(), Status> {
+        self.limiter.acquire(key, std::time::Instant::now()).map_err(|wait| {
+            let l = self.limits;
+            refuse(
+                who,
+                Status::resource_exhausted(format!(
+                    "rate limit: {key} made more than {} requests at once or {}/s sustained; retry in {} ms",
+                    l.burst,
+                    l.per_second,
+                    wait.as_millis().max(1)
+                )),
+            )
+        })
+    }
+
+    async fn create_certificate_now(
+        &self,
+        peer: Option<SocketAddr>,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<IstioCertificateResponse, Status> {
+        // Before authentication, which may cost a TokenReview: per source address.
+        if let Some(peer) = peer {
+            self.admit(&format!("ip:{}", peer.ip()), &peer.ip().to_string())?;
+        }
         let node = self.authenticate(request.metadata()).await?;
+        self.admit(&format!("node:{node}"), &node)?;
         let request = request.into_inner();
         let ttl = u64::try_from(request.validity_duration)
             .map(Duration::from_secs)

@@ -126,8 +126,9 @@ impl CaSigner {
         roots
     }
 
-    /// Signs a CSR: checks its signature, takes its single SPIFFE URI SAN, requires this trust
-    /// domain and `identity_allowed`, and issues a leaf of at most the policy's max TTL
+    /// Signs a CSR: checks its key (P-256, P-384 or RSA >= 2048 bits, with the signature
+    /// algorithm of that key) and signature, takes its single SPIFFE URI SAN, requires this
+    /// trust domain, refuses the CA's own identity, requires `identity_allowed`, and issues a leaf of at most the policy's max TTL
     /// (`requested_ttl` zero means the default). Everything else the CSR asks for is ignored.
     /// Returns the PEM chain, leaf first, root last.
     pub fn sign_csr(
@@ -136,14 +137,21 @@ impl CaSigner {
         identity_allowed: impl Fn(&Identity) -> bool,
         requested_ttl: Duration,
     ) -> Result<Vec<String>, CaError> {
-        let mut csr =
-            CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CaError::InvalidCsr(e.to_string()))?;
+        let der = csr_der(csr_pem)?;
+        super::csr_policy::check(&der)?;
+        let mut csr = CertificateSigningRequestParams::from_der(&der.into())
+            .map_err(|e| CaError::InvalidCsr(e.to_string()))?;
         let identity = csr_identity(&csr.params.subject_alt_names)?;
         if identity.trust_domain != self.trust_domain {
             return Err(CaError::ForeignTrustDomain {
                 identity: identity.to_string(),
                 expected: self.trust_domain.clone(),
             });
+        }
+        // The CA's own identity (its serving certificate's): whoever held it could pose as
+        // the CA to every node, so no workload gets it, whatever runs under that account.
+        if identity == super::ca_identity(&self.trust_domain) {
+            return Err(CaError::ReservedIdentity(identity.to_string()));
         }
         if !identity_allowed(&identity) {
             return Err(CaError::NotAllowed(identity.to_string()));
@@ -248,6 +256,15 @@ fn check_ca_cert(cert: &CertificateDer<'_>, key: &KeyPair) -> Result<(), CaError
         return Err(CaError::Key("the key does not belong to the signing certificate".into()));
     }
     Ok(())
+}
+
+/// The DER of a PEM CSR (`CERTIFICATE REQUEST`, or the older `NEW CERTIFICATE REQUEST`).
+fn csr_der(csr_pem: &str) -> Result<Vec<u8>, CaError> {
+    let pem = pem::parse(csr_pem).map_err(|e| CaError::InvalidCsr(format!("PEM: {e}")))?;
+    match pem.tag() {
+        "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST" => Ok(pem.into_contents()),
+        other => Err(CaError::InvalidCsr(format!("PEM block is {other:?}, expected \"CERTIFICATE REQUEST\""))),
+    }
 }
 
 /// The identity a CSR asks for: exactly one SAN, a SPIFFE URI whose namespace and service

@@ -21,8 +21,11 @@ pub(crate) fn load_or_create(dir: &Path, trust_domain: &str) -> Result<CaSigner,
         tighten(&key_path, 0o600)?;
         let key = fs::read_to_string(&key_path).map_err(|e| CaError::file(&key_path, e))?;
         let cert = fs::read_to_string(&cert_path).map_err(|e| CaError::file(&cert_path, e))?;
+        // The file is the published trust bundle: the CA's root first, then any other root of
+        // a rotation in progress (`--extra-roots`).
+        let root = first_certificate(&cert).map_err(|e| CaError::file(&cert_path, e))?;
         tracing::info!(dir = %dir.display(), "loaded the CA root");
-        return CaSigner::from_pem(&cert, &key, trust_domain);
+        return CaSigner::from_pem(&root, &key, trust_domain);
     }
     let (cert, key) = new_root(trust_domain)?;
     // The key goes first: a directory holding a key but no certificate is detectable and
@@ -31,6 +34,16 @@ pub(crate) fn load_or_create(dir: &Path, trust_domain: &str) -> Result<CaSigner,
     write_atomically(&cert_path, cert.as_bytes(), 0o644)?;
     tracing::info!(dir = %dir.display(), "created a new CA root (ECDSA P-256, 10 years)");
     CaSigner::from_pem(&cert, &key, trust_domain)
+}
+
+/// The first PEM certificate of `text`, re-encoded.
+fn first_certificate(text: &str) -> Result<String, String> {
+    let first = pem::parse_many(text)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|p| p.tag() == "CERTIFICATE")
+        .ok_or("no certificate in the file")?;
+    Ok(pem::encode_config(&first, pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF)))
 }
 
 /// Publishes the trust anchor for nodes at `<dir>/root-cert.pem`.

@@ -446,3 +446,177 @@ fn ca_tokens_file_parses_and_authenticates() {
     assert!(NodeTokens::parse("node-a: ''\n").expect_err("empty").contains("empty token"));
     assert!(NodeTokens::parse("- a\n- b\n").is_err());
 }
+
+// ---------- hardening: key policy, the reserved identity, budgets, the trust bundle ----------
+
+/// CSRs made with openssl for `spiffe://cluster.local/ns/demo/sa/client` (rcgen with ring can
+/// make neither RSA keys nor mismatched signatures).
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ca/testdata").join(name)).expect(name)
+}
+
+#[test]
+fn ca_signer_accepts_p256_p384_and_rsa2048_and_refuses_weak_or_mismatched_keys() {
+    let signer = CaSigner::generate("cluster.local").expect("ca");
+    let client = Identity::in_default_domain("demo", "client");
+    // Accepted: P-256 (the node's own CSRs), P-384, RSA 2048, each with its signature.
+    signer.sign_csr(&new_csr(&client).expect("csr").csr_pem, |_| true, Duration::ZERO).expect("P-256");
+    for ok in ["p384.csr", "rsa2048.csr"] {
+        let chain = signer.sign_csr(&fixture(ok), |_| true, Duration::ZERO).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        let leaf = rustls_pki_types::CertificateDer::from(pem::parse(&chain[0]).expect("pem").into_contents());
+        assert_eq!(crate::identity::identity_from_cert(&leaf).expect("SAN"), client, "{ok}");
+    }
+    for (csr, message) in [
+        ("rsa1024.csr", "CSR RSA key of 1024 bits is too weak; the CA accepts ECDSA P-256, ECDSA P-384 or RSA of 2048 to 8192 bits"),
+        ("secp256k1.csr", "CSR ECDSA key on curve secp256k1 is not accepted; the CA accepts ECDSA P-256, ECDSA P-384 or RSA of 2048 to 8192 bits"),
+        ("ed25519.csr", "CSR Ed25519 key is not accepted; the CA accepts ECDSA P-256, ECDSA P-384 or RSA of 2048 to 8192 bits"),
+        ("p256-sha384.csr", "CSR signature algorithm ecdsa-with-SHA384 does not match its ECDSA P-256 key (expected ecdsa-with-SHA256)"),
+        (
+            "rsa2048-sha1.csr",
+            "CSR signature algorithm sha1WithRSAEncryption does not match its RSA 2048-bit key (expected sha256WithRSAEncryption, sha384WithRSAEncryption or sha512WithRSAEncryption)",
+        ),
+    ] {
+        let err = signer.sign_csr(&fixture(csr), |_| true, Duration::ZERO).expect_err(csr);
+        assert_eq!(err.grpc_code(), tonic::Code::InvalidArgument, "{csr}: {err}");
+        assert_eq!(err.to_string(), message, "{csr}");
+    }
+    // Not a CSR at all, or another PEM block.
+    let err = signer.sign_csr(&signer.root_pem(), |_| true, Duration::ZERO).expect_err("a certificate");
+    assert_eq!(err.to_string(), "invalid CSR: PEM block is \"CERTIFICATE\", expected \"CERTIFICATE REQUEST\"");
+}
+
+#[test]
+fn ca_signer_never_issues_its_own_identity() {
+    let signer = CaSigner::generate("cluster.local").expect("ca");
+    let own = ca_identity("cluster.local");
+    let expected = "identity spiffe://cluster.local/ns/istio-system/sa/mesh-ca is the CA's own (ServiceAccount istio-system/mesh-ca) and is never issued to workloads";
+    for csr in [new_csr(&own).expect("csr").csr_pem, fixture("p256-ca-identity.csr")] {
+        // Even when a pod with that ServiceAccount runs on the node (`|_| true`).
+        let err = signer.sign_csr(&csr, |_| true, Duration::ZERO).expect_err("reserved");
+        assert_eq!(err.grpc_code(), tonic::Code::PermissionDenied);
+        assert_eq!(err.to_string(), expected);
+    }
+    // Another account of the CA's namespace is a workload like any other.
+    let other = Identity::in_default_domain(CA_NAMESPACE, "istiod");
+    signer.sign_csr(&new_csr(&other).expect("csr").csr_pem, |_| true, Duration::ZERO).expect("other account");
+}
+
+const CA_POD_YAML: &str = r#"
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  namespace: istio-system
+  name: mesh-ca-0
+spec:
+  nodeName: node-a
+  serviceAccountName: mesh-ca
+  containers:
+    - name: ca
+      image: mesh
+status:
+  podIP: 10.244.0.11
+"#;
+
+#[tokio::test]
+async fn ca_grpc_refuses_its_own_identity_and_rate_limits_each_node() {
+    logs();
+    let setup = Setup::new();
+    // The CA's own pod runs on node-a: its identity is still refused to node-a.
+    std::fs::write(setup.path("config/ca-pod.yaml"), CA_POD_YAML).expect("pod");
+    let mut opts = setup.options("127.0.0.1:0".parse().expect("addr"));
+    opts.limits = RequestLimits { per_second: 1.0, burst: 3, deadline: Duration::from_secs(5) };
+    let ca = Running::start(opts).await;
+    let roots = Arc::new(crate::identity::load_roots(&setup.path("state/root-cert.pem")).expect("roots"));
+    let client = CaClient::new(&setup.client_config(ca.addr, "node-a", "node-a.token"), roots).expect("client");
+    let own = new_csr(&ca_identity("cluster.local")).expect("csr");
+    match client.create_certificate(&own.csr_pem, Duration::ZERO).await.expect_err("reserved") {
+        crate::identity::IdentityError::Ca { code, message } => {
+            assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
+            assert!(message.contains("is the CA's own (ServiceAccount istio-system/mesh-ca)"), "{message}");
+        }
+        other => panic!("unexpected {other}"),
+    }
+    // A weak key over gRPC: InvalidArgument naming it.
+    let err = client.create_certificate(&fixture("rsa1024.csr"), Duration::ZERO).await.expect_err("weak");
+    assert!(err.to_string().contains("RSA key of 1024 bits is too weak"), "{err}");
+    // The burst of 3 is spent (two refusals count too); the next is refused until refilled.
+    let request = new_csr(&id("bff")).expect("csr");
+    client.create_certificate(&request.csr_pem, Duration::ZERO).await.expect("third within the burst");
+    match client.create_certificate(&request.csr_pem, Duration::ZERO).await.expect_err("over the limit") {
+        crate::identity::IdentityError::Ca { code, message } => {
+            assert_eq!(code, tonic::Code::ResourceExhausted, "{message}");
+            assert!(message.starts_with("rate limit: ip:127.0.0.1 made more than 3 requests at once or 1/s sustained; retry in "), "{message}");
+        }
+        other => panic!("unexpected {other}"),
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    client.create_certificate(&request.csr_pem, Duration::ZERO).await.expect("refilled");
+    ca.stop().await;
+}
+
+#[tokio::test]
+async fn ca_extra_roots_are_published_and_a_node_reloads_its_trust_bundle() {
+    logs();
+    let setup = Setup::new();
+    // Root A signs; root B is published next to it (the first step of a rotation).
+    let b = setup.path("b");
+    std::fs::create_dir(&b).expect("dir");
+    let (b_cert, b_key) = super::signer::new_root("cluster.local").expect("root b");
+    std::fs::write(b.join("root-cert.pem"), &b_cert).expect("write");
+    std::fs::write(b.join("root-key.pem"), &b_key).expect("write");
+    let mut opts = setup.options("127.0.0.1:0".parse().expect("addr"));
+    opts.extra_roots = Some(b.join("root-cert.pem"));
+    let ca = Running::start(opts.clone()).await;
+    let published = setup.path("state/root-cert.pem");
+    let bundle = std::fs::read_to_string(&published).expect("bundle");
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2, "{bundle}");
+    assert!(bundle.ends_with(&b_cert), "the signing root first, then the extra one");
+    // Restarting keeps root A as the signing root (the first of the file).
+    ca.stop().await;
+    let a = CaSigner::load_or_create(&setup.path("state"), "cluster.local").expect("load");
+    assert!(bundle.starts_with(&a.root_pem()));
+
+    // A node trusting only B... reloads A+B and then gets certificates from the CA signed by A.
+    let node_roots = setup.path("node-root.pem");
+    std::fs::write(&node_roots, &b_cert).expect("write");
+    let ca = Running::start(opts.clone()).await;
+    let manager = CertManager::new(CertManagerConfig {
+        ca: CaClientConfig { root_poll: Duration::from_millis(50), ..setup.client_config(ca.addr, "node-a", "node-a.token") }
+            .with_root(&node_roots),
+        trust_domain: "cluster.local".into(),
+        ttl: Duration::from_secs(600),
+        rotation: RotationConfig { initial_backoff: Duration::from_millis(50), max_backoff: Duration::from_millis(200) },
+    })
+    .expect("manager");
+    let err = manager.fetch(&id("bff")).await.expect_err("the CA's root A is not trusted yet");
+    assert!(err.to_string().contains("not issued by a CA this mesh trusts"), "{err}");
+    std::fs::write(&node_roots, &bundle).expect("write");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while manager.trust_bundle().len() != 2 {
+        assert!(std::time::Instant::now() < deadline, "bundle reloaded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cert = manager.fetch(&id("bff")).await.expect("issued once A is trusted");
+    assert!(manager.trust_bundle().contains(cert.chain.last().expect("root")));
+
+    // The pod left: its identity is dropped and no longer renewed.
+    let wanted = std::collections::BTreeSet::from([id("other")]);
+    assert_eq!(manager.retain(&wanted), vec![id("bff")]);
+    assert!(manager.cached(&id("bff")).is_none() && manager.identities().is_empty());
+
+    // The bundle drops root A (B only): a certificate of A would be refused by peers, so the
+    // manager renews at once — and the CA (still on A) is now untrusted, which it says.
+    manager.fetch(&id("bff")).await.expect("issued again");
+    std::fs::write(&node_roots, &b_cert).expect("write");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while manager.trust_bundle().len() != 1 {
+        assert!(std::time::Instant::now() < deadline, "bundle reloaded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let broken = setup.path("node-root.pem");
+    std::fs::write(&broken, "garbage").expect("write");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(manager.trust_bundle().len(), 1, "a broken file keeps the previous roots");
+    ca.stop().await;
+}

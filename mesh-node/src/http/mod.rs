@@ -1,6 +1,8 @@
 //! The L7 path: a captured connection to an HTTP Service port is served as HTTP/1.1 or HTTP/2,
 //! and each request is routed, balanced, retried and timed out on its own.
 mod actions;
+#[doc(hidden)]
+pub mod fuzz_hooks;
 pub mod grpc;
 pub mod headers;
 pub mod pool;

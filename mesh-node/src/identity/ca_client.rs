@@ -18,6 +18,7 @@ use tonic::transport::{Channel, Endpoint};
 use super::error::IdentityError;
 use super::spiffe::Identity;
 use super::tls::{ALPN_H2, crypto_provider};
+use super::trust::TrustBundle;
 use super::verify::MeshServerVerifier;
 use crate::ca::proto::{CREATE_CERTIFICATE_PATH, IstioCertificateRequest, IstioCertificateResponse, NODE_HEADER};
 
@@ -35,6 +36,8 @@ pub struct CaClientConfig {
     pub ca_identity: Identity,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// How often `root_cert` is re-read; a change swaps the trust bundle without a restart.
+    pub root_poll: Duration,
 }
 
 impl CaClientConfig {
@@ -54,7 +57,16 @@ impl CaClientConfig {
             ca_identity: crate::ca::ca_identity(trust_domain),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
+            root_poll: Duration::from_secs(5),
         }
+    }
+}
+
+impl CaClientConfig {
+    /// The same config with another root file.
+    pub fn with_root(mut self, root_cert: impl Into<PathBuf>) -> CaClientConfig {
+        self.root_cert = root_cert.into();
+        self
     }
 }
 
@@ -69,11 +81,21 @@ pub struct CaClient {
 impl CaClient {
     /// Does no I/O except what `roots` took to load; the first request connects.
     pub fn new(config: &CaClientConfig, roots: Arc<RootCertStore>) -> Result<CaClient, IdentityError> {
+        CaClient::with_verifier(config, MeshServerVerifier::new(roots, config.ca_identity.clone()))
+    }
+
+    /// Like [`CaClient::new`], verifying the CA against the trust bundle of the moment (the
+    /// CA's serving certificate moves to the new root during a rotation).
+    pub fn reloading(config: &CaClientConfig, bundle: Arc<TrustBundle>) -> Result<CaClient, IdentityError> {
+        CaClient::with_verifier(config, MeshServerVerifier::reloading(bundle, config.ca_identity.clone()))
+    }
+
+    fn with_verifier(config: &CaClientConfig, verifier: MeshServerVerifier) -> Result<CaClient, IdentityError> {
         let mut tls = ClientConfig::builder_with_provider(crypto_provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| IdentityError::Tls(e.to_string()))?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(MeshServerVerifier::new(roots, config.ca_identity.clone())))
+            .with_custom_certificate_verifier(Arc::new(verifier))
             .with_no_client_auth();
         tls.alpn_protocols = vec![ALPN_H2.to_vec()];
         let connector = TlsConnector::from(Arc::new(tls));

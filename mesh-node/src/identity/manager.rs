@@ -17,6 +17,7 @@ use super::csr::new_csr;
 use super::error::IdentityError;
 use super::rotation::{RotationConfig, spawn_rotation};
 use super::spiffe::Identity;
+use super::trust::{TrustBundle, spawn_watch};
 use crate::ca::CaSigner;
 
 /// How the node gets its certificates.
@@ -38,7 +39,9 @@ pub struct CertManager {
 
 pub(super) struct Inner {
     issuer: Issuer,
-    roots: Arc<RootCertStore>,
+    roots: Arc<TrustBundle>,
+    /// The root file's watch, when there is a file.
+    watch: Mutex<Option<AbortHandle>>,
     trust_domain: String,
     ttl: Duration,
     pub(super) rotation: RotationConfig,
@@ -67,29 +70,55 @@ struct Failure {
 
 impl CertManager {
     /// A manager that requests certificates from a remote CA. Reads the root file now.
+    /// Inside a Tokio runtime it also watches the root file (`ca.root_poll`): a changed trust
+    /// bundle applies to the next handshake, and a certificate whose root left the bundle is
+    /// renewed at once.
     pub fn new(config: CertManagerConfig) -> Result<CertManager, IdentityError> {
-        let roots = Arc::new(load_roots(&config.ca.root_cert)?);
-        let client = CaClient::new(&config.ca, roots.clone())?;
-        Ok(CertManager::with_issuer(Issuer::Remote(client), roots, config.trust_domain, config.ttl, config.rotation))
+        let roots = Arc::new(TrustBundle::load(&config.ca.root_cert)?);
+        let client = CaClient::reloading(&config.ca, roots.clone())?;
+        let manager =
+            CertManager::with_issuer(Issuer::Remote(client), roots.clone(), config.trust_domain, config.ttl, config.rotation);
+        if tokio::runtime::Handle::try_current().is_ok() && !config.ca.root_poll.is_zero() {
+            let weak = Arc::downgrade(&manager.inner);
+            let task = spawn_watch(roots, config.ca.root_cert.clone(), config.ca.root_poll, move || {
+                match weak.upgrade() {
+                    Some(inner) => {
+                        CertManager { inner }.renew_untrusted();
+                        true
+                    }
+                    None => false,
+                }
+            });
+            *manager.inner.watch.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        }
+        Ok(manager)
     }
 
     /// A manager whose certificates come from an in-process [`CaSigner`] (no network, every
     /// identity of the signer's trust domain allowed): for tests of TLS without a running CA.
     pub fn in_memory(ca: Arc<CaSigner>, ttl: Duration) -> CertManager {
-        let roots = Arc::new(ca.roots());
+        let roots = Arc::new(TrustBundle::fixed(ca.roots()));
         let trust_domain = ca.trust_domain().to_string();
         CertManager::with_issuer(Issuer::Local(ca), roots, trust_domain, ttl, RotationConfig::default())
     }
 
     fn with_issuer(
         issuer: Issuer,
-        roots: Arc<RootCertStore>,
+        roots: Arc<TrustBundle>,
         trust_domain: String,
         ttl: Duration,
         rotation: RotationConfig,
     ) -> CertManager {
         CertManager {
-            inner: Arc::new(Inner { issuer, roots, trust_domain, ttl, rotation, slots: Mutex::new(HashMap::new()) }),
+            inner: Arc::new(Inner {
+                issuer,
+                roots,
+                watch: Mutex::new(None),
+                trust_domain,
+                ttl,
+                rotation,
+                slots: Mutex::new(HashMap::new()),
+            }),
         }
     }
 
@@ -132,9 +161,50 @@ impl CertManager {
         }
     }
 
-    /// Mesh trust anchors: verify peers against these.
+    /// Keeps certificates (and their renewal) only for `wanted`, the identities of the pods
+    /// now on this node; returns those dropped. Renewing for a pod that left would only ask
+    /// the CA for what it must refuse, forever.
+    pub fn retain(&self, wanted: &std::collections::BTreeSet<Identity>) -> Vec<Identity> {
+        let removed: Vec<(Identity, Arc<Slot>)> = {
+            let mut slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
+            let gone: Vec<Identity> = slots.keys().filter(|id| !wanted.contains(*id)).cloned().collect();
+            gone.into_iter().filter_map(|id| slots.remove(&id).map(|slot| (id, slot))).collect()
+        };
+        for (id, slot) in &removed {
+            slot.stop_rotation();
+            tracing::info!(identity = %id, "no pod of this identity on the node any more: certificate dropped, renewal stopped");
+        }
+        removed.into_iter().map(|(id, _)| id).collect()
+    }
+
+    /// Mesh trust anchors of the moment: verify peers against these.
     pub fn roots(&self) -> Arc<RootCertStore> {
+        self.inner.roots.current()
+    }
+
+    /// The reloadable trust bundle (for verifiers that outlive one handshake).
+    pub fn trust_bundle(&self) -> Arc<TrustBundle> {
         self.inner.roots.clone()
+    }
+
+    /// After a bundle change: renews now every certificate whose root is no longer trusted
+    /// (peers would refuse it), in the background.
+    fn renew_untrusted(&self) {
+        let slots: Vec<(Identity, Arc<Slot>)> =
+            self.inner.slots.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for (id, slot) in slots {
+            let Some(cert) = slot.current() else { continue };
+            if cert.chain.last().is_some_and(|root| self.inner.roots.contains(root)) {
+                continue;
+            }
+            tracing::info!(identity = %id, serial = %cert.serial, "certificate's root is no longer in the trust bundle: renewing now");
+            let inner = self.inner.clone();
+            tokio::spawn(async move {
+                if let Err(e) = inner.renew(&id, &slot).await {
+                    tracing::warn!(identity = %id, "renewal after a trust bundle change failed (the rotation task retries): {e}");
+                }
+            });
+        }
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -215,6 +285,9 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        if let Some(task) = self.watch.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            task.abort();
+        }
         let slots = self.slots.get_mut().unwrap_or_else(|p| p.into_inner());
         for slot in slots.values() {
             slot.stop_rotation();

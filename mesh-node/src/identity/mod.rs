@@ -9,7 +9,8 @@
 //! Files: `spiffe` (the ID), `names` (Kubernetes name rules), `sni` (identities as TLS server
 //! names), `csr` (keys and CSRs), `cert` (issued certificates, reading the ID out of one),
 //! `verify` (rustls verifiers), `tls` (configs), `ca_client` (gRPC client),
-//! `manager` (cache and single-flight issuance), `rotation` (renewal task), `error`.
+//! `manager` (cache and single-flight issuance), `rotation` (renewal task), `trust` (the
+//! reloadable trust bundle), `error`.
 
 mod ca_client;
 mod cert;
@@ -20,6 +21,7 @@ pub(crate) mod names;
 mod rotation;
 pub mod sni;
 mod spiffe;
+pub mod trust;
 pub mod tls;
 pub mod verify;
 
@@ -34,4 +36,5 @@ pub use manager::{CertManager, CertManagerConfig, load_roots};
 pub use rotation::RotationConfig;
 pub use sni::{SniError, identity_from_sni, sni_for};
 pub use spiffe::{DEFAULT_TRUST_DOMAIN, Identity};
+pub use trust::TrustBundle;
 pub use verify::{MeshClientVerifier, MeshServerVerifier, PeerRejected};

@@ -5,7 +5,7 @@
 //! distinguishable in logs; identity problems come back as `CertificateError::Other` wrapping
 //! an [`IdentityError`].
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::verify_server_cert_signed_by_trust_anchor;
@@ -19,6 +19,7 @@ use super::cert::identity_from_cert;
 use super::error::IdentityError;
 use super::spiffe::Identity;
 use super::tls::crypto_provider;
+use super::trust::TrustBundle;
 
 /// The reason a verifier refused a peer, carried in `CertificateError::Other`. rustls prints
 /// that variant with `Debug`, so `Debug` here is the readable message; downcast the
@@ -59,17 +60,46 @@ fn chain_error(e: rustls::Error) -> rustls::Error {
     }
 }
 
+/// Where a verifier gets its roots: fixed, or the node's reloadable trust bundle (read at each
+/// handshake, so a reload applies to the next one).
+#[derive(Debug, Clone)]
+enum RootSource {
+    Fixed(Arc<RootCertStore>),
+    Bundle(Arc<TrustBundle>),
+}
+
+impl RootSource {
+    fn current(&self) -> Arc<RootCertStore> {
+        match self {
+            RootSource::Fixed(roots) => roots.clone(),
+            RootSource::Bundle(bundle) => bundle.current(),
+        }
+    }
+
+    fn version(&self) -> u64 {
+        match self {
+            RootSource::Fixed(_) => 0,
+            RootSource::Bundle(bundle) => bundle.version(),
+        }
+    }
+}
+
 /// Client side: the server must chain to the mesh roots and present exactly `expected`.
 #[derive(Debug)]
 pub struct MeshServerVerifier {
-    roots: Arc<RootCertStore>,
+    roots: RootSource,
     expected: Identity,
     provider: Arc<CryptoProvider>,
 }
 
 impl MeshServerVerifier {
     pub fn new(roots: Arc<RootCertStore>, expected: Identity) -> MeshServerVerifier {
-        MeshServerVerifier { roots, expected, provider: crypto_provider() }
+        MeshServerVerifier { roots: RootSource::Fixed(roots), expected, provider: crypto_provider() }
+    }
+
+    /// Verifies against the bundle's roots of the moment.
+    pub fn reloading(bundle: Arc<TrustBundle>, expected: Identity) -> MeshServerVerifier {
+        MeshServerVerifier { roots: RootSource::Bundle(bundle), expected, provider: crypto_provider() }
     }
 
     pub fn expected(&self) -> &Identity {
@@ -89,7 +119,7 @@ impl ServerCertVerifier for MeshServerVerifier {
         let parsed = ParsedCertificate::try_from(end_entity)?;
         verify_server_cert_signed_by_trust_anchor(
             &parsed,
-            &self.roots,
+            &self.roots.current(),
             intermediates,
             now,
             self.provider.signature_verification_algorithms.all,
@@ -130,22 +160,54 @@ impl ServerCertVerifier for MeshServerVerifier {
 /// read the verified one with [`super::tls::peer_identity`].
 #[derive(Debug)]
 pub struct MeshClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    roots: RootSource,
+    /// webpki's verifier for the roots of `version`; rebuilt when the bundle changes.
+    inner: RwLock<(u64, Arc<dyn ClientCertVerifier>)>,
     trust_domain: String,
 }
 
 impl MeshClientVerifier {
     pub fn new(roots: Arc<RootCertStore>, trust_domain: impl Into<String>) -> Result<MeshClientVerifier, IdentityError> {
-        let inner = WebPkiClientVerifier::builder_with_provider(roots, crypto_provider())
-            .build()
-            .map_err(|e| IdentityError::Tls(format!("client verifier: {e}")))?;
-        Ok(MeshClientVerifier { inner, trust_domain: trust_domain.into() })
+        MeshClientVerifier::from_source(RootSource::Fixed(roots), trust_domain.into())
+    }
+
+    /// Verifies against the bundle's roots of the moment.
+    pub fn reloading(bundle: Arc<TrustBundle>, trust_domain: impl Into<String>) -> Result<MeshClientVerifier, IdentityError> {
+        MeshClientVerifier::from_source(RootSource::Bundle(bundle), trust_domain.into())
+    }
+
+    fn from_source(roots: RootSource, trust_domain: String) -> Result<MeshClientVerifier, IdentityError> {
+        let version = roots.version();
+        let inner = webpki_client_verifier(roots.current())?;
+        Ok(MeshClientVerifier { roots, inner: RwLock::new((version, inner)), trust_domain })
+    }
+
+    /// The verifier for the roots in force, rebuilt if they changed since the last handshake.
+    fn inner(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+        let version = self.roots.version();
+        {
+            let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+            if inner.0 == version {
+                return Ok(inner.1.clone());
+            }
+        }
+        let fresh = webpki_client_verifier(self.roots.current()).map_err(|e| rustls::Error::General(e.to_string()))?;
+        *self.inner.write().unwrap_or_else(|e| e.into_inner()) = (version, fresh.clone());
+        Ok(fresh)
     }
 }
 
+fn webpki_client_verifier(roots: Arc<RootCertStore>) -> Result<Arc<dyn ClientCertVerifier>, IdentityError> {
+    WebPkiClientVerifier::builder_with_provider(roots, crypto_provider())
+        .build()
+        .map_err(|e| IdentityError::Tls(format!("client verifier: {e}")))
+}
+
 impl ClientCertVerifier for MeshClientVerifier {
+    /// No hints: they would have to follow the reloadable roots, and mesh clients present
+    /// their workload's certificate whatever the server hints.
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        &[]
     }
 
     fn verify_client_cert(
@@ -154,7 +216,7 @@ impl ClientCertVerifier for MeshClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now).map_err(chain_error)?;
+        self.inner()?.verify_client_cert(end_entity, intermediates, now).map_err(chain_error)?;
         let identity = identity_from_cert(end_entity).map_err(rejected)?;
         if identity.trust_domain != self.trust_domain {
             return Err(rejected(IdentityError::ForeignTrustDomain { identity: Box::new(identity), expected: self.trust_domain.clone() }));
@@ -172,7 +234,7 @@ impl ClientCertVerifier for MeshClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.inner()?.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -181,10 +243,10 @@ impl ClientCertVerifier for MeshClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.inner()?.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.inner.read().unwrap_or_else(|e| e.into_inner()).1.supported_verify_schemes()
     }
 }

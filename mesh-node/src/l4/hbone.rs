@@ -69,7 +69,7 @@ impl ResolvesServerCert for SniResolver {
 
 impl MeshTls {
     pub fn new(certs: CertManager) -> Result<Self, HboneError> {
-        let verifier = MeshClientVerifier::new(certs.roots(), certs.trust_domain().to_owned()).map_err(HboneError::Config)?;
+        let verifier = MeshClientVerifier::reloading(certs.trust_bundle(), certs.trust_domain().to_owned()).map_err(HboneError::Config)?;
         let mut server = ServerConfig::builder_with_provider(identity::tls::crypto_provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| HboneError::Config(IdentityError::Tls(e.to_string())))?

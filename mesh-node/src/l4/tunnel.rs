@@ -58,6 +58,12 @@ fn forwarded_for(ip: std::net::IpAddr) -> String {
     }
 }
 
+/// The target of an HBONE CONNECT: its `:authority`, which must be `ip:port` (a name or a
+/// missing port is refused; there is no DNS on this path).
+pub fn connect_target(authority: Option<&http::uri::Authority>) -> Option<std::net::SocketAddr> {
+    authority?.as_str().parse().ok()
+}
+
 /// The source address of a `Forwarded: for=...` header.
 pub fn forwarded_source(value: &str) -> Option<std::net::IpAddr> {
     let for_ = value.split([';', ',']).find_map(|p| p.trim().strip_prefix("for="))?;

@@ -163,7 +163,7 @@ async fn handle(req: Request<Incoming>, peer: Arc<Peer>, ctx: Arc<ProxyContext>)
     if req.method() != Method::CONNECT {
         return Ok(status(StatusCode::METHOD_NOT_ALLOWED));
     }
-    let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
+    let Some(target) = tunnel::connect_target(req.uri().authority()) else {
         return Ok(status(StatusCode::BAD_REQUEST));
     };
     let cluster = ctx.cluster();

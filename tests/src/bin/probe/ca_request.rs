@@ -52,6 +52,10 @@ pub struct CaRequestArgs {
     /// The SPIFFE ID to ask for.
     #[arg(long)]
     pub identity: String,
+    /// Send this CSR (PEM) as it is instead of one made for --identity (keys rcgen cannot
+    /// make: RSA, other curves, mismatched signatures).
+    #[arg(long)]
+    pub csr: Option<PathBuf>,
     #[arg(long, default_value_t = 3600)]
     pub ttl_secs: i64,
     #[arg(long, default_value_t = 10000)]
@@ -96,7 +100,10 @@ async fn request(args: CaRequestArgs) -> anyhow::Result<serde_json::Value> {
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(args.identity.as_str())?)];
-    let csr = params.serialize_request(&key)?.pem()?;
+    let csr = match &args.csr {
+        Some(file) => std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?,
+        None => params.serialize_request(&key)?.pem()?,
+    };
 
     let token = std::fs::read_to_string(&args.token_file).with_context(|| format!("reading {}", args.token_file.display()))?;
     let mut request = tonic::Request::new(IstioCertificateRequest { csr, validity_duration: args.ttl_secs });
