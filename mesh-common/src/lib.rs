@@ -168,6 +168,40 @@ pub struct PlainConn {
     pub _pad: u16,
 }
 
+/// Value of `FAST_CONFIG` (one entry): the socket fast path (sockmap redirection between a pod's
+/// captured socket and the node proxy's accepted one). Written by the proxy; `enabled` is 0
+/// unless the proxy runs with `--sockmap` and the kernel took every part of it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastConfig {
+    pub enabled: u32,
+    pub _pad: u32,
+    /// Network namespace cookie of the node proxy (`SO_NETNS_COOKIE`): only sockets accepted on
+    /// the proxy's outbound listener in this namespace join the fast path as the proxy's side.
+    pub proxy_netns: u64,
+}
+
+/// Slots of the `FAST_COUNTERS` per-CPU array (the socket fast path).
+pub mod fast_counter {
+    /// Pods' captured sockets put in the fast path's socket map.
+    pub const POD_SOCKETS: u32 = 0;
+    /// The node proxy's accepted sockets (outbound listener) put in the socket map.
+    pub const PROXY_SOCKETS: u32 = 1;
+    /// Sockets the map refused (full, or the 4-tuple already there).
+    pub const INSERT_ERRORS: u32 = 2;
+    /// Captured sockets left out because their address is not their pod's (a pod claiming
+    /// another's address) or their peer is not the proxy.
+    pub const REFUSED: u32 = 3;
+    /// Writes moved to the peer socket in the kernel, and their bytes.
+    pub const REDIRECTED_MSGS: u32 = 4;
+    pub const REDIRECTED_BYTES: u32 = 5;
+    /// Writes of a socket in the map whose peer is not (yet) there: sent through TCP as usual.
+    pub const UNPAIRED_MSGS: u32 = 6;
+    pub const COUNT: u32 = 7;
+    pub const NAMES: [&str; COUNT as usize] =
+        ["pod_sockets", "proxy_sockets", "insert_errors", "refused", "redirected_msgs", "redirected_bytes", "unpaired_msgs"];
+}
+
 /// Slots of the `COUNTERS` per-CPU array.
 pub mod counter {
     /// Connects redirected to the node proxy.
@@ -228,4 +262,5 @@ mod pod_impls {
     unsafe impl aya::Pod for PlaintextStats {}
     unsafe impl aya::Pod for PlainKey {}
     unsafe impl aya::Pod for PlainConn {}
+    unsafe impl aya::Pod for FastConfig {}
 }

@@ -45,17 +45,17 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock,
     },
-    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_skb_cgroup_id},
-    macros::{cgroup_skb, cgroup_sock_addr, map, sk_reuseport, sock_ops},
-    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, lpm_trie::{Key, LpmTrie}},
-    programs::{SkBuffContext, SkReuseportContext, SockAddrContext, SockOpsContext},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_skb_cgroup_id},
+    macros::{cgroup_skb, cgroup_sock_addr, map, sk_msg, sk_reuseport, sock_ops},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, SockHash, lpm_trie::{Key, LpmTrie}},
+    programs::{SkBuffContext, SkMsgContext, SkReuseportContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::{debug, warn};
 use core::ptr::read_volatile;
 use mesh_common::{
-    CaptureConfig, FourTuple, INBOUND_PROBE, InboundEntry, MTLS_STRICT, OrigDst, PlainConn, PlainKey, PlaintextStats, PodEntry, PodPort,
-    TRUSTED_KUBELET, TRUSTED_PROXY, VERDICT_ALLOW, VerdictKey, counter,
+    CaptureConfig, FastConfig, FourTuple, INBOUND_PROBE, InboundEntry, MTLS_STRICT, OrigDst, PlainConn, PlainKey, PlaintextStats, PodEntry, PodPort,
+    TRUSTED_KUBELET, TRUSTED_PROXY, VERDICT_ALLOW, VerdictKey, counter, fast_counter,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -138,14 +138,14 @@ fn capture(ctx: &SockAddrContext, dst_ip: u32) -> Option<u32> {
     // The cgroup first, and only the cgroup: a pod can set the proxy's mark on its sockets
     // (CAP_NET_RAW), it cannot leave its cgroup.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    if unsafe { ENROLLED.get(&cgroup) }.is_none() {
+    let Some(pod) = (unsafe { ENROLLED.get(&cgroup) }).copied() else {
         note_trusted(ctx, cgroup);
         // Outside every enrolled pod: never captured. The mark tells the proxy's own connects
         // (loop avoidance at work) from other processes', for the counters only.
         let marked = !sk.is_null() && unsafe { (*sk).mark } == cfg.proxy_mark;
         count(if marked { counter::PROXY_SKIPPED } else { counter::NOT_ENROLLED });
         return None;
-    }
+    };
     if unsafe { MESH_DESTS.get(&dst_ip) }.is_none() {
         count(counter::PASSED);
         return None;
@@ -159,6 +159,11 @@ fn capture(ctx: &SockAddrContext, dst_ip: u32) -> Option<u32> {
         return None;
     }
     unsafe { (*ctx.sock_addr).user_port = u32::from(cfg.proxy_port.to_be()) };
+    if pod.ip4 != 0 && FAST_CONFIG.get(0).is_some_and(|f| f.enabled != 0) {
+        // The pod's address as its cgroup says: the fast path takes this socket only if it
+        // really is the pod's (see `fast_pod_socket`).
+        let _ = SOCK_POD.insert(&cookie, &pod.ip4, 0);
+    }
     count(counter::CAPTURED);
     debug!(ctx, "capture: cgroup {} -> port {} redirected", cgroup, dst_port);
     Some(cfg.proxy_ip4)
@@ -613,6 +618,134 @@ pub fn mesh_reuseport(_ctx: SkReuseportContext) -> u32 {
 }
 
 const SK_PASS: u32 = 1;
+
+/// The socket fast path (`--sockmap`). A pod's captured connection to the node proxy is two
+/// sockets on one node: the pod's (in its network namespace) and the one the proxy accepted.
+/// Both go into `FAST_SOCKS`, keyed by their own 4-tuple (local side first); `mesh_fast_msg`
+/// then moves every write of one straight into the other's receive queue, so the bytes skip
+/// TCP/IP, the veth and the bridge. Only these pairs are ever in the map: the proxy applies
+/// the mesh's policy to what it accepts, and no plaintext pod-to-pod connection is involved.
+#[map]
+static FAST_CONFIG: Array<FastConfig> = Array::with_max_entries(1, 0);
+
+/// A captured socket's pod address, by cookie, from its connect (where the cgroup tells the
+/// pod) to its establishment; LRU, as connects that never complete leave entries behind.
+#[map]
+static SOCK_POD: LruHashMap<u64, u32> = LruHashMap::with_max_entries(65536, 0);
+
+#[map]
+static FAST_SOCKS: SockHash<FourTuple> = SockHash::with_max_entries(65536, 0);
+
+#[map]
+static FAST_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(fast_counter::COUNT, 0);
+
+#[inline(always)]
+fn fast_count(slot: u32, n: u64) {
+    if let Some(c) = FAST_COUNTERS.get_ptr_mut(slot) {
+        // Per-CPU slot: no other writer can race with us.
+        unsafe { *c += n };
+    }
+}
+
+const BPF_NOEXIST: u64 = 1;
+const BPF_F_INGRESS: u64 = 1;
+
+/// Its own program, on its own link, so that a kernel without a part of it (netns cookies in
+/// sock_ops came with 5.15) loses only the fast path, and `--sockmap` off costs nothing here.
+#[sock_ops]
+pub fn mesh_fast_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => fast_pod_socket(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => fast_proxy_socket(&ctx),
+        _ => {}
+    }
+    0
+}
+
+/// A pod's captured socket, established to the proxy: in the map if its local address is the
+/// one its pod's cgroup was enrolled with (a pod that binds another pod's address, or fakes the
+/// proxy in its own namespace, must not take that pod's place in the map).
+#[inline(always)]
+fn fast_pod_socket(ctx: &SockOpsContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(pod_ip) = (unsafe { SOCK_POD.get(&cookie) }).copied() else { return };
+    let _ = SOCK_POD.remove(&cookie);
+    let Some(cfg) = CONFIG.get(mesh_common::CONFIG_INDEX) else { return };
+    let Some(key) = four_tuple(ctx) else { return };
+    if key.src_ip4 != pod_ip || key.dst_ip4 != cfg.proxy_ip4 || key.dst_port != cfg.proxy_port {
+        fast_count(fast_counter::REFUSED, 1);
+        return;
+    }
+    fast_insert(ctx, key, fast_counter::POD_SOCKETS);
+}
+
+/// A connection the proxy accepted on its outbound listener, in the proxy's own network
+/// namespace (where no pod has sockets).
+#[inline(always)]
+fn fast_proxy_socket(ctx: &SockOpsContext) {
+    let Some(fast) = FAST_CONFIG.get(0).copied() else { return };
+    if fast.enabled == 0 {
+        return;
+    }
+    let Some(cfg) = CONFIG.get(mesh_common::CONFIG_INDEX) else { return };
+    let Some(key) = four_tuple(ctx) else { return };
+    if key.src_ip4 != cfg.proxy_ip4 || key.src_port != cfg.proxy_port {
+        return;
+    }
+    if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != fast.proxy_netns {
+        return;
+    }
+    fast_insert(ctx, key, fast_counter::PROXY_SOCKETS);
+}
+
+#[inline(always)]
+fn fast_insert(ctx: &SockOpsContext, mut key: FourTuple, slot: u32) {
+    // NOEXIST: an entry is never replaced; the kernel removes a socket's entry when it closes.
+    match FAST_SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_NOEXIST) {
+        Ok(()) => fast_count(slot, 1),
+        Err(_) => fast_count(fast_counter::INSERT_ERRORS, 1),
+    }
+}
+
+/// Runs for every write of a socket in `FAST_SOCKS`: the peer is the socket whose key is this
+/// one's 4-tuple seen from the other end. Found, the write goes straight to its receive queue;
+/// not (yet) there, it goes through TCP as usual (never dropped).
+#[sk_msg]
+pub fn mesh_fast_msg(ctx: SkMsgContext) -> u32 {
+    let md = ctx.msg;
+    let (family, l4, r4, l6_prefix, r6_prefix, l6, r6, remote_port, local_port) = unsafe {
+        (
+            read_volatile(&(*md).family),
+            read_volatile(&(*md).local_ip4),
+            read_volatile(&(*md).remote_ip4),
+            read_volatile(&(*md).local_ip6[2]),
+            read_volatile(&(*md).remote_ip6[2]),
+            read_volatile(&(*md).local_ip6[3]),
+            read_volatile(&(*md).remote_ip6[3]),
+            read_volatile(&(*md).remote_port),
+            read_volatile(&(*md).local_port),
+        )
+    };
+    let (local_ip4, remote_ip4) = match family {
+        AF_INET => (l4, r4),
+        AF_INET6 if l6_prefix == V4_MAPPED_PREFIX && r6_prefix == V4_MAPPED_PREFIX => (l6, r6),
+        _ => return SK_PASS,
+    };
+    let mut peer = FourTuple {
+        src_ip4: remote_ip4,
+        dst_ip4: local_ip4,
+        src_port: u16::from_be((remote_port >> 16) as u16),
+        dst_port: local_port as u16,
+    };
+    let size = u64::from(ctx.size());
+    if FAST_SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS) == SK_PASS as _ {
+        fast_count(fast_counter::REDIRECTED_MSGS, 1);
+        fast_count(fast_counter::REDIRECTED_BYTES, size);
+    } else {
+        fast_count(fast_counter::UNPAIRED_MSGS, 1);
+    }
+    SK_PASS
+}
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -66,6 +66,10 @@ pub struct Options {
     /// bpffs directory of this node's pinned capture (links and shared maps), which a new
     /// proxy takes over from the running one.
     pub bpf_pin_dir: PathBuf,
+    /// `--sockmap`: move bytes between pods' sockets and the node proxy's in the kernel
+    /// (sockmap redirection) instead of through TCP/IP; falls back to TCP where the kernel
+    /// refuses it.
+    pub sockmap: bool,
     /// On SIGTERM, how long in-flight requests and connections get to finish.
     pub drain_timeout: Duration,
     /// TEST ONLY (hidden `--test-ready-delay-ms`): wait this long, listening but not ready,
@@ -309,6 +313,7 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
         proxy_port: opts.outbound_port,
         bpf_log_level: opts.bpf_log_level,
         pin_dir: opts.bpf_pin_dir.clone(),
+        sockmap: opts.sockmap,
     })?));
     let capture = starting.get();
     let _ = capture.sync(&cluster, &opts.node);
@@ -368,6 +373,7 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
         node: opts.node.clone(),
         stats: stats.clone(),
         capture: Some(capture.counters()),
+        fast_path: Some(capture.fast_path()),
         tls: tls.clone(),
         config: config_rx.clone(),
     })?;
@@ -396,6 +402,7 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
         config: config_rx.clone(),
         config_dir: opts.config_dir.clone(),
         capture_counters: capture.counters(),
+        fast_path: capture.fast_path(),
         capture_state: capture.state(),
         bpf: capture.view(),
         proxy_stats: stats.clone(),

@@ -147,6 +147,12 @@ struct RunArgs {
     /// One directory per node.
     #[arg(long, env = "MESH_BPF_PIN_DIR", default_value = daemon::DEFAULT_BPF_PIN_DIR)]
     bpf_pin_dir: PathBuf,
+    /// Socket fast path: bytes between a pod and this node proxy move between the two sockets
+    /// in the kernel (sockmap / sk_msg redirection) instead of through TCP/IP and the veth.
+    /// Off by default; where the kernel refuses it, connections take the TCP path (reported on
+    /// /bpf and in the metrics).
+    #[arg(long, env = "MESH_SOCKMAP")]
+    sockmap: bool,
     /// On SIGTERM, how long in-flight requests and connections get to finish, in
     /// milliseconds (keep it below the pod's terminationGracePeriodSeconds).
     #[arg(long, env = "MESH_DRAIN_TIMEOUT_MS", default_value_t = daemon::DEFAULT_DRAIN_TIMEOUT.as_millis() as u64)]
@@ -299,6 +305,7 @@ fn main() -> ExitCode {
                     access_log: args.access_log,
                 },
                 bpf_pin_dir: args.bpf_pin_dir,
+                sockmap: args.sockmap,
                 drain_timeout: Duration::from_millis(args.drain_timeout_ms),
                 test_ready_delay: Duration::from_millis(args.test_ready_delay_ms),
             };

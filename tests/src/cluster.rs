@@ -712,6 +712,12 @@ impl SimCluster {
         Ok(())
     }
 
+    /// The extra `mesh-node run` arguments node i's next proxies start with (restarts and
+    /// successors), replacing those given to [`Self::start_proxy_with`].
+    pub fn set_proxy_args(&self, i: usize, args: &[&str]) {
+        *self.nodes[i].proxy_args.lock().unwrap() = args.iter().map(|a| a.to_string()).collect();
+    }
+
     /// node i's bpffs, as the host sees it: what its proxies' containers have at /sys/fs/bpf.
     pub fn node_bpffs(&self, i: usize) -> PathBuf {
         self.bpffs.join(&self.nodes[i].name)

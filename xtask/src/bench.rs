@@ -50,7 +50,7 @@ pub struct Opts {
     pub ztunnel: Option<std::path::PathBuf>,
 }
 
-fn spec(mtls: bool, ztunnel: bool) -> ClusterSpec {
+pub(crate) fn spec(mtls: bool, ztunnel: bool) -> ClusterSpec {
     let mut spec = ClusterSpec::new(2)
         .namespace("mesh", true)
         .namespace("direct", false)
@@ -71,7 +71,7 @@ fn spec(mtls: bool, ztunnel: bool) -> ClusterSpec {
 }
 
 /// `mesh-probe serve` in every pod, except the HTTP server in `http-b`.
-fn start_servers(c: &SimCluster) -> anyhow::Result<()> {
+pub(crate) fn start_servers(c: &SimCluster) -> anyhow::Result<()> {
     let probe = bins::path("mesh-probe");
     let body = HTTP_BODY.to_string();
     for pod in &c.pods {
@@ -88,14 +88,14 @@ fn start_servers(c: &SimCluster) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Path4 {
-    name: &'static str,
-    client: &'static str,
-    target: String,
+pub(crate) struct Path4 {
+    pub(crate) name: &'static str,
+    pub(crate) client: &'static str,
+    pub(crate) target: String,
     /// Through the mesh's proxies (tunnel connections are sampled).
-    mesh: bool,
+    pub(crate) mesh: bool,
     /// (node or control plane, pids): the data plane's processes on this path (CPU, memory).
-    groups: Vec<(String, Vec<u32>)>,
+    pub(crate) groups: Vec<(String, Vec<u32>)>,
 }
 
 /// (node-a's `tunnel_connections` counter, `ss` count); None when not readable.
@@ -144,7 +144,7 @@ fn with_tunnel_samples<T: Send>(c: &SimCluster, seconds: u64, work: impl FnOnce(
 
 /// Warm-up, 1 KiB rr at RATE over 4 connections (proxy CPU sampled over it, and for the
 /// cross-node mesh path the tunnel connections), then bulk.
-fn measure(c: &SimCluster, p: &Path4, seconds: u64) -> anyhow::Result<Value> {
+pub(crate) fn measure(c: &SimCluster, p: &Path4, seconds: u64) -> anyhow::Result<Value> {
     eprintln!("bench: {} ({} -> {})", p.name, p.client, p.target);
     let timeout = Duration::from_secs(seconds + 60);
     // Warm up connections and caches, then measure.

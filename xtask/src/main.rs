@@ -6,6 +6,7 @@ mod bench_chart;
 mod bench_failure;
 mod bench_l7;
 mod bench_overhead;
+mod bench_sockmap;
 mod bench_surge;
 mod bench_telemetry;
 mod bench_util;
@@ -109,6 +110,8 @@ enum BenchPart {
     Surge,
     /// Only the telemetry on/off comparison of the l7 part, on a cluster of its own.
     Telemetry,
+    /// The socket fast path: the mesh without and with `--sockmap`, same run (sockmap.json).
+    Sockmap,
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -227,6 +230,12 @@ fn main() -> anyhow::Result<()> {
             let mut failed = Vec::new();
             if part(BenchPart::L4) {
                 missed.extend(bench::run(&json, &bench::Opts { seconds, max_seconds, repeats, ztunnel })?);
+            }
+            if part(BenchPart::Sockmap)
+                && let Err(e) = bench_sockmap::run(&sibling("sockmap.json"), seconds, repeats)
+            {
+                eprintln!("bench sockmap: {e:#}");
+                failed.push("sockmap");
             }
             if part(BenchPart::Failure)
                 && let Err(e) = bench_failure::run(&sibling("failure.json"), seconds)

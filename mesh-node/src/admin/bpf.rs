@@ -54,5 +54,6 @@ pub fn bpf(state: &AdminState) -> Value {
         "enrolled_cgroups_in_kernel": in_kernel.len(),
         "mesh_destinations": destinations,
         "counters": state.capture_counters.read(),
+        "fast_path": state.fast_path.to_json(),
     })
 }

@@ -50,6 +50,7 @@ pub struct AdminState {
     pub capture_counters: Arc<Counters>,
     pub capture_state: Arc<Mutex<CaptureState>>,
     pub bpf: Arc<BpfView>,
+    pub fast_path: Arc<crate::capture::FastPathView>,
     pub proxy_stats: Arc<ProxyStats>,
     /// Upstream clusters and their balancer state (endpoints, ejections, active requests).
     pub proxy: Arc<crate::listener::ProxyContext>,
@@ -78,6 +79,7 @@ impl AdminState {
         json!({
             "node": self.node,
             "capture": self.capture_counters.read(),
+            "sockmap": self.fast_path.counters(),
             "proxy": self.proxy_stats.snapshot(),
             "tunnel_connections": self.proxy.connector.tunnels.connections(),
         })

@@ -13,6 +13,7 @@ pub mod cgroup;
 pub mod inbound;
 mod orig_dst;
 pub mod pin;
+pub mod sockmap;
 mod view;
 
 use std::{
@@ -33,6 +34,7 @@ use mesh_common::{
     VerdictKey, counter,
 };
 pub use orig_dst::OrigDstTable;
+pub use sockmap::{FastPathState, FastPathView};
 pub use view::{BpfView, ProgramDesc};
 use tracing::{debug, info, warn};
 
@@ -81,11 +83,13 @@ pub struct CaptureOptions {
     pub bpf_log_level: u8,
     /// bpffs directory where links and shared maps are pinned (one per node).
     pub pin_dir: PathBuf,
+    /// `--sockmap`: the socket fast path between pods and the node proxy ([`sockmap`]).
+    pub sockmap: bool,
 }
 
 /// The maps a new proxy shares with the one it replaces (everything but the log buffer and
 /// the programs' read-only globals, which belong to each loaded object).
-const SHARED_MAPS: [&str; 16] = [
+const SHARED_MAPS: [&str; 20] = [
     "CONFIG",
     "ENROLLED",
     "MESH_DESTS",
@@ -102,6 +106,10 @@ const SHARED_MAPS: [&str; 16] = [
     "PLAIN_CONNS",
     "REVOKED",
     "REVOKING",
+    "FAST_CONFIG",
+    "SOCK_POD",
+    "FAST_SOCKS",
+    "FAST_COUNTERS",
 ];
 
 /// The programs and the cgroup hooks they are linked to.
@@ -158,6 +166,10 @@ pub struct Capture {
     cgroup: PathBuf,
     view: Arc<BpfView>,
     pin_dir: PathBuf,
+    fast_path: Arc<FastPathView>,
+    /// `FAST_CONFIG`, and whether this capture created the fast path's link (not took it over).
+    fast_config: Option<Array<MapData, mesh_common::FastConfig>>,
+    fast_link_created: bool,
     /// Our links (also pinned); holding them open is not what keeps them attached, the pins are.
     _links: Vec<OwnedFd>,
     /// Kernel ids of our programs: a pinned link running another program means a successor.
@@ -231,6 +243,8 @@ impl Capture {
         kubelet.load().map_err(|source| CaptureError::Program { name: "mesh_kubelet", source })?;
         let reuseport: &mut SkReuseport = program(&mut ebpf, "mesh_reuseport")?;
         reuseport.load().map_err(|source| CaptureError::Program { name: "mesh_reuseport", source })?;
+        // The fast path's programs only when asked for; their failure is not the capture's.
+        let fast_loaded = if opts.sockmap { sockmap::load(&mut ebpf) } else { Ok(()) };
         let mut config: Array<MapData, CaptureConfig> = take_map(&mut ebpf, "CONFIG")?;
         let cfg = CaptureConfig {
             proxy_ip4: u32::from_ne_bytes(proxy_ip4.octets()),
@@ -292,6 +306,14 @@ impl Capture {
             links.push(link);
             prog_ids.push(id);
         }
+        let fast = sockmap::setup(&mut ebpf, &pins, opts.sockmap, fast_loaded, cgroup_file.as_fd(), cgroup_id);
+        let mut fast_link_created = false;
+        if let Some(l) = fast.link {
+            fast_link_created = l.previous.is_none();
+            previous.push((sockmap::FAST_SOCKOPS, l.previous));
+            links.push(l.link);
+            prog_ids.push(l.prog_id);
+        }
         pins.remove_stale_maps();
         drop(pins);
         // Before any connection of ours to a pod: STRICT and policy-guarded pods let through
@@ -330,6 +352,9 @@ impl Capture {
             cgroup: cgroup_path,
             view,
             pin_dir: opts.pin_dir.clone(),
+            fast_path: Arc::new(fast.view),
+            fast_config: fast.config,
+            fast_link_created,
             _links: links,
             prog_ids,
             previous,
@@ -369,7 +394,7 @@ impl Capture {
     /// Undoes the attach of a proxy whose start failed: the links taken over from a running
     /// proxy go back to its programs (it keeps serving as if we had never started); links we
     /// created are detached and unpinned.
-    pub fn abandon(self) {
+    pub fn abandon(mut self) {
         if self.start == Start::Fresh {
             match self.release() {
                 Ok(r) => info!(?r, "start failed: capture released"),
@@ -382,6 +407,10 @@ impl Capture {
             Err(e) => return warn!("start failed; handing the capture back: {e}"),
         };
         let current: BTreeMap<String, u32> = pins.links().into_iter().filter_map(|(n, s)| Some((n, s.ok()?.prog_id))).collect();
+        if self.fast_link_created && current.get(sockmap::FAST_SOCKOPS).is_some_and(|id| self.prog_ids.contains(id)) {
+            // The proxy we took over from had no fast path: it keeps running without one.
+            sockmap::switch_off(&pins, self.fast_config.as_mut());
+        }
         for (name, prev) in &self.previous {
             let ours = current.get(*name).is_some_and(|id| self.prog_ids.contains(id));
             match prev {
@@ -417,6 +446,11 @@ impl Capture {
 
     pub fn state(&self) -> Arc<Mutex<CaptureState>> {
         self.state.clone()
+    }
+
+    /// The socket fast path's state and kernel counters, for the admin API and metrics.
+    pub fn fast_path(&self) -> Arc<FastPathView> {
+        self.fast_path.clone()
     }
 
     /// Read-only view of the kernel side (programs, their links, map contents) for the admin API.

@@ -291,6 +291,19 @@ impl PinDir {
         Ok(())
     }
 
+    /// Detaches the pinned link of `program` and removes its pin; `false` when there was none.
+    pub fn remove_link(&self, program: &str) -> Result<bool, PinError> {
+        let path = self.link_path(program);
+        let link = match obj_get(&path) {
+            Ok(link) => link,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(error) => return Err(PinError::Syscall { call: "BPF_OBJ_GET", path, error }),
+        };
+        link_detach(link.as_fd()).map_err(|error| PinError::Syscall { call: "BPF_LINK_DETACH", path: path.clone(), error })?;
+        fs::remove_file(&path).map_err(|error| PinError::Dir { path, error })?;
+        Ok(true)
+    }
+
     /// The pinned links, by program name, with what the kernel says about each.
     pub fn links(&self) -> Vec<(String, Result<LinkState, PinError>)> {
         let dir = self.path.join(LINKS);

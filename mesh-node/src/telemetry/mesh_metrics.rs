@@ -16,7 +16,7 @@ use prometheus::{
 };
 use tokio::sync::watch;
 
-use crate::{capture::Counters, config::Cluster, hbone::MeshTls, stats::ProxyStats};
+use crate::{capture::{Counters, FastPathState, FastPathView}, config::Cluster, hbone::MeshTls, stats::ProxyStats};
 
 /// Ejections by upstream cluster. Global because the balancers that eject know nothing of
 /// telemetry, and an ejection is rare enough that a shared counter costs nothing.
@@ -38,6 +38,8 @@ pub struct MeshSources {
     pub node: String,
     pub stats: Arc<ProxyStats>,
     pub capture: Option<Arc<Counters>>,
+    /// The socket fast path (`--sockmap`).
+    pub fast_path: Option<Arc<FastPathView>>,
     pub tls: Option<Arc<MeshTls>>,
     pub config: watch::Receiver<Arc<Cluster>>,
 }
@@ -131,6 +133,17 @@ impl Collector for MeshCollector {
             for (name, value) in capture.read() {
                 out.push(Self::counter(&format!("mesh_capture_{name}_total"), &format!("eBPF capture counter {name}"), value));
             }
+        }
+        if let Some(fast) = &self.sources.fast_path {
+            for (name, value) in fast.counters() {
+                out.push(Self::counter(&format!("mesh_sockmap_{name}_total"), &format!("eBPF socket fast path counter {name}"), value));
+            }
+            let g = prometheus::IntGauge::new("mesh_sockmap_active", "1 when the socket fast path is on (--sockmap and the kernel took it), else 0").expect("valid metric name");
+            g.set(i64::from(*fast.state() == FastPathState::Active));
+            out.extend(g.collect());
+            let g = prometheus::IntGauge::new("mesh_sockmap_sockets", "Sockets in the fast path's map (two per accelerated connection)").expect("valid metric name");
+            g.set(fast.sockets() as i64);
+            out.extend(g.collect());
         }
         out.extend(self.certificate_expiry());
         out.extend(self.not_applied());

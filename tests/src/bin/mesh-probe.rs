@@ -259,6 +259,37 @@ fn dial_marked(addr: &str, timeout: Duration, mark: Option<u32>) -> io::Result<T
     Ok(s)
 }
 
+/// Reads the probe's blocking sockets wait on and get back `EAGAIN` from before their read
+/// timeout: the kernel's reader of a socket in a sockmap (`tcp_bpf_recvmsg`, the fast path of
+/// `mesh-node run --sockmap`) waits for data once and returns `EAGAIN` to a blocking caller
+/// when woken without any, as by the ACK of its own FIN after a half-close. Such a read is
+/// retried (as CPython and the JDK do for their sockets) and counted in [`SPURIOUS_EAGAIN`],
+/// which the commands report; past the timeout it is the error it says.
+struct Patient<'a> {
+    s: &'a TcpStream,
+    timeout: Duration,
+}
+
+static SPURIOUS_EAGAIN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn spurious_eagain() -> u64 {
+    SPURIOUS_EAGAIN.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+impl Read for Patient<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let start = Instant::now();
+        loop {
+            match (&mut &*self.s).read(buf) {
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) && start.elapsed() < self.timeout.mul_f64(0.9) => {
+                    SPURIOUS_EAGAIN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
 fn anyhow_to_io(e: anyhow::Error) -> io::Error {
     io::Error::other(format!("{e:#}"))
 }
@@ -342,7 +373,7 @@ fn ask_who(addr: &str, timeout: Duration, mark: Option<u32>) -> io::Result<Strin
     let mut s = dial_marked(addr, timeout, mark)?;
     s.write_all(b"WHO\n")?;
     let mut answer = String::new();
-    s.read_to_string(&mut answer)?;
+    Patient { s: &s, timeout }.read_to_string(&mut answer)?;
     if answer.is_empty() {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed without an answer"));
     }
@@ -437,8 +468,9 @@ fn echo(addr: &str, bytes: u64) -> io::Result<bool> {
     let mut hash = Sha256::new();
     let mut received = 0u64;
     let mut buf = vec![0u8; 64 * 1024];
+    let mut reader = Patient { s: &s, timeout: Duration::from_secs(10) };
     loop {
-        let n = s.read(&mut buf)?;
+        let n = reader.read(&mut buf)?;
         if n == 0 {
             break;
         }
@@ -450,7 +482,7 @@ fn echo(addr: &str, bytes: u64) -> io::Result<bool> {
     let ok = received == bytes && sent_sha == received_sha;
     println!(
         "{}",
-        serde_json::json!({"sent": bytes, "received": received, "sent_sha256": sent_sha, "received_sha256": received_sha, "ok": ok})
+        serde_json::json!({"sent": bytes, "received": received, "sent_sha256": sent_sha, "received_sha256": received_sha, "ok": ok, "spurious_eagain": spurious_eagain()})
     );
     Ok(ok)
 }
@@ -490,7 +522,7 @@ fn rr(addr: &str, size: usize, rate: u64, seconds: u64, conns: u64) -> io::Resul
                     late += 1;
                 }
                 max_lag_us = max_lag_us.max(lag);
-                if s.write_all(&req).and_then(|_| s.read_exact(&mut resp)).is_err() {
+                if s.write_all(&req).and_then(|_| Patient { s: &s, timeout: Duration::from_secs(5) }.read_exact(&mut resp)).is_err() {
                     errors += 1;
                     break;
                 }
@@ -515,6 +547,7 @@ fn rr(addr: &str, size: usize, rate: u64, seconds: u64, conns: u64) -> io::Resul
             "requests": all.len(), "errors": errors,
             "p50_us": percentile(&all, 0.50), "p90_us": percentile(&all, 0.90), "p99_us": percentile(&all, 0.99),
             "late_starts": late, "max_start_lag_us": max_lag_us, "latency_from": "scheduled start",
+            "spurious_eagain": spurious_eagain(),
         })
     );
     Ok(errors == 0)
@@ -533,12 +566,12 @@ fn bulk(addr: &str, bytes: u64) -> io::Result<bool> {
     }
     s.shutdown(Shutdown::Write)?;
     let mut answer = String::new();
-    s.read_to_string(&mut answer)?;
+    Patient { s: &s, timeout: Duration::from_secs(30) }.read_to_string(&mut answer)?;
     let secs = start.elapsed().as_secs_f64();
     let counted: u64 = answer.trim().parse().unwrap_or(0);
     println!(
         "{}",
-        serde_json::json!({"bytes": bytes, "counted": counted, "seconds": secs, "mbit_per_s": bytes as f64 * 8.0 / secs / 1e6})
+        serde_json::json!({"bytes": bytes, "counted": counted, "seconds": secs, "mbit_per_s": bytes as f64 * 8.0 / secs / 1e6, "spurious_eagain": spurious_eagain()})
     );
     Ok(counted == bytes)
 }

@@ -149,6 +149,12 @@ pub fn bpf(v: &Value) -> String {
     out.push_str(&t.render());
     let counters: Vec<String> = v["counters"].as_object().into_iter().flatten().map(|(k, n)| format!("{k}={n}")).collect();
     let _ = writeln!(out, "\ncounters: {}", counters.join(" "));
+    let fast = &v["fast_path"];
+    if !fast.is_null() {
+        let counters: Vec<String> = fast["counters"].as_object().into_iter().flatten().map(|(k, n)| format!("{k}={n}")).collect();
+        let reason = fast["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default();
+        let _ = writeln!(out, "socket fast path: {}{reason}, {} sockets; {}", cell(&fast["state"]), cell(&fast["sockets"]), counters.join(" "));
+    }
     out
 }
 
