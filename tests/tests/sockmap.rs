@@ -60,11 +60,13 @@ fn n(fast: &Value, counter: &str) -> u64 {
     fast["counters"][counter].as_u64().unwrap_or_else(|| panic!("no counter {counter}: {fast}"))
 }
 
-/// Echoes `bytes` through the mesh from the client pod and checks they came back intact.
-fn echo(c: &SimCluster, addr: &str, bytes: u64) {
+/// Echoes `bytes` through the mesh from the client pod and checks they came back intact;
+/// returns how many spurious `EAGAIN`s the blocking client read (see the README's fast path).
+fn echo(c: &SimCluster, addr: &str, bytes: u64) -> u64 {
     let r = json(&c.probe("client", &["echo", addr, "--bytes", &bytes.to_string()], T).unwrap());
     assert_eq!(r["received"], bytes, "{r}");
     assert_eq!(r["sent_sha256"], r["received_sha256"], "{r}");
+    r["spurious_eagain"].as_u64().unwrap_or_else(|| panic!("no spurious_eagain: {r}"))
 }
 
 /// Waits (bounded) until node i's map holds `want` sockets; returns what it last saw.
@@ -79,6 +81,12 @@ fn wait_sockets(c: &SimCluster, i: usize, want: u64) -> Value {
     }
 }
 
+/// `bpftool cgroup show` of node i's pod cgroup: the programs attached there.
+fn attached(c: &SimCluster, i: usize) -> String {
+    let out = std::process::Command::new("bpftool").arg("cgroup").arg("show").arg(&c.node(i).cgroup).output().expect("bpftool");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn pinned_fast_link(c: &SimCluster, i: usize) -> bool {
     c.pin_dir(i).join("links").join("mesh_fast_sockops").exists()
 }
@@ -89,6 +97,8 @@ fn large_transfers_are_intact_both_ways_and_take_the_fast_path() {
     let before = fast_path(&c, 0);
     assert_eq!(before["state"], "active", "{before}");
     assert!(pinned_fast_link(&c, 0), "the fast path's sock_ops link is pinned with the capture's");
+    let listing = attached(&c, 0);
+    assert_eq!(listing.matches("sock_ops").count(), 2, "mesh_sockops and mesh_fast_sockops: {listing}");
     echo(&c, LOCAL_VIP, BIG);
     let after = fast_path(&c, 0);
     // The client's writes to the proxy and the proxy's echo back: each way went through the
@@ -115,13 +125,17 @@ fn half_closed_connections_deliver_everything_before_the_fin() {
     // `bulk`: the client writes, shuts its write side, and the server counts until EOF, then
     // answers on the half-closed connection: a FIN overtaking redirected bytes would show as a
     // short count, an answer lost after the half-close as none.
+    let mut spurious = Vec::new();
     for bytes in [1u64, 3 * 65536 + 17, 16 * 1024 * 1024] {
         let r = json(&c.probe("client", &["bulk", LOCAL_VIP, "--bytes", &bytes.to_string()], T).unwrap());
         assert_eq!(r["counted"], bytes, "{r}");
+        spurious.push(r["spurious_eagain"].as_u64().unwrap_or_default());
     }
     // And an echo of nothing: the half-close alone, answered by the server's close.
-    echo(&c, LOCAL_VIP, 0);
-    echo(&c, LOCAL_VIP, 1);
+    spurious.push(echo(&c, LOCAL_VIP, 0));
+    spurious.push(echo(&c, LOCAL_VIP, 1));
+    // The kernel quirk the README describes, for the record (not a failure: retried).
+    eprintln!("spurious EAGAIN per half-closed connection (bulk 1 B, 192 KiB, 16 MiB; echo 0, 1 B): {spurious:?}");
     let after = fast_path(&c, 0);
     let moved = n(&after, "redirected_bytes") - n(&before, "redirected_bytes");
     assert!(moved >= 16 * 1024 * 1024, "{after}");
@@ -169,6 +183,8 @@ fn without_the_flag_connections_take_tcp_and_nothing_is_attached() {
     }
     assert_eq!(f["sockets"], 0);
     assert!(!pinned_fast_link(&c, 0));
+    let listing = attached(&c, 0);
+    assert_eq!(listing.matches("sock_ops").count(), 1, "only mesh_sockops: {listing}");
     assert!(c.metrics(0).unwrap().contains("mesh_sockmap_active 0"));
 }
 
@@ -208,10 +224,18 @@ fn a_restart_hands_the_fast_path_over_and_a_successor_without_it_removes_it() {
 }
 
 #[test]
-fn uninstall_removes_the_fast_path_with_the_capture() {
+fn a_stop_without_successor_and_uninstall_remove_the_fast_path_with_the_capture() {
     let c = start(true);
     echo(&c, LOCAL_VIP, 1024);
     c.stop_proxy(0).unwrap();
     assert!(!pinned_fast_link(&c, 0), "a proxy stopping without a successor detaches everything");
     assert!(!Path::new(&c.pin_dir(0)).join("links").exists() || std::fs::read_dir(c.pin_dir(0).join("links")).unwrap().next().is_none());
+    // Uninstall while a proxy runs: the fast path's link is one of the capture's.
+    assert!(pinned_fast_link(&c, 1));
+    let out = c.uninstall(1).unwrap();
+    assert!(out.contains("6 links detached"), "5 capture links and the fast path's: {out}");
+    assert!(!pinned_fast_link(&c, 1));
+    assert!(!c.pin_dir(1).exists(), "pins left behind");
+    let listing = attached(&c, 1);
+    assert!(!listing.contains("sock_ops"), "still attached: {listing}");
 }
