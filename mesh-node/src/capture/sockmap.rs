@@ -226,3 +226,24 @@ where
     let prog = ebpf.program_mut(name).ok_or(FastPathError::Missing(name))?;
     prog.try_into().map_err(|source| FastPathError::Program { name, source })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/bpf` and `meshctl bpf` read these keys; a kernel that refused the fast path says why.
+    #[test]
+    fn view_reports_state_reason_sockets_and_every_counter() {
+        let view = FastPathView { state: FastPathState::Unavailable { reason: "no netns cookie".into() }, socks: None, counters: None };
+        let v = view.to_json();
+        assert_eq!(v["state"], "unavailable");
+        assert_eq!(v["reason"], "no netns cookie");
+        assert_eq!(v["sockets"], 0);
+        let counters = v["counters"].as_object().unwrap();
+        assert_eq!(counters.len(), fast_counter::COUNT as usize);
+        assert!(counters.values().all(|n| n == 0), "{v}");
+        let off = FastPathView { state: FastPathState::Off, socks: None, counters: None }.to_json();
+        assert_eq!(off["state"], "off");
+        assert!(off.get("reason").is_none(), "{off}");
+    }
+}
