@@ -149,8 +149,9 @@ struct RunArgs {
     bpf_pin_dir: PathBuf,
     /// Socket fast path: bytes between a pod and this node proxy move between the two sockets
     /// in the kernel (sockmap / sk_msg redirection) instead of through TCP/IP and the veth.
-    /// Off by default; where the kernel refuses it, connections take the TCP path (reported on
-    /// /bpf and in the metrics).
+    /// Off by default and experimental: redirected writes have no backpressure, so only for
+    /// trusted pods (see the README). Where the kernel refuses it, connections take the TCP
+    /// path (reported on /bpf and in the metrics).
     #[arg(long, env = "MESH_SOCKMAP")]
     sockmap: bool,
     /// On SIGTERM, how long in-flight requests and connections get to finish, in

@@ -140,6 +140,10 @@ pub(super) fn setup(ebpf: &mut Ebpf, pins: &PinDir, wanted: bool, loaded: Result
     match enabled {
         Ok(link) => {
             info!("socket fast path on: pod <-> node proxy writes move between sockets in the kernel");
+            warn!(
+                "socket fast path: experimental, for trusted pods only: redirected writes have no backpressure, so a pod \
+                 writing to a connection the proxy cannot forward makes the kernel queue without bound (see the README)"
+            );
             Setup { view: FastPathView { state: FastPathState::Active, socks, counters }, link: Some(link), config }
         }
         Err(e) => {
