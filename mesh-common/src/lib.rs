@@ -197,9 +197,12 @@ pub mod fast_counter {
     pub const REDIRECTED_BYTES: u32 = 5;
     /// Writes of a socket in the map whose peer is not (yet) there: sent through TCP as usual.
     pub const UNPAIRED_MSGS: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// Writes sent through TCP because the proxy stopped redirects to its socket (its queue
+    /// passed the limit: backpressure).
+    pub const STOPPED_MSGS: u32 = 7;
+    pub const COUNT: u32 = 8;
     pub const NAMES: [&str; COUNT as usize] =
-        ["pod_sockets", "proxy_sockets", "insert_errors", "refused", "redirected_msgs", "redirected_bytes", "unpaired_msgs"];
+        ["pod_sockets", "proxy_sockets", "insert_errors", "refused", "redirected_msgs", "redirected_bytes", "unpaired_msgs", "stopped_msgs"];
 }
 
 /// Slots of the `COUNTERS` per-CPU array.

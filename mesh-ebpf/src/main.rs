@@ -636,6 +636,12 @@ static SOCK_POD: LruHashMap<u64, u32> = LruHashMap::with_max_entries(65536, 0);
 #[map]
 static FAST_SOCKS: SockHash<FourTuple> = SockHash::with_max_entries(65536, 0);
 
+/// Proxy sockets (by their key) whose queue the proxy found over its limit: writes to them take
+/// TCP from then on, whose receive window holds the sender back. Never cleared while the
+/// connection lives: a redirect after TCP data could overtake it in the reader's queues.
+#[map]
+static FAST_STOP: LruHashMap<FourTuple, u8> = LruHashMap::with_max_entries(16384, 0);
+
 #[map]
 static FAST_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(fast_counter::COUNT, 0);
 
@@ -737,6 +743,10 @@ pub fn mesh_fast_msg(ctx: SkMsgContext) -> u32 {
         src_port: u16::from_be((remote_port >> 16) as u16),
         dst_port: local_port as u16,
     };
+    if unsafe { FAST_STOP.get(&peer) }.is_some() {
+        fast_count(fast_counter::STOPPED_MSGS, 1);
+        return SK_PASS;
+    }
     let size = u64::from(ctx.size());
     if FAST_SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS) == SK_PASS as _ {
         fast_count(fast_counter::REDIRECTED_MSGS, 1);

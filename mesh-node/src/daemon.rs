@@ -389,7 +389,11 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
         connector,
         telemetry: telemetry.clone(),
         drain: drain.clone(),
+        fast_path: capture.fast_backpressure(),
     });
+    if let Some(bp) = capture.fast_backpressure() {
+        bp.spawn();
+    }
     let outbound = listen(outbound, "outbound")?;
     let inbound = listen(inbound, "inbound")?;
     let admin_listener = listen(admin_listener, "admin")?;

@@ -20,14 +20,20 @@ const LOCAL_VIP: &str = "10.96.0.12:80";
 const SOLO_VIP: &str = "10.96.0.11:80";
 const BIG: u64 = 64 * 1024 * 1024;
 
+/// `slow` (node-a, port 7300) is served by a Python process, started by the tests that need it.
+const SLOW_VIP: &str = "10.96.0.13:80";
+
 fn spec() -> ClusterSpec {
     let mut spec = ClusterSpec::new(2)
         .namespace("demo", true)
         .pod("client", "demo", 0, "client", 9000)
         .pod("local-1", "demo", 0, "local", 7200)
         .pod("solo-1", "demo", 1, "solo", 7100)
+        // Its own `mesh-probe serve` listens on 7301; the Service's port goes to 7300.
+        .pod("slow-1", "demo", 0, "slow", 7301)
         .service("solo", "demo", [10, 96, 0, 11], "solo", 80, 7100)
-        .service("local", "demo", [10, 96, 0, 12], "local", 80, 7200);
+        .service("local", "demo", [10, 96, 0, 12], "local", 80, 7200)
+        .service("slow", "demo", [10, 96, 0, 13], "slow", 80, 7300);
     spec.start_proxies = false;
     spec
 }
@@ -41,6 +47,28 @@ fn start(sockmap: bool) -> SimCluster {
     }
     c.start_servers().expect("servers");
     c
+}
+
+/// Starts `slow-1`'s server on 7300 (killed with the cluster): each connection waits `wait_s` seconds before its first read,
+/// then (`echo`) skips the ECHO line and echoes until EOF, or (`never`) reads nothing.
+fn slow_server(c: &SimCluster, wait_s: u32, echo: bool) {
+    let program = format!(
+        "import socket,threading,time\n\
+         def serve(c):\n time.sleep({wait_s})\n if {echo}:\n  n=0\n  while n<5:\n   n+=len(c.recv(5-n))\n  while True:\n   d=c.recv(65536)\n   if not d: break\n   c.sendall(d)\n  c.shutdown(socket.SHUT_WR)\n c.close()\n\
+         s=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',7300))\ns.listen()\n\
+         while True:\n c,_=s.accept()\n threading.Thread(target=serve,args=(c,),daemon=True).start()\n",
+        echo = if echo { "True" } else { "False" }
+    );
+    c.spawn_in_pod("slow-1", Path::new("python3"), &["-c", &program]).unwrap();
+    let out = c.run_in_pod("slow-1", &bins::path("mesh-probe"), &["wait", "127.0.0.1:7300", "--timeout-ms", "5000"], Duration::from_secs(10)).unwrap();
+    assert!(out.status.success(), "the slow server did not start");
+}
+
+/// Bytes queued for reading on node-a's proxy sockets of the outbound listener (`ss -tm`).
+fn proxy_queued(c: &SimCluster) -> Vec<u64> {
+    let out = c.run_in_netns(&c.nodes[0].netns, Path::new("ss"), &["-Htmn", "state", "established", "( sport = :15001 )"], Duration::from_secs(5)).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("skmem:(r").skip(1).filter_map(|rest| rest.split(',').next()?.parse().ok()).collect()
 }
 
 fn json(s: &str) -> Value {
@@ -104,7 +132,10 @@ fn large_transfers_are_intact_both_ways_and_take_the_fast_path() {
     // The client's writes to the proxy and the proxy's echo back: each way went through the
     // map (a write sent before the peer socket joined, at most the ECHO line, takes TCP).
     let moved = n(&after, "redirected_bytes") - n(&before, "redirected_bytes");
-    assert!(moved >= 2 * BIG, "only {moved} bytes redirected for {BIG} each way: {after}");
+    // The proxy's echo back is all redirected; the client's writes too, unless the proxy's queue
+    // passed its limit and the rest took TCP (`stopped_msgs`, see the backpressure test).
+    let stopped = n(&after, "stopped_msgs") - n(&before, "stopped_msgs");
+    assert!(moved >= BIG + if stopped == 0 { BIG } else { 0 }, "only {moved} bytes redirected for {BIG} each way ({stopped} writes stopped): {after}");
     assert!(n(&after, "pod_sockets") > n(&before, "pod_sockets"), "{after}");
     assert!(n(&after, "proxy_sockets") > n(&before, "proxy_sockets"), "{after}");
     assert_eq!(n(&after, "refused"), 0, "{after}");
@@ -238,4 +269,45 @@ fn a_stop_without_successor_and_uninstall_remove_the_fast_path_with_the_capture(
     assert!(!c.pin_dir(1).exists(), "pins left behind");
     let listing = attached(&c, 1);
     assert!(!listing.contains("sock_ops"), "still attached: {listing}");
+}
+
+#[test]
+fn a_proxy_socket_queue_is_bounded_when_the_upstream_does_not_read() {
+    let c = start(true);
+    slow_server(&c, 3600, false);
+    let before = fast_path(&c, 0);
+    // The client writes as fast as it can to a server that never reads: without backpressure
+    // the proxy's socket would queue all of it (gigabytes in seconds).
+    let probe = bins::path("mesh-probe");
+    let mut writer = c.spawn_piped("client", &probe, &["bulk", SLOW_VIP, "--bytes", &(4u64 << 30).to_string()]).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let first = proxy_queued(&c);
+    std::thread::sleep(Duration::from_secs(2));
+    let second = proxy_queued(&c);
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let after = fast_path(&c, 0);
+    assert!(!first.is_empty() && !second.is_empty(), "no proxy socket on 15001");
+    // The proxy's limit (8 MiB) plus what the pod writes before the next sweep (5 ms): tens of
+    // megabytes at memory speed, on a loaded VM more; without the bound, gigabytes.
+    let limit = 256 * 1024 * 1024;
+    eprintln!("proxy socket queue after 3 s and 5 s: {first:?} {second:?} bytes");
+    assert!(first.iter().chain(&second).all(|q| *q < limit), "proxy socket queues {first:?} then {second:?} bytes");
+    assert_eq!(first, second, "the queue stopped growing once the pod's writes took TCP");
+    assert!(n(&after, "stopped_msgs") > n(&before, "stopped_msgs"), "{after}");
+    assert!(n(&after, "redirected_bytes") > n(&before, "redirected_bytes"), "it was in the fast path first: {after}");
+}
+
+#[test]
+fn a_connection_leaving_the_fast_path_keeps_its_bytes_in_order() {
+    let c = start(true);
+    // The server reads nothing for 2 s, then echoes: the client's writes fill the proxy's
+    // queue, pass the limit and take TCP from there; every byte must come back, in order.
+    slow_server(&c, 2, true);
+    let before = fast_path(&c, 0);
+    echo(&c, SLOW_VIP, 48 * 1024 * 1024);
+    let after = fast_path(&c, 0);
+    assert!(n(&after, "stopped_msgs") > n(&before, "stopped_msgs"), "the connection never left the fast path: {after}");
+    assert!(n(&after, "redirected_bytes") - n(&before, "redirected_bytes") >= 8 * 1024 * 1024, "{after}");
+    assert_eq!(wait_sockets(&c, 0, 0)["sockets"], 0);
 }

@@ -9,6 +9,7 @@
 //! crashes leaves the capture attached (pods' connections are refused until a proxy runs
 //! again, rather than escaping the mesh's policies).
 pub mod announce;
+pub mod backpressure;
 pub mod cgroup;
 pub mod inbound;
 mod orig_dst;
@@ -89,7 +90,7 @@ pub struct CaptureOptions {
 
 /// The maps a new proxy shares with the one it replaces (everything but the log buffer and
 /// the programs' read-only globals, which belong to each loaded object).
-const SHARED_MAPS: [&str; 20] = [
+const SHARED_MAPS: [&str; 21] = [
     "CONFIG",
     "ENROLLED",
     "MESH_DESTS",
@@ -110,6 +111,7 @@ const SHARED_MAPS: [&str; 20] = [
     "SOCK_POD",
     "FAST_SOCKS",
     "FAST_COUNTERS",
+    "FAST_STOP",
 ];
 
 /// The programs and the cgroup hooks they are linked to.
@@ -167,6 +169,7 @@ pub struct Capture {
     view: Arc<BpfView>,
     pin_dir: PathBuf,
     fast_path: Arc<FastPathView>,
+    fast_backpressure: Option<Arc<backpressure::Backpressure>>,
     /// `FAST_CONFIG`, and whether this capture created the fast path's link (not took it over).
     fast_config: Option<Array<MapData, mesh_common::FastConfig>>,
     fast_link_created: bool,
@@ -353,6 +356,7 @@ impl Capture {
             view,
             pin_dir: opts.pin_dir.clone(),
             fast_path: Arc::new(fast.view),
+            fast_backpressure: fast.backpressure,
             fast_config: fast.config,
             fast_link_created,
             _links: links,
@@ -451,6 +455,11 @@ impl Capture {
     /// The socket fast path's state and kernel counters, for the admin API and metrics.
     pub fn fast_path(&self) -> Arc<FastPathView> {
         self.fast_path.clone()
+    }
+
+    /// The watch on the proxy sockets' queues, while the fast path is on.
+    pub fn fast_backpressure(&self) -> Option<Arc<backpressure::Backpressure>> {
+        self.fast_backpressure.clone()
     }
 
     /// Read-only view of the kernel side (programs, their links, map contents) for the admin API.

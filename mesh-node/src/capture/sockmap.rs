@@ -32,7 +32,10 @@ use mesh_common::{FastConfig, FourTuple, fast_counter};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use super::pin::{self, LinkSetup, PinDir};
+use super::{
+    backpressure::Backpressure,
+    pin::{self, LinkSetup, PinDir},
+};
 
 /// The sock_ops program's name, which is also its pinned link's.
 pub(super) const FAST_SOCKOPS: &str = "mesh_fast_sockops";
@@ -123,6 +126,8 @@ pub(super) struct Setup {
     pub view: FastPathView,
     pub link: Option<FastLink>,
     pub config: Option<Array<MapData, FastConfig>>,
+    /// While the fast path is on: the watch on the proxy sockets' queues.
+    pub backpressure: Option<std::sync::Arc<Backpressure>>,
 }
 
 /// Sets the fast path up as `wanted` says, once the capture's own links are in place and the
@@ -132,24 +137,27 @@ pub(super) fn setup(ebpf: &mut Ebpf, pins: &PinDir, wanted: bool, loaded: Result
     let mut config: Option<Array<MapData, FastConfig>> = take(ebpf, "FAST_CONFIG").map_err(|e| warn!("socket fast path: {e}")).ok();
     let socks: Option<SockHash<MapData, FourTuple>> = take(ebpf, "FAST_SOCKS").map_err(|e| warn!("socket fast path: {e}")).ok();
     let counters = take(ebpf, "FAST_COUNTERS").map_err(|e| warn!("socket fast path: {e}")).ok();
+    let stop = take(ebpf, "FAST_STOP");
     if !wanted {
         switch_off(pins, config.as_mut());
-        return Setup { view: FastPathView { state: FastPathState::Off, socks, counters }, link: None, config };
+        return Setup { view: FastPathView { state: FastPathState::Off, socks, counters }, link: None, config, backpressure: None };
     }
-    let enabled = loaded.and_then(|()| enable(ebpf, pins, config.as_mut(), socks.as_ref(), cgroup, cgroup_id));
+    // Without the backpressure map the fast path is not turned on at all.
+    let enabled = loaded.and_then(|()| stop).and_then(|stop| Ok((enable(ebpf, pins, config.as_mut(), socks.as_ref(), cgroup, cgroup_id)?, stop)));
     match enabled {
-        Ok(link) => {
+        Ok((link, stop)) => {
             info!("socket fast path on: pod <-> node proxy writes move between sockets in the kernel");
-            warn!(
-                "socket fast path: experimental, for trusted pods only: redirected writes have no backpressure, so a pod \
-                 writing to a connection the proxy cannot forward makes the kernel queue without bound (see the README)"
-            );
-            Setup { view: FastPathView { state: FastPathState::Active, socks, counters }, link: Some(link), config }
+            Setup {
+                view: FastPathView { state: FastPathState::Active, socks, counters },
+                link: Some(link),
+                config,
+                backpressure: Some(Backpressure::new(stop)),
+            }
         }
         Err(e) => {
             warn!("socket fast path unavailable, connections take the TCP path: {e}");
             switch_off(pins, config.as_mut());
-            Setup { view: FastPathView { state: FastPathState::Unavailable { reason: e.to_string() }, socks, counters }, link: None, config }
+            Setup { view: FastPathView { state: FastPathState::Unavailable { reason: e.to_string() }, socks, counters }, link: None, config, backpressure: None }
         }
     }
 }

@@ -29,6 +29,8 @@ pub struct ProxyContext {
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// Shutdown: every accepted connection is tracked, and told when to wind down.
     pub drain: Arc<drain::Drain>,
+    /// The socket fast path's watch on accepted connections' queues (`--sockmap`).
+    pub fast_path: Option<Arc<crate::capture::backpressure::Backpressure>>,
 }
 
 impl ProxyContext {

@@ -32,6 +32,8 @@ pub async fn serve(listener: super::accept::Acceptor, ctx: Arc<ProxyContext>) {
 
 async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
     ctx.stats.outbound_accepted.inc();
+    // Held until the connection is done: its queue is bounded while it is in the fast path.
+    let _watch = ctx.fast_path.as_ref().and_then(|bp| bp.watch(&client));
     let _ = client.set_nodelay(true);
     let Ok(local) = client.local_addr() else { return upstream::reset(client) };
     let Some(orig) = ctx.orig_dst.lookup(peer, local) else {
