@@ -422,6 +422,8 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
         tokio::spawn(admin::serve_admin(accept("admin", admin_listener, small, |s| &s.endpoints_over_cap), admin_state.clone())),
         tokio::spawn(admin::serve_readiness(accept("readiness", readiness, small, |s| &s.endpoints_over_cap), admin_state.clone())),
     ];
+    // What a burst freed goes back to the node instead of staying at the peak.
+    tasks.push(crate::memory::spawn_trimmer());
     if let Some((addr, metrics)) = metrics {
         let metrics = accept("metrics", listen(metrics, "metrics")?, small, |s| &s.endpoints_over_cap);
         tasks.push(tokio::spawn(telemetry::server::serve(metrics, telemetry.clone())));

@@ -185,6 +185,7 @@ impl TunnelPool {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
+            .max_send_buf_size(crate::http::server::H2_MAX_SEND_BUF)
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT);
         let (goaway_tx, goaway) = watch::channel(false);
