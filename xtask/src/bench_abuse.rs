@@ -1,7 +1,7 @@
 //! `cargo xtask bench abuse`: a legitimate client at 500 requests/s through the mesh while an
 //! attacker pod on the same node misbehaves, phase by phase: 20,000 idle connections, slowloris
 //! headers, 1 MiB uploads that never finish, a flood of failing TLS handshakes on the other
-//! node's tunnel port. Per phase: the client's success rate and p99 (against twice its quiet
+//! node's tunnel port, a gRPC upstream failing each call with a status text of its own. Per phase: the client's success rate and p99 (against twice its quiet
 //! p99), both node proxies' peak RSS (against the memory budget) and open descriptors, and what
 //! the attacker managed.
 use std::{
@@ -20,6 +20,9 @@ use crate::bench_util::{ms, ok_count, probe_json, rss_mib, verdict, write_json};
 
 const RATE: u64 = 500;
 const VIP: &str = "10.96.3.1";
+const EVIL_VIP: &str = "10.96.3.2";
+/// gRPC's 17 codes and "unknown", the only `grpc_response_status` values the proxy may export.
+const GRPC_STATUS_LABELS_MAX: usize = 18;
 /// `mesh-node run --memory-budget-mib`'s default, which the proxies here run with.
 const BUDGET_MIB: f64 = 192.0;
 const TARGET_SUCCESS: f64 = 0.999;
@@ -33,6 +36,8 @@ fn spec() -> ClusterSpec {
         .pod_labelled("web-1", "lemo", 1, "web", &[], "http", 8080)
         .pod_labelled("web-2", "lemo", 0, "web", &[], "http", 8080)
         .service_named("web", "lemo", [10, 96, 3, 1], "web", "http", 80, 8080)
+        .pod_labelled("evil", "lemo", 1, "evil", &[], "grpc", 9090)
+        .service_named("evil", "lemo", [10, 96, 3, 2], "evil", "grpc", 9090, 9090)
 }
 
 /// (phase, attacker mode, target, connections or loops)
@@ -45,6 +50,7 @@ fn phases(c: &SimCluster) -> Vec<(&'static str, Option<&'static str>, String, u6
         ("slowloris, 2000 connections", Some("slowloris"), web.clone(), 2_000),
         ("1 MiB uploads never finished, 500", Some("upload"), web, 500),
         ("failing TLS handshakes on 15008, 64 loops", Some("tls-garbage"), tunnel, 64),
+        ("gRPC, a new status text per call, 800/s", Some("grpc-calls"), format!("http://{EVIL_VIP}:9090/grpc"), 8),
     ]
 }
 
@@ -55,6 +61,23 @@ fn node_proxy_pid(c: &SimCluster, i: usize) -> Option<u32> {
         .lines()
         .filter_map(|l| l.trim().parse::<u32>().ok())
         .find(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "mesh-node"))
+}
+
+/// Node i's proxy's metric series: how many, how many distinct `grpc_response_status` values,
+/// and the series it refused over its cap.
+fn series_json(c: &SimCluster, i: usize) -> Value {
+    let Ok(text) = c.metrics(i) else { return json!({"error": "metrics not scraped"}) };
+    let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).collect();
+    let statuses: std::collections::HashSet<&str> = samples
+        .iter()
+        .filter_map(|l| l.split("grpc_response_status=\"").nth(1)?.split('"').next())
+        .collect();
+    let overflow = samples
+        .iter()
+        .find(|l| l.starts_with("mesh_metric_series_overflow_total"))
+        .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    json!({"series": samples.len(), "grpc_status_labels": statuses.len(), "overflow": overflow})
 }
 
 fn fds(pid: u32) -> usize {
@@ -68,6 +91,7 @@ pub fn run(json_out: &Path, seconds: u64) -> anyhow::Result<()> {
     for name in ["web-1", "web-2"] {
         c.serve_in_pod(name, &probe, &["http-serve", "--name", name, "--port", "8080", "--body-bytes", "1024"], 8080)?;
     }
+    c.serve_in_pod("evil", &probe, &["http-serve", "--name", "evil", "--port", "9090", "--grpc-status-unique"], 9090)?;
     let pids: Vec<u32> = (0..2).filter_map(|i| node_proxy_pid(&c, i)).collect();
     anyhow::ensure!(pids.len() == 2, "both node proxies should run");
     let url = format!("http://{VIP}/");
@@ -121,7 +145,9 @@ pub fn run(json_out: &Path, seconds: u64) -> anyhow::Result<()> {
             quiet_p99 = p99;
         }
         let rss_after: Vec<f64> = pids.iter().map(|p| rss_mib(*p)).collect();
+        let series: Vec<Value> = (0..2).map(|i| series_json(&c, i)).collect();
         let row = json!({
+            "metric_series": series,
             "phase": name, "success_rate": success, "p99_ms": p99, "p50_ms": ms(&load, "p50_us"),
             "late_starts": load["late_starts"],
             "proxy_peak_rss_mib": peak.iter().map(|p| p.0).collect::<Vec<_>>(),
@@ -144,7 +170,8 @@ pub fn run(json_out: &Path, seconds: u64) -> anyhow::Result<()> {
         let p99 = r["p99_ms"].as_f64().unwrap_or(0.0);
         let rss: Vec<f64> = r["proxy_peak_rss_mib"].as_array().into_iter().flatten().filter_map(Value::as_f64).collect();
         let a = &r["attacker"];
-        let ok = success >= TARGET_SUCCESS && p99 <= quiet_p99 * TARGET_P99_FACTOR && rss.iter().all(|m| *m <= BUDGET_MIB);
+        let labels_ok = r["metric_series"].as_array().into_iter().flatten().all(|s| s["grpc_status_labels"].as_u64().unwrap_or(0) as usize <= GRPC_STATUS_LABELS_MAX);
+        let ok = success >= TARGET_SUCCESS && p99 <= quiet_p99 * TARGET_P99_FACTOR && rss.iter().all(|m| *m <= BUDGET_MIB) && labels_ok;
         all_met &= ok;
         println!(
             "{:<42} {:>8.3}% {:>9.2} {:>7.0} / {:<6.0} {:>10}  {} / {} / {}  {}",
@@ -160,8 +187,19 @@ pub fn run(json_out: &Path, seconds: u64) -> anyhow::Result<()> {
             verdict(ok),
         );
     }
+    if let Some(last) = rows.last() {
+        for (i, s) in last["metric_series"].as_array().into_iter().flatten().enumerate() {
+            println!(
+                "node-{} proxy after all phases: {} metric series, {} distinct grpc_response_status values (at most {GRPC_STATUS_LABELS_MAX}), {} series refused over the cap",
+                ["a", "b"][i.min(1)],
+                s["series"],
+                s["grpc_status_labels"],
+                s["overflow"]
+            );
+        }
+    }
     println!(
-        "targets per phase: success >= {:.1}%, p99 <= {TARGET_P99_FACTOR}x quiet ({:.2} ms), each proxy's RSS <= {BUDGET_MIB} MiB: {}",
+        "targets per phase: success >= {:.1}%, p99 <= {TARGET_P99_FACTOR}x quiet ({:.2} ms), each proxy's RSS <= {BUDGET_MIB} MiB, grpc_response_status values <= {GRPC_STATUS_LABELS_MAX}: {}",
         TARGET_SUCCESS * 100.0,
         quiet_p99 * TARGET_P99_FACTOR,
         if all_met { "MET" } else { "NOT MET" }

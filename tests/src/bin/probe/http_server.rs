@@ -43,6 +43,9 @@ pub struct ServerOpts {
     pub service_ms: u64,
     /// `--call NAME=URL[,URL...]`: downstream calls made for every `/` and `/grpc` request.
     pub calls: Vec<String>,
+    /// `--grpc-status-unique`: `/grpc` fails every call with a `grpc-status` text of its own (a
+    /// misbehaving upstream, for the abuse bench's telemetry cardinality phase).
+    pub grpc_status_unique: bool,
 }
 
 struct State {
@@ -192,6 +195,17 @@ pub fn grpc_frame(len: usize) -> Bytes {
 /// trailers `grpc-status: 0`. Over HTTP/1.1 the trailers cannot be sent; the status still is.
 async fn grpc(state: &State, req: Request<Incoming>) -> Response<Body> {
     let _ = req.into_body().collect().await;
+    if state.opts.grpc_status_unique {
+        // Trailers-only, so HTTP/1.1 callers see it too: a status no gRPC library would send,
+        // different on every call.
+        let n = state.requests.load(Ordering::Relaxed);
+        let mut resp = Response::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
+        let headers = resp.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from_str(&format!("E{n}-{}", state.opts.name)).expect("ascii"));
+        headers.insert("grpc-message", HeaderValue::from_str(&format!("failure number {n}")).expect("ascii"));
+        return resp;
+    }
     let mut trailers = HeaderMap::new();
     trailers.insert("grpc-status", HeaderValue::from_static("0"));
     let body = WithTrailers { data: Some(state.grpc_reply.clone()), trailers: Some(trailers) };
