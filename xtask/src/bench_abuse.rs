@@ -27,6 +27,9 @@ const GRPC_STATUS_LABELS_MAX: usize = 18;
 const BUDGET_MIB: f64 = 192.0;
 const TARGET_SUCCESS: f64 = 0.999;
 const TARGET_P99_FACTOR: f64 = 2.0;
+/// After the attacks, what each proxy may still hold beyond its quiet-phase RSS (the metric
+/// series and caches the attacks legitimately grew, not their connections' buffers).
+const SETTLED_MARGIN_MIB: f64 = 16.0;
 
 fn spec() -> ClusterSpec {
     ClusterSpec::new(2)
@@ -161,6 +164,11 @@ pub fn run(json_out: &Path, seconds: u64) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_secs(2));
     }
     let stats = [c.stats(0).ok(), c.stats(1).ok()];
+    // Every attacker gone: give the allocator trimmer (every 5 s) its turn, then look again.
+    std::thread::sleep(Duration::from_secs(7));
+    let settled: Vec<f64> = pids.iter().map(|p| rss_mib(*p)).collect();
+    let quiet_rss: Vec<f64> = rows.first().and_then(|r| r["proxy_rss_after_mib"].as_array()).into_iter().flatten().filter_map(Value::as_f64).collect();
+    let settled_ok = settled.iter().zip(&quiet_rss).all(|(s, q)| *s <= q + SETTLED_MARGIN_MIB);
 
     println!("\nabuse: {RATE} rps from bff to web (2 pods, 2 nodes) for {seconds} s per phase; attacker pod on node-a");
     println!("{:<42} {:>9} {:>9} {:>16} {:>10}  attacker (connected / failed / alive at end)", "phase", "success", "p99 ms", "peak RSS a/b MiB", "peak fds a");
@@ -199,6 +207,13 @@ pub fn run(json_out: &Path, seconds: u64) -> anyhow::Result<()> {
         }
     }
     println!(
+        "RSS after every attack ended: {} MiB (quiet: {} MiB; at most {SETTLED_MARGIN_MIB} MiB more): {}",
+        settled.iter().map(|m| format!("{m:.0}")).collect::<Vec<_>>().join(" / "),
+        quiet_rss.iter().map(|m| format!("{m:.0}")).collect::<Vec<_>>().join(" / "),
+        verdict(settled_ok)
+    );
+    all_met &= settled_ok;
+    println!(
         "targets per phase: success >= {:.1}%, p99 <= {TARGET_P99_FACTOR}x quiet ({:.2} ms), each proxy's RSS <= {BUDGET_MIB} MiB, grpc_response_status values <= {GRPC_STATUS_LABELS_MAX}: {}",
         TARGET_SUCCESS * 100.0,
         quiet_p99 * TARGET_P99_FACTOR,
@@ -209,7 +224,7 @@ pub fn run(json_out: &Path, seconds: u64) -> anyhow::Result<()> {
         &json!({
             "rate_rps": RATE, "seconds_per_phase": seconds, "rows": rows, "quiet_p99_ms": quiet_p99,
             "targets": {"success_rate_min": TARGET_SUCCESS, "p99_factor_max": TARGET_P99_FACTOR, "rss_mib_max": BUDGET_MIB},
-            "met": all_met, "node_stats": stats,
+            "met": all_met, "node_stats": stats, "settled_rss_mib": settled, "settled_margin_mib": SETTLED_MARGIN_MIB,
         }),
     )
 }
