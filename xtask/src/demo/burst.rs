@@ -42,21 +42,23 @@ fn ms(v: &Value, key: &str) -> f64 {
 
 fn describe(v: &Value) -> String {
     let shed = v["not_ok"].as_u64().unwrap_or(0);
-    format!("{} calls, p50 {:.1} ms, p99 of the answered {:.1} ms, {shed} shed", v["requests"], ms(v, "ok_p50_us"), ms(v, "ok_p99_us"))
+    format!(
+        "{} calls, p50 {:.1} ms, p99 of the answered {:.1} ms, {shed} not answered OK (HTTP {}, gRPC {}, errors {})",
+        v["requests"],
+        ms(v, "ok_p50_us"),
+        ms(v, "ok_p99_us"),
+        v["by_status"],
+        v["by_grpc_status"],
+        v["errors"]
+    )
 }
 
 pub fn burst(d: &mut Demo) -> anyhow::Result<()> {
     let capacity = V1.len() as u32 * WORKERS * 1000 / SERVICE_MS;
     d.view.say(&format!(
-        "\n[4/5] A burst: bff-0's load doubles, {STEADY:.0} -> {BURST:.0} calls/s for 4 s, past what the v1 pods take ({capacity} calls/s).\n      First with the seed's DestinationRule as it is (LEAST_REQUEST, no limit), then with the mesh's annotations on it:\n      mesh.io/load-balancer: peak-ewma and mesh.io/adaptive-concurrency: \"on\"."
+        "\n[4/5] A burst: bff-0's load doubles, {STEADY:.0} -> {BURST:.0} calls/s for 4 s, past what the v1 pods take ({capacity} calls/s).\n      With the mesh's annotations on the seed's DestinationRule (the seed's \"smooth limiting\"): latency-aware balancing\n      (mesh.io/load-balancer: peak-ewma) and adaptive concurrency (mesh.io/adaptive-concurrency: \"on\") shed the excess at once."
     ));
     let steady_s = 3.0 * d.scale.max(1.0);
-    phase(d, "bff-0 steady, seed policy", STEADY, steady_s)?;
-    let open = phase(d, "bff-0 2x burst, seed policy", BURST, 4.0)?;
-    d.view.say(&format!("  seed policy, 2x burst: {}", describe(&open)));
-    // Let the queues at the pods drain.
-    d.pause(Duration::from_secs(2), &[])?;
-
     d.c.apply_config("destination-rules.yaml", &protected_rule()?)?;
     d.view.say("  applied: the seed's DestinationRule + mesh.io/load-balancer: peak-ewma, mesh.io/adaptive-concurrency: \"on\"");
     let steady = phase(d, "bff-0 steady, mesh annotations", STEADY, steady_s + 1.0)?;
@@ -70,9 +72,8 @@ pub fn burst(d: &mut Demo) -> anyhow::Result<()> {
         .flatten()
         .map(|e| format!("{} {:.1} ms", e["pod"].as_str().unwrap_or("?").trim_start_matches("lemo-dev/"), e["latency_estimate_ms"].as_f64().unwrap_or(f64::NAN)))
         .collect();
-    let (open_p99, ok_p99, steady_p50) = (ms(&open, "ok_p99_us"), ms(&limited, "ok_p99_us"), ms(&steady, "ok_p50_us"));
     d.view.say(&format!(
-        "  mesh annotations, steady: {}\n  mesh annotations, 2x burst: {}; shed answers p50 {:.2} ms\n  node-a's limiter now: limit {}, min RTT {} ms; peak-ewma latency estimates: {}\n  p99 of the answered calls in the burst: {open_p99:.0} ms with the seed's policy, {ok_p99:.0} ms with the mesh's annotations",
+        "  mesh annotations, steady: {}\n  mesh annotations, 2x burst: {}; shed answers p50 {:.2} ms\n  node-a's limiter: limit {}, min RTT {} ms; peak-ewma latency estimates: {}",
         describe(&steady),
         describe(&limited),
         ms(&limited, "not_ok_answers_p50_us"),
@@ -81,8 +82,19 @@ pub fn burst(d: &mut Demo) -> anyhow::Result<()> {
         estimates.join(", ")
     ));
     watch::hint(d, &[(0, "-o json clusters", "balancer state: latency estimates, the adaptive concurrency limit")]);
+
+    // The same burst with the seed's policy as it is, for comparison.
+    d.c.apply_config("destination-rules.yaml", &topology::seed("destination-rules.yaml")?)?;
+    d.view.say("  for comparison, the seed's DestinationRule as it is (LEAST_REQUEST, no limit), the same burst:");
+    phase(d, "bff-0 steady, seed policy", STEADY, steady_s)?;
+    let open = phase(d, "bff-0 2x burst, seed policy", BURST, 4.0)?;
+    let (open_p99, ok_p99, steady_p99) = (ms(&open, "ok_p99_us"), ms(&limited, "ok_p99_us"), ms(&steady, "ok_p99_us"));
+    d.view.say(&format!(
+        "  seed policy, 2x burst: {}\n  p99 of the answered calls in the burst: {ok_p99:.0} ms with the mesh's annotations (steady: {steady_p99:.0} ms), {open_p99:.0} ms without",
+        describe(&open)
+    ));
     expect(limited["not_ok"].as_u64().unwrap_or(0) > 0, || format!("nothing was shed in the burst past capacity: {}", describe(&limited)))?;
-    expect(ok_p99 <= 5.0 * steady_p50, || format!("the admitted calls' p99 in the burst ({ok_p99:.1} ms) is above 5x the steady p50 ({steady_p50:.1} ms)"))?;
+    expect(ok_p99 <= 3.0 * steady_p99, || format!("the admitted calls' p99 in the burst ({ok_p99:.1} ms) is above 3x the steady p99 ({steady_p99:.1} ms)"))?;
     expect(open_p99 >= 2.0 * ok_p99, || format!("the burst did not queue without the limit: p99 {open_p99:.1} ms vs {ok_p99:.1} ms with it"))?;
     Ok(())
 }

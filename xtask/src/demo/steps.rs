@@ -50,29 +50,36 @@ pub fn grpc_balancing(d: &mut Demo, shares: &mut Shares) -> anyhow::Result<()> {
         expect(v1_total >= 200 && w.share(pod, &V1) >= 0.2, || format!("{pod} got {:.1}% of {v1_total} v1 calls (expected about a third, at least 20%)", w.share(pod, &V1) * 100.0))?;
     }
 
-    // mTLS: what node-b's proxy reports for the calls it received from node-a.
-    let metrics = d.c.metrics(1)?;
-    let seen = mtls_series(&metrics);
-    let mut text = String::from("  identities on the calls node-b's proxy received (its istio_requests_total, reporter=destination):");
-    for (src, dst, security, n) in &seen {
+    // mTLS: node-b's proxy reports the tunnel streams it accepted with the identity the peer's
+    // certificate proved; node-a's, its calls by the security toward their destination.
+    let streams = series(&d.c.metrics(1)?, "istio_tcp_connections_opened_total", "destination");
+    let calls = series(&d.c.metrics(0)?, "istio_requests_total", "source");
+    let mut text = String::from("  mTLS: tunnel streams node-b's proxy accepted, by the identity the peer's certificate proved:");
+    for (src, dst, security, n) in &streams {
+        text.push_str(&format!("\n    {src} -> {dst}  {security}  {n} streams"));
+    }
+    text.push_str("\n  calls node-a's proxy sent, by the security toward the destination pod (same-node calls need no tunnel):");
+    for (src, dst, security, n) in &calls {
         text.push_str(&format!("\n    {src} -> {dst}  {security}  {n} calls"));
     }
     d.view.say(&text);
     let bff = format!("spiffe://cluster.local/ns/{NS}/sa/bff");
     let recall = format!("spiffe://cluster.local/ns/{NS}/sa/recall");
-    expect(seen.iter().any(|(s, t, sec, n)| *s == bff && *t == recall && sec == "mutual_tls" && *n > 0), || format!("node-b saw no mutual_tls calls from {bff} to {recall}: {seen:?}"))?;
-    expect(!seen.iter().any(|(_, _, sec, n)| sec != "mutual_tls" && *n > 0), || format!("node-b received calls without mTLS: {seen:?}"))?;
+    expect(streams.iter().any(|(s, t, sec, n)| *s == bff && *t == recall && sec == "mutual_tls" && *n > 0), || format!("node-b accepted no mutual_tls streams from {bff} to {recall}: {streams:?}"))?;
+    expect(!streams.iter().any(|(_, _, sec, n)| sec != "mutual_tls" && *n > 0), || format!("node-b accepted streams without mTLS: {streams:?}"))?;
+    expect(calls.iter().any(|(s, _, sec, n)| *s == bff && sec == "mutual_tls" && *n > 0), || format!("node-a sent no calls over mTLS: {calls:?}"))?;
     let certs = watch::show(d, 0, "certs", "the workload certificates node-a's proxy holds (from the mesh CA)")?;
     expect(certs.contains("sa/bff"), || format!("meshctl certs on node-a does not list bff's identity:\n{certs}"))?;
     Ok(())
 }
 
-/// (source principal, destination principal, connection security, calls) of node-b's
-/// destination-side request counts.
-fn mtls_series(metrics: &str) -> Vec<(String, String, String, u64)> {
+/// (source principal, destination principal, connection security, sum) of a metric's series
+/// reported by `reporter`, from Prometheus text.
+fn series(metrics: &str, metric: &str, reporter: &str) -> Vec<(String, String, String, u64)> {
+    let (prefix, by) = (format!("{metric}{{"), format!("reporter=\"{reporter}\""));
     let mut out: Vec<(String, String, String, u64)> = Vec::new();
-    for line in metrics.lines().filter(|l| l.starts_with("istio_requests_total{") && l.contains("reporter=\"destination\"")) {
-        let label = |k: &str| line.split(&format!("{k}=\"")).nth(1).and_then(|r| r.split('"').next()).unwrap_or("").to_string();
+    for line in metrics.lines().filter(|l| l.starts_with(&prefix) && l.contains(&by)) {
+        let label = |k: &str| line.split(&format!(",{k}=\"")).nth(1).or_else(|| line.split(&format!("{{{k}=\"")).nth(1)).and_then(|r| r.split('"').next()).unwrap_or("").to_string();
         let n = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) as u64;
         let key = (label("source_principal"), label("destination_principal"), label("connection_security_policy"));
         match out.iter_mut().find(|(s, t, c, _)| (s, t, c) == (&key.0, &key.1, &key.2)) {
