@@ -142,6 +142,7 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
     demo.view.clear();
     match &result {
         Ok(()) => demo.view.say(&format!("\nmesh demo: every expectation held ({:.0} s); tearing the simulated cluster down", demo.t())),
+        Err(e) if STOP.load(Ordering::SeqCst) => demo.view.say(&format!("\nmesh demo: {e:#}")),
         Err(e) => demo.view.say(&format!("\nmesh demo: {e:#}\nnode-a proxy log (last lines):\n{}", tail(&demo.c.proxy_log_plain(0), 15))),
     }
     drop(demo);

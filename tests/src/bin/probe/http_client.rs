@@ -149,9 +149,9 @@ async fn run_async(args: HttpArgs) -> anyhow::Result<bool> {
     for task in tasks {
         task.await.context("worker panicked")?;
     }
+    // The last, partial second is in the final report only.
     if let Some(progress) = progress {
         progress.abort();
-        print_window(&run);
     }
     let elapsed_ms = run.start.elapsed().as_secs_f64() * 1000.0;
     let mut tally = run.tally.lock().expect("tally lock");
