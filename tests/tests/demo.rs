@@ -1,4 +1,4 @@
-//! End to end: `cargo xtask demo` in its short form (`--seconds 60`) plays the users' story on a
+//! End to end: `cargo xtask demo` in its short form (`--seconds 75`) plays the users' story on a
 //! simulated cluster of its own and checks every step itself (balancing shares, mTLS identities,
 //! the 90/10 canary, no errors behind retries while a pod fails, its ejection and return, p99
 //! bounded in a burst, the proxies' cost); it must exit 0 having said so.
@@ -14,7 +14,7 @@ fn the_demo_plays_every_step_and_checks_it() {
     let dir = xtask.parent().expect("bin dir").to_path_buf();
     let mut cmd = Command::new(&xtask);
     // The binaries under test, as built: the demo builds nothing then.
-    cmd.args(["demo", "--seconds", "60"]).env("MESH_BIN_DIR", &dir);
+    cmd.args(["demo", "--seconds", "75"]).env("MESH_BIN_DIR", &dir);
     let out = run_with_timeout(cmd, Duration::from_secs(170)).expect("the demo finishes within 170 s");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -39,7 +39,7 @@ enum Task {
     /// with mTLS, the canary, a failing pod (retries, ejection), a 2x burst, the proxies' cost.
     /// Each step checks what it shows; a failed expectation exits non-zero.
     Demo {
-        /// Length of the whole script (at least 60): the steady phases stretch with it.
+        /// About how long the whole script runs (at least 75): the steady phases stretch with it.
         #[arg(long, default_value_t = demo::DEFAULT_SECONDS)]
         seconds: u64,
         /// Run only this step (1-5).

@@ -57,7 +57,7 @@ pub fn failing_pod(d: &mut Demo) -> anyhow::Result<()> {
         "\n[3/5] {POD} (v1, node-b) starts failing: every call answered UNAVAILABLE.\n      bff-0 calls through the seed's route (retries: attempts 3, retryOn 5xx,connect-failure,unavailable);\n      bff-1 (node-b) calls through a route without retries. Outlier detection (the seed's: {CONSECUTIVE_ERRORS} consecutive 5xx, baseEjectionTime {}s) ejects the pod.",
         BASE_EJECTION.as_secs()
     ));
-    let before = d.phase(3.0);
+    let before = d.phase(4.0);
     // Bounded: long enough for the whole step, stopped when it is over.
     let duration = before + EJECT_WITHIN + BASE_EJECTION + RETURN_WITHIN + Duration::from_secs(10);
     // Together well within what two v1 pods take while the third is ejected (2 x 50 calls/s).

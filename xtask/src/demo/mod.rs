@@ -33,8 +33,12 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 /// The default length of the whole script, seconds.
 pub const DEFAULT_SECONDS: u64 = 90;
-/// Below this the share statistics and the ejection window no longer fit.
-pub const MIN_SECONDS: u64 = 60;
+/// Below this the share statistics no longer have calls enough (the short form, for tests).
+pub const MIN_SECONDS: u64 = 75;
+/// What does not stretch with `--seconds` (the seed's 30 s ejection, the burst, setup), and
+/// the steady phases that do, at scale 1.
+const FIXED_SECONDS: f64 = 53.0;
+const FLEX_SECONDS: f64 = 33.0;
 
 pub struct Opts {
     pub seconds: u64,
@@ -50,7 +54,7 @@ pub struct Demo {
     /// The recall servers' process ids, by pod.
     pub servers: std::collections::BTreeMap<String, u32>,
     started: Instant,
-    /// How much longer than the default the steps' steady phases run (1.0 at 90 s).
+    /// How much the steps' steady phases stretch (their base lengths add up to FLEX_SECONDS).
     pub scale: f64,
 }
 
@@ -60,7 +64,7 @@ impl Demo {
         self.started.elapsed().as_secs_f64()
     }
 
-    /// A steady phase of `base` seconds at the default length, scaled to `--seconds`.
+    /// A steady phase of `base` seconds at scale 1, stretched to fit `--seconds`.
     pub fn phase(&self, base: f64) -> Duration {
         Duration::from_secs_f64(base * self.scale)
     }
@@ -99,7 +103,7 @@ pub fn expect(holds: bool, what: impl FnOnce() -> String) -> anyhow::Result<()> 
 
 pub fn run(opts: Opts) -> anyhow::Result<()> {
     if opts.seconds < MIN_SECONDS {
-        bail!("--seconds {} is too short: the script needs at least {MIN_SECONDS} s (the seed's baseEjectionTime alone is 30 s)", opts.seconds);
+        bail!("--seconds {} is too short: the script needs at least {MIN_SECONDS} s (the seed's baseEjectionTime alone is 30 s, and the shares need calls enough)", opts.seconds);
     }
     if let Some(step) = opts.step
         && !(1..=5).contains(&step)
@@ -115,7 +119,7 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
     view.say("mesh demo: building two simulated nodes (network namespaces, cgroups, real eBPF capture, one node proxy each, the mesh CA)...");
     let (c, servers) = topology::start()?;
     let sampler = Sampler::new(&c);
-    let mut demo = Demo { c, view, sampler, servers, started: Instant::now(), scale: opts.seconds as f64 / DEFAULT_SECONDS as f64 };
+    let mut demo = Demo { c, view, sampler, servers, started: Instant::now(), scale: (opts.seconds as f64 - FIXED_SECONDS) / FLEX_SECONDS };
     topology::introduce(&mut demo);
     watch::introduce(&mut demo)?;
     let all = opts.step.is_none();

@@ -31,7 +31,7 @@ pub fn grpc_balancing(d: &mut Demo, shares: &mut Shares) -> anyhow::Result<()> {
     d.view.say(&format!(
         "\n[1/5] bff-0 (node-a) calls recall over gRPC on ONE long-lived HTTP/2 channel, {RATE:.0} calls/s.\n      The node proxy balances every call (LEAST_REQUEST, the seed's DestinationRule), not the connection; calls to node-b travel over mTLS."
     ));
-    let report = main_load(d, 10.0)?.run_out(d)?;
+    let report = main_load(d, 16.0)?.run_out(d)?;
     let w = Window::parse(&report, Instant::now());
     shares.routed.add(&w);
     let v1_total: u64 = V1.iter().map(|p| w.pod(p)).sum();
@@ -94,9 +94,9 @@ pub fn canary(d: &mut Demo, shares: &mut Shares) -> anyhow::Result<()> {
     d.view.say(&format!(
         "\n[2/5] The canary, from the seed's VirtualService: 90% of bff's calls to v1, 10% to v2 ({V2});\n      calls with `x-canary: true` only to v2. A second stream from bff-0 sets the header."
     ));
-    let main = main_load(d, 8.0)?;
-    let canary = Load::start(d, Spec { from: "bff-0", label: "bff-0 x-canary: true", rate: 20.0, duration: d.phase(8.0), concurrency: 4, headers: &["x-canary: true"] })?;
-    d.pause(d.phase(8.0), &[&main, &canary])?;
+    let main = main_load(d, 13.0)?;
+    let canary = Load::start(d, Spec { from: "bff-0", label: "bff-0 x-canary: true", rate: 20.0, duration: d.phase(13.0), concurrency: 4, headers: &["x-canary: true"] })?;
+    d.pause(d.phase(13.0), &[&main, &canary])?;
     let report = main.finish(d)?;
     let canary_report = canary.finish(d)?;
     shares.routed.add(&Window::parse(&report, Instant::now()));
