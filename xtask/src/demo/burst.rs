@@ -98,3 +98,23 @@ pub fn burst(d: &mut Demo) -> anyhow::Result<()> {
     expect(open_p99 >= 2.0 * ok_p99, || format!("the burst did not queue without the limit: p99 {open_p99:.1} ms vs {ok_p99:.1} ms with it"))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_yaml::Value;
+
+    #[test]
+    fn the_protected_rule_is_the_seeds_with_the_annotations_and_without_its_load_balancer() {
+        let dr: Value = serde_yaml::from_str(&super::protected_rule().unwrap()).unwrap();
+        let seed: Value = serde_yaml::from_str(&crate::demo::topology::seed("destination-rules.yaml").unwrap()).unwrap();
+        let annotations = &dr["metadata"]["annotations"];
+        assert_eq!(annotations["mesh.io/load-balancer"], Value::from("peak-ewma"));
+        assert_eq!(annotations["mesh.io/adaptive-concurrency"], Value::from("on"));
+        let policy = dr["spec"]["trafficPolicy"].as_mapping().unwrap();
+        assert!(!policy.contains_key("loadBalancer"), "{policy:?}");
+        let mut seed_policy = seed["spec"]["trafficPolicy"].as_mapping().unwrap().clone();
+        seed_policy.remove("loadBalancer");
+        assert_eq!(*policy, seed_policy, "the rest of the seed's policy unchanged");
+        assert_eq!(dr["spec"]["subsets"], seed["spec"]["subsets"]);
+    }
+}

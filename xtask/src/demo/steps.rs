@@ -123,3 +123,21 @@ pub fn canary(d: &mut Demo, shares: &mut Shares) -> anyhow::Result<()> {
 fn summary(v: &Value) -> String {
     format!("by_pod {} by_status {} errors {}", v["by_pod"], v["by_status"], v["errors"])
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn series_sums_by_principals_and_security_for_one_reporter() {
+        let text = "# TYPE istio_tcp_connections_opened_total counter\n\
+istio_tcp_connections_opened_total{reporter=\"destination\",source_principal=\"spiffe://a\",destination_principal=\"spiffe://b\",connection_security_policy=\"mutual_tls\",x=\"1\"} 2\n\
+istio_tcp_connections_opened_total{reporter=\"destination\",source_principal=\"spiffe://a\",destination_principal=\"spiffe://b\",connection_security_policy=\"mutual_tls\",x=\"2\"} 3\n\
+istio_tcp_connections_opened_total{reporter=\"source\",source_principal=\"spiffe://a\",destination_principal=\"spiffe://b\",connection_security_policy=\"mutual_tls\"} 7\n\
+istio_tcp_connections_opened_total{reporter=\"destination\",source_principal=\"unknown\",destination_principal=\"spiffe://b\",connection_security_policy=\"none\"} 1\n\
+istio_tcp_connections_opened_totalx{reporter=\"destination\"} 9\n";
+        let rows = super::series(text, "istio_tcp_connections_opened_total", "destination");
+        assert_eq!(
+            rows,
+            [("spiffe://a".into(), "spiffe://b".into(), "mutual_tls".into(), 5), ("unknown".into(), "spiffe://b".into(), "none".into(), 1)]
+        );
+    }
+}

@@ -110,3 +110,22 @@ pub fn introduce(d: &mut Demo) {
     ));
     d.view.say(&s);
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_yaml::Value;
+
+    #[test]
+    fn the_no_retries_route_comes_first_and_the_seed_routes_stay() {
+        let vs: Value = serde_yaml::from_str(&super::virtual_service().unwrap()).unwrap();
+        let http = vs["spec"]["http"].as_sequence().unwrap();
+        let names: Vec<&str> = http.iter().map(|r| r["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["demo-no-retries", "canary", "default"]);
+        assert_eq!(http[0]["retries"]["attempts"], Value::from(0));
+        assert_eq!(http[0]["match"][0]["headers"]["x-demo-retries"]["exact"], Value::from("off"));
+        assert_eq!(http[0]["route"][0]["destination"]["subset"], Value::from("v1"));
+        let seed: Value = serde_yaml::from_str(&super::seed("virtual-services.yaml").unwrap()).unwrap();
+        assert_eq!(http[1..], seed["spec"]["http"].as_sequence().unwrap()[..], "the seed's routes unchanged");
+        assert_eq!(super::NO_RETRIES, "x-demo-retries: off");
+    }
+}

@@ -46,14 +46,17 @@ impl View {
             if self.last_draw.is_some_and(|at| at.elapsed().as_millis() < 250) {
                 return;
             }
-            let mut lines = vec![format!("\x1b[2m── live, t={t:>3.0}s ─────────────────────────────────────────────────────────\x1b[0m")];
+            let mut lines = vec![format!("── live, t={t:>3.0}s ─────────────────────────────────────────────────────────")];
             for load in loads {
-                lines.push(client_line(load, load.latest().as_ref()));
+                let (calls, pods) = client_lines(load, load.latest().as_ref());
+                lines.extend([calls, format!("   {pods}")]);
             }
-            lines.push(format!("   {}", sampler.line()));
+            lines.push(sampler.line());
             self.clear();
+            // A line wider than the terminal would wrap, and the redraw would miscount lines.
+            let width = terminal_width().saturating_sub(1).max(20);
             for l in &lines {
-                println!("{l}");
+                println!("{}", l.chars().take(width).collect::<String>());
             }
             let _ = std::io::stdout().flush();
             self.drawn = lines.len();
@@ -73,16 +76,31 @@ impl View {
     }
 }
 
-/// `bff-0 (seed routes)  80 calls/s  failed 0  p99 31.2 ms | recall-0 31% recall-1 33% ...`
-fn client_line(load: &Load, w: Option<&Window>) -> String {
-    let Some(w) = w else { return format!("{:<28} (starting)", load.label) };
+/// Columns of the terminal on stdout (80 when it cannot be told).
+fn terminal_width() -> usize {
+    // SAFETY: TIOCGWINSZ fills the winsize it is given.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+    if ok && ws.ws_col > 0 { ws.ws_col as usize } else { 80 }
+}
+
+/// `bff-0 (seed routes)   80 calls/s  failed   0  p99   31.2 ms` and
+/// `recall-0 v1  31%  recall-1 v1  33%  recall-2 v2  10%  recall-3 v1  26%`: who answered.
+fn client_lines(load: &Load, w: Option<&Window>) -> (String, String) {
+    let Some(w) = w else { return (format!("{:<28} (starting)", load.label), String::new()) };
     let answered: u64 = w.by_pod.values().sum();
     let pods: Vec<String> = RECALL
         .iter()
         .map(|(pod, _, v)| {
             let pct = if answered == 0 { 0.0 } else { w.pod(pod) as f64 * 100.0 / answered as f64 };
-            format!("{pod}({v}) {pct:>3.0}%")
+            format!("{pod} {v} {pct:>3.0}%")
         })
         .collect();
-    format!("{:<28} {:>4} calls/s  failed {:>3}  p99 {:>6.1} ms | {}", load.label, w.calls, w.failed, w.p99_ms, pods.join("  "))
+    (format!("{:<28} {:>4} calls/s  failed {:>3}  p99 {:>6.1} ms", load.label, w.calls, w.failed, w.p99_ms), pods.join("  "))
+}
+
+/// Both on one line, for plain output.
+fn client_line(load: &Load, w: Option<&Window>) -> String {
+    let (calls, pods) = client_lines(load, w);
+    format!("{calls} | {pods}")
 }
