@@ -108,7 +108,7 @@ pub fn report(d: &mut Demo) -> anyhow::Result<()> {
         text.push_str(&format!("  {}: {:.3} vCPU on average, RSS {:.1} MiB (at most {:.1}), PSS {:.1} MiB\n", n.name, v, n.rss_mib, n.rss_max_mib, n.pss_mib));
     }
     text.push_str(&format!("  both: {vcpu:.3} vCPU, {pss:.1} MiB PSS, for 6 pods on 2 nodes\n"));
-    text.push_str(&sidecars_beside());
+    text.push_str(&sidecars_beside(&crate::workspace_root().join("target/bench/overhead.json")));
     d.view.say(text.trim_end());
     for n in &s.nodes {
         expect(n.procs > 0 && n.rss_mib > 0.0, || format!("{}'s proxy was not measured ({} processes, RSS {:.1} MiB)", n.name, n.procs, n.rss_mib))?;
@@ -119,14 +119,13 @@ pub fn report(d: &mut Demo) -> anyhow::Result<()> {
 
 /// Seven Envoy sidecars: from target/bench/overhead.json when a benchmark saved one, labelled as
 /// such; otherwise what is missing and how to make it, and Istio's default requests.
-fn sidecars_beside() -> String {
-    let path = crate::workspace_root().join("target/bench/overhead.json");
+fn sidecars_beside(path: &std::path::Path) -> String {
     let requests = format!(
         "  Istio's default requests for seven sidecars (reserved, not measured): {:.1} vCPU, {:.0} MiB\n",
         7.0 * SIDECAR_REQUEST_VCPU,
         7.0 * SIDECAR_REQUEST_MIB
     );
-    let Ok(bytes) = fs::read(&path) else {
+    let Ok(bytes) = fs::read(path) else {
         return format!(
             "  seven Envoy sidecars: no measurement here ({} is absent); `cargo xtask bench overhead` measures them beside the mesh on this machine\n{requests}",
             path.display()
@@ -149,4 +148,32 @@ fn sidecars_beside() -> String {
         r["repeats"],
         r["load"]["service_rps"].as_f64().unwrap_or(0.0),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn sidecars_come_from_the_saved_benchmark_labelled_or_their_absence_is_said() {
+        let dir = std::env::temp_dir().join(format!("demo-resources-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("overhead.json");
+        let absent = super::sidecars_beside(&path);
+        assert!(absent.contains("is absent") && absent.contains("cargo xtask bench overhead"), "{absent}");
+        let stat = |v: f64| json!({"median": v, "min": v, "max": v, "n": 3});
+        let saved = json!({
+            "repeats": 3, "quick": false, "machine": {"date": "2026-12-01 10:00 UTC"}, "load": {"service_rps": 700.0},
+            "modes": {
+                "sidecars": {"stats": {"steady_proxy_vcpu": stat(0.61), "steady_pss_mib": stat(160.5)}},
+                "mesh": {"stats": {"steady_proxy_vcpu": stat(0.12), "steady_pss_mib": stat(30.25)}},
+            },
+        });
+        std::fs::write(&path, saved.to_string()).unwrap();
+        let text = super::sidecars_beside(&path);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(text.contains("from the overhead benchmark's last saved result"), "{text}");
+        assert!(text.contains("2026-12-01 10:00 UTC") && text.contains("3 repeat(s)") && text.contains("700 service calls/s"), "{text}");
+        assert!(text.contains("seven Envoy sidecars 0.610 vCPU, 160.5 MiB PSS; the mesh there 0.120 vCPU, 30.2 MiB PSS"), "{text}");
+    }
 }
