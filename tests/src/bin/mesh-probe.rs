@@ -115,6 +115,7 @@ enum Cmd {
         bytes: u64,
     },
     /// HTTP/1.1 and h2c server; every answer carries `x-pod: NAME`, request headers script it.
+    /// SIGUSR1 makes it fail every request (gRPC: trailers-only UNAVAILABLE), SIGUSR2 heals it.
     HttpServe {
         #[arg(long)]
         name: String,
