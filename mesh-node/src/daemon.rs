@@ -424,6 +424,7 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
     let caps = data_caps(opts);
     // A quarter of the budget for request bodies kept for retries, node-wide.
     crate::http::replay::set_budget(opts.memory_budget_mib * 1024 * 1024 / 4);
+    crate::l4::tunnel::set_windows_from_budget(opts.memory_budget_mib * 1024 * 1024);
     info!(total = caps.total, per_source = caps.per_source, budget_mib = opts.memory_budget_mib, "connection caps per data listener");
     let accept = |name, l, caps, refused: fn(&crate::stats::ProxyStats) -> &crate::stats::Counter| listener::accept::Acceptor::new(name, l, caps, stats.clone(), refused);
     let small = listener::accept::Caps::SMALL;
@@ -433,6 +434,8 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
         tokio::spawn(admin::serve_admin(accept("admin", admin_listener, small, |s| &s.endpoints_over_cap), admin_state.clone())),
         tokio::spawn(admin::serve_readiness(accept("readiness", readiness, small, |s| &s.endpoints_over_cap), admin_state.clone())),
     ];
+    // What a burst freed goes back to the node instead of staying at the peak.
+    tasks.push(crate::memory::spawn_trimmer());
     if let Some((addr, metrics)) = metrics {
         let metrics = accept("metrics", listen(metrics, "metrics")?, small, |s| &s.endpoints_over_cap);
         tasks.push(tokio::spawn(telemetry::server::serve(metrics, telemetry.clone())));

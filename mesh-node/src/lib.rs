@@ -25,6 +25,7 @@ pub mod http;
 pub mod identity;
 pub mod l4;
 pub mod limits;
+pub mod memory;
 pub mod listener;
 pub mod protocol;
 pub mod rate_limit;

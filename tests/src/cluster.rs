@@ -533,13 +533,18 @@ impl SimCluster {
 
     /// Starts a process in a pod that serves on `port`, and waits until it accepts.
     pub fn serve_in_pod(&self, pod: &str, program: &Path, args: &[&str], port: u16) -> anyhow::Result<()> {
-        self.spawn_in_pod(pod, program, args)?;
+        self.serve_in_pod_pid(pod, program, args, port).map(|_| ())
+    }
+
+    /// Like [`Self::serve_in_pod`], returning the server's process id (e.g. to signal it).
+    pub fn serve_in_pod_pid(&self, pod: &str, program: &Path, args: &[&str], port: u16) -> anyhow::Result<u32> {
+        let pid = self.spawn_in_pod_pid(pod, program, args, None)?;
         let addr = format!("127.0.0.1:{port}");
         let out = self.run_in_pod(pod, &bins::path("mesh-probe"), &["wait", &addr, "--timeout-ms", "15000"], Duration::from_secs(20))?;
         if !out.status.success() {
             bail!("server in {pod} did not start listening on {port}");
         }
-        Ok(())
+        Ok(pid)
     }
 
     fn write_config(&self) -> anyhow::Result<()> {

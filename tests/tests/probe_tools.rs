@@ -334,3 +334,62 @@ fn grpc_probes_report_pods_and_status_codes() {
     assert_eq!(r["by_code"], serde_json::json!({"UNAVAILABLE": 2}), "{r}");
     assert_eq!(r["by_pod"], serde_json::json!({}), "{r}");
 }
+
+#[test]
+fn progress_lines_tally_each_second_and_the_report_comes_last() {
+    let mut p = Procs::default();
+    let a = p.http("a", &[]);
+    // 2.5 s of calls at 40/s: two whole seconds of progress, the rest only in the report.
+    let (ok, out) = run(Path::new(PROBE), &["http", &url(a, "/grpc"), "--h2", "--grpc", "--count", "100", "--rate", "40", "--progress-ms", "1000", "--expect-all-ok"]);
+    assert!(ok, "{out}");
+    let lines: Vec<serde_json::Value> = out.lines().map(json).collect();
+    let (report, progress) = lines.split_last().expect("some output");
+    assert_eq!(report["progress"], serde_json::Value::Null, "the report is last: {out}");
+    assert_eq!(report["by_pod"]["a"], 100, "{report}");
+    // A third line only if the VM is so loaded the last calls end after 3 s.
+    assert!((2..=3).contains(&progress.len()), "one line a second: {out}");
+    for (i, w) in progress.iter().enumerate() {
+        assert_eq!(w["progress"], true, "{w}");
+        let n = w["requests"].as_u64().unwrap();
+        if i < 2 {
+            assert!((30..=50).contains(&n), "about 40 calls in each whole second: {w}");
+        }
+        assert_eq!(w["by_pod"]["a"].as_u64(), Some(n), "{w}");
+        assert_eq!(w["not_ok"], 0, "{w}");
+    }
+    let counted: u64 = progress.iter().map(|w| w["requests"].as_u64().unwrap()).sum();
+    assert!(counted <= 100, "each call counted once at most: {out}");
+}
+
+#[test]
+fn sigusr1_makes_the_server_fail_every_call_and_sigusr2_heals_it() {
+    let mut p = Procs::default();
+    let a = p.http("a", &[]);
+    let pid = p.0.last().expect("server").id() as libc::pid_t;
+    let grpc = || probe(&["http", &url(a, "/grpc"), "--h2", "--grpc", "--count", "5"]);
+    assert_eq!(grpc()["by_grpc_status"], serde_json::json!({"0": 5}));
+    let signal = |sig| assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+    signal(libc::SIGUSR1);
+    // The signal is handled on the server's runtime: give it a moment.
+    let failing = (0..50).find_map(|_| {
+        let r = grpc();
+        (r["by_grpc_status"]["14"] == 5).then_some(r).or_else(|| {
+            std::thread::sleep(Duration::from_millis(20));
+            None
+        })
+    });
+    let r = failing.expect("every call UNAVAILABLE after SIGUSR1");
+    assert_eq!(r["by_status"], serde_json::json!({"200": 5}), "trailers-only gRPC answers: {r}");
+    assert_eq!(r["by_pod"]["a"], 5, "failures name the pod: {r}");
+    let plain = probe(&["http", &url(a, "/"), "--count", "3"]);
+    assert_eq!(plain["by_status"], serde_json::json!({"503": 3}), "{plain}");
+    signal(libc::SIGUSR2);
+    let healed = (0..50).any(|_| {
+        let ok = grpc()["by_grpc_status"] == serde_json::json!({"0": 5});
+        if !ok {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ok
+    });
+    assert!(healed, "every call OK again after SIGUSR2");
+}

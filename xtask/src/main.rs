@@ -36,11 +36,16 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Run the local demo: the seed's services on two simulated nodes (needs root).
+    /// The users' story on two simulated nodes (needs root): gRPC balancing over one channel
+    /// with mTLS, the canary, a failing pod (retries, ejection), a 2x burst, the proxies' cost.
+    /// Each step checks what it shows; a failed expectation exits non-zero.
     Demo {
-        /// Stop after this many seconds (default: run until Ctrl-C).
+        /// About how long the whole script runs (at least 75): the steady phases stretch with it.
+        #[arg(long, default_value_t = demo::DEFAULT_SECONDS)]
+        seconds: u64,
+        /// Run only this step (1-5).
         #[arg(long)]
-        seconds: Option<u64>,
+        step: Option<u8>,
     },
     /// Latency and throughput: direct pod-to-pod vs through the mesh (L4), per-request proxying
     /// vs an Envoy sidecar pair (L7), one failing pod of five (failure), and a surge past capacity
@@ -188,11 +193,14 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Task::Demo { seconds } => {
-            setup::setup()?;
+        Task::Demo { seconds, step } => {
+            // Given binaries (MESH_BIN_DIR) need no toolchain to build them.
+            if std::env::var_os("MESH_BIN_DIR").is_none() {
+                setup::setup()?;
+            }
             require_root("the demo")?;
             build_bins(true)?;
-            demo::run(seconds)
+            demo::run(demo::Opts { seconds, step })
         }
         Task::Bench { suite: Some(Suite::Abuse), seconds, .. } => {
             setup::setup()?;

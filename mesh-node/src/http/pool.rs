@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::watch;
 use tracing::debug;
 
-use super::replay::ReplayBody;
+use super::{replay::ReplayBody, server};
 use crate::{
     config::Endpoint,
     upstream::{ConnectError, Connector, Source},
@@ -164,7 +164,13 @@ impl Pool {
         let io = self.connector.connect(endpoint, source, settings.connect_timeout).await?;
         let goaway = io.tunnel_goaway();
         self.retire_on_goaway(&goaway);
-        let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await.map_err(SendError::Handshake)?;
+        // hyper queues up to its read/write buffer limit of a body the upstream is not taking
+        // (~400 KiB by default): a stalled upload would pin that much of the proxy each.
+        let (sender, conn) = http1::Builder::new()
+            .max_buf_size(server::HTTP1_MAX_BUF)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(SendError::Handshake)?;
         let addr = endpoint.addr;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
@@ -186,6 +192,7 @@ impl Pool {
         self.retire_on_goaway(&goaway);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
+            .max_send_buf_size(server::H2_MAX_SEND_BUF)
             .handshake(TokioIo::new(io))
             .await
             .map_err(SendError::Handshake)?;

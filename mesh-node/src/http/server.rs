@@ -18,6 +18,10 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// socket buffer, not in the proxy's memory.
 pub const HTTP1_MAX_BUF: usize = 64 * 1024;
 
+/// What one HTTP/2 stream may queue for sending beyond what the peer's window lets out (h2's
+/// default is 1 MiB): a peer that stops reading holds this much of the proxy per stream, not more.
+pub const H2_MAX_SEND_BUF: usize = 256 * 1024;
+
 /// HTTP/1.1 only (admin, metrics, readiness).
 pub fn http1() -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
@@ -29,13 +33,20 @@ pub fn http1() -> hyper::server::conn::http1::Builder {
 pub fn auto() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
     let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     b.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).max_buf_size(HTTP1_MAX_BUF);
-    b.http2().timer(TokioTimer::new()).keep_alive_interval(KEEPALIVE_INTERVAL).keep_alive_timeout(KEEPALIVE_TIMEOUT);
+    b.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .max_send_buf_size(H2_MAX_SEND_BUF);
     b
 }
 
 /// HTTP/2 only (the inbound tunnel port).
 pub fn http2() -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new()).keep_alive_interval(KEEPALIVE_INTERVAL).keep_alive_timeout(KEEPALIVE_TIMEOUT);
+    b.timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .max_send_buf_size(H2_MAX_SEND_BUF);
     b
 }

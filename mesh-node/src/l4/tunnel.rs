@@ -12,7 +12,10 @@ use std::{
     collections::HashMap,
     io,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -73,9 +76,26 @@ pub fn forwarded_source(value: &str) -> Option<std::net::IpAddr> {
 }
 
 /// HTTP/2 flow-control windows sized for bulk transfers through one multiplexed connection
-/// (the 64 KiB defaults throttle a single stream well below link speed).
-pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// (the 64 KiB defaults throttle a single stream well below link speed), and bounded by the
+/// node's memory budget: the connection window is what a peer may send that the proxy has not
+/// yet passed on, so it is a twelfth of the budget (16 MiB at the default 192 MiB), at least
+/// 1 MiB; a stream may use a quarter of it.
+static CONNECTION_WINDOW: AtomicU32 = AtomicU32::new(16 << 20);
+
+/// Derives the tunnel windows from `--memory-budget-mib`, before serving.
+pub fn set_windows_from_budget(budget_bytes: u64) {
+    let window = (budget_bytes / 12).clamp(1 << 20, 16 << 20);
+    CONNECTION_WINDOW.store(window as u32, Ordering::Relaxed);
+}
+
+pub fn connection_window() -> u32 {
+    CONNECTION_WINDOW.load(Ordering::Relaxed)
+}
+
+pub fn stream_window() -> u32 {
+    connection_window() / 4
+}
+
 pub const MAX_FRAME: u32 = 256 * 1024;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -182,9 +202,10 @@ impl TunnelPool {
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
+            .initial_stream_window_size(stream_window())
+            .initial_connection_window_size(connection_window())
             .max_frame_size(MAX_FRAME)
+            .max_send_buf_size(crate::http::server::H2_MAX_SEND_BUF)
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT);
         let (goaway_tx, goaway) = watch::channel(false);
@@ -388,5 +409,21 @@ mod tests {
         wire.extend(frame(0x0, &[7; 300]));
         w.scan(&wire);
         assert!(!*rx.borrow());
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    #[test]
+    fn windows_follow_the_memory_budget_within_bounds() {
+        set_windows_from_budget(192 << 20);
+        assert_eq!((connection_window(), stream_window()), (16 << 20, 4 << 20));
+        set_windows_from_budget(48 << 20);
+        assert_eq!((connection_window(), stream_window()), (4 << 20, 1 << 20));
+        set_windows_from_budget(4 << 20);
+        assert_eq!(connection_window(), 1 << 20, "never below 1 MiB");
+        set_windows_from_budget(192 << 20);
     }
 }

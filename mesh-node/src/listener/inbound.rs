@@ -110,8 +110,8 @@ where
     let mut drain = ctx.drain.signal();
     let service = service_fn(move |req| handle(req, peer.clone(), ctx.clone()));
     let conn = crate::http::server::http2()
-        .initial_stream_window_size(tunnel::STREAM_WINDOW)
-        .initial_connection_window_size(tunnel::CONNECTION_WINDOW)
+        .initial_stream_window_size(tunnel::stream_window())
+        .initial_connection_window_size(tunnel::connection_window())
         .max_frame_size(tunnel::MAX_FRAME)
         .serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);

@@ -115,6 +115,7 @@ enum Cmd {
         bytes: u64,
     },
     /// HTTP/1.1 and h2c server; every answer carries `x-pod: NAME`, request headers script it.
+    /// SIGUSR1 makes it fail every request (gRPC: trailers-only UNAVAILABLE), SIGUSR2 heals it.
     HttpServe {
         #[arg(long)]
         name: String,
@@ -142,6 +143,9 @@ enum Cmd {
         /// more, all called at once. A failed call makes the answer a 502.
         #[arg(long = "call")]
         calls: Vec<String>,
+        /// Fail every `/grpc` call with a `grpc-status` text of its own (a misbehaving upstream).
+        #[arg(long)]
+        grpc_status_unique: bool,
     },
     /// HTTP requests over persistent connections; one JSON report line.
     Http(http_client::HttpArgs),
@@ -184,8 +188,8 @@ fn main() -> ExitCode {
         Cmd::Echo { addr, bytes } => echo(&addr, bytes),
         Cmd::Rr { addr, size, rate, seconds, conns } => rr(&addr, size, rate, seconds, conns),
         Cmd::Bulk { addr, bytes } => bulk(&addr, bytes),
-        Cmd::HttpServe { name, port, fail_every, delay_ms, body_bytes, capacity, service_ms, calls } => {
-            http_serve(http_server::ServerOpts { name, port, fail_every, delay_ms, body_bytes, capacity, service_ms, calls })
+        Cmd::HttpServe { name, port, fail_every, delay_ms, body_bytes, capacity, service_ms, calls, grpc_status_unique } => {
+            http_serve(http_server::ServerOpts { name, port, fail_every, delay_ms, body_bytes, capacity, service_ms, calls, grpc_status_unique })
         }
         Cmd::Http(args) => http(args),
         Cmd::HttpConcurrent(args) if args.concurrency.is_none() => Err(io::Error::other("http-concurrent needs --concurrency")),

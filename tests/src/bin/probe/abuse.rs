@@ -6,6 +6,9 @@
 //! - `upload`: announces a 1 MiB body, sends half of it and stalls;
 //! - `tls-garbage`: in a loop, connects, sends bytes that are no TLS ClientHello, and closes
 //!   (a flood of failing handshakes; `--count` is the number of concurrent loops).
+//! - `grpc-calls`: ADDR is a URL; `--count` loops each make 100 gRPC calls a second over one
+//!   HTTP/2 connection (an upstream answering each with a status of its own makes this the
+//!   telemetry-cardinality attack); also reports how many distinct `grpc-status` values came back.
 //!
 //! Prints `{"mode", "attempted", "connected", "failed", "alive_at_end"}`: how many connects it
 //! made, how many succeeded, how many failed or were reset, and how many were still open
@@ -46,8 +49,11 @@ struct Tally {
 
 pub fn run(args: AbuseArgs) -> anyhow::Result<bool> {
     raise_nofile();
-    if !["idle", "slowloris", "upload", "tls-garbage"].contains(&args.mode.as_str()) {
-        anyhow::bail!("unknown mode {:?} (idle, slowloris, upload, tls-garbage)", args.mode);
+    if !["idle", "slowloris", "upload", "tls-garbage", "grpc-calls"].contains(&args.mode.as_str()) {
+        anyhow::bail!("unknown mode {:?} (idle, slowloris, upload, tls-garbage, grpc-calls)", args.mode);
+    }
+    if args.mode == "grpc-calls" {
+        return grpc_calls(&args);
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let tally = Arc::new(Tally::default());
@@ -71,6 +77,58 @@ pub fn run(args: AbuseArgs) -> anyhow::Result<bool> {
     println!(
         "{}",
         json!({"mode": args.mode, "attempted": n(&tally.attempted), "connected": n(&tally.connected), "failed": n(&tally.failed), "alive_at_end": n(&tally.alive)})
+    );
+    Ok(true)
+}
+
+/// `grpc-calls`: paced unary calls on `--count` HTTP/2 connections until `--seconds` are up.
+fn grpc_calls(args: &AbuseArgs) -> anyhow::Result<bool> {
+    let rt = super::conn::runtime()?;
+    let (tally, statuses) = rt.block_on(async {
+        let target = super::conn::Target::parse(&args.addr).await?;
+        let uri = format!("http://{}{}", target.authority, target.path_and_query);
+        let pool = Arc::new(super::conn::Pool::new(target, true, args.count as usize));
+        let tally = Arc::new(Tally::default());
+        let statuses = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let deadline = Instant::now() + Duration::from_secs(args.seconds);
+        let mut loops = Vec::new();
+        for slot in 0..pool.slots() {
+            let (pool, tally, statuses, uri) = (pool.clone(), tally.clone(), statuses.clone(), uri.clone());
+            loops.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(10));
+                while Instant::now() < deadline {
+                    tick.tick().await;
+                    tally.attempted.fetch_add(1, Ordering::Relaxed);
+                    let req = hyper::Request::post(&uri)
+                        .header("content-type", "application/grpc")
+                        .header("te", "trailers")
+                        .body(http_body_util::Full::new(super::http_server::grpc_frame(8)))
+                        .expect("a valid request");
+                    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+                    match pool.request(slot, req, until, false).await {
+                        Ok(answer) => {
+                            tally.connected.fetch_add(1, Ordering::Relaxed);
+                            if let Some(status) = answer.grpc_status {
+                                statuses.lock().expect("not poisoned").insert(status);
+                            }
+                        }
+                        Err(_) => {
+                            tally.failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }));
+        }
+        for l in loops {
+            let _ = l.await;
+        }
+        let distinct = statuses.lock().expect("not poisoned").len();
+        anyhow::Ok((tally, distinct))
+    })?;
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    println!(
+        "{}",
+        json!({"mode": args.mode, "attempted": n(&tally.attempted), "connected": n(&tally.connected), "failed": n(&tally.failed), "alive_at_end": 0, "distinct_statuses": statuses})
     );
     Ok(true)
 }

@@ -61,6 +61,13 @@ pub struct Answer {
     pub close: bool,
 }
 
+impl Answer {
+    /// The answer without its body: what a progress tally needs.
+    pub fn summary(&self) -> Answer {
+        Answer { status: self.status, pod: self.pod.clone(), body_len: self.body_len, body: None, grpc_status: self.grpc_status.clone(), close: self.close }
+    }
+}
+
 enum Sender {
     H1(http1::SendRequest<Full<Bytes>>),
     H2(http2::SendRequest<Full<Bytes>>),

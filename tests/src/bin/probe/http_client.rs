@@ -70,6 +70,10 @@ pub struct HttpArgs {
     /// `grpc-status` trailers, and a non-zero one is not ok.
     #[arg(long)]
     pub grpc: bool,
+    /// Also print, every this many ms while the run lasts, a JSON line `{"progress": true, ..}`
+    /// tallying only the requests answered since the previous one (a live view's feed).
+    #[arg(long)]
+    pub progress_ms: Option<u64>,
 }
 
 /// What every request of a run shares.
@@ -93,6 +97,8 @@ struct Run {
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
     tally: Mutex<Tally>,
+    /// With --progress-ms: the answers since the last progress line.
+    window: Option<Mutex<Tally>>,
     start: Instant,
     /// With --rate: requests that started more than 1 ms after their due time, and the worst lag.
     late: AtomicU64,
@@ -118,6 +124,7 @@ async fn run_async(args: HttpArgs) -> anyhow::Result<bool> {
         in_flight: AtomicUsize::new(0),
         max_in_flight: AtomicUsize::new(0),
         tally: Mutex::new(Tally::default()),
+        window: args.progress_ms.map(|_| Mutex::new(Tally::default())),
         start: Instant::now(),
         late: AtomicU64::new(0),
         max_lag_us: AtomicU64::new(0),
@@ -138,8 +145,13 @@ async fn run_async(args: HttpArgs) -> anyhow::Result<bool> {
         });
     }
     let tasks: Vec<_> = (0..workers).map(|w| tokio::spawn(worker(run.clone(), w))).collect();
+    let progress = args.progress_ms.map(|ms| tokio::spawn(progress(run.clone(), Duration::from_millis(ms.max(10)))));
     for task in tasks {
         task.await.context("worker panicked")?;
+    }
+    // The last, partial second is in the final report only.
+    if let Some(progress) = progress {
+        progress.abort();
     }
     let elapsed_ms = run.start.elapsed().as_secs_f64() * 1000.0;
     let mut tally = run.tally.lock().expect("tally lock");
@@ -236,10 +248,39 @@ async fn worker(run: Arc<Run>, w: usize) {
         let latency_us = scheduled.unwrap_or(started).elapsed().as_secs_f64() * 1e6;
         run.in_flight.fetch_sub(1, Ordering::SeqCst);
 
+        if let Some(window) = &run.window {
+            let mut window = window.lock().expect("window lock");
+            match &result {
+                Ok(answer) => window.answer(answer.summary(), latency_us),
+                Err(kind) => window.error(kind),
+            }
+        }
         let mut tally = run.tally.lock().expect("tally lock");
         match result {
             Ok(answer) => tally.answer(answer, latency_us),
             Err(kind) => tally.error(kind),
         }
     }
+}
+
+/// Prints a progress line every `every` until aborted.
+async fn progress(run: Arc<Run>, every: Duration) {
+    let mut tick = tokio::time::interval_at(run.start + every, every);
+    loop {
+        tick.tick().await;
+        print_window(&run);
+    }
+}
+
+/// The answers since the last progress line, as one JSON line, and a fresh window.
+fn print_window(run: &Run) {
+    let Some(window) = &run.window else { return };
+    let mut taken = std::mem::take(&mut *window.lock().expect("window lock"));
+    let seen = taken.seen();
+    let elapsed_ms = run.start.elapsed().as_secs_f64() * 1000.0;
+    let mut line = taken.finish(seen, run.pool.opened(), run.in_flight.load(Ordering::SeqCst), elapsed_ms);
+    line["progress"] = true.into();
+    line["pods_in_order"] = serde_json::Value::Null;
+    line["cdf_us"] = serde_json::Value::Null;
+    println!("{line}");
 }

@@ -3,12 +3,14 @@
 //! Behaviour comes from request headers rather than from flags so a test can change it between
 //! requests without restarting pods: `x-fail-pods`/`x-fail-status`, `x-delay-pods`, `x-delay-ms`.
 //! `/count` is exempt from counting, delays and failures: it is how a test observes a server.
+//! SIGUSR1 makes the server start failing every request (a backend gone bad: `/grpc` answers
+//! trailers-only `grpc-status: 14` UNAVAILABLE, anything else 503); SIGUSR2 heals it.
 use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -43,6 +45,9 @@ pub struct ServerOpts {
     pub service_ms: u64,
     /// `--call NAME=URL[,URL...]`: downstream calls made for every `/` and `/grpc` request.
     pub calls: Vec<String>,
+    /// `--grpc-status-unique`: `/grpc` fails every call with a `grpc-status` text of its own (a
+    /// misbehaving upstream, for the abuse bench's telemetry cardinality phase).
+    pub grpc_status_unique: bool,
 }
 
 struct State {
@@ -50,6 +55,8 @@ struct State {
     pod: HeaderValue,
     /// Requests received (all but `/count`), across connections: `--fail-every` counts these.
     requests: AtomicU64,
+    /// Between SIGUSR1 and SIGUSR2: every request fails.
+    failing: AtomicBool,
     /// The `--body-bytes` answer, built once.
     sized: Bytes,
     /// The `/grpc` reply: a 5-byte gRPC length prefix and a `--body-bytes` message.
@@ -80,7 +87,17 @@ async fn serve(opts: ServerOpts) -> anyhow::Result<bool> {
         let calls = opts.calls.iter().map(|c| Call::parse(c)).collect::<anyhow::Result<Vec<_>>>()?;
         Some(&*Box::leak(Box::new(Fanout::new(calls, opts.body_bytes))))
     };
-    let state = Arc::new(State { pod: HeaderValue::from_str(&opts.name)?, opts, requests: AtomicU64::new(0), sized, grpc_reply, workers, fanout });
+    let state = Arc::new(State {
+        pod: HeaderValue::from_str(&opts.name)?,
+        opts,
+        requests: AtomicU64::new(0),
+        failing: AtomicBool::new(false),
+        sized,
+        grpc_reply,
+        workers,
+        fanout,
+    });
+    watch_failure_signals(state.clone())?;
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -114,9 +131,31 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
     resp
 }
 
+/// SIGUSR1: start failing every request; SIGUSR2: answer normally again.
+fn watch_failure_signals(state: Arc<State>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut fail = signal(SignalKind::user_defined1())?;
+    let mut heal = signal(SignalKind::user_defined2())?;
+    tokio::spawn(async move {
+        loop {
+            let failing = tokio::select! {
+                _ = fail.recv() => true,
+                _ = heal.recv() => false,
+            };
+            state.failing.store(failing, Ordering::SeqCst);
+        }
+    });
+    Ok(())
+}
+
 async fn scripted(state: &State, req: Request<Incoming>) -> Response<Body> {
     let n = state.requests.fetch_add(1, Ordering::SeqCst) + 1;
     let name = state.opts.name.as_str();
+    if state.failing.load(Ordering::SeqCst) {
+        let grpc = req.uri().path() == "/grpc";
+        let _ = req.into_body().collect().await;
+        return failed_answer(name, grpc);
+    }
     let headers = req.headers();
 
     if let Some(workers) = &state.workers {
@@ -192,11 +231,36 @@ pub fn grpc_frame(len: usize) -> Bytes {
 /// trailers `grpc-status: 0`. Over HTTP/1.1 the trailers cannot be sent; the status still is.
 async fn grpc(state: &State, req: Request<Incoming>) -> Response<Body> {
     let _ = req.into_body().collect().await;
+    if state.opts.grpc_status_unique {
+        // Trailers-only, so HTTP/1.1 callers see it too: a status no gRPC library would send,
+        // different on every call.
+        let n = state.requests.load(Ordering::Relaxed);
+        let mut resp = Response::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
+        let headers = resp.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from_str(&format!("E{n}-{}", state.opts.name)).expect("ascii"));
+        headers.insert("grpc-message", HeaderValue::from_str(&format!("failure number {n}")).expect("ascii"));
+        return resp;
+    }
     let mut trailers = HeaderMap::new();
     trailers.insert("grpc-status", HeaderValue::from_static("0"));
     let body = WithTrailers { data: Some(state.grpc_reply.clone()), trailers: Some(trailers) };
     let mut resp = Response::new(body.boxed());
     resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    resp
+}
+
+/// What a server gone bad answers: for gRPC a trailers-only UNAVAILABLE (HTTP 200, the status in
+/// the one HEADERS frame, as a gRPC server whose backend is down sends it), else a 503.
+fn failed_answer(name: &str, grpc: bool) -> Response<Body> {
+    if !grpc {
+        return text(StatusCode::SERVICE_UNAVAILABLE, format!("{name} is failing\n"));
+    }
+    let mut resp = Response::new(empty());
+    let headers = resp.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert("grpc-status", HeaderValue::from_static("14"));
+    headers.insert("grpc-message", HeaderValue::from_str(&format!("{name} is failing")).unwrap_or(HeaderValue::from_static("failing")));
     resp
 }
 

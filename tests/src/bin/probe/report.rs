@@ -57,6 +57,11 @@ impl Tally {
         self.not_ok += 1;
     }
 
+    /// Requests tallied so far: answers and errors.
+    pub fn seen(&self) -> u64 {
+        self.latencies_us.len() as u64 + self.errors.values().sum::<u64>()
+    }
+
     pub fn all_ok(&self) -> bool {
         self.not_ok == 0
     }
