@@ -81,6 +81,10 @@ pub fn run(out_dir: &Path, opts: &Opts) -> anyhow::Result<()> {
     anyhow::ensure!(pids.len() == 2, "both node proxies should run");
 
     eprintln!("bench scale: connections held through the proxies ({} per proxy allowed)...", CONN_CAP);
+    // Warm-up: the tunnel between the nodes, pools, certificates.
+    let warm = c.run_in_pod("client", &probe, &["abuse", "active", HOLD_ADDR, "--count", "20", "--seconds", "3", "--interval-ms", "500"], Duration::from_secs(30))?;
+    eprintln!("  warm-up: {}", String::from_utf8_lossy(&warm.stdout).trim());
+    std::thread::sleep(Duration::from_secs(6));
     let mut conns = Vec::new();
     for mode in ["idle", "active"] {
         for n in CONN_COUNTS {
@@ -313,7 +317,9 @@ fn measure_conns(c: &SimCluster, pids: &[u32], mode: &str, n: u64) -> anyhow::Re
     let per_conn = |i: usize| {
         let d_fds = held_fds[i].saturating_sub(base_fds[i]) as f64;
         let d_rss = held[i]["rss_mib"].as_f64().unwrap_or(0.0) - base[i]["rss_mib"].as_f64().unwrap_or(0.0);
-        if d_fds > 0.0 { d_rss * 1024.0 / n as f64 } else { f64::NAN }
+        // Per connection the proxy actually holds (one descriptor each: the client side on
+        // node-a, the server side on node-b), not per connection the client asked for.
+        if d_fds > 0.0 { d_rss * 1024.0 / d_fds } else { f64::NAN }
     };
     Ok(json!({
         "mode": mode, "connections": n, "open_s": open_s,
@@ -323,6 +329,11 @@ fn measure_conns(c: &SimCluster, pids: &[u32], mode: &str, n: u64) -> anyhow::Re
         "rss_after_mib": pids.iter().map(|p| rss_mib(*p)).collect::<Vec<_>>(),
         "client": client,
     }))
+}
+
+/// A count for a table cell (`Value`'s Display ignores widths).
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
 }
 
 fn f(v: &Value) -> f64 {
@@ -337,7 +348,7 @@ fn print_tables(r: &Value) {
         let dests = s["bpf_maps_node_a"].as_array().into_iter().flatten().find(|m| m["name"].as_str().is_some_and(|n| n.starts_with("MESH_DESTS"))).map_or("-".into(), |m| format!("{}/{}", m["entries"], m["max_entries"]));
         println!(
             "{:>6} {:>9} {:>9.0} {:>8.1}/{:<8.1} {:>8.1}/{:<8.1} {:>10.2} {:>14.0} {:>16}",
-            s["pods"], s["services"], f(&s["config_bytes"]) / 1024.0, m(0, "pss_mib"), m(0, "rss_mib"), m(1, "pss_mib"), m(1, "rss_mib"), f(&s["config_load_s"]), f(&s["apply_ms_median"]), dests
+            u(&s["pods"]), u(&s["services"]), f(&s["config_bytes"]) / 1024.0, m(0, "pss_mib"), m(0, "rss_mib"), m(1, "pss_mib"), m(1, "rss_mib"), f(&s["config_load_s"]), f(&s["apply_ms_median"]), dests
         );
     }
     if let Some(last) = r["sizes"].as_array().and_then(|a| a.last()) {
@@ -345,12 +356,12 @@ fn print_tables(r: &Value) {
         println!("node-a BPF maps at {} pods (entries/capacity): {}", last["pods"], maps.join(", "));
     }
     println!("\nscale: connections client (node-a) -> hold (node-b), L4 over HBONE, proxies with --max-connections{{,-per-source}} {CONN_CAP}");
-    println!("{:>7} {:>7} {:>8} {:>15} {:>15} {:>17} {:>17} {:>12}", "mode", "conns", "open s", "node-a RSS MiB", "node-b RSS MiB", "KiB/conn a / b", "fds held a / b", "requests ok");
+    println!("{:>7} {:>7} {:>8} {:>16} {:>16} {:>17} {:>17} {:>12} {:>8}", "mode", "conns", "open s", "node-a RSS MiB", "node-b RSS MiB", "KiB/conn a / b", "fds held a / b", "requests ok", "failed");
     for c in r["connections"].as_array().into_iter().flatten() {
         println!(
-            "{:>7} {:>7} {:>8.1} {:>6.1} -> {:<6.1} {:>6.1} -> {:<6.1} {:>8.1} / {:<6.1} {:>8} / {:<6} {:>12}",
+            "{:>7} {:>7} {:>8.1} {:>6.1} -> {:<6.1} {:>6.1} -> {:<6.1} {:>8.1} / {:<6.1} {:>8} / {:<6} {:>12} {:>8}",
             c["mode"].as_str().unwrap_or(""),
-            c["connections"],
+            u(&c["connections"]),
             f(&c["open_s"]),
             f(&c["memory_before"][0]["rss_mib"]),
             f(&c["memory_held"][0]["rss_mib"]),
@@ -358,9 +369,10 @@ fn print_tables(r: &Value) {
             f(&c["memory_held"][1]["rss_mib"]),
             f(&c["rss_kib_per_connection"][0]),
             f(&c["rss_kib_per_connection"][1]),
-            c["fds_held"][0],
-            c["fds_held"][1],
-            c["client"]["requests_ok"],
+            u(&c["fds_held"][0]),
+            u(&c["fds_held"][1]),
+            u(&c["client"]["requests_ok"]),
+            u(&c["client"]["failed"]),
         );
     }
     if !r["soak"].is_null() {

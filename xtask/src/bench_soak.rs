@@ -97,13 +97,13 @@ pub fn print_table(s: &Value) {
     for r in s["rows"].as_array().into_iter().flatten() {
         println!(
             "{:>6} {:>9.1}/{:<9.1} {:>9.1}/{:<9.1} {:>5}/{:<5} {:>9.2} {:>8.3}%",
-            r["minute"],
+            r["minute"].as_u64().unwrap_or(0),
             f(&r["memory"][0]["rss_mib"]),
             f(&r["memory"][0]["pss_mib"]),
             f(&r["memory"][1]["rss_mib"]),
             f(&r["memory"][1]["pss_mib"]),
-            r["fds"][0],
-            r["fds"][1],
+            r["fds"][0].as_u64().unwrap_or(0),
+            r["fds"][1].as_u64().unwrap_or(0),
             f(&r["p99_ms"]),
             f(&r["success_rate"]) * 100.0
         );
