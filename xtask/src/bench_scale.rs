@@ -80,6 +80,20 @@ pub fn run(out_dir: &Path, opts: &Opts) -> anyhow::Result<()> {
     let pids: Vec<u32> = (0..2).filter_map(|i| node_proxy_pid(&c, i)).collect();
     anyhow::ensure!(pids.len() == 2, "both node proxies should run");
 
+    eprintln!("bench scale: cluster size (config-only pods, {REAL_PODS} real ones)...");
+    let mut sizes = Vec::new();
+    for total in POD_COUNTS {
+        let row = measure_size(&c, &pids, total).with_context(|| format!("{total} pods"))?;
+        eprintln!("  {total} pods: {row}");
+        sizes.push(row);
+    }
+    // The connections on the small cluster again: the config-only objects gone.
+    let before: Vec<u64> = (0..2).map(|i| c.counter(i, "proxy", "config_reloads")).collect();
+    std::fs::remove_file(c.config_dir.join("scale-objects.yaml"))?;
+    for (i, b) in before.iter().enumerate() {
+        wait_reload(&c, i, *b, Duration::from_secs(60))?;
+    }
+    std::thread::sleep(Duration::from_secs(6));
     eprintln!("bench scale: connections held through the proxies ({} per proxy allowed)...", CONN_CAP);
     // Warm-up: the tunnel between the nodes, pools, certificates.
     let warm = c.run_in_pod("client", &probe, &["abuse", "active", HOLD_ADDR, "--count", "20", "--seconds", "3", "--interval-ms", "500"], Duration::from_secs(30))?;
@@ -94,13 +108,6 @@ pub fn run(out_dir: &Path, opts: &Opts) -> anyhow::Result<()> {
         }
     }
 
-    eprintln!("bench scale: cluster size (config-only pods, {REAL_PODS} real ones)...");
-    let mut sizes = Vec::new();
-    for total in POD_COUNTS {
-        let row = measure_size(&c, &pids, total).with_context(|| format!("{total} pods"))?;
-        eprintln!("  {total} pods: {row}");
-        sizes.push(row);
-    }
     drop(c);
 
     let soak = if opts.soak_minutes > 0 { Some(crate::bench_soak::run(opts.soak_minutes)?) } else { None };
