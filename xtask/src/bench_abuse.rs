@@ -58,7 +58,7 @@ fn phases(c: &SimCluster) -> Vec<(&'static str, Option<&'static str>, String, u6
 }
 
 /// The `mesh-node` process of node i's proxy container (not the `unshare` around it).
-fn node_proxy_pid(c: &SimCluster, i: usize) -> Option<u32> {
+pub(crate) fn node_proxy_pid(c: &SimCluster, i: usize) -> Option<u32> {
     let procs = std::fs::read_to_string(c.node(i).cgroup.join("mesh-node").join("cgroup.procs")).ok()?;
     procs
         .lines()

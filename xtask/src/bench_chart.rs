@@ -5,13 +5,13 @@ use std::fmt::Write as _;
 use serde_json::Value;
 
 const MODES: [(&str, &str, &str); 3] = [("no_mesh", "no mesh", "#9e9e9e"), ("sidecars", "sidecars (Envoy per pod)", "#d95f02"), ("mesh", "mesh (proxy per node)", "#1b9e77")];
-const FONT: &str = "font-family=\"Helvetica,Arial,sans-serif\"";
+pub(crate) const FONT: &str = "font-family=\"Helvetica,Arial,sans-serif\"";
 
 fn num(v: &Value) -> f64 {
     v.as_f64().filter(|x| x.is_finite()).unwrap_or(0.0)
 }
 
-fn header(w: u32, h: u32, title: &str) -> String {
+pub(crate) fn header(w: u32, h: u32, title: &str) -> String {
     format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\" font-weight=\"bold\" {FONT}>{}</text>\n",
         w / 2,
@@ -19,12 +19,12 @@ fn header(w: u32, h: u32, title: &str) -> String {
     )
 }
 
-fn escape(s: &str) -> String {
+pub(crate) fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 /// A "nice" axis maximum at or above `max`: 1, 2 or 5 times a power of ten.
-fn nice_max(max: f64) -> f64 {
+pub(crate) fn nice_max(max: f64) -> f64 {
     if max <= 0.0 {
         return 1.0;
     }

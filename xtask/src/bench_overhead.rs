@@ -52,11 +52,11 @@ use crate::{
 const NS: &str = "shop";
 const EDGE_NS: &str = "edge";
 const LOADGEN: &str = "loadgen";
-const APP_PORT: u16 = 8080;
+pub(crate) const APP_PORT: u16 = 8080;
 const BODY: usize = 1024;
 /// Service requests per request to bff: bff itself, its four calls, and rank's and rerank's one.
-const FANOUT: f64 = 7.0;
-const SERVICE_RPS: f64 = 1000.0;
+pub(crate) const FANOUT: f64 = 7.0;
+pub(crate) const SERVICE_RPS: f64 = 1000.0;
 const ENVOY_UID: u32 = 1337;
 const ENVOY_OUT: u16 = 15001;
 const ENVOY_IN: u16 = 15006;
@@ -112,7 +112,7 @@ fn vip(s: &Service) -> String {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Mode {
+pub(crate) enum Mode {
     NoMesh,
     Sidecars,
     Mesh,
@@ -224,7 +224,7 @@ pub(crate) fn set_mode(p: &Path, mode: u32) -> anyhow::Result<()> {
     fs::set_permissions(p, fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", p.display()))
 }
 
-fn spec(mode: Mode) -> ClusterSpec {
+pub(crate) fn spec(mode: Mode) -> ClusterSpec {
     let mut spec = ClusterSpec::new(2).namespace(NS, mode == Mode::Mesh).namespace(EDGE_NS, false).pod(LOADGEN, EDGE_NS, 0, LOADGEN, 9000);
     for (pod, svc, version, node) in PODS {
         let port_name = if service(svc).grpc { "grpc" } else { "http" };
@@ -251,7 +251,7 @@ fn call_arg(c: &SimCluster, mode: Mode, callee: &Service) -> String {
     format!("{}={}", callee.name, urls.join(","))
 }
 
-fn start_apps(c: &SimCluster, mode: Mode) -> anyhow::Result<()> {
+pub(crate) fn start_apps(c: &SimCluster, mode: Mode) -> anyhow::Result<()> {
     let probe = bins::path("mesh-probe");
     let body = BODY.to_string();
     let port = APP_PORT.to_string();
@@ -362,7 +362,7 @@ fn run_mode(mode: Mode, d: &Durations, envoy: &Path, work: &Path, certs: &crate:
 
 /// One fixed-rate run of the load generator against bff; its JSON report. Latency counts from
 /// each request's scheduled start (`mesh-probe http --rate`), late starts reported.
-fn load(c: &SimCluster, url: &str, rate: f64, seconds: u64, headers: &[&str]) -> anyhow::Result<Value> {
+pub(crate) fn load(c: &SimCluster, url: &str, rate: f64, seconds: u64, headers: &[&str]) -> anyhow::Result<Value> {
     let count = ((rate * seconds as f64).round() as u64).max(1).to_string();
     let rate = format!("{rate:.3}");
     let body = BODY.to_string();
@@ -515,7 +515,7 @@ impl MemSampler {
 // ---------------------------------------------------------------------------------------------
 // The mesh's policies: the seed's Istio YAML, as the users apply it.
 
-fn policies() -> String {
+pub(crate) fn policies() -> String {
     let mut y = String::new();
     for s in &SERVICES {
         let subsets = if s.name == "recall" { "\n  subsets:\n  - name: v1\n    labels: {version: v1}\n  - name: v2\n    labels: {version: v2}" } else { "" };

@@ -6,6 +6,9 @@ mod bench_chart;
 mod bench_failure;
 mod bench_l7;
 mod bench_overhead;
+mod bench_scale;
+mod bench_scale_chart;
+mod bench_soak;
 mod bench_sockmap;
 mod bench_surge;
 mod bench_telemetry;
@@ -84,6 +87,9 @@ enum Task {
         /// A ztunnel binary: the L4 bench adds a ztunnel pair as a peer (skipped when absent).
         #[arg(long)]
         ztunnel: Option<PathBuf>,
+        /// With `scale`: minutes of the soak at the seed's load (0: no soak).
+        #[arg(long, default_value_t = 30)]
+        soak_minutes: u64,
     },
     /// Run the cargo-fuzz targets (nightly; cargo-fuzz is installed if missing), one after the
     /// other, and report executions per target. Targets: config_yaml, sniff, http1_request,
@@ -104,6 +110,10 @@ enum Suite {
     /// A legitimate client through the mesh while an attacker pod misbehaves (idle connections,
     /// slowloris, stalled uploads, TLS garbage); writes target/bench/abuse.json.
     Abuse,
+    /// How cost grows: node proxy memory, config apply time and BPF map entries for 10 to 5,000
+    /// pods (most config-only), RSS per idle and active connection up to 10,000, and a soak
+    /// (--soak-minutes); writes target/bench/scale.{json,*.svg}.
+    Scale,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -126,6 +136,17 @@ pub fn workspace_root() -> PathBuf {
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(workspace_root());
+    // What `cargo run` told xtask about itself must not reach the builds it starts: ring's build
+    // script reruns when CARGO_MANIFEST_DIR changes, so every `cargo xtask demo` or bench, and
+    // the next plain `cargo build` after it, rebuilt ring, rustls and everything above them.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_PKG_")
+            || ["CARGO_MANIFEST_DIR", "CARGO_MANIFEST_PATH", "CARGO_CRATE_NAME", "CARGO_BIN_NAME", "CARGO_PRIMARY_PACKAGE"].contains(&key.as_ref())
+        {
+            cmd.env_remove(key.as_ref());
+        }
+    }
     cmd
 }
 
@@ -207,6 +228,14 @@ fn main() -> anyhow::Result<()> {
             require_root("the benchmark")?;
             build_bins(true)?;
             bench_abuse::run(&workspace_root().join("target/bench/abuse.json"), seconds)
+        }
+        Task::Bench { suite: Some(Suite::Scale), soak_minutes, .. } => {
+            setup::setup()?;
+            require_root("the benchmark")?;
+            if std::env::var_os("MESH_BENCH_PREBUILT").is_none() || std::env::var_os("MESH_BIN_DIR").is_none() {
+                build_bins(true)?;
+            }
+            bench_scale::run(&workspace_root().join("target/bench"), &bench_scale::Opts { soak_minutes })
         }
         Task::Bench { suite: Some(Suite::Micro), .. } => run(cargo().args(["bench", "-p", "mesh-node", "--bench", "hot_paths"])),
         Task::Bench { suite: Some(Suite::Overhead), quick, repeats, check, .. } => {

@@ -88,6 +88,21 @@ pub fn set_windows_from_budget(budget_bytes: u64) {
     CONNECTION_WINDOW.store(window as u32, Ordering::Relaxed);
 }
 
+/// Streams a peer may open at once on one inbound tunnel connection (HTTP/2
+/// SETTINGS_MAX_CONCURRENT_STREAMS): the data listeners' per-source cap, a peer node being one
+/// source for tunnels. Without it hyper's default (200) applies, and a peer node's 201st
+/// concurrent connection to this node's pods waits, unconnected, for another to end.
+static MAX_STREAMS: AtomicU32 = AtomicU32::new(200);
+
+/// Sets [`max_streams`] from the per-source connection cap, before serving.
+pub fn set_max_streams(per_source: usize) {
+    MAX_STREAMS.store(per_source.clamp(1, u32::MAX as usize) as u32, Ordering::Relaxed);
+}
+
+pub fn max_streams() -> u32 {
+    MAX_STREAMS.load(Ordering::Relaxed)
+}
+
 pub fn connection_window() -> u32 {
     CONNECTION_WINDOW.load(Ordering::Relaxed)
 }

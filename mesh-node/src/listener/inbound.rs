@@ -113,6 +113,7 @@ where
         .initial_stream_window_size(tunnel::stream_window())
         .initial_connection_window_size(tunnel::connection_window())
         .max_frame_size(tunnel::MAX_FRAME)
+        .max_concurrent_streams(tunnel::max_streams())
         .serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {

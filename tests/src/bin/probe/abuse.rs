@@ -9,6 +9,9 @@
 //! - `grpc-calls`: ADDR is a URL; `--count` loops each make 100 gRPC calls a second over one
 //!   HTTP/2 connection (an upstream answering each with a status of its own makes this the
 //!   telemetry-cardinality attack); also reports how many distinct `grpc-status` values came back.
+//! - `active`: not abuse but its mirror, for the scale bench: each connection sends an HTTP/1.1
+//!   `GET /` at once and then every `--interval-ms` (start offsets spread over the interval) and
+//!   reads the answer, keeping the connection; `requests_ok` counts the answers.
 //!
 //! Prints `{"mode", "attempted", "connected", "failed", "alive_at_end"}`: how many connects it
 //! made, how many succeeded, how many failed or were reset, and how many were still open
@@ -29,7 +32,7 @@ use tokio::{
 
 #[derive(clap::Args)]
 pub struct AbuseArgs {
-    /// idle, slowloris, upload or tls-garbage.
+    /// idle, slowloris, upload, tls-garbage, grpc-calls or active.
     pub mode: String,
     /// HOST:PORT
     pub addr: String,
@@ -37,6 +40,9 @@ pub struct AbuseArgs {
     pub count: u64,
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
+    /// `active`: time between two requests on one connection.
+    #[arg(long, default_value_t = 5000)]
+    pub interval_ms: u64,
 }
 
 #[derive(Default)]
@@ -45,11 +51,12 @@ struct Tally {
     connected: AtomicU64,
     failed: AtomicU64,
     alive: AtomicU64,
+    requests_ok: AtomicU64,
 }
 
 pub fn run(args: AbuseArgs) -> anyhow::Result<bool> {
     raise_nofile();
-    if !["idle", "slowloris", "upload", "tls-garbage", "grpc-calls"].contains(&args.mode.as_str()) {
+    if !["idle", "slowloris", "upload", "tls-garbage", "grpc-calls", "active"].contains(&args.mode.as_str()) {
         anyhow::bail!("unknown mode {:?} (idle, slowloris, upload, tls-garbage, grpc-calls)", args.mode);
     }
     if args.mode == "grpc-calls" {
@@ -60,9 +67,18 @@ pub fn run(args: AbuseArgs) -> anyhow::Result<bool> {
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     rt.block_on(async {
         let mut tasks = Vec::new();
-        for _ in 0..args.count {
+        for i in 0..args.count {
             let (tally, addr, mode) = (tally.clone(), args.addr.clone(), args.mode.clone());
-            tasks.push(tokio::spawn(async move { misbehave(&mode, &addr, deadline, &tally).await }));
+            // `active`: the connections' requests spread evenly over the interval.
+            let offset = Duration::from_millis(args.interval_ms.max(1) * i / args.count.max(1));
+            let interval = Duration::from_millis(args.interval_ms.max(1));
+            tasks.push(tokio::spawn(async move {
+                if mode == "active" {
+                    active(&addr, deadline, offset, interval, &tally).await
+                } else {
+                    misbehave(&mode, &addr, deadline, &tally).await
+                }
+            }));
             // Connects paced a little, so the flood is a flood and not a SYN burst the
             // backlog drops.
             if tasks.len() % 200 == 0 {
@@ -76,7 +92,7 @@ pub fn run(args: AbuseArgs) -> anyhow::Result<bool> {
     let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
     println!(
         "{}",
-        json!({"mode": args.mode, "attempted": n(&tally.attempted), "connected": n(&tally.connected), "failed": n(&tally.failed), "alive_at_end": n(&tally.alive)})
+        json!({"mode": args.mode, "attempted": n(&tally.attempted), "connected": n(&tally.connected), "failed": n(&tally.failed), "alive_at_end": n(&tally.alive), "requests_ok": n(&tally.requests_ok)})
     );
     Ok(true)
 }
@@ -185,6 +201,63 @@ async fn misbehave(mode: &str, addr: &str, deadline: Instant, tally: &Tally) {
         }
     }
     tally.alive.fetch_add(1, Ordering::Relaxed);
+}
+
+/// `active`: one kept connection, a `GET /` at once and then every `interval` (after `offset`),
+/// each answer read whole (headers, then `content-length` bytes).
+async fn active(addr: &str, deadline: Instant, offset: Duration, interval: Duration, tally: &Tally) {
+    tally.attempted.fetch_add(1, Ordering::Relaxed);
+    let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await else {
+        tally.failed.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    tally.connected.fetch_add(1, Ordering::Relaxed);
+    // The first request at once, then the next after `offset`, then every `interval`.
+    let mut pause = if offset.is_zero() { interval } else { offset };
+    while Instant::now() < deadline {
+        let answered = tokio::time::timeout(Duration::from_secs(5), async {
+            s.write_all(b"GET / HTTP/1.1\r\nHost: scale\r\n\r\n").await?;
+            read_answer(&mut s).await
+        })
+        .await;
+        if !matches!(answered, Ok(Ok(()))) {
+            tally.failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        tally.requests_ok.fetch_add(1, Ordering::Relaxed);
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(pause.min(left)).await;
+        pause = interval;
+    }
+    tally.alive.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Reads one HTTP/1.1 answer with a `content-length` body.
+async fn read_answer(s: &mut TcpStream) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let n = s.read(&mut chunk).await?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            return if head.starts_with("http/1.1 2") { Ok(()) } else { Err(std::io::ErrorKind::InvalidData.into()) };
+        }
+        if buf.len() > 64 * 1024 {
+            return Err(std::io::ErrorKind::InvalidData.into());
+        }
+    }
 }
 
 fn raise_nofile() {
