@@ -370,8 +370,8 @@ pub fn run(json_out: &Path, opts: &Opts) -> anyhow::Result<Vec<String>> {
 /// The ztunnel pair (dedicated mode, as FACTS.md's recipe runs it without istiod): one in
 /// `client-zt`, whose connections to the pair's Service address an iptables rule redirects to
 /// its port 15001, one in `srv-zt`, taking HBONE on 15008 and handing it to the server on
-/// :7000. Both get their certificates from ztunnel's FAKE_CA. Returns their pids.
-/// Untested against a real ztunnel binary so far.
+/// :7000. Both get their certificates from ztunnel's FAKE_CA. Returns their pids. Run against
+/// ztunnel built from istio/ztunnel's main (FACTS.md's recipe), 2026-12-06.
 fn start_ztunnels(c: &SimCluster, ztunnel: &Path) -> anyhow::Result<Vec<u32>> {
     let dir = std::env::temp_dir().join(format!("mesh-bench-zt-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -385,6 +385,7 @@ fn start_ztunnels(c: &SimCluster, ztunnel: &Path) -> anyhow::Result<Vec<u32>> {
   workloadIps: ["{client_ip}"]
   protocol: HBONE
   node: {node_a}
+  services: {{}}
 - uid: cluster1//v1/Pod/{ZT_NS}/srv-zt
   name: srv-zt
   namespace: {ZT_NS}
