@@ -53,6 +53,8 @@ proxy_stats!(
     endpoints_over_cap,
     // TLS handshakes on the tunnel port refused because too many were in progress.
     inbound_handshakes_over_cap,
+    // Connections to the tunnel port refused at once: their source kept failing handshakes.
+    inbound_handshake_penalty,
     http_requests,
     http_retries,
     flag_uh,

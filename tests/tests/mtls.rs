@@ -633,3 +633,48 @@ fn the_ca_refuses_to_sign_an_identity_of_a_pod_on_another_node() {
     assert_eq!(v["code"], "Ok", "{v}");
     assert_eq!(v["leaf_spiffe"], server_id.as_str(), "{v}");
 }
+
+/// A pod looping garbage connections at another node's tunnel port: past the allowance of
+/// failed handshakes its connections are refused at accept (no TLS session each), while the
+/// node proxies' own tunnels keep carrying requests, during the flood and after it.
+#[test]
+fn a_pod_failing_handshakes_on_the_tunnel_port_is_turned_away_and_tunnels_keep_working() {
+    let spec = ClusterSpec::new(2)
+        .namespace("demo", true)
+        .pod("client", "demo", 0, "client", 9000)
+        .pod("attacker", "demo", 0, "attacker", 9100)
+        .pod_labelled("web", "demo", 1, "web", &[], "http", 8080)
+        .service_named("web", "demo", [10, 96, 0, 81], "web", "http", 80, 8080);
+    let cluster = SimCluster::start(spec).unwrap();
+    let c = &cluster;
+    start_http_server(c, "web", 8080);
+    let url = "http://10.96.0.81/";
+    let v = probe(c, "client", &["http", url, "--count", "2"]);
+    assert_eq!(status_count(&v, "200"), 2, "the control: {v}");
+    assert_eq!(c.counter(1, "proxy", "inbound_handshake_penalty"), 0);
+
+    let tunnel = format!("{}:15008", c.node(1).ip);
+    let flood = c
+        .spawn_piped("attacker", &bins::path("mesh-probe"), &["abuse", "tls-garbage", &tunnel, "--count", "8", "--seconds", "4"])
+        .expect("attacker");
+    // Requests through the tunnel while the flood runs.
+    let during = probe(c, "client", &["http", url, "--count", "200", "--rate", "100"]);
+    let out = flood.wait_with_output().expect("attacker ends");
+    let attack: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("attacker: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(status_count(&during, "200"), 200, "requests through the tunnels during the flood: {during}");
+
+    let penalised = c.counter(1, "proxy", "inbound_handshake_penalty");
+    let refused = c.counter(1, "proxy", "inbound_tls_refused");
+    let connected = attack["connected"].as_u64().unwrap_or(0);
+    eprintln!("attacker {attack}; node-b: {refused} handshakes failed, {penalised} connections refused at accept");
+    assert!(penalised > 0, "no connection refused at accept after {refused} failed handshakes: {attack}");
+    assert!(refused < connected, "every one of the attacker's {connected} connections got a TLS session ({refused} failed)");
+    assert!(
+        node_log(c, 1).contains("connections from this source refused for"),
+        "the penalty is logged:\n{}",
+        node_log(c, 1)
+    );
+    // After the flood: tunnels carry requests as before.
+    let after = probe(c, "client", &["http", url, "--count", "20"]);
+    assert_eq!(status_count(&after, "200"), 20, "{after}");
+}

@@ -35,12 +35,30 @@ const MAX_HANDSHAKES: usize = 128;
 pub async fn serve(listener: super::accept::Acceptor, ctx: Arc<ProxyContext>) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     let failures = Arc::new(super::accept::LogLimiter::default());
+    let penalty = Arc::new(super::penalty::Penalty::default());
     loop {
         let (stream, peer, permit) = listener.accept().await;
+        if penalty.refuses(peer.ip(), std::time::Instant::now()) {
+            // Before a task or a TLS session exists: the cheapest no there is.
+            ctx.stats.inbound_handshake_penalty.inc();
+            upstream::reset(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let open = ctx.drain.track();
-        let (handshakes, failures) = (handshakes.clone(), failures.clone());
+        let (handshakes, failures, penalty) = (handshakes.clone(), failures.clone(), penalty.clone());
+        // A failed handshake counts against its source, unless the source is one of the
+        // cluster's nodes (see listener/penalty.rs).
+        let log = failures.clone();
+        let penalise = move |ctx: &ProxyContext| {
+            if !is_other_node(&ctx.cluster(), &ctx.node, peer.ip())
+                && penalty.failed(peer.ip(), std::time::Instant::now())
+                && log.should_log_kind(peer.ip(), "penalty")
+            {
+                warn!(%peer, "inbound: over {} failed TLS handshakes within {:?}: connections from this source refused for {:?}", super::penalty::THRESHOLD, super::penalty::WINDOW, super::penalty::COOL_DOWN);
+            }
+        };
         tokio::spawn(async move {
             let _open = open;
             let _permit = permit;
@@ -58,6 +76,7 @@ pub async fn serve(listener: super::accept::Acceptor, ctx: Arc<ProxyContext>) {
                     match accepted {
                     Err(_) => {
                         ctx.stats.inbound_tls_refused.inc();
+                        penalise(&ctx);
                         if failures.should_log_kind(peer.ip(), "handshake timeout") {
                             warn!(%peer, "inbound: TLS handshake not completed within {TLS_HANDSHAKE_TIMEOUT:?} (logged once per source per interval)");
                         }
@@ -68,6 +87,7 @@ pub async fn serve(listener: super::accept::Acceptor, ctx: Arc<ProxyContext>) {
                     }
                     Ok(Err(e)) => {
                         ctx.stats.inbound_tls_refused.inc();
+                        penalise(&ctx);
                         if failures.should_log_kind(peer.ip(), &e.to_string()) {
                             warn!(%peer, "inbound: TLS refused: {e} (logged once per source per interval)");
                         }

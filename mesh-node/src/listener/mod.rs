@@ -4,6 +4,7 @@ pub mod accept;
 pub mod drain;
 pub mod inbound;
 pub mod outbound;
+pub mod penalty;
 
 use std::{sync::Arc, time::Duration};
 
