@@ -198,10 +198,9 @@ fn enable_migrate_req_sysctl() {
     }
 }
 
-/// Requests certificates for this node's mesh workloads ahead of time: the inbound side must
-/// present them during the TLS handshake, which cannot wait for the CA.
-/// Gets certificates for the identities of this node's pods, and drops (stops renewing) those
-/// of pods that left.
+/// Requests certificates for this node's mesh workloads ahead of time (the inbound side must
+/// present them during the TLS handshake, which cannot wait for the CA), and drops (stops
+/// renewing) those of pods that left.
 fn prefetch_certificates(tls: &Arc<MeshTls>, cluster: &Cluster, node: &str) -> Vec<tokio::task::JoinHandle<()>> {
     let ids: std::collections::BTreeSet<_> = cluster.pods().filter(|p| p.node == node && cluster.is_enrolled(p)).map(|p| tls.identity_of(p)).collect();
     tls.certs().retain(&ids);
@@ -227,7 +226,7 @@ struct Running {
     tls: Option<Arc<MeshTls>>,
     telemetry: Arc<Telemetry>,
     stats: Arc<ProxyStats>,
-    /// Each task owns a listener: aborting it closes the listener.
+    /// Listener tasks (aborting one closes its listener) and the allocator trimmer.
     tasks: Vec<tokio::task::JoinHandle<()>>,
     drain: Arc<Drain>,
     admin_state: Arc<AdminState>,

@@ -9,6 +9,7 @@ use std::{
     convert::Infallible,
     net::{IpAddr, SocketAddr},
     sync::Arc,
+    time::Instant,
 };
 
 use bytes::Bytes;
@@ -17,7 +18,12 @@ use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::serv
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
-use super::{ProxyContext, drain::Phase};
+use super::{
+    ProxyContext,
+    accept::LogLimiter,
+    drain::Phase,
+    penalty::{COOL_DOWN, Penalty, THRESHOLD, WINDOW},
+};
 use crate::{
     authz::{self, Decision, SourceIp},
     config::Cluster,
@@ -34,11 +40,11 @@ const MAX_HANDSHAKES: usize = 128;
 
 pub async fn serve(listener: super::accept::Acceptor, ctx: Arc<ProxyContext>) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-    let failures = Arc::new(super::accept::LogLimiter::default());
-    let penalty = Arc::new(super::penalty::Penalty::default());
+    let failures = Arc::new(LogLimiter::default());
+    let penalty = Arc::new(Penalty::default());
     loop {
         let (stream, peer, permit) = listener.accept().await;
-        if penalty.refuses(peer.ip(), std::time::Instant::now()) {
+        if penalty.refuses(peer.ip(), Instant::now()) {
             // Before a task or a TLS session exists: the cheapest no there is.
             ctx.stats.inbound_handshake_penalty.inc();
             upstream::reset(stream);
@@ -48,17 +54,6 @@ pub async fn serve(listener: super::accept::Acceptor, ctx: Arc<ProxyContext>) {
         let ctx = ctx.clone();
         let open = ctx.drain.track();
         let (handshakes, failures, penalty) = (handshakes.clone(), failures.clone(), penalty.clone());
-        // A failed handshake counts against its source, unless the source is one of the
-        // cluster's nodes (see listener/penalty.rs).
-        let log = failures.clone();
-        let penalise = move |ctx: &ProxyContext| {
-            if !is_other_node(&ctx.cluster(), &ctx.node, peer.ip())
-                && penalty.failed(peer.ip(), std::time::Instant::now())
-                && log.should_log_kind(peer.ip(), "penalty")
-            {
-                warn!(%peer, "inbound: over {} failed TLS handshakes within {:?}: connections from this source refused for {:?}", super::penalty::THRESHOLD, super::penalty::WINDOW, super::penalty::COOL_DOWN);
-            }
-        };
         tokio::spawn(async move {
             let _open = open;
             let _permit = permit;
@@ -76,7 +71,7 @@ pub async fn serve(listener: super::accept::Acceptor, ctx: Arc<ProxyContext>) {
                     match accepted {
                     Err(_) => {
                         ctx.stats.inbound_tls_refused.inc();
-                        penalise(&ctx);
+                        penalise(&ctx, &penalty, &failures, peer);
                         if failures.should_log_kind(peer.ip(), "handshake timeout") {
                             warn!(%peer, "inbound: TLS handshake not completed within {TLS_HANDSHAKE_TIMEOUT:?} (logged once per source per interval)");
                         }
@@ -87,7 +82,7 @@ pub async fn serve(listener: super::accept::Acceptor, ctx: Arc<ProxyContext>) {
                     }
                     Ok(Err(e)) => {
                         ctx.stats.inbound_tls_refused.inc();
-                        penalise(&ctx);
+                        penalise(&ctx, &penalty, &failures, peer);
                         if failures.should_log_kind(peer.ip(), &e.to_string()) {
                             warn!(%peer, "inbound: TLS refused: {e} (logged once per source per interval)");
                         }
@@ -102,6 +97,14 @@ pub async fn serve(listener: super::accept::Acceptor, ctx: Arc<ProxyContext>) {
                 None => serve_h2(stream, Peer { addr: peer, identity: None, requested: None }, ctx).await,
             }
         });
+    }
+}
+
+/// Counts a failed handshake against its source, unless the source is one of the cluster's
+/// nodes (see listener/penalty.rs); says so when that starts a cool-down.
+fn penalise(ctx: &ProxyContext, penalty: &Penalty, log: &LogLimiter, peer: SocketAddr) {
+    if !is_other_node(&ctx.cluster(), &ctx.node, peer.ip()) && penalty.failed(peer.ip(), Instant::now()) && log.should_log_kind(peer.ip(), "penalty") {
+        warn!(%peer, "inbound: over {THRESHOLD} failed TLS handshakes within {WINDOW:?}: connections from this source refused for {COOL_DOWN:?}");
     }
 }
 
