@@ -3,7 +3,14 @@
 //! so after an attack or a load spike the proxy would sit at its peak resident size for good. A
 //! background task compares the resident memory with what the allocator has in use and, when
 //! the difference grew past a threshold, trims it.
-use std::time::Duration;
+//!
+//! The same goes for code. Start-up runs code from all over the binary (argument parsing, the
+//! YAML and Kubernetes types, the BPF loader, certificate requests) and the kernel maps code
+//! 64 KiB around every page first touched, so an idle proxy would keep most of its `.text`
+//! resident for good although it never runs it again. Once start-up is over, the program's
+//! read-only pages are unmapped from the process (they stay in the page cache, shared and
+//! reclaimable) and come back one page at a time when they run again.
+use std::time::{Duration, Instant};
 
 use tracing::debug;
 
@@ -12,6 +19,11 @@ pub const TRIM_INTERVAL: Duration = Duration::from_secs(5);
 /// Free memory the allocator may keep before it is asked to give it back: enough that a proxy
 /// under steady load is not trimmed over and over for the same few pages.
 pub const TRIM_THRESHOLD: usize = 4 << 20;
+
+/// Code is released when the trimmer starts (the proxy is ready: config, capture and listeners
+/// are up) and once more this long after: what ran once more around the first requests (the
+/// certificates of the node's pods, TLS and pool set-up) is over by then.
+pub const CODE_RELEASE_AGAIN_AFTER: Duration = Duration::from_secs(15);
 
 /// What the allocator hands out now (arena blocks in use plus its own mmapped blocks).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -32,9 +44,7 @@ pub fn resident_anonymous() -> Option<usize> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let mut fields = statm.split_whitespace().skip(1).map(|f| f.parse::<usize>().ok());
     let (resident, shared) = (fields.next()??, fields.next()??);
-    // SAFETY: sysconf has no preconditions.
-    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
-    Some(resident.saturating_sub(shared) * page)
+    Some(resident.saturating_sub(shared) * page_size())
 }
 
 /// Resident memory the allocator does not account as in use: freed blocks it still holds, plus
@@ -60,11 +70,18 @@ pub fn trim() -> bool {
 /// allocator after their pages went back, so "free bytes" alone would trim on every tick.
 pub fn spawn_trimmer() -> tokio::task::JoinHandle<()> {
     tokio::spawn(async {
+        let started = Instant::now();
+        let mut code_releases = 0;
         let mut tick = tokio::time::interval(TRIM_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut baseline = slack().unwrap_or(0);
         loop {
             tick.tick().await;
+            if code_releases == 0 || (code_releases == 1 && started.elapsed() >= CODE_RELEASE_AGAIN_AFTER) {
+                code_releases += 1;
+                let bytes = release_code();
+                debug!(bytes, "start-up code released");
+            }
             let Some(now) = slack() else { continue };
             if now > baseline + TRIM_THRESHOLD {
                 let returned = trim();
@@ -76,6 +93,68 @@ pub fn spawn_trimmer() -> tokio::task::JoinHandle<()> {
             }
         }
     })
+}
+
+/// Unmaps the resident pages of every never-written segment of the program and of the libraries
+/// it loaded from files (code, read-only data, unwind tables), and turns off fault-around for
+/// them, so what runs again comes back a page at a time. Returns the bytes of address space
+/// covered. Writable segments (data, the relocated read-only data after RELRO) are left alone:
+/// their pages are private copies that would revert to the file's contents.
+#[cfg(target_os = "linux")]
+pub fn release_code() -> usize {
+    use std::ffi::{CStr, c_int, c_void};
+
+    unsafe extern "C" fn each(info: *mut libc::dl_phdr_info, _size: usize, covered: *mut c_void) -> c_int {
+        // SAFETY: the loader hands a valid entry for the duration of the call; `covered` is the
+        // usize passed to dl_iterate_phdr below.
+        let (info, covered) = unsafe { (&*info, &mut *covered.cast::<usize>()) };
+        let name = if info.dlpi_name.is_null() { &b""[..] } else { unsafe { CStr::from_ptr(info.dlpi_name) }.to_bytes() };
+        // The program itself (no name) and libraries from files; not the vDSO.
+        if !(name.is_empty() || name.starts_with(b"/")) || info.dlpi_phdr.is_null() {
+            return 0;
+        }
+        let page = page_size();
+        // SAFETY: dlpi_phdr points at dlpi_phnum program headers of a loaded object.
+        let headers = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) };
+        let segments: Vec<(usize, usize)> = headers
+            .iter()
+            .filter(|h| h.p_type == libc::PT_LOAD && h.p_flags & libc::PF_W == 0)
+            .map(|h| {
+                let start = (info.dlpi_addr as usize).wrapping_add(h.p_vaddr as usize);
+                // Whole pages inside the segment only: a page shared with a writable neighbour
+                // stays.
+                (start.next_multiple_of(page), (start + h.p_memsz as usize) & !(page - 1))
+            })
+            .filter(|(start, end)| end > start)
+            .collect();
+        for (start, end) in segments {
+            let (addr, len) = (start as *mut c_void, end - start);
+            // SAFETY: [start, end) lies inside a loaded, never-written, file-backed segment:
+            // dropping its pages loses nothing, the next access reads them again.
+            unsafe {
+                libc::madvise(addr, len, libc::MADV_RANDOM);
+                if libc::madvise(addr, len, libc::MADV_DONTNEED) == 0 {
+                    *covered += len;
+                }
+            }
+        }
+        0
+    }
+
+    let mut covered = 0usize;
+    // SAFETY: `each` matches the callback signature and only touches `covered`.
+    unsafe { libc::dl_iterate_phdr(Some(each), (&raw mut covered).cast()) };
+    covered
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn release_code() -> usize {
+    0
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1)
 }
 
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]
@@ -96,5 +175,22 @@ mod tests {
         let after = slack().expect("statm");
         assert!(after + (16 << 20) <= before, "trimmed, the slack went from {before} only to {after} bytes");
         drop(pin);
+    }
+
+    #[test]
+    fn released_code_goes_out_of_the_resident_set_and_still_runs() {
+        fn resident_file_pages() -> usize {
+            let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
+            statm.split_whitespace().nth(2).and_then(|f| f.parse().ok()).expect("shared field")
+        }
+        let before = resident_file_pages();
+        let covered = release_code();
+        assert!(covered > 1 << 20, "only {covered} bytes of code and read-only data covered");
+        let after = resident_file_pages();
+        assert!(after < before, "file-backed resident pages went from {before} to {after}");
+        // Code and read-only data come back on use: formatting, allocation and the test's own
+        // code all ran from released pages.
+        let text = format!("{:?}", (0..100).map(|i| i * 3).collect::<Vec<u32>>());
+        assert!(text.ends_with("297]"), "{text}");
     }
 }

@@ -5,7 +5,7 @@
 //! the least-squares slope of each proxy's RSS over the last two thirds of the minutes stays
 //! under [`SLOPE_MAX_MIB_PER_MIN`] (and the descriptors do not grow by more than
 //! [`FD_GROWTH_MAX`]).
-use std::{fmt::Write as _, time::Instant};
+use std::{fmt::Write as _, path::Path, time::Instant};
 
 use mesh_e2e::SimCluster;
 use serde_json::{Value, json};
@@ -16,7 +16,7 @@ use crate::{
     bench_overhead::{self, APP_PORT, FANOUT, Mode, SERVICE_RPS},
     bench_scale::fds,
     bench_scale_chart::{COLORS, Chart, Series, line_chart},
-    bench_util::{ms, ok_count},
+    bench_util::{ms, ok_count, write_json},
 };
 
 /// 0.1 MiB a minute is 6 MiB an hour.
@@ -55,6 +55,16 @@ pub fn run(minutes: u64) -> anyhow::Result<Value> {
         rows.push(row);
     }
     Ok(verdict(rows, minutes))
+}
+
+/// `cargo xtask bench soak`: the soak without the rest of `scale`, printed and written to
+/// `soak.json` and `scale-soak.svg` (the chart the README shows).
+pub fn run_alone(out_dir: &Path, minutes: u64) -> anyhow::Result<()> {
+    let soak = run(minutes)?;
+    print_table(&soak);
+    std::fs::create_dir_all(out_dir)?;
+    std::fs::write(out_dir.join("scale-soak.svg"), chart(&soak))?;
+    write_json(&out_dir.join("soak.json"), &soak)
 }
 
 /// Least-squares slope of y over x.

@@ -87,7 +87,7 @@ enum Task {
         /// A ztunnel binary: the L4 bench adds a ztunnel pair as a peer (skipped when absent).
         #[arg(long)]
         ztunnel: Option<PathBuf>,
-        /// With `scale`: minutes of the soak at the seed's load (0: no soak).
+        /// With `scale` and `soak`: minutes of the soak at the seed's load (0 with `scale`: no soak).
         #[arg(long, default_value_t = 30)]
         soak_minutes: u64,
     },
@@ -114,6 +114,9 @@ enum Suite {
     /// pods (most config-only), RSS per idle and active connection up to 10,000, and a soak
     /// (--soak-minutes); writes target/bench/scale.{json,*.svg}.
     Scale,
+    /// Only the soak of `scale`: the seed's services and load for --soak-minutes (default 30),
+    /// RSS, descriptors and p99 per minute; writes target/bench/soak.json and scale-soak.svg.
+    Soak,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -236,6 +239,15 @@ fn main() -> anyhow::Result<()> {
                 build_bins(true)?;
             }
             bench_scale::run(&workspace_root().join("target/bench"), &bench_scale::Opts { soak_minutes })
+        }
+        Task::Bench { suite: Some(Suite::Soak), soak_minutes, .. } => {
+            setup::setup()?;
+            require_root("the benchmark")?;
+            if std::env::var_os("MESH_BENCH_PREBUILT").is_none() || std::env::var_os("MESH_BIN_DIR").is_none() {
+                build_bins(true)?;
+            }
+            anyhow::ensure!(soak_minutes >= 3, "--soak-minutes {soak_minutes}: the soak needs at least 3 minutes (a third of them is warm-up)");
+            bench_soak::run_alone(&workspace_root().join("target/bench"), soak_minutes)
         }
         Task::Bench { suite: Some(Suite::Micro), .. } => run(cargo().args(["bench", "-p", "mesh-node", "--bench", "hot_paths"])),
         Task::Bench { suite: Some(Suite::Overhead), quick, repeats, check, .. } => {

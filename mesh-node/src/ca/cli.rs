@@ -168,6 +168,8 @@ pub fn run_cli(args: CaArgs) -> ExitCode {
         };
         // Printed on stdout as well as logged so scripts can wait for it.
         println!("mesh CA listening on {}", server.local_addr());
+        // Same image as the node proxy, same reasons: return freed memory and start-up code.
+        let _trimmer = crate::memory::spawn_trimmer();
         server
             .run(async move {
                 let signal = shutdown.recv().await;
