@@ -22,7 +22,8 @@
 //! 3. mesh: one node proxy per node, eBPF capture, HBONE mTLS between nodes, the same policies
 //!    as Istio YAML.
 //!
-//! Scenarios per way: idle, steady (1000 service rps), burst (2x for a few seconds), throughput
+//! Scenarios per way: idle (20 s without traffic after a 1 s warm-up: a proxy settled, every
+//! way alike; the mesh's proxies give back start-up code 15 s after they start), steady (1000 service rps), burst (2x for a few seconds), throughput
 //! at saturation (h2load, closed loop) and partial failure (one recall v1 pod answers 503 to
 //! everything). Proxy CPU comes from the proxies' utime+stime, memory from their RSS (sampled
 //! every 200 ms: steady mean and peak) and VmHWM. Output: target/bench/overhead.{md,json} and
@@ -143,6 +144,7 @@ pub struct Opts {
 
 /// Seconds per scenario.
 struct Durations {
+    /// Without traffic, after the warm-up, before idle memory is taken.
     idle: u64,
     steady: u64,
     burst: u64,
@@ -155,7 +157,7 @@ impl Durations {
         if quick {
             Self { idle: 1, steady: 3, burst: 2, saturation: 2, failure: 3 }
         } else {
-            Self { idle: 3, steady: 30, burst: 5, saturation: 6, failure: 10 }
+            Self { idle: 20, steady: 30, burst: 5, saturation: 6, failure: 10 }
         }
     }
 }

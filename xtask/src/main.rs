@@ -15,6 +15,7 @@ mod bench_telemetry;
 mod bench_util;
 mod demo;
 mod fuzz;
+mod hot_symbols;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -90,6 +91,14 @@ enum Task {
         /// With `scale` and `soak`: minutes of the soak at the seed's load (0 with `scale`: no soak).
         #[arg(long, default_value_t = 30)]
         soak_minutes: u64,
+    },
+    /// Sample which mesh-node functions run at the seed's load (perf) and write them, hottest
+    /// first, to mesh-node/hot-symbols.txt: the release build lays them out together so the
+    /// data path's code takes few pages.
+    HotSymbols {
+        /// Seconds of load sampled.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// Run the cargo-fuzz targets (nightly; cargo-fuzz is installed if missing), one after the
     /// other, and report executions per target. Targets: config_yaml, sniff, http1_request,
@@ -200,6 +209,14 @@ fn fail_on_misses(check: bool, missed: &[String]) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::setup(),
+        Task::HotSymbols { seconds } => {
+            setup::setup()?;
+            require_root("sampling the proxies")?;
+            if std::env::var_os("MESH_BENCH_PREBUILT").is_none() || std::env::var_os("MESH_BIN_DIR").is_none() {
+                build_bins(true)?;
+            }
+            hot_symbols::run(&workspace_root().join("mesh-node/hot-symbols.txt"), seconds)
+        }
         Task::Fuzz { target, seconds } => fuzz::fuzz(target.as_deref(), seconds),
         Task::Test { args } => {
             setup::setup()?;
