@@ -7,9 +7,10 @@
 //! The same goes for code. Start-up runs code from all over the binary (argument parsing, the
 //! YAML and Kubernetes types, the BPF loader, certificate requests) and the kernel maps code
 //! 64 KiB around every page first touched, so an idle proxy would keep most of its `.text`
-//! resident for good although it never runs it again. Once start-up is over, the program's
-//! read-only pages are unmapped from the process (they stay in the page cache, shared and
-//! reclaimable) and come back one page at a time when they run again.
+//! resident for good although it never runs it again. Once start-up is over, and again when
+//! something rare (a config reload) brought megabytes of it back, the program's read-only pages
+//! are unmapped from the process (they stay in the page cache, shared and reclaimable) and what
+//! runs again comes back on first use.
 use std::time::{Duration, Instant};
 
 use tracing::debug;
@@ -24,6 +25,41 @@ pub const TRIM_THRESHOLD: usize = 4 << 20;
 /// are up) and once more this long after: what ran once more around the first requests (the
 /// certificates of the node's pods, TLS and pool set-up) is over by then.
 pub const CODE_RELEASE_AGAIN_AFTER: Duration = Duration::from_secs(15);
+/// After that, code is released again when the resident file pages grew by more than this over
+/// what the proxy settled at after the last release: a config reload runs the parsing code
+/// again (4-10 MiB of it with fault-around), a steady load does not grow it.
+pub const CODE_GROWTH_THRESHOLD: usize = 2 << 20;
+
+/// When to release code again: the decision of one trimmer tick.
+#[derive(Debug, Default)]
+struct CodeReleases {
+    done: u32,
+    /// Resident file bytes one tick after the last release (what runs kept coming back);
+    /// `None` until that tick.
+    settled: Option<usize>,
+}
+
+impl CodeReleases {
+    /// Whether to release now, given the time since start and the resident file bytes.
+    fn due(&mut self, since_start: Duration, resident_file: usize) -> bool {
+        let due = self.done == 0
+            || (self.done == 1 && since_start >= CODE_RELEASE_AGAIN_AFTER)
+            || self.settled.is_some_and(|settled| resident_file > settled + CODE_GROWTH_THRESHOLD);
+        if due {
+            self.done += 1;
+            self.settled = None;
+        } else if self.settled.is_none() {
+            self.settled = Some(resident_file);
+        }
+        due
+    }
+}
+
+/// Resident file-backed (and shared-memory) bytes of this process, from `/proc/self/statm`.
+fn resident_file() -> Option<usize> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    Some(statm.split_whitespace().nth(2)?.parse::<usize>().ok()? * page_size())
+}
 
 /// What the allocator hands out now (arena blocks in use plus its own mmapped blocks).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -71,16 +107,17 @@ pub fn trim() -> bool {
 pub fn spawn_trimmer() -> tokio::task::JoinHandle<()> {
     tokio::spawn(async {
         let started = Instant::now();
-        let mut code_releases = 0;
+        let mut code = CodeReleases::default();
         let mut tick = tokio::time::interval(TRIM_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut baseline = slack().unwrap_or(0);
         loop {
             tick.tick().await;
-            if code_releases == 0 || (code_releases == 1 && started.elapsed() >= CODE_RELEASE_AGAIN_AFTER) {
-                code_releases += 1;
+            if let Some(file) = resident_file()
+                && code.due(started.elapsed(), file)
+            {
                 let bytes = release_code();
-                debug!(bytes, "start-up code released");
+                debug!(bytes, resident_file = file, releases = code.done, "code released");
             }
             let Some(now) = slack() else { continue };
             if now > baseline + TRIM_THRESHOLD {
@@ -175,6 +212,24 @@ mod tests {
         let after = slack().expect("statm");
         assert!(after + (16 << 20) <= before, "trimmed, the slack went from {before} only to {after} bytes");
         drop(pin);
+    }
+
+    #[test]
+    fn code_is_released_at_start_after_15_s_and_when_it_grew_past_where_it_settled() {
+        let mut c = CodeReleases::default();
+        let s = Duration::from_secs;
+        let mib = |n: usize| n << 20;
+        assert!(c.due(s(0), mib(10)), "at start");
+        assert!(!c.due(s(5), mib(2)), "settles at 2 MiB");
+        assert!(!c.due(s(10), mib(3)), "1 MiB of growth is not enough");
+        assert!(c.due(s(15), mib(3)), "15 s after the start");
+        assert!(!c.due(s(20), mib(3)), "settles at 3 MiB");
+        assert!(!c.due(s(25), mib(5)), "a steady working set");
+        assert!(!c.due(s(300), mib(5)));
+        assert!(c.due(s(305), mib(7)), "a config reload brought the parser back");
+        assert!(!c.due(s(310), mib(3)), "settles again");
+        assert!(!c.due(s(315), mib(5)));
+        assert_eq!(c.done, 3);
     }
 
     #[test]
