@@ -133,8 +133,9 @@ pub fn spawn_trimmer() -> tokio::task::JoinHandle<()> {
 }
 
 /// Unmaps the resident pages of every never-written segment of the program and of the libraries
-/// it loaded from files (code, read-only data, unwind tables), and turns off fault-around for
-/// them, so what runs again comes back a page at a time. Returns the bytes of address space
+/// it loaded from files (code, read-only data, unwind tables); what runs again comes back on
+/// its first use (with the kernel's fault-around: `MADV_RANDOM` does not turn that off on
+/// recent kernels, measured, so it is not asked for). Returns the bytes of address space
 /// covered. Writable segments (data, the relocated read-only data after RELRO) are left alone:
 /// their pages are private copies that would revert to the file's contents.
 #[cfg(target_os = "linux")]
@@ -168,11 +169,8 @@ pub fn release_code() -> usize {
             let (addr, len) = (start as *mut c_void, end - start);
             // SAFETY: [start, end) lies inside a loaded, never-written, file-backed segment:
             // dropping its pages loses nothing, the next access reads them again.
-            unsafe {
-                libc::madvise(addr, len, libc::MADV_RANDOM);
-                if libc::madvise(addr, len, libc::MADV_DONTNEED) == 0 {
-                    *covered += len;
-                }
+            if unsafe { libc::madvise(addr, len, libc::MADV_DONTNEED) } == 0 {
+                *covered += len;
             }
         }
         0
