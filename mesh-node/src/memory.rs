@@ -55,10 +55,17 @@ impl CodeReleases {
     }
 }
 
-/// Resident file-backed (and shared-memory) bytes of this process, from `/proc/self/statm`.
-fn resident_file() -> Option<usize> {
+/// `/proc/self/statm`'s resident and shared (file-backed and shared-memory) sizes, in bytes.
+fn statm() -> Option<(usize, usize)> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    Some(statm.split_whitespace().nth(2)?.parse::<usize>().ok()? * page_size())
+    let mut fields = statm.split_whitespace().skip(1).map(|f| f.parse::<usize>().ok());
+    let (resident, shared) = (fields.next()??, fields.next()??);
+    Some((resident * page_size(), shared * page_size()))
+}
+
+/// Resident file-backed (and shared-memory) bytes of this process.
+fn resident_file() -> Option<usize> {
+    statm().map(|(_, shared)| shared)
 }
 
 /// What the allocator hands out now (arena blocks in use plus its own mmapped blocks).
@@ -77,10 +84,7 @@ pub fn in_use() -> usize {
 /// The process's resident anonymous memory (resident minus file-backed pages), from
 /// `/proc/self/statm`.
 pub fn resident_anonymous() -> Option<usize> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let mut fields = statm.split_whitespace().skip(1).map(|f| f.parse::<usize>().ok());
-    let (resident, shared) = (fields.next()??, fields.next()??);
-    Some(resident.saturating_sub(shared) * page_size())
+    statm().map(|(resident, shared)| resident.saturating_sub(shared))
 }
 
 /// Resident memory the allocator does not account as in use: freed blocks it still holds, plus
@@ -232,14 +236,10 @@ mod tests {
 
     #[test]
     fn released_code_goes_out_of_the_resident_set_and_still_runs() {
-        fn resident_file_pages() -> usize {
-            let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
-            statm.split_whitespace().nth(2).and_then(|f| f.parse().ok()).expect("shared field")
-        }
-        let before = resident_file_pages();
+        let before = resident_file().expect("statm");
         let covered = release_code();
         assert!(covered > 1 << 20, "only {covered} bytes of code and read-only data covered");
-        let after = resident_file_pages();
+        let after = resident_file().expect("statm");
         assert!(after < before, "file-backed resident pages went from {before} to {after}");
         // Code and read-only data come back on use: formatting, allocation and the test's own
         // code all ran from released pages.
