@@ -424,6 +424,7 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
     // A quarter of the budget for request bodies kept for retries, node-wide.
     crate::http::replay::set_budget(opts.memory_budget_mib * 1024 * 1024 / 4);
     crate::l4::tunnel::set_windows_from_budget(opts.memory_budget_mib * 1024 * 1024);
+    crate::l4::pipe::set_large_allowance_from_budget(opts.memory_budget_mib * 1024 * 1024);
     crate::l4::tunnel::set_max_streams(caps.per_source);
     info!(total = caps.total, per_source = caps.per_source, budget_mib = opts.memory_budget_mib, "connection caps per data listener");
     let accept = |name, l, caps, refused: fn(&crate::stats::ProxyStats) -> &crate::stats::Counter| listener::accept::Acceptor::new(name, l, caps, stats.clone(), refused);

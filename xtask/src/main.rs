@@ -16,6 +16,7 @@ mod bench_util;
 mod demo;
 mod fuzz;
 mod hot_symbols;
+mod profile;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -99,6 +100,35 @@ enum Task {
         /// Seconds of load sampled.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+    },
+    /// Where the mesh's CPU goes on one L7 pair (the L7 bench's cluster) or one bulk transfer
+    /// (the L4 bench's): CPU per 1000 requests (or per GiB) of each node proxy and the CA, p50
+    /// and p99 (or Gbit/s), for each variant of `mesh-node run` arguments, interleaved; `--perf`
+    /// adds the hottest symbols, `--strace` the syscalls. For working on cost, not for reports.
+    Profile {
+        /// gRPC-shaped h2c instead of HTTP/1.1.
+        #[arg(long)]
+        grpc: bool,
+        /// Bulk transfers of this many MiB (cross node, mTLS; the L4 bench's cluster) instead
+        /// of requests; CPU is then per GiB.
+        #[arg(long)]
+        bulk_mib: Option<u64>,
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Extra `mesh-node run` arguments of one variant (repeat the flag for more; none: the
+        /// default only). `NAME=value` words are environment variables for its proxies.
+        #[arg(long = "variant", allow_hyphen_values = true)]
+        variants: Vec<String>,
+        /// Sample the first run with perf and print the hottest symbols.
+        #[arg(long)]
+        perf: bool,
+        /// Count each proxy's syscalls per request (strace -c) in the first repeat.
+        #[arg(long)]
+        strace: bool,
     },
     /// Run the cargo-fuzz targets (nightly; cargo-fuzz is installed if missing), one after the
     /// other, and report executions per target. Targets: config_yaml, sniff, http1_request,
@@ -216,6 +246,14 @@ fn main() -> anyhow::Result<()> {
                 build_bins(true)?;
             }
             hot_symbols::run(&workspace_root().join("mesh-node/hot-symbols.txt"), seconds)
+        }
+        Task::Profile { grpc, bulk_mib, seconds, rate, repeats, variants, perf, strace } => {
+            setup::setup()?;
+            require_root("profiling the proxies")?;
+            if std::env::var_os("MESH_BENCH_PREBUILT").is_none() || std::env::var_os("MESH_BIN_DIR").is_none() {
+                build_bins(true)?;
+            }
+            profile::run(&profile::Opts { grpc, bulk_mib, seconds, rate, repeats, variants, perf, strace })
         }
         Task::Fuzz { target, seconds } => fuzz::fuzz(target.as_deref(), seconds),
         Task::Test { args } => {

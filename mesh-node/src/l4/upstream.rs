@@ -4,7 +4,10 @@ use std::{io, net::SocketAddr, time::Duration};
 
 use tokio::{io::{AsyncRead, AsyncWrite}, net::TcpStream};
 
-pub use super::dial::{connect, pipe, reset};
+pub use super::{
+    dial::{connect, reset},
+    pipe::pipe,
+};
 
 /// An upstream byte stream: a direct connection to a local pod, or a tunnel through another
 /// node's proxy.

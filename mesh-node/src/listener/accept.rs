@@ -38,8 +38,9 @@ impl Caps {
 }
 
 /// What one proxied connection may cost at most, for the budget: two pipe buffers
-/// ([`crate::l4::dial::PIPE_BUFFER`] each) and TLS / HTTP/2 state.
-pub const CONNECTION_COST: usize = 2 * crate::l4::dial::PIPE_BUFFER + 16 * 1024;
+/// ([`crate::l4::pipe::PIPE_BUFFER`] each; the large ones of bulk transfers come from their own
+/// allowance, [`crate::l4::pipe::set_large_allowance_from_budget`]) and TLS / HTTP/2 state.
+pub const CONNECTION_COST: usize = 2 * crate::l4::pipe::PIPE_BUFFER + 16 * 1024;
 
 /// Overflow and accept errors are logged at most this often per source.
 const LOG_EVERY: Duration = Duration::from_secs(10);
