@@ -12,8 +12,10 @@ pub use super::{
 /// An upstream byte stream: a direct connection to a local pod, or a tunnel through another
 /// node's proxy.
 pub enum UpstreamIo {
-    /// With the registration that lets a policy change close it, for a mesh pod on this node.
-    Direct(TcpStream, Option<super::admitted::Registration>),
+    /// A destination outside the mesh.
+    Direct(TcpStream),
+    /// A mesh pod on this node, registered so that a policy change can close it.
+    Pod(super::admitted::Registered),
     Tunnel(super::tunnel::Tunnel),
 }
 
@@ -22,7 +24,7 @@ impl UpstreamIo {
     /// [`super::tunnel::Tunnel::goaway`]); pools should not reuse a connection riding it.
     pub fn tunnel_goaway(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
         match self {
-            UpstreamIo::Direct(..) => None,
+            UpstreamIo::Direct(_) | UpstreamIo::Pod(_) => None,
             UpstreamIo::Tunnel(t) => Some(t.goaway()),
         }
     }
@@ -31,7 +33,8 @@ impl UpstreamIo {
 impl AsyncRead for UpstreamIo {
     fn poll_read(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
-            UpstreamIo::Direct(s, _) => std::pin::Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Direct(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Pod(s) => std::pin::Pin::new(s).poll_read(cx, buf),
             UpstreamIo::Tunnel(s) => std::pin::Pin::new(&mut s.io).poll_read(cx, buf),
         }
     }
@@ -40,21 +43,24 @@ impl AsyncRead for UpstreamIo {
 impl AsyncWrite for UpstreamIo {
     fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<io::Result<usize>> {
         match self.get_mut() {
-            UpstreamIo::Direct(s, _) => std::pin::Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Direct(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Pod(s) => std::pin::Pin::new(s).poll_write(cx, buf),
             UpstreamIo::Tunnel(s) => std::pin::Pin::new(&mut s.io).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
-            UpstreamIo::Direct(s, _) => std::pin::Pin::new(s).poll_flush(cx),
+            UpstreamIo::Direct(s) => std::pin::Pin::new(s).poll_flush(cx),
+            UpstreamIo::Pod(s) => std::pin::Pin::new(s).poll_flush(cx),
             UpstreamIo::Tunnel(s) => std::pin::Pin::new(&mut s.io).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
-            UpstreamIo::Direct(s, _) => std::pin::Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Direct(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Pod(s) => std::pin::Pin::new(s).poll_shutdown(cx),
             UpstreamIo::Tunnel(s) => std::pin::Pin::new(&mut s.io).poll_shutdown(cx),
         }
     }
@@ -110,7 +116,7 @@ impl Connector {
         let addr = endpoint.addr;
         let direct = || async move { connect(addr, timeout).await.map_err(|source| ConnectError::Direct { addr, source }) };
         let Some(pod) = cluster.pod_by_ip(addr.ip()).filter(|p| cluster.is_enrolled(p)) else {
-            return Ok(UpstreamIo::Direct(direct().await?, None));
+            return Ok(UpstreamIo::Direct(direct().await?));
         };
         if pod.node == self.node {
             if let crate::authz::Decision::Deny { reason, .. } = crate::authz::check(&cluster, pod, source.identity.as_ref(), source.ip, addr.port()) {
@@ -119,12 +125,12 @@ impl Connector {
             }
             let stream = direct().await?;
             let admission = super::admitted::Admission { source_id: source.identity.clone(), source_ip: source.ip.into(), target: addr };
-            let registration = self.admitted.register(&stream, admission.clone()).map_err(|source| ConnectError::Direct { addr, source })?;
+            let stream = self.admitted.register(stream, admission.clone());
             let latest = self.config.borrow().clone();
             if let Err(reason) = super::admitted::Admitted::recheck(&cluster, &latest, &admission) {
                 return Err(ConnectError::Denied { addr, source_ip: source.ip, reason });
             }
-            return Ok(UpstreamIo::Direct(stream, Some(registration)));
+            return Ok(UpstreamIo::Pod(stream));
         }
         let Some(node_ip) = cluster.node(&pod.node).map(|n| n.ip) else {
             return Err(ConnectError::UnknownNode { addr, node: pod.node.clone() });

@@ -213,7 +213,7 @@ async fn handle(req: Request<Incoming>, peer: Arc<Peer>, ctx: Arc<ProxyContext>)
         warn!(peer = %peer.addr, source = %source_ip, principal = ?peer.identity.as_ref().map(|i| i.to_string()), %target, "authorization: {reason}");
         return Ok(status(StatusCode::FORBIDDEN));
     }
-    let mut upstream = match upstream::connect(target, ctx.connect_timeout).await {
+    let upstream = match upstream::connect(target, ctx.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             ctx.stats.inbound_connect_errors.inc();
@@ -222,15 +222,7 @@ async fn handle(req: Request<Incoming>, peer: Arc<Peer>, ctx: Arc<ProxyContext>)
         }
     };
     let admission = Admission { source_id: peer.identity.clone(), source_ip, target };
-    let registration = match ctx.connector.admitted.register(&upstream, admission.clone()) {
-        Ok(r) => r,
-        Err(e) => {
-            // Unregistered, a later policy could not reach it: refuse rather than let it in.
-            ctx.stats.inbound_connect_errors.inc();
-            warn!(%target, peer = %peer.addr, "inbound: cannot track the connection for policy changes: {e}");
-            return Ok(status(StatusCode::SERVICE_UNAVAILABLE));
-        }
-    };
+    let mut upstream = ctx.connector.admitted.register(upstream, admission.clone());
     if let Err(reason) = Admitted::recheck(&cluster, &ctx.cluster(), &admission) {
         ctx.stats.inbound_denied.inc();
         warn!(peer = %peer.addr, source = %source_ip, %target, "authorization (policy changed while connecting): {reason}");
@@ -251,7 +243,7 @@ async fn handle(req: Request<Incoming>, peer: Arc<Peer>, ctx: Arc<ProxyContext>)
             }
             Err(e) => debug!(%target, "inbound upgrade: {e}"),
         }
-        drop(registration);
+        drop(upstream);
         drop(conn);
     });
     Ok(status(StatusCode::OK))

@@ -111,7 +111,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
 async fn connect_and_pipe(client: TcpStream, peer: SocketAddr, endpoint: &Endpoint, caller: &Source, timeout: Duration, ctx: &ProxyContext, route: TcpRoute<'_>) -> bool {
     match ctx.connector.connect(endpoint, caller, timeout).await {
         Ok(mut up) => {
-            if matches!(up, UpstreamIo::Direct(..)) {
+            if matches!(up, UpstreamIo::Direct(_) | UpstreamIo::Pod(_)) {
                 ctx.stats.outbound_direct.inc();
             } else {
                 ctx.stats.outbound_tunneled.inc();
