@@ -27,6 +27,8 @@ const BULK_BYTES: u64 = 1 << 30;
 const HTTP_POD: &str = "http-b";
 const HTTP_PORT: u16 = 8080;
 const HTTP_VIP: &str = "10.96.1.3";
+/// `srv-b` (node-b) through its Service: the mesh's cross-node path.
+pub(crate) const CROSS_NODE_TARGET: &str = "10.96.1.2:80";
 const HTTP_BODY: usize = 1024;
 /// Node proxies' inbound tunnel port.
 const TUNNEL_PORT: u16 = 15008;
@@ -233,7 +235,7 @@ pub fn run(json_out: &Path, opts: &Opts) -> anyhow::Result<Vec<String>> {
         Path4 { name: "direct, same node", client: "client-direct", target: format!("{}:7000", c.pod("srv-a").ip), mesh: false, groups: vec![] },
         Path4 { name: "mesh, same node", client: "client-mesh", target: "10.96.1.1:80".into(), mesh: true, groups: mesh.clone() },
         Path4 { name: "direct, cross node", client: "client-direct", target: format!("{}:7000", c.pod("srv-b").ip), mesh: false, groups: vec![] },
-        Path4 { name: "mesh, cross node", client: "client-mesh", target: "10.96.1.2:80".into(), mesh: true, groups: mesh.clone() },
+        Path4 { name: "mesh, cross node", client: "client-mesh", target: CROSS_NODE_TARGET.into(), mesh: true, groups: mesh.clone() },
     ];
     if let Some(zt) = ztunnel {
         let pids = start_ztunnels(&c, zt)?;

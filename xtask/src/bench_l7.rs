@@ -30,15 +30,15 @@ use crate::{
 };
 
 const RATE: u64 = 1000;
-const BODY: usize = 1024;
-const HTTP_VIP: &str = "10.96.3.1";
-const GRPC_VIP: &str = "10.96.3.2";
+pub(crate) const BODY: usize = 1024;
+pub(crate) const HTTP_VIP: &str = "10.96.3.1";
+pub(crate) const GRPC_VIP: &str = "10.96.3.2";
 /// The Envoy pair's Services (static in its sidecars' config; not mesh Services): the server
 /// pod `srv-envoy`, outside the mesh, so its sidecar's iptables rules do not touch the direct
 /// and mesh paths to `srv`.
 const ENVOY_HTTP_VIP: &str = "10.96.3.11";
 const ENVOY_GRPC_VIP: &str = "10.96.3.12";
-const APP_PORT: u16 = 8080;
+pub(crate) const APP_PORT: u16 = 8080;
 const TARGET_ADDED_P50_MS: f64 = 0.15;
 const TARGET_ADDED_P99_MS: f64 = 0.40;
 const TARGET_VCPU_PER_1K: f64 = 0.15;

@@ -7,7 +7,7 @@
 //! rate, so variants are compared interleaved in one run on this noisy VM. Prints, per variant,
 //! the CPU each process spends per 1000 requests and the p50/p99. `--perf` also samples the
 //! first variant's proxies with `perf` and prints the hottest symbols and the kernel / proxy /
-//! library split.
+//! library split (`MESH_PROFILE_KEEP=FILE` keeps the perf data).
 use std::{
     process::{Command, Stdio},
     time::Duration,
@@ -18,7 +18,8 @@ use mesh_e2e::{SimCluster, bins};
 
 use crate::{
     bench_account::spread,
-    bench_l7,
+    bench::CROSS_NODE_TARGET,
+    bench_l7::{self, APP_PORT, BODY, GRPC_VIP, HTTP_VIP},
     bench_util::{cpu_seconds, ms, ok_count, probe_json},
 };
 
@@ -42,11 +43,12 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
         c
     } else {
         let c = SimCluster::start(bench_l7::spec())?;
-        c.serve_in_pod("srv", &probe, &["http-serve", "--name", "srv", "--port", "8080", "--body-bytes", "1024"], 8080)?;
+        c.serve_in_pod("srv", &probe, &["http-serve", "--name", "srv", "--port", &APP_PORT.to_string(), "--body-bytes", &BODY.to_string()], APP_PORT)?;
         c.apply_config("policy.yaml", &bench_l7::policies())?;
         c
     };
-    let url = if opts.grpc { "http://10.96.3.2:50051/grpc" } else { "http://10.96.3.1:80/" };
+    let url = if opts.grpc { format!("http://{GRPC_VIP}:50051/grpc") } else { format!("http://{HTTP_VIP}:80/") };
+    let url = url.as_str();
     let mut variants = opts.variants.clone();
     if variants.is_empty() {
         variants.push(String::new());
@@ -73,10 +75,11 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
                 c.set_proxy_args(i, &args);
                 c.restart_proxy(i)?;
             }
-            let body = "1024".to_string();
+            let body = BODY.to_string();
             let rate = opts.rate.to_string();
             let count = (opts.rate * opts.seconds).to_string();
-            let bulk_bytes = (opts.bulk_mib.unwrap_or(0) << 20).to_string();
+            let mib = opts.bulk_mib.unwrap_or(0);
+            let (bulk_bytes, warm_bytes) = ((mib << 20).to_string(), ((mib / 8).max(16) << 20).to_string());
             let mut base = vec!["http", url, "--conns", "4", "--timeout-ms", "5000", "--body-bytes", &body];
             if opts.grpc {
                 base.extend(["--h2", "--grpc"]);
@@ -88,13 +91,14 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
                 a.extend_from_slice(extra);
                 probe_json(&c, "client-mesh", &a, Duration::from_secs(opts.seconds + 60))
             };
-            let bulk = |client: &str, target: &str| probe_json(&c, client, &["bulk", target, "--bytes", &bulk_bytes], Duration::from_secs(120));
+            let bulk = |client: &str, target: &str, bytes: &str| probe_json(&c, client, &["bulk", target, "--bytes", bytes], Duration::from_secs(120));
             if opts.bulk_mib.is_some() {
                 if rep == 0 && vi == 0 {
-                    let d = bulk("client-direct", &format!("{}:7000", c.pod("srv-b").ip))?;
+                    let d = bulk("client-direct", &format!("{}:7000", c.pod("srv-b").ip), &bulk_bytes)?;
                     eprintln!("profile: direct bulk {:.2} Gbit/s", d["mbit_per_s"].as_f64().unwrap_or(0.0) / 1000.0);
                 }
-                bulk("client-mesh", "10.96.1.2:80")?;
+                // Warm-up (an eighth of the transfer): the tunnel and its windows.
+                bulk("client-mesh", CROSS_NODE_TARGET, &warm_bytes)?;
             } else {
                 with(&["--rate", "500", "--count", "500"])?;
             }
@@ -102,7 +106,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             let before: Vec<f64> = pids.iter().map(|p| cpu_seconds(&[*p])).collect();
             let perf = (opts.perf && rep == 0 && vi == 0).then(|| start_perf(&pids[..2], opts.seconds)).transpose()?;
             let strace: Vec<_> = if opts.strace && rep == 0 { pids[..2].iter().map(|p| start_strace(*p)).collect::<anyhow::Result<_>>()? } else { Vec::new() };
-            let lat = if opts.bulk_mib.is_some() { bulk("client-mesh", "10.96.1.2:80")? } else { with(&["--rate", &rate, "--count", &count])? };
+            let lat = if opts.bulk_mib.is_some() { bulk("client-mesh", CROSS_NODE_TARGET, &bulk_bytes)? } else { with(&["--rate", &rate, "--count", &count])? };
             // CPU per 1000 requests, or per GiB moved.
             let per = match opts.bulk_mib {
                 Some(mib) => mib as f64 / 1024.0,
@@ -114,17 +118,15 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             } else {
                 [cpu[0], cpu[1], cpu[2], ms(&lat, "p50_us"), ms(&lat, "p99_us")]
             };
+            let outcome = if opts.bulk_mib.is_some() { format!("{:.3} Gbit/s", row[3]) } else { format!("p50 {:.3} ms, p99 {:.3} ms", row[3], row[4]) };
             eprintln!(
-                "profile: repeat {} variant {:?}: vCPU-s per {}: node-a {:.3}, node-b {:.3}, CA {:.3}; {} {:.3}, p99 {:.3} ms",
+                "profile: repeat {} variant {:?}: vCPU-s per {}: node-a {:.3}, node-b {:.3}, CA {:.3}; {outcome}",
                 rep + 1,
                 variant,
                 if opts.bulk_mib.is_some() { "GiB" } else { "1k requests" },
                 row[0],
                 row[1],
                 row[2],
-                if opts.bulk_mib.is_some() { "Gbit/s" } else { "p50 ms" },
-                row[3],
-                row[4],
             );
             results[vi].push(row);
             for (node, child) in ["node-a", "node-b"].iter().zip(strace) {
@@ -150,14 +152,15 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             opts.repeats.max(1)
         );
     }
+    let per = if opts.bulk_mib.is_some() { "GiB" } else { "1k" };
     println!(
         "{:<40} {:>20} {:>20} {:>20} {:>20} {:>20}",
         "variant",
-        "node-a vCPU-s/1k",
-        "node-b vCPU-s/1k",
-        "pair vCPU-s/1k",
+        format!("node-a vCPU-s/{per}"),
+        format!("node-b vCPU-s/{per}"),
+        format!("pair+CA vCPU-s/{per}"),
         if opts.bulk_mib.is_some() { "Gbit/s" } else { "p50 ms" },
-        "p99 ms"
+        if opts.bulk_mib.is_some() { "" } else { "p99 ms" }
     );
     for (variant, rows) in variants.iter().zip(&results) {
         let col = |f: &dyn Fn(&[f64; 5]) -> f64| spread(&rows.iter().map(f).collect::<Vec<_>>()).show(3);
@@ -168,7 +171,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             col(&|r| r[1]),
             col(&|r| r[0] + r[1] + r[2]),
             col(&|r| r[3]),
-            col(&|r| r[4])
+            if opts.bulk_mib.is_some() { String::new() } else { col(&|r| r[4]) }
         );
     }
     Ok(())

@@ -84,12 +84,6 @@ pub struct Registered {
     stream: TcpStream,
 }
 
-impl Registered {
-    pub fn get_ref(&self) -> &TcpStream {
-        &self.stream
-    }
-}
-
 impl std::fmt::Debug for Registered {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Registered({}, {:?})", self.registration.id, self.stream)

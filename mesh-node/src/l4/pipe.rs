@@ -41,8 +41,9 @@ pub fn set_large_allowance_from_budget(budget_bytes: u64) {
     LARGE_ALLOWANCE.store(allowance as usize, Ordering::Relaxed);
 }
 
-/// Bytes of large buffers in use now (for tests and the status page).
-pub fn large_in_use() -> usize {
+/// Bytes of large buffers in use now.
+#[cfg(test)]
+fn large_in_use() -> usize {
     LARGE_IN_USE.load(Ordering::Relaxed)
 }
 
