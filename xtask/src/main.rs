@@ -101,14 +101,19 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
-    /// Where the mesh's CPU goes on one L7 pair (the L7 bench's cluster) or one bulk transfer
-    /// (the L4 bench's): CPU per 1000 requests (or per GiB) of each node proxy and the CA, p50
+    /// Where the mesh's CPU goes on one L7 pair (the L7 bench's cluster), the overhead bench's
+    /// mesh cluster at the seed's load (`--seed`) or one bulk transfer (the L4 bench's): CPU
+    /// per 1000 requests (or per GiB) of each node proxy and the CA, p50
     /// and p99 (or Gbit/s), for each variant of `mesh-node run` arguments, interleaved; `--perf`
     /// adds the hottest symbols, `--strace` the syscalls. For working on cost, not for reports.
     Profile {
         /// gRPC-shaped h2c instead of HTTP/1.1.
         #[arg(long)]
         grpc: bool,
+        /// The overhead bench's mesh cluster (seven services, two nodes) at the seed's load
+        /// instead of one pair; CPU per 1000 service requests, latency of bff's requests.
+        #[arg(long, conflicts_with_all = ["grpc", "bulk_mib"])]
+        seed: bool,
         /// Bulk transfers of this many MiB (cross node, mTLS; the L4 bench's cluster) instead
         /// of requests; CPU is then per GiB.
         #[arg(long)]
@@ -247,13 +252,13 @@ fn main() -> anyhow::Result<()> {
             }
             hot_symbols::run(&workspace_root().join("mesh-node/hot-symbols.txt"), seconds)
         }
-        Task::Profile { grpc, bulk_mib, seconds, rate, repeats, variants, perf, strace } => {
+        Task::Profile { grpc, seed, bulk_mib, seconds, rate, repeats, variants, perf, strace } => {
             setup::setup()?;
             require_root("profiling the proxies")?;
             if std::env::var_os("MESH_BENCH_PREBUILT").is_none() || std::env::var_os("MESH_BIN_DIR").is_none() {
                 build_bins(true)?;
             }
-            profile::run(&profile::Opts { grpc, bulk_mib, seconds, rate, repeats, variants, perf, strace })
+            profile::run(&profile::Opts { grpc, seed, bulk_mib, seconds, rate, repeats, variants, perf, strace })
         }
         Task::Fuzz { target, seconds } => fuzz::fuzz(target.as_deref(), seconds),
         Task::Test { args } => {

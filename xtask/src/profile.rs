@@ -1,6 +1,7 @@
 //! `cargo xtask profile`: where the mesh's CPU goes on one L7 pair (the L7 bench's cluster:
 //! `client-mesh` on node-a calling `srv` on node-b through both node proxies, HBONE mTLS, the
-//! seed's policies), for working on the proxy's cost rather than reporting it.
+//! seed's policies), on the overhead bench's mesh cluster at the seed's load (`--seed`), or on
+//! one bulk transfer (`--bulk-mib`), for working on the proxy's cost rather than reporting it.
 //!
 //! Each variant is a set of extra `mesh-node run` arguments (the empty one is the default);
 //! every repeat restarts both proxies with each variant in turn and measures them at a fixed
@@ -20,11 +21,15 @@ use crate::{
     bench_account::spread,
     bench::CROSS_NODE_TARGET,
     bench_l7::{self, APP_PORT, BODY, GRPC_VIP, HTTP_VIP},
+    bench_overhead,
     bench_util::{cpu_seconds, ms, ok_count, probe_json},
 };
 
 pub struct Opts {
     pub grpc: bool,
+    /// The overhead bench's mesh cluster (seven services on two nodes) at the seed's load
+    /// instead of one L7 pair; CPU per 1000 service requests.
+    pub seed: bool,
     /// MiB per bulk transfer (the L4 bench's cluster, cross node, mTLS) instead of requests.
     pub bulk_mib: Option<u64>,
     pub seconds: u64,
@@ -41,14 +46,27 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
         let c = SimCluster::start(crate::bench::spec(true, false))?;
         crate::bench::start_servers(&c)?;
         c
+    } else if opts.seed {
+        let c = SimCluster::start(bench_overhead::spec(bench_overhead::Mode::Mesh))?;
+        bench_overhead::start_apps(&c, bench_overhead::Mode::Mesh)?;
+        c.apply_config("policies.yaml", &bench_overhead::policies())?;
+        c
     } else {
         let c = SimCluster::start(bench_l7::spec())?;
         c.serve_in_pod("srv", &probe, &["http-serve", "--name", "srv", "--port", &APP_PORT.to_string(), "--body-bytes", &BODY.to_string()], APP_PORT)?;
         c.apply_config("policy.yaml", &bench_l7::policies())?;
         c
     };
-    let url = if opts.grpc { format!("http://{GRPC_VIP}:50051/grpc") } else { format!("http://{HTTP_VIP}:80/") };
+    let url = if opts.seed {
+        format!("http://{}:{}/", c.pod("bff").ip, bench_overhead::APP_PORT)
+    } else if opts.grpc {
+        format!("http://{GRPC_VIP}:50051/grpc")
+    } else {
+        format!("http://{HTTP_VIP}:80/")
+    };
     let url = url.as_str();
+    // bff requests a second that make the seed's service requests.
+    let seed_rate = bench_overhead::SERVICE_RPS / bench_overhead::FANOUT;
     let mut variants = opts.variants.clone();
     if variants.is_empty() {
         variants.push(String::new());
@@ -99,6 +117,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
                 }
                 // Warm-up (an eighth of the transfer): the tunnel and its windows.
                 bulk("client-mesh", CROSS_NODE_TARGET, &warm_bytes)?;
+            } else if opts.seed {
+                bench_overhead::load(&c, url, seed_rate, 3, &[])?;
             } else {
                 with(&["--rate", "500", "--count", "500"])?;
             }
@@ -106,10 +126,17 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             let before: Vec<f64> = pids.iter().map(|p| cpu_seconds(&[*p])).collect();
             let perf = (opts.perf && rep == 0 && vi == 0).then(|| start_perf(&pids[..2], opts.seconds)).transpose()?;
             let strace: Vec<_> = if opts.strace && rep == 0 { pids[..2].iter().map(|p| start_strace(*p)).collect::<anyhow::Result<_>>()? } else { Vec::new() };
-            let lat = if opts.bulk_mib.is_some() { bulk("client-mesh", CROSS_NODE_TARGET, &bulk_bytes)? } else { with(&["--rate", &rate, "--count", &count])? };
-            // CPU per 1000 requests, or per GiB moved.
+            let lat = if opts.bulk_mib.is_some() {
+                bulk("client-mesh", CROSS_NODE_TARGET, &bulk_bytes)?
+            } else if opts.seed {
+                bench_overhead::load(&c, url, seed_rate, opts.seconds, &[])?
+            } else {
+                with(&["--rate", &rate, "--count", &count])?
+            };
+            // CPU per 1000 (service) requests, or per GiB moved.
             let per = match opts.bulk_mib {
                 Some(mib) => mib as f64 / 1024.0,
+                None if opts.seed => ok_count(&lat).max(1) as f64 * bench_overhead::FANOUT / 1000.0,
                 None => ok_count(&lat).max(1) as f64 / 1000.0,
             };
             let cpu: Vec<f64> = pids.iter().zip(&before).map(|(p, b)| (cpu_seconds(&[*p]) - b) / per).collect();
@@ -141,6 +168,14 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
         println!(
             "\nbulk, {} MiB per transfer, cross node, mTLS, {} repeat(s), median [min-max]; CPU in vCPU-s per GiB",
             opts.bulk_mib.unwrap_or(0),
+            opts.repeats.max(1)
+        );
+    } else if opts.seed {
+        println!(
+            "\nthe seed's load ({} service requests a second, {} bff requests) for {} s, {} repeat(s), median [min-max]; CPU per 1k service requests, latency of bff's requests",
+            bench_overhead::SERVICE_RPS,
+            seed_rate.round(),
+            opts.seconds,
             opts.repeats.max(1)
         );
     } else {

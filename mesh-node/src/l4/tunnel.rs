@@ -29,7 +29,7 @@ use tokio::{
 };
 use tracing::debug;
 
-use super::{dial, hbone::MeshTls};
+use super::{dial, gather::Gather, hbone::MeshTls};
 use crate::identity::Identity;
 
 #[derive(Debug, thiserror::Error)]
@@ -180,7 +180,7 @@ impl TunnelPool {
                 return Err(TunnelError::Refused { proxy, target, status: res.status() });
             }
             let upgraded = hyper::upgrade::on(res).await.map_err(|source| TunnelError::Http { proxy, source })?;
-            return Ok(Tunnel { io: TokioIo::new(upgraded), goaway });
+            return Ok(Tunnel { io: Gather::new(TokioIo::new(upgraded)), goaway });
         }
         unreachable!("the loop returns on its second attempt")
     }
@@ -271,7 +271,8 @@ where
 
 /// An open tunnel stream, and whether its connection's far end has started draining.
 pub struct Tunnel {
-    pub io: TokioIo<Upgraded>,
+    /// Small writes gathered into one DATA frame (see [`Gather`]).
+    pub io: Gather<TokioIo<Upgraded>>,
     pub goaway: watch::Receiver<bool>,
 }
 

@@ -49,6 +49,24 @@ impl AsyncWrite for UpstreamIo {
         }
     }
 
+    fn poll_write_vectored(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, bufs: &[io::IoSlice<'_>]) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Direct(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Pod(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tunnel(s) => std::pin::Pin::new(&mut s.io).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    /// hyper and h2 hand headers and body (frame headers and payloads) over in one vectored
+    /// write when the stream says it takes them; a stream that does not gets them one by one.
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Direct(s) => s.is_write_vectored(),
+            UpstreamIo::Pod(s) => s.is_write_vectored(),
+            UpstreamIo::Tunnel(s) => s.io.is_write_vectored(),
+        }
+    }
+
     fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Direct(s) => std::pin::Pin::new(s).poll_flush(cx),

@@ -10,6 +10,7 @@ use crate::{
     config::Endpoint,
     flags::ResponseFlags,
     http::{self, ServiceTarget},
+    l4::gather::Gather,
     telemetry::TcpRoute,
     protocol::{self, Protocol},
     route::{self, TcpTarget},
@@ -54,7 +55,10 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
             ctx.stats.outbound_http.inc();
             let target = ServiceTarget { namespace: svc.namespace.clone(), service: svc.name.clone(), port: port.port };
             drop(cluster);
-            return http::serve(client, peer, caller, target, ctx).await;
+            // HTTP/2 answers leave in pieces (headers and data, trailers a moment later): gathered
+            // into one write to the client. HTTP/1.1 answers already leave in one.
+            let h2 = starts_with_h2_preface(&client).await;
+            return http::serve(Gather::with(client, h2), peer, caller, target, ctx).await;
         }
     }
     let source = cluster.pod_by_ip(peer.ip());
@@ -131,4 +135,11 @@ async fn connect_and_pipe(client: TcpStream, peer: SocketAddr, endpoint: &Endpoi
             false
         }
     }
+}
+
+/// Whether the connection's first bytes are HTTP/2's preface (prior knowledge, as gRPC
+/// clients send it). Looks without taking them, and gives up after the detection timeout.
+async fn starts_with_h2_preface(client: &TcpStream) -> bool {
+    let mut first = [0u8; 4];
+    matches!(tokio::time::timeout(protocol::DETECTION_TIMEOUT, client.peek(&mut first)).await, Ok(Ok(4)) if &first == b"PRI ")
 }
