@@ -1,18 +1,21 @@
-//! Small writes into a tunnel stream, gathered into one HTTP/2 DATA frame.
+//! Small writes gathered into one: into a tunnel stream (one HTTP/2 DATA frame), to a pod that
+//! speaks HTTP/2, to a client that does.
 //!
 //! Every write into a tunnel stream becomes its own DATA frame, TLS record and `writev` on this
 //! node, and its own read, `sendto` and wake-up of the target pod on the far node. An HTTP/2
-//! client writes a request as several small pieces: the HEADERS frame when the request starts,
-//! the body's DATA frame (split in two where the stream cannot take vectored writes) and the
-//! END_STREAM frame from the body's own task a moment later, each followed by a flush. Measured
-//! on the L7 pair's gRPC requests: four tunnel frames, four TLS writes here and four `sendto`
-//! to the pod on the far node, per request.
+//! peer (hyper's and h2's, ours) writes a request or an answer as several small pieces: the
+//! HEADERS frame when it starts, the body's DATA frame (split in two where the stream cannot
+//! take vectored writes) and the END_STREAM frame or trailers from the body's own task a moment
+//! later, each followed by a flush. Measured on the L7 pair's gRPC requests: four tunnel frames,
+//! four TLS writes here and four `sendto` to the pod on the far node per request, and two
+//! writes of each answer to the client.
 //!
-//! [`Gather`] takes writes into a buffer (vectored writes whole) and holds a flush back for
-//! one turn of the scheduler: the flush wakes its own task and returns `Pending`, so tasks
-//! already runnable (the body's) add their frames first, and the next flush sends everything
-//! as one write. Writes of [`PASS_THROUGH`] bytes or more skip the buffer (bulk data is not
-//! copied twice).
+//! [`Gather`] takes writes into a buffer (vectored writes whole) and holds a flush back while
+//! the scheduler has other work: the flush wakes its own task and returns `Pending`, so tasks
+//! already runnable (the body's) add their frames first; it waits again while each turn brings
+//! more, up to [`MAX_HOLDS`] turns, then sends everything as one write. No timer: nothing waits
+//! for bytes that are not already on their way. Writes of [`PASS_THROUGH`] bytes or more skip
+//! the buffer (bulk data is not copied twice).
 use std::{
     io::{self, IoSlice},
     pin::Pin,
