@@ -19,7 +19,7 @@ use tracing::debug;
 use super::{replay::ReplayBody, server};
 use crate::{
     config::Endpoint,
-    l4::gather::Gather,
+    l4::gather::{Gather, Mode},
     upstream::{ConnectError, Connector, Source},
 };
 
@@ -191,9 +191,9 @@ impl Pool {
         let io = self.connector.connect(endpoint, source, settings.connect_timeout).await?;
         let goaway = io.tunnel_goaway();
         self.retire_on_goaway(&goaway);
-        // A request's HEADERS, DATA and END_STREAM leave as one write to a pod, as they do into
-        // a tunnel (which gathers on its own).
-        let io = Gather::with(io, goaway.is_none());
+        // A request's HEADERS, DATA and END_STREAM leave as one write (to a pod) or one DATA
+        // frame (into a tunnel).
+        let io = Gather::new(io, Mode::Hold);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .max_send_buf_size(server::H2_MAX_SEND_BUF)

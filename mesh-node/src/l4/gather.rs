@@ -10,12 +10,14 @@
 //! four TLS writes here and four `sendto` to the pod on the far node per request, and two
 //! writes of each answer to the client.
 //!
-//! [`Gather`] takes writes into a buffer (vectored writes whole) and holds a flush back while
+//! [`Gather`] in [`Mode::Hold`] takes writes into a buffer (vectored writes whole) and holds a flush back while
 //! the scheduler has other work: the flush wakes its own task and returns `Pending`, so tasks
 //! already runnable (the body's) add their frames first; it waits again while each turn brings
 //! more, up to [`MAX_HOLDS`] turns, then sends everything as one write. No timer: nothing waits
 //! for bytes that are not already on their way. Writes of [`PASS_THROUGH`] bytes or more skip
-//! the buffer (bulk data is not copied twice).
+//! the buffer (bulk data is not copied twice). A tunnel stream itself only merges
+//! ([`Mode::Merge`]): a vectored write (HTTP/1.1 headers and body) leaves as one frame, and an
+//! L4 pipe's reads go straight through, neither copied nor held.
 use std::{
     io::{self, IoSlice},
     pin::Pin,
@@ -27,8 +29,25 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Writes at least this large go straight to the stream; smaller ones are gathered up to it.
 pub const PASS_THROUGH: usize = 16 * 1024;
 
+/// Buffer capacity kept between writes; a larger one is freed once sent, so ten thousand quiet
+/// connections that once gathered a large answer do not hold 16 KiB each.
+const KEEP: usize = 4 * 1024;
+
 /// Turns a flush may wait while each brings more to send.
 const MAX_HOLDS: u8 = 3;
+
+/// How much a [`Gather`] does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Every call goes straight to the stream.
+    Off,
+    /// A vectored write leaves as one write at the next flush; a single piece written with
+    /// nothing gathered goes straight through (an L4 pipe's reads are not copied again).
+    Merge,
+    /// Everything small is gathered, and a flush waits while the scheduler has other work (the
+    /// pieces of an HTTP/2 request or answer).
+    Hold,
+}
 
 #[derive(Debug)]
 pub struct Gather<IO> {
@@ -37,19 +56,14 @@ pub struct Gather<IO> {
     /// Turns the current flush has waited, and how much was gathered at the last.
     held: u8,
     held_len: usize,
-    /// Off: every call goes straight to the stream.
-    on: bool,
+    mode: Mode,
 }
 
 impl<IO> Gather<IO> {
-    pub fn new(inner: IO) -> Self {
-        Self::with(inner, true)
-    }
-
-    /// Gathers when `on`; otherwise a plain pass-through (one type for both: the serving code
-    /// is generic over its stream, and two copies of it would cost resident code).
-    pub fn with(inner: IO, on: bool) -> Self {
-        Self { inner, buf: Vec::new(), held: 0, held_len: 0, on }
+    /// One type for every mode: the serving code is generic over its stream, and a copy of it
+    /// per stream type would cost resident code.
+    pub fn new(inner: IO, mode: Mode) -> Self {
+        Self { inner, buf: Vec::new(), held: 0, held_len: 0, mode }
     }
 }
 
@@ -63,7 +77,7 @@ impl<IO: AsyncWrite + Unpin> Gather<IO> {
             }
             self.buf.drain(..n);
         }
-        if self.buf.capacity() > PASS_THROUGH {
+        if self.buf.capacity() > KEEP {
             self.buf = Vec::new();
         }
         Poll::Ready(Ok(()))
@@ -78,15 +92,17 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Gather<IO> {
 
 impl<IO: AsyncWrite + Unpin> AsyncWrite for Gather<IO> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        if !self.on {
-            return Pin::new(&mut self.get_mut().inner).poll_write(cx, buf);
+        let this = self.get_mut();
+        if this.mode == Mode::Off || (this.mode == Mode::Merge && this.buf.is_empty()) {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
         }
-        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+        Pin::new(this).poll_write_vectored(cx, &[IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if !this.on {
+        let pieces = bufs.iter().filter(|b| !b.is_empty()).count();
+        if this.mode == Mode::Off || (this.mode == Mode::Merge && this.buf.is_empty() && pieces <= 1) {
             return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         }
         loop {
@@ -112,13 +128,14 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Gather<IO> {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.on || self.inner.is_write_vectored()
+        self.mode != Mode::Off || self.inner.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.buf.is_empty() {
-            if this.held == 0 || (this.buf.len() > this.held_len && this.held < MAX_HOLDS) {
+            let hold = this.held == 0 || (this.buf.len() > this.held_len && this.held < MAX_HOLDS);
+            if this.mode == Mode::Hold && hold {
                 this.held += 1;
                 this.held_len = this.buf.len();
                 cx.waker().wake_by_ref();
@@ -184,7 +201,7 @@ mod tests {
         // The connection's task, as h2 drives it: write out every queued frame, flush, and
         // again until the body is done.
         let conn = {
-            let (queue, mut g) = (queue.clone(), Gather::new(frames.clone()));
+            let (queue, mut g) = (queue.clone(), Gather::new(frames.clone(), Mode::Hold));
             tokio::spawn(std::future::poll_fn(move |cx| {
                 loop {
                     let next = queue.lock().unwrap().frames.pop_front();
@@ -227,7 +244,7 @@ mod tests {
     #[tokio::test]
     async fn a_vectored_write_is_taken_whole() {
         let frames = Frames::default();
-        let mut g = Gather::new(frames.clone());
+        let mut g = Gather::new(frames.clone(), Mode::Hold);
         let n = g.write_vectored(&[IoSlice::new(b"frame head"), IoSlice::new(&[3; 1029])]).await.unwrap();
         assert_eq!(n, 10 + 1029);
         g.flush().await.unwrap();
@@ -237,7 +254,7 @@ mod tests {
     #[tokio::test]
     async fn a_flush_sends_everything_and_large_writes_pass_through() {
         let frames = Frames::default();
-        let mut g = Gather::new(frames.clone());
+        let mut g = Gather::new(frames.clone(), Mode::Hold);
         g.write_all(b"a").await.unwrap();
         g.write_all(b"b").await.unwrap();
         assert!(frames.taken().is_empty(), "nothing sent before a flush");
@@ -258,7 +275,7 @@ mod tests {
     #[tokio::test]
     async fn gathering_stops_at_the_pass_through_size() {
         let frames = Frames::default();
-        let mut g = Gather::new(frames.clone());
+        let mut g = Gather::new(frames.clone(), Mode::Hold);
         let piece = vec![1u8; PASS_THROUGH / 3 + 1];
         for _ in 0..3 {
             g.write_all(&piece).await.unwrap();
@@ -266,5 +283,23 @@ mod tests {
         g.flush().await.unwrap();
         let written = frames.taken();
         assert_eq!(written.iter().map(Vec::len).collect::<Vec<_>>(), vec![2 * piece.len(), piece.len()]);
+        assert!(g.buf.capacity() <= KEEP, "a large buffer is not kept once sent");
+    }
+
+    #[tokio::test]
+    async fn merging_joins_a_vectored_write_and_passes_single_pieces_straight_through() {
+        let frames = Frames::default();
+        let mut g = Gather::new(frames.clone(), Mode::Merge);
+        // An L4 pipe's read: straight through, before any flush.
+        g.write_all(b"piece").await.unwrap();
+        assert_eq!(frames.taken(), vec![b"piece".to_vec()]);
+        // HTTP/1.1 headers and body in one vectored write: one write at the flush, which does
+        // not wait.
+        let n = g.write_vectored(&[IoSlice::new(b"POST / HTTP/1.1\r\n\r\n"), IoSlice::new(b"body")]).await.unwrap();
+        assert_eq!(n, 23);
+        assert!(frames.taken().is_empty());
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(Pin::new(&mut g).poll_flush(&mut cx).is_ready(), "a merging flush sends at once");
+        assert_eq!(frames.taken(), vec![b"POST / HTTP/1.1\r\n\r\nbody".to_vec()]);
     }
 }

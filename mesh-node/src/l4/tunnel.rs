@@ -29,7 +29,11 @@ use tokio::{
 };
 use tracing::debug;
 
-use super::{dial, gather::Gather, hbone::MeshTls};
+use super::{
+    dial,
+    gather::{Gather, Mode},
+    hbone::MeshTls,
+};
 use crate::identity::Identity;
 
 #[derive(Debug, thiserror::Error)]
@@ -180,7 +184,7 @@ impl TunnelPool {
                 return Err(TunnelError::Refused { proxy, target, status: res.status() });
             }
             let upgraded = hyper::upgrade::on(res).await.map_err(|source| TunnelError::Http { proxy, source })?;
-            return Ok(Tunnel { io: Gather::new(TokioIo::new(upgraded)), goaway });
+            return Ok(Tunnel { io: Gather::new(TokioIo::new(upgraded), Mode::Merge), goaway });
         }
         unreachable!("the loop returns on its second attempt")
     }
@@ -271,7 +275,7 @@ where
 
 /// An open tunnel stream, and whether its connection's far end has started draining.
 pub struct Tunnel {
-    /// Small writes gathered into one DATA frame (see [`Gather`]).
+    /// A vectored write leaves as one DATA frame (see [`Gather`]).
     pub io: Gather<TokioIo<Upgraded>>,
     pub goaway: watch::Receiver<bool>,
 }

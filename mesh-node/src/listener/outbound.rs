@@ -10,7 +10,7 @@ use crate::{
     config::Endpoint,
     flags::ResponseFlags,
     http::{self, ServiceTarget},
-    l4::gather::Gather,
+    l4::gather::{Gather, Mode},
     telemetry::TcpRoute,
     protocol::{self, Protocol},
     route::{self, TcpTarget},
@@ -58,7 +58,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
             // HTTP/2 answers leave in pieces (headers and data, trailers a moment later): gathered
             // into one write to the client. HTTP/1.1 answers already leave in one.
             let h2 = starts_with_h2_preface(&client).await;
-            return http::serve(Gather::with(client, h2), peer, caller, target, ctx).await;
+            let client = Gather::new(client, if h2 { Mode::Hold } else { Mode::Off });
+            return http::serve(client, peer, caller, target, ctx).await;
         }
     }
     let source = cluster.pod_by_ip(peer.ip());
