@@ -3,9 +3,9 @@
 //! endpoint is picked, [`upstream`] (how to reach it: a local mesh pod after [`authz`], a mesh
 //! pod on another node through a [`tunnel`] over [`hbone`] mutual TLS, anything outside the mesh
 //! directly). [`dial`] holds the socket operations both ends share, [`pipe`] the byte pump,
-//! [`gather`] the merging of small writes into a tunnel stream. On the receiving side,
-//! [`forwarded`] checks the source address a tunnel carries, and [`admitted`] keeps the
-//! connections admitted to local pods so a policy change reaches them.
+//! [`gather`] the merging of small writes (into tunnel streams, on HTTP/2 connections). On the
+//! receiving side, [`forwarded`] checks the source address a tunnel carries, and [`admitted`]
+//! keeps the connections admitted to local pods so a policy change reaches them.
 pub mod admitted;
 pub mod authz;
 pub mod dial;
