@@ -80,6 +80,14 @@ pub async fn sniff(stream: &TcpStream, timeout: Duration) -> Protocol {
     }
 }
 
+/// Whether an HTTP connection's first bytes are HTTP/2's preface (prior knowledge, as gRPC
+/// clients send it) rather than an HTTP/1.x request line. Looks without taking them; `false`
+/// if fewer than four bytes came within `timeout`.
+pub async fn is_http2_preface(stream: &TcpStream, timeout: Duration) -> bool {
+    let mut first = [0u8; 4];
+    matches!(tokio::time::timeout(timeout, stream.peek(&mut first)).await, Ok(Ok(4)) if &first == b"PRI ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +125,24 @@ mod tests {
             let (server, _) = listener.accept().await.unwrap();
             client.write_all(bytes).await.unwrap();
             assert_eq!(sniff(&server, Duration::from_millis(50)).await, want, "{bytes:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn tells_the_http2_preface_from_an_http1_request() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        for (bytes, want) in [(&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..], true), (b"POST / HTTP/1.1\r\n", false), (b"PR", false), (b"", false)] {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            client.write_all(bytes).await.unwrap();
+            assert_eq!(is_http2_preface(&server, Duration::from_millis(50)).await, want, "{bytes:?}");
+            // Nothing was taken: the server still reads every byte.
+            let mut server = server;
+            let mut all = vec![0u8; bytes.len()];
+            tokio::io::AsyncReadExt::read_exact(&mut server, &mut all).await.unwrap();
+            assert_eq!(all, bytes);
         }
     }
 }

@@ -57,7 +57,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
             drop(cluster);
             // HTTP/2 answers leave in pieces (headers and data, trailers a moment later): gathered
             // into one write to the client. HTTP/1.1 answers already leave in one.
-            let h2 = starts_with_h2_preface(&client).await;
+            let h2 = protocol::is_http2_preface(&client, protocol::DETECTION_TIMEOUT).await;
             let client = Gather::new(client, if h2 { Mode::Hold } else { Mode::Off });
             return http::serve(client, peer, caller, target, ctx).await;
         }
@@ -136,11 +136,4 @@ async fn connect_and_pipe(client: TcpStream, peer: SocketAddr, endpoint: &Endpoi
             false
         }
     }
-}
-
-/// Whether the connection's first bytes are HTTP/2's preface (prior knowledge, as gRPC
-/// clients send it). Looks without taking them, and gives up after the detection timeout.
-async fn starts_with_h2_preface(client: &TcpStream) -> bool {
-    let mut first = [0u8; 4];
-    matches!(tokio::time::timeout(protocol::DETECTION_TIMEOUT, client.peek(&mut first)).await, Ok(Ok(4)) if &first == b"PRI ")
 }
