@@ -256,6 +256,9 @@ fn main() -> ExitCode {
             }
         }
         Command::Run(args) => {
+            if !mesh_node::memory::tune_allocator() {
+                tracing::warn!("the allocator refused its limits (arenas, mmap and trim thresholds): freed memory may stay resident");
+            }
             mesh_node::config::set_root_namespace(&args.root_namespace);
             let kubernetes = if !args.kubernetes {
                 None

@@ -55,6 +55,38 @@ impl CodeReleases {
     }
 }
 
+/// Arenas glibc may create. Every thread that allocates gets one of its own, up to 8 per core,
+/// and each keeps the free memory at the top of its heap: the config is parsed on blocking
+/// threads, so a large config left a few MiB resident in each of a dozen arenas after it was
+/// gone. Two are enough for one worker and the threads that load config.
+pub const ARENA_MAX: i32 = 2;
+/// Blocks of this size and more are mapped on their own and unmapped when freed (a config file's
+/// text, a parse of thousands of objects). Fixing it also stops glibc raising it (and the trim
+/// threshold with it, to twice as much) each time such a block is freed, which is what let
+/// arenas keep megabytes at their tops; 1 MiB keeps the pipes' 256 KiB buffers in the arenas.
+pub const MMAP_THRESHOLD: i32 = 1 << 20;
+/// Free memory at the top of an arena beyond this goes back to the kernel when a block is freed.
+/// `malloc_trim` cannot do it for the arenas of threads other than the main one (it returns free
+/// blocks inside them but not their top), so it must happen on free.
+pub const ARENA_TOP_KEPT: i32 = 1 << 20;
+
+/// Sets the allocator's limits above; call before other threads start. Returns false if glibc
+/// refused one (the defaults then stay for it).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn tune_allocator() -> bool {
+    // SAFETY: mallopt only changes the allocator's parameters; these three are documented.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, ARENA_MAX) == 1
+            && libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+            && libc::mallopt(libc::M_TRIM_THRESHOLD, ARENA_TOP_KEPT) == 1
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn tune_allocator() -> bool {
+    true
+}
+
 /// `/proc/self/statm`'s resident and shared (file-backed and shared-memory) sizes, in bytes.
 fn statm() -> Option<(usize, usize)> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
@@ -214,6 +246,41 @@ mod tests {
         let after = slack().expect("statm");
         assert!(after + (16 << 20) <= before, "trimmed, the slack went from {before} only to {after} bytes");
         drop(pin);
+    }
+
+    /// The allocator's parameters are process-wide and the other tests' allocations move the
+    /// resident size, so the check runs in a process of its own: this test binary again, asked
+    /// for this one test.
+    #[test]
+    fn a_threads_freed_memory_goes_back_without_a_trim() {
+        const CHILD: &str = "MESH_MEMORY_TEST_CHILD";
+        let name = "memory::tests::a_threads_freed_memory_goes_back_without_a_trim";
+        if std::env::var_os(CHILD).is_none() {
+            let exe = std::env::current_exe().expect("test binary");
+            let out = std::process::Command::new(exe).args(["--exact", name, "--test-threads=1", "--nocapture"]).env(CHILD, "1").output().expect("run");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() && text.contains("1 passed"), "{text}");
+            return;
+        }
+        if std::env::var_os("MESH_MEMORY_TEST_UNTUNED").is_none() {
+            assert!(tune_allocator(), "glibc refused the limits");
+        }
+        let before = resident_anonymous().expect("statm");
+        // A config load on a blocking thread: the file's text (a block of its own), then
+        // thousands of small objects, all freed when the thread is done with them. Freeing the
+        // text first is what raised glibc's own thresholds past the rest.
+        std::thread::spawn(|| {
+            let text = vec![b'y'; 4 << 20];
+            let objects: Vec<Box<[u8; 240]>> = (0..24_000).map(|i| Box::new([i as u8; 240])).collect();
+            drop(text);
+            drop(objects);
+        })
+        .join()
+        .expect("thread");
+        let after = resident_anonymous().expect("statm");
+        let kept = after.saturating_sub(before);
+        println!("resident anonymous memory {before} -> {after} bytes");
+        assert!(kept < 2 << 20, "the thread freed about 6 MiB, but {kept} bytes of it stayed resident");
     }
 
     #[test]
