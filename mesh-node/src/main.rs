@@ -191,6 +191,9 @@ fn parse_bpf_level(s: &str) -> Result<u8, String> {
     })
 }
 
+/// Threads for blocking work (see the runtime's construction).
+const BLOCKING_THREADS: usize = 8;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     {
@@ -313,7 +316,16 @@ fn main() -> ExitCode {
                 drain_timeout: Duration::from_millis(args.drain_timeout_ms),
                 test_ready_delay: Duration::from_millis(args.test_ready_delay_ms),
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads.max(1)).enable_all().build() {
+            // The blocking pool runs config loads, file reads and the token read of each certificate
+            // request. Unbounded (tokio's default is 512), the 500 requests of a node's pods at
+            // start-up spawned ~50 threads, and the config poll (every 200 ms, each call waking
+            // the next idle thread in turn) kept them all alive past the 10 s keep-alive.
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(args.worker_threads.max(1))
+                .max_blocking_threads(BLOCKING_THREADS)
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("mesh-node: starting the runtime: {e}");
