@@ -56,26 +56,50 @@ pub fn classify(seen: &[u8]) -> Option<Protocol> {
     None
 }
 
+/// What a connection turned out to carry, as far as the proxy handles it differently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    Http1,
+    /// Prior-knowledge HTTP/2 (the preface first), as gRPC clients speak it.
+    Http2,
+    Tcp,
+}
+
+/// What a connection to a port of `protocol` carries, from its first bytes (looked at, never
+/// taken): an HTTP port's preface tells HTTP/2 from HTTP/1.x, an unnamed port is sniffed, and a
+/// TCP port is not looked at.
+pub async fn wire(stream: &TcpStream, protocol: Protocol, timeout: Duration) -> Wire {
+    match protocol {
+        Protocol::Tcp => Wire::Tcp,
+        Protocol::Detect => sniff(stream, timeout).await,
+        Protocol::Http if is_http2_preface(stream, timeout).await => Wire::Http2,
+        Protocol::Http => Wire::Http1,
+    }
+}
+
 /// Looks at the first bytes without consuming them: an HTTP/1.x request line or the HTTP/2
 /// connection preface means HTTP.
-pub async fn sniff(stream: &TcpStream, timeout: Duration) -> Protocol {
+pub async fn sniff(stream: &TcpStream, timeout: Duration) -> Wire {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = [0u8; 16];
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
             Ok(Ok(n)) => n,
-            _ => return Protocol::Tcp,
+            _ => return Wire::Tcp,
         };
         if n == 0 {
-            return Protocol::Tcp;
+            return Wire::Tcp;
         }
-        if let Some(protocol) = classify(&buf[..n]) {
-            return protocol;
+        match classify(&buf[..n]) {
+            Some(Protocol::Http) if buf[..n].starts_with(b"PRI ") => return Wire::Http2,
+            Some(Protocol::Http) => return Wire::Http1,
+            Some(_) => return Wire::Tcp,
+            // A prefix of a method: wait for more bytes (peek returns at once while data is
+            // queued).
+            None => tokio::time::sleep(Duration::from_millis(1)).await,
         }
-        // A prefix of a method: wait for more bytes (peek returns at once while data is queued).
-        tokio::time::sleep(Duration::from_millis(1)).await;
         if tokio::time::Instant::now() >= deadline {
-            return Protocol::Tcp;
+            return Wire::Tcp;
         }
     }
 }
@@ -83,7 +107,7 @@ pub async fn sniff(stream: &TcpStream, timeout: Duration) -> Protocol {
 /// Whether an HTTP connection's first bytes are HTTP/2's preface (prior knowledge, as gRPC
 /// clients send it) rather than an HTTP/1.x request line. Looks without taking them; `false`
 /// if fewer than four bytes came within `timeout`.
-pub async fn is_http2_preface(stream: &TcpStream, timeout: Duration) -> bool {
+async fn is_http2_preface(stream: &TcpStream, timeout: Duration) -> bool {
     let mut first = [0u8; 4];
     matches!(tokio::time::timeout(timeout, stream.peek(&mut first)).await, Ok(Ok(4)) if &first == b"PRI ")
 }
@@ -120,7 +144,7 @@ mod tests {
         use tokio::io::AsyncWriteExt as _;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        for (bytes, want) in [(&b"GET / HTTP/1.1\r\n"[..], Protocol::Http), (b"PRI * HTTP/2.0\r\n", Protocol::Http), (b"\x16\x03\x01\x02", Protocol::Tcp), (b"", Protocol::Tcp)] {
+        for (bytes, want) in [(&b"GET / HTTP/1.1\r\n"[..], Wire::Http1), (b"PRI * HTTP/2.0\r\n", Wire::Http2), (b"\x16\x03\x01\x02", Wire::Tcp), (b"", Wire::Tcp)] {
             let mut client = TcpStream::connect(addr).await.unwrap();
             let (server, _) = listener.accept().await.unwrap();
             client.write_all(bytes).await.unwrap();

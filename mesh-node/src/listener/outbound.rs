@@ -12,7 +12,7 @@ use crate::{
     http::{self, ServiceTarget},
     l4::gather::{Gather, Mode},
     telemetry::TcpRoute,
-    protocol::{self, Protocol},
+    protocol::{self, Wire},
     route::{self, TcpTarget},
     upstream::{self, Source, UpstreamIo},
 };
@@ -47,18 +47,14 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
     if let Some(svc) = cluster.service_by_vip(orig.ip())
         && let Some(port) = svc.port(orig.port())
     {
-        let protocol = match protocol::for_port(port) {
-            Protocol::Detect => protocol::sniff(&client, protocol::DETECTION_TIMEOUT).await,
-            p => p,
-        };
-        if protocol == Protocol::Http {
+        let wire = protocol::wire(&client, protocol::for_port(port), protocol::DETECTION_TIMEOUT).await;
+        if wire != Wire::Tcp {
             ctx.stats.outbound_http.inc();
             let target = ServiceTarget { namespace: svc.namespace.clone(), service: svc.name.clone(), port: port.port };
             drop(cluster);
             // HTTP/2 answers leave in pieces (headers and data, trailers a moment later): gathered
             // into one write to the client. HTTP/1.1 answers already leave in one.
-            let h2 = protocol::is_http2_preface(&client, protocol::DETECTION_TIMEOUT).await;
-            let client = Gather::new(client, if h2 { Mode::Hold } else { Mode::Off });
+            let client = Gather::new(client, if wire == Wire::Http2 { Mode::Hold } else { Mode::Off });
             return http::serve(client, peer, caller, target, ctx).await;
         }
     }
