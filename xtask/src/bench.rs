@@ -375,7 +375,8 @@ pub fn run(json_out: &Path, opts: &Opts) -> anyhow::Result<Vec<String>> {
 /// :7000. Both get their certificates from ztunnel's FAKE_CA. Returns their pids. Run against
 /// ztunnel built from istio/ztunnel's main (FACTS.md's recipe), 2026-12-06.
 fn start_ztunnels(c: &SimCluster, ztunnel: &Path) -> anyhow::Result<Vec<u32>> {
-    let dir = std::env::temp_dir().join(format!("mesh-bench-zt-{}", std::process::id()));
+    // Inside the cluster's own directory, which goes with it.
+    let dir = c.config_dir.parent().unwrap_or(&c.config_dir).join("ztunnel");
     std::fs::create_dir_all(&dir)?;
     let (client_ip, srv_ip) = (c.pod("client-zt").ip, c.pod("srv-zt").ip);
     let state = format!(

@@ -144,15 +144,15 @@ pub fn cpus() -> usize {
 }
 
 /// `/proc/stat`'s all-CPU line: (busy ticks = user+nice+system+irq+softirq, user+nice, system,
-/// irq+softirq).
-fn node_ticks() -> [u64; 4] {
+/// irq+softirq, steal).
+fn node_ticks() -> [u64; 5] {
     let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return [0; 4] };
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return [0; 5] };
     let f: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
     let g = |i: usize| f.get(i).copied().unwrap_or(0);
     // user nice system idle iowait irq softirq steal guest guest_nice (guest is in user already)
     let (user, system, irq) = (g(0) + g(1), g(2), g(5) + g(6));
-    [user + system + irq, user, system, irq]
+    [user + system + irq, user, system, irq, g(7)]
 }
 
 /// CPU seconds a cgroup (v2, with its descendants) has used: `cpu.stat`'s usage_usec, which
@@ -162,10 +162,13 @@ fn cgroup_cpu_seconds(cgroup: &Path) -> Option<f64> {
     stat.lines().find_map(|l| l.strip_prefix("usage_usec ")).and_then(|v| v.trim().parse::<f64>().ok()).map(|us| us / 1e6)
 }
 
+/// Steal above this (vCPU, over a phase) is reported.
+pub const STEAL_NOTE_VCPU: f64 = 0.05;
+
 /// Node and process CPU over a phase (and a cgroup's, when given: the simulated cluster's).
 pub struct CpuMeter {
     pids: Vec<u32>,
-    node0: [u64; 4],
+    node0: [u64; 5],
     proc0: f64,
     cgroup: Option<(PathBuf, f64)>,
     t0: Instant,
@@ -179,6 +182,9 @@ pub struct CpuUse {
     pub node_user_vcpu: f64,
     pub node_system_vcpu: f64,
     pub node_irq_vcpu: f64,
+    /// Time the hypervisor ran something else while this VM wanted its CPUs (`steal`): on a
+    /// shared host it slows every mode alike, so latency and saturation then say little.
+    pub node_steal_vcpu: f64,
     pub proc_vcpu: f64,
     pub proc_cpu_s: f64,
     /// The cgroup's CPU (every process of the simulated cluster), vCPU.
@@ -196,7 +202,11 @@ impl CpuMeter {
         let d = |i: usize| n[i].saturating_sub(self.node0[i]) as f64 / clk_tck() / wall;
         let proc_cpu_s = cpu_seconds(&self.pids) - self.proc0;
         let cluster_vcpu = self.cgroup.as_ref().and_then(|(c, c0)| Some((cgroup_cpu_seconds(c)? - c0) / wall));
-        CpuUse { wall_s: wall, node_vcpu: d(0), node_user_vcpu: d(1), node_system_vcpu: d(2), node_irq_vcpu: d(3), proc_vcpu: proc_cpu_s / wall, proc_cpu_s, cluster_vcpu }
+        let steal = d(4);
+        if steal >= STEAL_NOTE_VCPU {
+            eprintln!("note: the host took {steal:.2} vCPU from this VM (steal) during this phase: its latency and throughput are the host's as much as the mode's");
+        }
+        CpuUse { wall_s: wall, node_vcpu: d(0), node_user_vcpu: d(1), node_system_vcpu: d(2), node_irq_vcpu: d(3), node_steal_vcpu: steal, proc_vcpu: proc_cpu_s / wall, proc_cpu_s, cluster_vcpu }
     }
 }
 
@@ -208,10 +218,12 @@ impl CpuUse {
             "node_user_vcpu": self.node_user_vcpu,
             "node_system_vcpu": self.node_system_vcpu,
             "node_irq_softirq_vcpu": self.node_irq_vcpu,
+            "node_steal_vcpu": self.node_steal_vcpu,
             "proxy_vcpu": self.proc_vcpu,
             "proxy_cpu_s": self.proc_cpu_s,
             "cluster_vcpu": self.cluster_vcpu,
-            "node_saturated": self.node_vcpu >= 0.9 * cpus() as f64,
+            // CPU the host took counts: the VM could not have used it either.
+            "node_saturated": self.node_vcpu + self.node_steal_vcpu >= 0.9 * cpus() as f64,
         })
     }
 }

@@ -826,7 +826,7 @@ fn inbound_filters(pod: &str) -> String {
 // The report.
 
 /// (key, path in a run's JSON): the numbers reported per mode as median [min-max] over repeats.
-const METRICS: [(&str, &[&str]); 26] = [
+const METRICS: [(&str, &[&str]); 27] = [
     ("proxy_processes", &["proxy_processes"]),
     ("mesh_processes", &["mesh_processes"]),
     ("idle_node_mib", &["idle_memory", "node_accounted_mib"]),
@@ -841,6 +841,7 @@ const METRICS: [(&str, &[&str]); 26] = [
     ("steady_proxy_vcpu", &["steady", "proxy_vcpu"]),
     ("steady_node_vcpu", &["steady", "node_vcpu"]),
     ("steady_node_irq_softirq_vcpu", &["steady", "node_irq_softirq_vcpu"]),
+    ("steady_node_steal_vcpu", &["steady", "node_steal_vcpu"]),
     ("steady_cluster_vcpu", &["steady", "cluster_vcpu"]),
     ("burst_proxy_vcpu", &["burst", "proxy_vcpu"]),
     ("burst_node_vcpu", &["burst", "node_vcpu"]),
@@ -1026,6 +1027,7 @@ fn markdown(r: &Value) -> String {
     row(&mut s, "proxy CPU steady (vCPU)", "steady_proxy_vcpu", 3, 1.0);
     row(&mut s, "node CPU steady (vCPU, whole VM)", "steady_node_vcpu", 3, 1.0);
     row(&mut s, "  of which irq+softirq (vCPU)", "steady_node_irq_softirq_vcpu", 3, 1.0);
+    row(&mut s, "CPU the host took from the VM steady (steal, vCPU)", "steady_node_steal_vcpu", 3, 1.0);
     row(&mut s, "simulated cluster's CPU steady (vCPU, cgroup)", "steady_cluster_vcpu", 3, 1.0);
     row(&mut s, "proxy CPU burst 2x (vCPU)", "burst_proxy_vcpu", 3, 1.0);
     row(&mut s, "node CPU burst 2x (vCPU)", "burst_node_vcpu", 3, 1.0);
