@@ -195,6 +195,8 @@ fn parse_bpf_level(s: &str) -> Result<u8, String> {
 const BLOCKING_THREADS: usize = 8;
 
 fn main() -> ExitCode {
+    // Before any thread starts; the node proxy and the CA are long-lived and load large configs.
+    let allocator_tuned = mesh_node::memory::tune_allocator();
     let cli = Cli::parse();
     {
         use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
@@ -205,6 +207,9 @@ fn main() -> ExitCode {
             .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
             .with(mesh_node::telemetry::ConfigErrorCounter)
             .init();
+    }
+    if !allocator_tuned {
+        tracing::warn!("the allocator refused its limits (arenas, mmap and trim thresholds): freed memory may stay resident");
     }
     match cli.command {
         Command::Ca(args) => mesh_node::ca::run_cli(args),
@@ -259,9 +264,6 @@ fn main() -> ExitCode {
             }
         }
         Command::Run(args) => {
-            if !mesh_node::memory::tune_allocator() {
-                tracing::warn!("the allocator refused its limits (arenas, mmap and trim thresholds): freed memory may stay resident");
-            }
             mesh_node::config::set_root_namespace(&args.root_namespace);
             let kubernetes = if !args.kubernetes {
                 None
@@ -318,8 +320,9 @@ fn main() -> ExitCode {
             };
             // The blocking pool runs config loads, file reads and the token read of each certificate
             // request. Unbounded (tokio's default is 512), the 500 requests of a node's pods at
-            // start-up spawned ~50 threads, and the config poll (every 200 ms, each call waking
-            // the next idle thread in turn) kept them all alive past the 10 s keep-alive.
+            // start-up spawned ~50 threads, and the config poll (200 ms in the simulated
+            // clusters; each call wakes the next idle thread in turn) kept them all alive past
+            // the 10 s keep-alive.
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(args.worker_threads.max(1))
                 .max_blocking_threads(BLOCKING_THREADS)
