@@ -140,8 +140,15 @@ fn sidecars_beside(path: &std::path::Path) -> String {
     else {
         return format!("  seven Envoy sidecars: {} lacks the steady CPU/PSS medians; run `cargo xtask bench overhead` again\n{requests}", path.display());
     };
+    // A run on a host that took the VM's CPU away says more about the host than the modes.
+    let steal = ["no_mesh", "sidecars", "mesh"].iter().filter_map(|m| stat(m, "steady_node_steal_vcpu")).fold(0.0, f64::max);
+    let steal = if steal >= crate::bench_account::STEAL_NOTE_VCPU {
+        format!("    (the host took up to {steal:.2} vCPU from this VM in that run's steady phases: its numbers are the host's as much as the modes')\n")
+    } else {
+        String::new()
+    };
     format!(
-        "  from the overhead benchmark's last saved result ({}, {}{}, {} repeat(s), {:.0} service calls/s):\n    seven Envoy sidecars {s_cpu:.3} vCPU, {s_pss:.1} MiB PSS; the mesh there {m_cpu:.3} vCPU, {m_pss:.1} MiB PSS\n{requests}",
+        "  from the overhead benchmark's last saved result ({}, {}{}, {} repeat(s), {:.0} service calls/s):\n    seven Envoy sidecars {s_cpu:.3} vCPU, {s_pss:.1} MiB PSS; the mesh there {m_cpu:.3} vCPU, {m_pss:.1} MiB PSS\n{steal}{requests}",
         path.display(),
         r["machine"]["date"].as_str().unwrap_or("undated"),
         if r["quick"] == true { ", a --quick run" } else { "" },
@@ -175,5 +182,14 @@ mod tests {
         assert!(text.contains("from the overhead benchmark's last saved result"), "{text}");
         assert!(text.contains("2026-12-01 10:00 UTC") && text.contains("3 repeat(s)") && text.contains("700 service calls/s"), "{text}");
         assert!(text.contains("seven Envoy sidecars 0.610 vCPU, 160.5 MiB PSS; the mesh there 0.120 vCPU, 30.2 MiB PSS"), "{text}");
+        assert!(!text.contains("the host took"), "{text}");
+        let mut stolen = saved.clone();
+        stolen["modes"]["sidecars"]["stats"]["steady_node_steal_vcpu"] = stat(0.9);
+        let dir = std::env::temp_dir().join(format!("demo-resources-steal-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("overhead.json"), stolen.to_string()).unwrap();
+        let text = super::sidecars_beside(&dir.join("overhead.json"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(text.contains("the host took up to 0.90 vCPU from this VM"), "{text}");
     }
 }
