@@ -310,7 +310,7 @@ pub fn run(json_out: &Path, opts: &Opts) -> anyhow::Result<Vec<String>> {
             "late_starts": late,
         }));
     }
-    println!("(cross node: the nodes' tunnels are mTLS; proxy vCPU-s: the path's proxies, the mesh CA included; node vCPU-s: /proc/stat of the whole VM; memory: per-node accounting of the path's processes, CA included)");
+    println!("(cross node: the nodes' tunnels are mTLS; proxy vCPU-s: the path's proxies, the mesh CA included; node vCPU-s: the whole VM's CPU time not idle (/proc/stat); memory: per-node accounting of the path's processes, CA included)");
     let diff = |a: usize, b: usize, k: &str| -> Vec<f64> { col(a, k).iter().zip(col(b, k)).map(|(x, y)| x - y).collect() };
     let ratio = |a: usize, b: usize, k: &str| -> Vec<f64> { col(a, k).iter().zip(col(b, k)).map(|(x, y)| x / y.max(1e-9)).collect() };
     let same_added = diff(1, 0, "p50_ms");

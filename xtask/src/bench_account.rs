@@ -9,11 +9,21 @@
 //! approximation also counts shared libraries (libc, ...) once per binary: a little more than a
 //! real node pays, where they are shared with everything else too.
 //!
-//! CPU. Node CPU is `/proc/stat`'s all-CPU line, user + nice + system + irq + softirq: here the
-//! whole VM is "the node" (both simulated nodes, the load generator and the applications share
-//! it), so what a mode adds shows as the difference to the no-mesh run of the same phase,
-//! including kernel work outside the proxies (iptables and conntrack for sidecars, eBPF and
-//! softirq for the mesh). Proxy CPU is the processes' own utime + stime (`/proc/PID/stat`).
+//! CPU. Node CPU is the time the VM's CPUs were not idle: wall time x CPUs, less `/proc/stat`'s
+//! idle + iowait and the host's steal. Here the whole VM is "the node" (both simulated nodes, the
+//! load generator and the applications share it), so what a mode adds shows as the difference to
+//! the no-mesh run of the same phase, including kernel work outside the proxies (iptables and
+//! conntrack for sidecars, eBPF and softirq for the mesh). Proxy CPU is the processes' own
+//! utime + stime (`/proc/PID/stat`).
+//!
+//! Why not the sum of user + system + irq + softirq: on a kernel with tick-based CPU accounting
+//! (`CONFIG_TICK_CPU_ACCOUNTING`, this VM's, HZ 250) those fields are sampled at each 4 ms tick,
+//! and a load paced at 1000 or 143 requests a second runs in step with the tick: a client
+//! sending every millisecond was counted at 0.02 vCPU in one run and 1.0 in the next while the
+//! simulated cluster's cgroup (the scheduler's exact runtime) said 0.19 and 0.44. Idle and iowait
+//! are exact on a tickless kernel (`NO_HZ`: the idle entry and exit are timed), and steal comes
+//! from the hypervisor's clock, so their complement is exact too. The tick-sampled user, system
+//! and irq shares are kept only to split that exact total.
 use std::{
     collections::BTreeMap,
     fs,
@@ -143,16 +153,38 @@ pub fn cpus() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-/// `/proc/stat`'s all-CPU line: (busy ticks = user+nice+system+irq+softirq, user+nice, system,
-/// irq+softirq, steal).
-fn node_ticks() -> [u64; 5] {
+/// `/proc/stat`'s all-CPU line, in ticks of `clk_tck()`.
+#[derive(Clone, Copy, Debug, Default)]
+struct NodeTicks {
+    /// user + nice, system, irq + softirq: sampled at the scheduler tick (see the module doc).
+    user: u64,
+    system: u64,
+    irq: u64,
+    /// idle + iowait: exact on a tickless kernel.
+    idle: u64,
+    steal: u64,
+}
+
+fn node_ticks() -> NodeTicks {
     let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return [0; 5] };
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return NodeTicks::default() };
     let f: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
     let g = |i: usize| f.get(i).copied().unwrap_or(0);
     // user nice system idle iowait irq softirq steal guest guest_nice (guest is in user already)
-    let (user, system, irq) = (g(0) + g(1), g(2), g(5) + g(6));
-    [user + system + irq, user, system, irq, g(7)]
+    NodeTicks { user: g(0) + g(1), system: g(2), irq: g(5) + g(6), idle: g(3) + g(4), steal: g(7) }
+}
+
+/// Node CPU over `wall` seconds on `cpus` CPUs between two readings, vCPU:
+/// (busy, user, system, irq + softirq, steal). Busy is the CPUs' time less idle and steal; the
+/// tick-sampled user / system / irq split it in their proportions.
+fn node_use(a: NodeTicks, b: NodeTicks, wall: f64, cpus: f64, tck: f64) -> [f64; 5] {
+    let d = |x: u64, y: u64| y.saturating_sub(x) as f64 / tck;
+    let (idle, steal) = (d(a.idle, b.idle), d(a.steal, b.steal));
+    let busy = (wall * cpus - idle - steal).max(0.0);
+    let sampled = [d(a.user, b.user), d(a.system, b.system), d(a.irq, b.irq)];
+    let total: f64 = sampled.iter().sum();
+    let share = |x: f64| if total > 0.0 { busy * x / total } else { 0.0 };
+    [busy / wall, share(sampled[0]) / wall, share(sampled[1]) / wall, share(sampled[2]) / wall, steal / wall]
 }
 
 /// CPU seconds a cgroup (v2, with its descendants) has used: `cpu.stat`'s usage_usec, which
@@ -168,7 +200,7 @@ pub const STEAL_NOTE_VCPU: f64 = 0.05;
 /// Node and process CPU over a phase (and a cgroup's, when given: the simulated cluster's).
 pub struct CpuMeter {
     pids: Vec<u32>,
-    node0: [u64; 5],
+    node0: NodeTicks,
     proc0: f64,
     cgroup: Option<(PathBuf, f64)>,
     t0: Instant,
@@ -198,15 +230,13 @@ impl CpuMeter {
     }
     pub fn stop(&self) -> CpuUse {
         let wall = self.t0.elapsed().as_secs_f64().max(1e-9);
-        let n = node_ticks();
-        let d = |i: usize| n[i].saturating_sub(self.node0[i]) as f64 / clk_tck() / wall;
+        let [node, user, system, irq, steal] = node_use(self.node0, node_ticks(), wall, cpus() as f64, clk_tck());
         let proc_cpu_s = cpu_seconds(&self.pids) - self.proc0;
         let cluster_vcpu = self.cgroup.as_ref().and_then(|(c, c0)| Some((cgroup_cpu_seconds(c)? - c0) / wall));
-        let steal = d(4);
         if steal >= STEAL_NOTE_VCPU {
             eprintln!("note: the host took {steal:.2} vCPU from this VM (steal) during this phase: its latency and throughput are the host's as much as the mode's");
         }
-        CpuUse { wall_s: wall, node_vcpu: d(0), node_user_vcpu: d(1), node_system_vcpu: d(2), node_irq_vcpu: d(3), node_steal_vcpu: steal, proc_vcpu: proc_cpu_s / wall, proc_cpu_s, cluster_vcpu }
+        CpuUse { wall_s: wall, node_vcpu: node, node_user_vcpu: user, node_system_vcpu: system, node_irq_vcpu: irq, node_steal_vcpu: steal, proc_vcpu: proc_cpu_s / wall, proc_cpu_s, cluster_vcpu }
     }
 }
 
@@ -364,6 +394,22 @@ mod tests {
         assert!(t.line().contains("some repeats"), "{}", t.line());
         let nan = Target { key: "k", what: "x".into(), values: vec![f64::NAN], limit: 1.0, at_most: false, unit: "", digits: 1 };
         assert!(!nan.met());
+    }
+
+    #[test]
+    fn node_cpu_is_what_was_not_idle_split_by_the_sampled_shares() {
+        let a = NodeTicks { user: 100, system: 50, irq: 10, idle: 1000, steal: 5 };
+        // 10 s on 2 CPUs at 100 ticks/s: 2000 ticks, of which 1500 idle and 100 stolen, so 400
+        // busy, while the tick saw 30 of user, 10 of system and 0 of irq (a load in step with it).
+        let b = NodeTicks { user: 130, system: 60, irq: 10, idle: 2500, steal: 105 };
+        let [busy, user, system, irq, steal] = node_use(a, b, 10.0, 2.0, 100.0);
+        let close = |x: f64, y: f64| (x - y).abs() < 1e-9;
+        assert!(close(busy, 0.4) && close(steal, 0.1), "busy {busy} steal {steal}");
+        assert!(close(user, 0.3) && close(system, 0.1) && close(irq, 0.0), "{user} {system} {irq}");
+        // A tick that saw nothing busy still leaves the exact total.
+        let quiet = NodeTicks { idle: 2500, steal: 5, ..a };
+        let [busy, user, ..] = node_use(a, quiet, 10.0, 2.0, 100.0);
+        assert!(close(busy, 0.5) && close(user, 0.0), "busy {busy} user {user}");
     }
 
     #[test]

@@ -296,7 +296,7 @@ fn report(json_out: &Path, opts: &Opts, runs: &[Value], maxes: &[Value], stats: 
             "max": r,
         }));
     }
-    println!("(memory: the path's processes, per-node accounting: private memory plus each binary's shared pages once per node, the mesh CA included; node vCPU-s: /proc/stat of the whole VM over the run, load generator and server included)");
+    println!("(memory: the path's processes, per-node accounting: private memory plus each binary's shared pages once per node, the mesh CA included; node vCPU-s: the whole VM's CPU time not idle over the run (/proc/stat), load generator and server included)");
     let mut targets = Vec::new();
     let mut summary = Vec::new();
     for proto in [Proto::Http1, Proto::Grpc] {
