@@ -197,6 +197,9 @@ fn cgroup_cpu_seconds(cgroup: &Path) -> Option<f64> {
     stat.lines().find_map(|l| l.strip_prefix("usage_usec ")).and_then(|v| v.trim().parse::<f64>().ok()).map(|us| us / 1e6)
 }
 
+/// How node CPU is counted, for the reports.
+pub const NODE_CPU_METHOD: &str = "the time the whole VM's CPUs were not idle: wall time x CPUs less /proc/stat's idle, iowait and steal, which a tickless kernel times exactly (its user, system and irq fields are sampled at the 4 ms tick and only split that total)";
+
 /// Steal above this (vCPU, over a phase) is reported.
 pub const STEAL_NOTE_VCPU: f64 = 0.05;
 
@@ -220,6 +223,8 @@ pub struct CpuUse {
     /// Time the hypervisor ran something else while this VM wanted its CPUs (`steal`): on a
     /// shared host it slows every mode alike, so latency and saturation then say little.
     pub node_steal_vcpu: f64,
+    /// The CPUs `node_vcpu` is out of.
+    pub node_cpus: usize,
     pub proc_vcpu: f64,
     pub proc_cpu_s: f64,
     /// The cgroup's CPU (every process of the simulated cluster), vCPU.
@@ -241,7 +246,7 @@ impl CpuMeter {
         if steal >= STEAL_NOTE_VCPU {
             eprintln!("note: the host took {steal:.2} vCPU from this VM (steal) during this phase: its latency and throughput are the host's as much as the mode's");
         }
-        CpuUse { wall_s: wall, node_vcpu: node, node_user_vcpu: user, node_system_vcpu: system, node_irq_vcpu: irq, node_steal_vcpu: steal, proc_vcpu: proc_cpu_s / wall, proc_cpu_s, cluster_vcpu }
+        CpuUse { wall_s: wall, node_vcpu: node, node_user_vcpu: user, node_system_vcpu: system, node_irq_vcpu: irq, node_steal_vcpu: steal, node_cpus: cpus, proc_vcpu: proc_cpu_s / wall, proc_cpu_s, cluster_vcpu }
     }
 }
 
@@ -258,7 +263,7 @@ impl CpuUse {
             "proxy_cpu_s": self.proc_cpu_s,
             "cluster_vcpu": self.cluster_vcpu,
             // CPU the host took counts: the VM could not have used it either.
-            "node_saturated": self.node_vcpu + self.node_steal_vcpu >= 0.9 * cpus() as f64,
+            "node_saturated": self.node_vcpu + self.node_steal_vcpu >= 0.9 * self.node_cpus.max(1) as f64,
         })
     }
 }

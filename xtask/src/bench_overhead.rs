@@ -951,7 +951,8 @@ fn summarize(runs: &[(Mode, Value)], opts: &Opts, repeats: usize, seconds: f64) 
         "machine": machine(),
         "seconds": seconds,
         "load": {"bff_rps": SERVICE_RPS / FANOUT, "service_rps": SERVICE_RPS, "body_bytes": BODY, "fanout": FANOUT},
-        "accounting": "memory per node: private (USS) of every mesh process on the node plus each binary's shared pages once (largest RSS-USS among its processes there); the mesh CA on node-a (same image as the node proxy). Node CPU: the whole VM's CPUs less /proc/stat's idle, iowait and steal (exact on a tickless kernel; its tick-sampled user/system/irq fields only split it). Latency from each request's scheduled start.",
+        "accounting": "memory per node: private (USS) of every mesh process on the node plus each binary's shared pages once (largest RSS-USS among its processes there); the mesh CA on node-a (same image as the node proxy). Latency from each request's scheduled start.",
+        "node_cpu": crate::bench_account::NODE_CPU_METHOD,
         "modes": by_mode,
         "added_latency_ms": {
             "sidecars": {"p50": added_ms(Mode::Sidecars, "p50_ms"), "p90": added_ms(Mode::Sidecars, "p90_ms"), "p99": added_ms(Mode::Sidecars, "p99_ms")},
@@ -1008,8 +1009,9 @@ fn markdown(r: &Value) -> String {
     );
     let _ = writeln!(
         s,
-        "\nEach mode ran {} time(s), interleaved (no mesh, sidecars, mesh, no mesh, ...); cells are the median [min-max] over the runs. Latency counts from each request's scheduled start. Memory as a node pays it: the private memory (USS) of every mesh process on the node plus each binary's shared pages once (approximated as the largest RSS-USS among that binary's processes on the node; shared libraries are counted with it); the mesh CA (same image as the node proxy) runs on node-a. Node CPU: the time the whole VM's CPUs were not idle (both simulated nodes, load generator and apps): wall time x CPUs less `/proc/stat`'s idle, iowait and steal, which a tickless kernel times exactly (its user, system and irq fields are sampled at the 4 ms tick and only split that total), so kernel work a mode causes shows as its difference to no mesh.\n",
-        r["repeats"]
+        "\nEach mode ran {} time(s), interleaved (no mesh, sidecars, mesh, no mesh, ...); cells are the median [min-max] over the runs. Latency counts from each request's scheduled start. Memory as a node pays it: the private memory (USS) of every mesh process on the node plus each binary's shared pages once (approximated as the largest RSS-USS among that binary's processes on the node; shared libraries are counted with it); the mesh CA (same image as the node proxy) runs on node-a. Node CPU: {} (both simulated nodes, load generator and apps), so kernel work a mode causes shows as its difference to no mesh.\n",
+        r["repeats"],
+        crate::bench_account::NODE_CPU_METHOD
     );
     s.push_str("| | no mesh | sidecars (Envoy per pod) | mesh (proxy per node) |\n|---|---:|---:|---:|\n");
     let row = |s: &mut String, label: &str, key: &str, digits: usize, scale: f64| {

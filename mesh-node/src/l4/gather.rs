@@ -14,8 +14,9 @@
 //! flush back while the scheduler has other work: the flush wakes its own task and returns
 //! `Pending`, so tasks already runnable (the body's) add their frames first; it waits again
 //! while each turn brings more, up to [`MAX_HOLDS`] turns, then sends everything as one write.
-//! No timer: nothing waits for bytes that are not already on their way. Writes of [`PASS_THROUGH`] bytes or more skip
-//! the buffer (bulk data is not copied twice). A tunnel stream itself only merges
+//! No timer: nothing waits for bytes that are not already on their way. Writes of
+//! [`PASS_THROUGH`] bytes or more skip the buffer (bulk data is not copied twice). A tunnel
+//! stream itself only merges
 //! ([`Mode::Merge`]): a vectored write (HTTP/1.1 headers and body) leaves as one frame, and an
 //! L4 pipe's reads go straight through, neither copied nor held.
 use std::{
