@@ -28,6 +28,8 @@ const RATE: u64 = 1000;
 const RUN_REQUESTS: u64 = 12 * RATE;
 /// Upper bound on runs of each load loop (bounds the test's traffic in count and time).
 const MAX_RUNS: usize = 5;
+/// The HTTP load reports its answers every WINDOW_MS; a window without one is a stall.
+const WINDOW_MS: u64 = 500;
 
 /// The tests of this file one at a time: the load test measures a rate on a 2-core machine,
 /// which the other clusters' proxies would share.
@@ -72,6 +74,11 @@ struct HttpTotals {
     by_pod: BTreeMap<String, u64>,
     connections_opened: u64,
     min_achieved_rps: f64,
+    /// Progress windows (WINDOW_MS each) seen over all runs, and those in which no request
+    /// was answered: the load stalled, or a proxy did.
+    windows: u64,
+    stalled_windows: Vec<String>,
+    min_window_answers: u64,
 }
 
 #[derive(Debug, Default)]
@@ -87,12 +94,26 @@ struct TcpTotals {
 /// ends after `stop` was set, at most MAX_RUNS times.
 fn http_load(c: &SimCluster, stop: &AtomicBool) -> HttpTotals {
     let url = format!("http://{WEB_VIP}/");
-    let (rate, count) = (RATE.to_string(), RUN_REQUESTS.to_string());
-    let mut t = HttpTotals { min_achieved_rps: f64::MAX, ..Default::default() };
+    let (rate, count, window) = (RATE.to_string(), RUN_REQUESTS.to_string(), WINDOW_MS.to_string());
+    let mut t = HttpTotals { min_achieved_rps: f64::MAX, min_window_answers: u64::MAX, ..Default::default() };
     while t.runs < MAX_RUNS {
-        let args = ["http", &url, "--rate", &rate, "--count", &count, "--conns", "8", "--timeout-ms", "5000"];
+        let args = ["http", &url, "--rate", &rate, "--count", &count, "--conns", "8", "--timeout-ms", "5000", "--progress-ms", &window];
         let out = c.run_in_pod("client", &bins::path("mesh-probe"), &args, Duration::from_secs(60)).expect("mesh-probe http");
-        let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("mesh-probe http report ({e}): {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("mesh-probe http line ({e}): {l}\n{}", String::from_utf8_lossy(&out.stderr))))
+            .collect();
+        let (report, windows) = lines.split_last().unwrap_or_else(|| panic!("mesh-probe http printed nothing: {}", String::from_utf8_lossy(&out.stderr)));
+        assert!(report["progress"].is_null() && windows.iter().all(|w| w["progress"] == true), "{stdout}");
+        for w in windows {
+            let answers = w["requests"].as_u64().unwrap();
+            t.windows += 1;
+            t.min_window_answers = t.min_window_answers.min(answers);
+            if answers == 0 {
+                t.stalled_windows.push(format!("run {} at {:.0} ms", t.runs + 1, w["elapsed_ms"].as_f64().unwrap_or(0.0)));
+            }
+        }
         t.runs += 1;
         t.sent += report["requests"].as_u64().unwrap();
         t.not_ok += report["not_ok"].as_u64().unwrap();
@@ -216,9 +237,11 @@ fn restarts_under_load_fail_no_request_and_refuse_no_connection_then_uninstall_l
     assert!(http.errors.is_empty(), "{http:?}");
     assert_eq!(http.ok, http.sent, "every request answered 2xx: {http:?}");
     assert!(http.by_pod.get("web-1").is_some_and(|n| *n > 0) && http.by_pod.get("web-2").is_some_and(|n| *n > 0), "both paths used: {http:?}");
-    // Paced open-loop at RATE; a run takes longer (lower achieved rate) only if the client or
-    // the proxies fall behind, e.g. on a machine busy with other work.
-    assert!(http.min_achieved_rps > RATE as f64 * 0.6, "the load stayed near {RATE}/s: {http:?}");
+    // The load ran through every restart: requests were answered in every WINDOW_MS of every
+    // run, so no proxy stopped answering while it was replaced. (How near RATE the load stayed
+    // depends on what else the host runs; it is printed above, not asserted.)
+    assert!(http.windows >= (RUN_REQUESTS * 1000 / RATE / WINDOW_MS) - 1, "progress windows reported: {http:?}");
+    assert!(http.stalled_windows.is_empty(), "windows of {WINDOW_MS} ms without an answer: {http:?}");
     assert!(tcp.failures.is_empty(), "refused or reset TCP connections during restarts: {tcp:?}\nnode-a:\n{}\nnode-b:\n{}", c.proxy_log(0), c.proxy_log(1));
     assert!(tcp.connections >= 1000, "{tcp:?}");
     assert!(tcp.by_pod.get("who-1").is_some_and(|n| *n > 0) && tcp.by_pod.get("who-2").is_some_and(|n| *n > 0), "both paths used: {tcp:?}");
