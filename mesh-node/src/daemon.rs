@@ -322,7 +322,7 @@ async fn start(opts: &Options) -> anyhow::Result<Running> {
             let held_back = d.held_back_view();
             (d.config, Some(held_back))
         }
-        None => (config::spawn_watcher_in(opts.config_dir.clone(), cluster, opts.config_poll, tunnels), None),
+        None => (config::spawn_watcher_in(opts.config_dir.clone(), cluster, opts.config_poll, tunnels).context("starting the config watcher thread")?, None),
     };
     let stats = Arc::new(ProxyStats::default());
     let drain = Arc::new(Drain::default());

@@ -150,7 +150,8 @@ impl CaServer {
         let pods = match &opts.pods {
             PodsFrom::ConfigDir(dir) => {
                 let cluster = Cluster::load_dir(dir).map_err(|e| CaError::Config(e.to_string()))?;
-                PodSource::Config(spawn_watcher(dir.clone(), Arc::new(cluster), opts.config_poll))
+                let watcher = spawn_watcher(dir.clone(), Arc::new(cluster), opts.config_poll);
+                PodSource::Config(watcher.map_err(|e| CaError::Config(format!("starting the config watcher thread: {e}")))?)
             }
             PodsFrom::Kubernetes(api) => {
                 tracing::info!(api_server = ?api, "pods from the Kubernetes API");

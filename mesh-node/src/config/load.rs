@@ -26,9 +26,9 @@ pub(crate) fn read_sources(dir: &Path) -> Result<Vec<Source>, Vec<Problem>> {
     let mut files = Vec::new();
     let mut problems = Vec::new();
     collect(dir, dir, &mut files, &mut problems);
-    files.sort();
+    files.sort_by(|a, b| a.0.cmp(&b.0));
     let mut sources = Vec::with_capacity(files.len());
-    for path in files {
+    for (path, _) in files {
         let rel = relative(dir, &path);
         match fs::read(&path) {
             Ok(bytes) => match String::from_utf8(bytes) {
@@ -45,7 +45,8 @@ pub(crate) fn read_sources(dir: &Path) -> Result<Vec<Source>, Vec<Problem>> {
     }
 }
 
-fn collect(root: &Path, dir: &Path, files: &mut Vec<PathBuf>, problems: &mut Vec<Problem>) {
+/// The config files under `dir` with what `stat` said of each (following symlinks).
+fn collect(root: &Path, dir: &Path, files: &mut Vec<(PathBuf, fs::Metadata)>, problems: &mut Vec<Problem>) {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) => {
@@ -68,8 +69,11 @@ fn collect(root: &Path, dir: &Path, files: &mut Vec<PathBuf>, problems: &mut Vec
         };
         if file_type.is_dir() {
             collect(root, &path, files, problems);
-        } else if is_yaml(&path) && fs::metadata(&path).is_ok_and(|m| m.is_file()) {
-            files.push(path);
+        } else if is_yaml(&path)
+            && let Ok(meta) = fs::metadata(&path)
+            && meta.is_file()
+        {
+            files.push((path, meta));
         }
     }
 }
@@ -101,15 +105,68 @@ fn file_problem(file: &str, message: &str) -> Problem {
 /// A change detector for the watcher: FNV-1a over names and contents, so it
 /// is the same for the same inputs in every run.
 pub(crate) fn fingerprint(sources: &[Source]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in sources
-        .iter()
-        .flat_map(|s| s.rel.bytes().chain([0]).chain(s.text.bytes()).chain([0]))
-    {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    let mut hash = Fnv::default();
+    for s in sources {
+        hash.write(s.rel.as_bytes());
+        hash.write(&[0]);
+        hash.write(s.text.as_bytes());
+        hash.write(&[0]);
     }
-    hash
+    hash.0
+}
+
+/// What the watcher looks at on every poll before it reads a file: the names of the files
+/// [`read_sources`] would read, each one's device, inode, size and modification and change
+/// times, and the newest of those times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    pub hash: u64,
+    pub newest: std::time::SystemTime,
+}
+
+/// The directory's [`Stamp`], or `None` when a directory or file could not be looked at
+/// (the caller then reads, and reports what is wrong).
+///
+/// Any write to a file moves its change time, which tools cannot set back (unlike the
+/// modification time), and a ConfigMap update swaps its files for new ones (new inodes),
+/// so an unchanged stamp means unchanged files, with one exception the caller covers:
+/// file times come from a clock that ticks every few milliseconds, and two writes of the
+/// same size within one tick leave the same stamp.
+pub(crate) fn stamp(dir: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let (mut files, mut problems) = (Vec::new(), Vec::new());
+    collect(dir, dir, &mut files, &mut problems);
+    if !problems.is_empty() {
+        return None;
+    }
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    let (mut hash, mut newest) = (Fnv::default(), std::time::UNIX_EPOCH);
+    for (path, m) in files {
+        newest = newest.max(m.modified().ok()?).max(std::time::UNIX_EPOCH + std::time::Duration::new(m.ctime().max(0) as u64, m.ctime_nsec() as u32));
+        hash.write(relative(dir, &path).as_bytes());
+        for n in [m.dev(), m.ino(), m.size(), m.mtime() as u64, m.mtime_nsec() as u64, m.ctime() as u64, m.ctime_nsec() as u64] {
+            hash.write(&n.to_le_bytes());
+        }
+    }
+    Some(Stamp { hash: hash.0, newest })
+}
+
+/// FNV-1a, 64 bits.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 ^= u64::from(byte);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
 }
 
 /// The non-empty documents of one file with their 1-based position. A syntax
@@ -175,6 +232,31 @@ mod tests {
         let before = fingerprint(&sources);
         fs::write(root.join("b.yaml"), "B").unwrap();
         assert_ne!(before, fingerprint(&read_sources(root).unwrap()));
+    }
+
+    #[test]
+    fn the_stamp_follows_names_sizes_and_replaced_files_and_ignores_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::write(root.join("a.yaml"), "a: 1").unwrap();
+        fs::write(root.join("notes.txt"), "x").unwrap();
+        let first = stamp(root).unwrap();
+        assert_eq!(stamp(root), Some(first), "nothing changed");
+        assert!(first.newest > std::time::SystemTime::now() - std::time::Duration::from_secs(60), "{first:?}");
+        fs::write(root.join("notes.txt"), "not config").unwrap();
+        assert_eq!(stamp(root).unwrap().hash, first.hash, "a file the config does not read");
+        // A ConfigMap-style update: a new file renamed over the old one, same size.
+        fs::write(root.join("new.tmp"), "a: 2").unwrap();
+        fs::rename(root.join("new.tmp"), root.join("a.yaml")).unwrap();
+        let replaced = stamp(root).unwrap();
+        assert_ne!(replaced.hash, first.hash, "a new inode");
+        fs::write(root.join("a.yaml"), "a: 22").unwrap();
+        assert_ne!(stamp(root).unwrap().hash, replaced.hash, "a new size");
+        fs::write(root.join("b.yml"), "").unwrap();
+        let added = stamp(root).unwrap();
+        fs::remove_file(root.join("b.yml")).unwrap();
+        assert_ne!(stamp(root).unwrap().hash, added.hash, "a file gone");
+        assert_eq!(stamp(Path::new("/nonexistent/mesh-config")), None);
     }
 
     #[test]

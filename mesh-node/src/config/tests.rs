@@ -1045,7 +1045,7 @@ async fn watcher_keeps_last_good_config_and_picks_up_fixes() {
     }
     let initial = Arc::new(Cluster::load_dir(dir.path()).unwrap_or_else(|e| panic!("{e}")));
     let initial_fp = initial.fingerprint();
-    let mut rx = spawn_watcher(dir.path().to_path_buf(), initial, Duration::from_millis(20));
+    let mut rx = spawn_watcher(dir.path().to_path_buf(), initial, Duration::from_millis(20)).expect("watcher thread");
 
     // A broken file: nothing is published.
     let extra = dir.path().join("zz-extra.yaml");
