@@ -19,8 +19,8 @@ use super::tunnels::TunnelMode;
 /// apart), or when [`READ_AT_LEAST_EVERY`] has passed. The polls run on a thread of their
 /// own, which sleeps between them: a poll that finds nothing wakes no runtime worker. Each
 /// poll used to hop from a worker to the blocking pool and back, and read and hash every
-/// file, which five times a second was nearly all of an idle proxy's CPU (about 2.4 ms a
-/// second in the CA). A change that fails validation is logged once, problem by problem,
+/// file, which five times a second was nearly all of an idle CA's CPU (about 2.4 ms a
+/// second). A change that fails validation is logged once, problem by problem,
 /// and the last good snapshot stays live. The thread ends when every receiver is dropped.
 pub fn spawn_watcher(
     dir: PathBuf,
@@ -53,10 +53,16 @@ pub fn spawn_watcher_in(
             if !read.needed(stamp, now.0) {
                 continue;
             }
-            let outcome = poll_once(&dir, seen, mode);
+            // A config that makes the loader panic is one more rejected config: the watcher
+            // lives on, and tries again when the files change.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| poll_once(&dir, seen, mode)));
             // What was read is what the stamp, taken first, describes, or newer.
-            let stamp = if matches!(outcome, Poll::Rejected { fingerprint: None, .. }) { None } else { stamp };
+            let stamp = if matches!(outcome, Ok(Poll::Rejected { fingerprint: None, .. })) { None } else { stamp };
             read = LastRead { stamp, at: Some(now) };
+            let Ok(outcome) = outcome else {
+                tracing::error!("config reload panicked; keeping the last good config");
+                continue;
+            };
             match outcome {
                 Poll::Unchanged => {}
                 Poll::Reloaded(cluster) => {
