@@ -17,11 +17,10 @@ use super::tunnels::TunnelMode;
 /// their [`load::Stamp`] (names, inodes, sizes, times) moved, when a file was written
 /// shortly before the last read (file times are too coarse to tell quick successive edits
 /// apart), or when [`READ_AT_LEAST_EVERY`] has passed. The polls run on a thread of their
-/// own, which sleeps between them: a poll that finds nothing wakes no runtime worker. Each
-/// poll used to hop from a worker to the blocking pool and back, and read and hash every
-/// file, which five times a second was nearly all of an idle CA's CPU (about 2.4 ms a
-/// second). A change that fails validation is logged once, problem by problem,
-/// and the last good snapshot stays live. The thread ends when every receiver is dropped.
+/// own, which sleeps between them, so a poll that finds nothing wakes no runtime worker: on
+/// an idle process the polls are most of its CPU. A change that fails validation is logged
+/// once, problem by problem, and the last good snapshot stays live. The thread ends when
+/// every receiver is dropped.
 pub fn spawn_watcher(
     dir: PathBuf,
     initial: Arc<Cluster>,
