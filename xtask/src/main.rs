@@ -102,7 +102,8 @@ enum Task {
         seconds: u64,
     },
     /// Where the mesh's CPU goes on one L7 pair (the L7 bench's cluster), the overhead bench's
-    /// mesh cluster at the seed's load (`--seed`) or one bulk transfer (the L4 bench's): CPU
+    /// mesh cluster at the seed's load (`--seed`), the L4 bench's request-response (`--l4`) or
+    /// one bulk transfer (the L4 bench's): CPU
     /// per 1000 requests (or per GiB) of each node proxy and the CA, p50
     /// and p99 (or Gbit/s), for each variant of `mesh-node run` arguments, interleaved; `--perf`
     /// adds the hottest symbols, `--strace` the syscalls. For working on cost, not for reports.
@@ -114,6 +115,10 @@ enum Task {
         /// instead of one pair; CPU per 1000 service requests, latency of bff's requests.
         #[arg(long, conflicts_with_all = ["grpc", "bulk_mib"])]
         seed: bool,
+        /// The L4 bench's request-response instead (1 KiB each way over 4 raw TCP connections,
+        /// cross node, mTLS): what the L4 pair spends beside a ztunnel pair.
+        #[arg(long, conflicts_with_all = ["grpc", "seed", "bulk_mib"])]
+        l4: bool,
         /// Bulk transfers of this many MiB (cross node, mTLS; the L4 bench's cluster) instead
         /// of requests; CPU is then per GiB.
         #[arg(long)]
@@ -252,13 +257,13 @@ fn main() -> anyhow::Result<()> {
             }
             hot_symbols::run(&workspace_root().join("mesh-node/hot-symbols.txt"), seconds)
         }
-        Task::Profile { grpc, seed, bulk_mib, seconds, rate, repeats, variants, perf, strace } => {
+        Task::Profile { grpc, seed, l4, bulk_mib, seconds, rate, repeats, variants, perf, strace } => {
             setup::setup()?;
             require_root("profiling the proxies")?;
             if std::env::var_os("MESH_BENCH_PREBUILT").is_none() || std::env::var_os("MESH_BIN_DIR").is_none() {
                 build_bins(true)?;
             }
-            profile::run(&profile::Opts { grpc, seed, bulk_mib, seconds, rate, repeats, variants, perf, strace })
+            profile::run(&profile::Opts { grpc, seed, l4, bulk_mib, seconds, rate, repeats, variants, perf, strace })
         }
         Task::Fuzz { target, seconds } => fuzz::fuzz(target.as_deref(), seconds),
         Task::Test { args } => {

@@ -1,7 +1,8 @@
 //! `cargo xtask profile`: where the mesh's CPU goes on one L7 pair (the L7 bench's cluster:
 //! `client-mesh` on node-a calling `srv` on node-b through both node proxies, HBONE mTLS, the
-//! seed's policies), on the overhead bench's mesh cluster at the seed's load (`--seed`), or on
-//! one bulk transfer (`--bulk-mib`), for working on the proxy's cost rather than reporting it.
+//! seed's policies), on the overhead bench's mesh cluster at the seed's load (`--seed`), on the
+//! L4 bench's request-response (`--l4`) or on one bulk transfer (`--bulk-mib`), for working on
+//! the proxy's cost rather than reporting it.
 //!
 //! Each variant is a set of extra `mesh-node run` arguments (the empty one is the default);
 //! every repeat restarts both proxies with each variant in turn and measures them at a fixed
@@ -30,6 +31,8 @@ pub struct Opts {
     /// The overhead bench's mesh cluster (seven services on two nodes) at the seed's load
     /// instead of one L7 pair; CPU per 1000 service requests.
     pub seed: bool,
+    /// The L4 bench's request-response (cross node, mTLS) instead of HTTP.
+    pub l4: bool,
     /// MiB per bulk transfer (the L4 bench's cluster, cross node, mTLS) instead of requests.
     pub bulk_mib: Option<u64>,
     pub seconds: u64,
@@ -42,7 +45,7 @@ pub struct Opts {
 
 pub fn run(opts: &Opts) -> anyhow::Result<()> {
     let probe = bins::path("mesh-probe");
-    let c = if opts.bulk_mib.is_some() {
+    let c = if opts.bulk_mib.is_some() || opts.l4 {
         let c = SimCluster::start(crate::bench::spec(true, false))?;
         crate::bench::start_servers(&c)?;
         c
@@ -110,6 +113,11 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
                 probe_json(&c, "client-mesh", &a, Duration::from_secs(opts.seconds + 60))
             };
             let bulk = |client: &str, target: &str, bytes: &str| probe_json(&c, client, &["bulk", target, "--bytes", bytes], Duration::from_secs(120));
+            let rr = |seconds: u64| {
+                let (rate, seconds) = (opts.rate.to_string(), seconds.to_string());
+                let args = ["rr", CROSS_NODE_TARGET, "--rate", &rate, "--seconds", &seconds, "--conns", "4", "--size", "1024"];
+                probe_json(&c, "client-mesh", &args, Duration::from_secs(opts.seconds + 60))
+            };
             if opts.bulk_mib.is_some() {
                 if rep == 0 && vi == 0 {
                     let d = bulk("client-direct", &format!("{}:7000", c.pod("srv-b").ip), &bulk_bytes)?;
@@ -117,6 +125,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
                 }
                 // Warm-up (an eighth of the transfer): the tunnel and its windows.
                 bulk("client-mesh", CROSS_NODE_TARGET, &warm_bytes)?;
+            } else if opts.l4 {
+                rr(1)?;
             } else if opts.seed {
                 bench_overhead::load(&c, url, seed_rate, 3, &[])?;
             } else {
@@ -128,6 +138,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             let strace: Vec<_> = if opts.strace && rep == 0 { pids[..2].iter().map(|p| start_strace(*p)).collect::<anyhow::Result<_>>()? } else { Vec::new() };
             let lat = if opts.bulk_mib.is_some() {
                 bulk("client-mesh", CROSS_NODE_TARGET, &bulk_bytes)?
+            } else if opts.l4 {
+                rr(opts.seconds)?
             } else if opts.seed {
                 bench_overhead::load(&c, url, seed_rate, opts.seconds, &[])?
             } else {
@@ -137,6 +149,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             let per = match opts.bulk_mib {
                 Some(mib) => mib as f64 / 1024.0,
                 None if opts.seed => ok_count(&lat).max(1) as f64 * bench_overhead::FANOUT / 1000.0,
+                None if opts.l4 => lat["requests"].as_u64().unwrap_or(0).max(1) as f64 / 1000.0,
                 None => ok_count(&lat).max(1) as f64 / 1000.0,
             };
             let cpu: Vec<f64> = pids.iter().zip(&before).map(|(p, b)| (cpu_seconds(&[*p]) - b) / per).collect();
@@ -168,6 +181,13 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
         println!(
             "\nbulk, {} MiB per transfer, cross node, mTLS, {} repeat(s), median [min-max]; CPU in vCPU-s per GiB",
             opts.bulk_mib.unwrap_or(0),
+            opts.repeats.max(1)
+        );
+    } else if opts.l4 {
+        println!(
+            "\nL4 request-response, 1 KiB each way over 4 connections, cross node, mTLS, at {} rps for {} s, {} repeat(s), median [min-max]",
+            opts.rate,
+            opts.seconds,
             opts.repeats.max(1)
         );
     } else if opts.seed {
@@ -215,8 +235,14 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
 fn start_perf(pids: &[u32], seconds: u64) -> anyhow::Result<(std::process::Child, std::path::PathBuf)> {
     let data = std::env::temp_dir().join(format!("mesh-profile-{}.perf", std::process::id()));
     let list = pids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    // `MESH_PROFILE_CALLGRAPH=dwarf` unwinds user stacks without frame pointers (at 999 Hz:
+    // each sample copies 8 KiB of stack).
+    let (freq, graph) = match std::env::var("MESH_PROFILE_CALLGRAPH") {
+        Ok(mode) => ("999", mode),
+        Err(_) => ("4999", "fp".to_string()),
+    };
     let child = Command::new("perf")
-        .args(["record", "-q", "-F", "4999", "-e", "cpu-clock", "-g", "-p", &list, "-o"])
+        .args(["record", "-q", "-F", freq, "-e", "cpu-clock", "--call-graph", &graph, "-p", &list, "-o"])
         .arg(&data)
         .args(["--", "sleep", &seconds.to_string()])
         .stdout(Stdio::null())
