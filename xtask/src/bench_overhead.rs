@@ -227,13 +227,23 @@ pub(crate) fn set_mode(p: &Path, mode: u32) -> anyhow::Result<()> {
 }
 
 pub(crate) fn spec(mode: Mode) -> ClusterSpec {
+    spec_with(mode, false)
+}
+
+/// With `opaque`, every port is named `tcp`: the mesh tunnels each connection and never looks
+/// at a request (no routing, retries or per-request balancing), what its L4 layer alone costs.
+pub(crate) fn spec_with(mode: Mode, opaque: bool) -> ClusterSpec {
+    let port_name = |grpc: bool| match (opaque, grpc) {
+        (true, _) => "tcp",
+        (false, true) => "grpc",
+        (false, false) => "http",
+    };
     let mut spec = ClusterSpec::new(2).namespace(NS, mode == Mode::Mesh).namespace(EDGE_NS, false).pod(LOADGEN, EDGE_NS, 0, LOADGEN, 9000);
     for (pod, svc, version, node) in PODS {
-        let port_name = if service(svc).grpc { "grpc" } else { "http" };
-        spec = spec.pod_labelled(pod, NS, node, svc, &[("version", version)], port_name, APP_PORT);
+        spec = spec.pod_labelled(pod, NS, node, svc, &[("version", version)], port_name(service(svc).grpc), APP_PORT);
     }
     for s in &SERVICES {
-        spec = spec.service_named(s.name, NS, s.vip, s.name, if s.grpc { "grpc" } else { "http" }, s.port, APP_PORT);
+        spec = spec.service_named(s.name, NS, s.vip, s.name, port_name(s.grpc), s.port, APP_PORT);
     }
     spec.start_proxies = mode == Mode::Mesh;
     spec.mtls = mode == Mode::Mesh;
@@ -242,10 +252,10 @@ pub(crate) fn spec(mode: Mode) -> ClusterSpec {
 
 /// Where `caller` reaches `callee`: its Service address (captured by the mesh or the sidecar),
 /// or without a mesh every pod of it in turn.
-fn call_arg(c: &SimCluster, mode: Mode, callee: &Service) -> String {
+fn call_arg(c: &SimCluster, mode: Mode, callee: &Service, pod_urls: bool) -> String {
     let scheme = if callee.grpc { "grpc" } else { "http" };
     let urls: Vec<String> = match mode {
-        Mode::NoMesh => {
+        _ if pod_urls => {
             PODS.iter().filter(|p| p.1 == callee.name).map(|p| format!("{scheme}://{}:{APP_PORT}", c.pod(p.0).ip)).collect()
         }
         _ => vec![format!("{scheme}://{}:{}", vip(callee), callee.port)],
@@ -254,6 +264,12 @@ fn call_arg(c: &SimCluster, mode: Mode, callee: &Service) -> String {
 }
 
 pub(crate) fn start_apps(c: &SimCluster, mode: Mode) -> anyhow::Result<()> {
+    start_apps_with(c, mode, mode == Mode::NoMesh)
+}
+
+/// With `pod_urls` every caller spreads its calls over the callee's pods itself (round robin),
+/// as without a mesh; otherwise it calls the Service address and the mesh or sidecar balances.
+pub(crate) fn start_apps_with(c: &SimCluster, mode: Mode, pod_urls: bool) -> anyhow::Result<()> {
     let probe = bins::path("mesh-probe");
     let body = BODY.to_string();
     let port = APP_PORT.to_string();
@@ -261,7 +277,7 @@ pub(crate) fn start_apps(c: &SimCluster, mode: Mode) -> anyhow::Result<()> {
         let mut args: Vec<String> = ["http-serve", "--name", pod, "--port", &port, "--body-bytes", &body].map(String::from).to_vec();
         for callee in service(svc).calls {
             args.push("--call".into());
-            args.push(call_arg(c, mode, service(callee)));
+            args.push(call_arg(c, mode, service(callee), pod_urls));
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         c.serve_in_pod(pod, &probe, &args, APP_PORT)?;

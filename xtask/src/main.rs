@@ -119,6 +119,11 @@ enum Task {
         /// cross node, mTLS): what the L4 pair spends beside a ztunnel pair.
         #[arg(long, conflicts_with_all = ["grpc", "seed", "bulk_mib"])]
         l4: bool,
+        /// With `--seed`: every Service port named `tcp`, so the proxies tunnel connections and
+        /// never handle a request (callers spread their calls over pod addresses themselves):
+        /// what the seed's load costs the L4 layer alone.
+        #[arg(long, requires = "seed")]
+        opaque: bool,
         /// Bulk transfers of this many MiB (cross node, mTLS; the L4 bench's cluster) instead
         /// of requests; CPU is then per GiB.
         #[arg(long)]
@@ -257,13 +262,13 @@ fn main() -> anyhow::Result<()> {
             }
             hot_symbols::run(&workspace_root().join("mesh-node/hot-symbols.txt"), seconds)
         }
-        Task::Profile { grpc, seed, l4, bulk_mib, seconds, rate, repeats, variants, perf, strace } => {
+        Task::Profile { grpc, seed, l4, opaque, bulk_mib, seconds, rate, repeats, variants, perf, strace } => {
             setup::setup()?;
             require_root("profiling the proxies")?;
             if std::env::var_os("MESH_BENCH_PREBUILT").is_none() || std::env::var_os("MESH_BIN_DIR").is_none() {
                 build_bins(true)?;
             }
-            profile::run(&profile::Opts { grpc, seed, l4, bulk_mib, seconds, rate, repeats, variants, perf, strace })
+            profile::run(&profile::Opts { grpc, seed, l4, opaque, bulk_mib, seconds, rate, repeats, variants, perf, strace })
         }
         Task::Fuzz { target, seconds } => fuzz::fuzz(target.as_deref(), seconds),
         Task::Test { args } => {

@@ -33,6 +33,8 @@ pub struct Opts {
     pub seed: bool,
     /// The L4 bench's request-response (cross node, mTLS) instead of HTTP.
     pub l4: bool,
+    /// With `seed`: every port named `tcp`, so the proxies only tunnel.
+    pub opaque: bool,
     /// MiB per bulk transfer (the L4 bench's cluster, cross node, mTLS) instead of requests.
     pub bulk_mib: Option<u64>,
     pub seconds: u64,
@@ -50,8 +52,10 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
         crate::bench::start_servers(&c)?;
         c
     } else if opts.seed {
-        let c = SimCluster::start(bench_overhead::spec(bench_overhead::Mode::Mesh))?;
-        bench_overhead::start_apps(&c, bench_overhead::Mode::Mesh)?;
+        let c = SimCluster::start(bench_overhead::spec_with(bench_overhead::Mode::Mesh, opts.opaque))?;
+        // Opaque ports balance per connection: callers spread their calls over the pods
+        // themselves, so the calls cross nodes as often as without a mesh.
+        bench_overhead::start_apps_with(&c, bench_overhead::Mode::Mesh, opts.opaque)?;
         c.apply_config("policies.yaml", &bench_overhead::policies())?;
         c
     } else {
@@ -192,7 +196,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
         );
     } else if opts.seed {
         println!(
-            "\nthe seed's load ({} service requests a second, {} bff requests) for {} s, {} repeat(s), median [min-max]; CPU per 1k service requests, latency of bff's requests",
+            "\nthe seed's load{} ({} service requests a second, {} bff requests) for {} s, {} repeat(s), median [min-max]; CPU per 1k service requests, latency of bff's requests",
+            if opts.opaque { ", every port opaque TCP (tunnelled, no HTTP routing; callers round-robin over pod addresses)" } else { "" },
             bench_overhead::SERVICE_RPS,
             seed_rate.round(),
             opts.seconds,
