@@ -251,7 +251,7 @@ pub(crate) fn spec_with(mode: Mode, opaque: bool) -> ClusterSpec {
 }
 
 /// Where `caller` reaches `callee`: its Service address (captured by the mesh or the sidecar),
-/// or without a mesh every pod of it in turn.
+/// or with `pod_urls` (always without a mesh) every pod of it in turn.
 fn call_arg(c: &SimCluster, mode: Mode, callee: &Service, pod_urls: bool) -> String {
     let scheme = if callee.grpc { "grpc" } else { "http" };
     let urls: Vec<String> = match mode {
