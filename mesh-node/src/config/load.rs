@@ -23,10 +23,7 @@ pub(crate) struct Source {
 /// reading both would define every object twice. Symlinked files are
 /// followed; symlinked directories are not, so a link loop cannot hang us.
 pub(crate) fn read_sources(dir: &Path) -> Result<Vec<Source>, Vec<Problem>> {
-    let mut files = Vec::new();
-    let mut problems = Vec::new();
-    collect(dir, dir, &mut files, &mut problems);
-    files.sort_by(|a, b| a.0.cmp(&b.0));
+    let (files, mut problems) = config_files(dir);
     let mut sources = Vec::with_capacity(files.len());
     for (path, _) in files {
         let rel = relative(dir, &path);
@@ -45,7 +42,18 @@ pub(crate) fn read_sources(dir: &Path) -> Result<Vec<Source>, Vec<Problem>> {
     }
 }
 
-/// The config files under `dir` with what `stat` said of each (following symlinks).
+/// The config files under `dir`, sorted by path, with what `stat` said of each (following
+/// symlinks), and what could not be looked at. [`read_sources`] reads these and [`stamp`]
+/// describes these, so the two cannot disagree on which files count. Inlined into both, whose
+/// names `mesh-node/hot-symbols.txt` lists (the watcher calls `stamp` on every poll).
+#[inline(always)]
+fn config_files(dir: &Path) -> (Vec<(PathBuf, fs::Metadata)>, Vec<Problem>) {
+    let (mut files, mut problems) = (Vec::new(), Vec::new());
+    collect(dir, dir, &mut files, &mut problems);
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    (files, problems)
+}
+
 fn collect(root: &Path, dir: &Path, files: &mut Vec<(PathBuf, fs::Metadata)>, problems: &mut Vec<Problem>) {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -134,12 +142,10 @@ pub(crate) struct Stamp {
 /// same size within one tick leave the same stamp.
 pub(crate) fn stamp(dir: &Path) -> Option<Stamp> {
     use std::os::unix::fs::MetadataExt as _;
-    let (mut files, mut problems) = (Vec::new(), Vec::new());
-    collect(dir, dir, &mut files, &mut problems);
+    let (files, problems) = config_files(dir);
     if !problems.is_empty() {
         return None;
     }
-    files.sort_by(|a, b| a.0.cmp(&b.0));
     let (mut hash, mut newest) = (Fnv::default(), std::time::UNIX_EPOCH);
     for (path, m) in files {
         newest = newest.max(m.modified().ok()?).max(std::time::UNIX_EPOCH + std::time::Duration::new(m.ctime().max(0) as u64, m.ctime_nsec() as u32));
